@@ -1,0 +1,678 @@
+"""Skin-lesion datasets: folder discovery, file checks, decode-once cache, transforms, synthetic data.
+
+Layouts understood under a dataset root (split = Training | Validation | Test):
+
+    README layout                      official ISIC-2017 names
+    Training_Data/                     ISIC-2017_Training_Data/
+    Training_GroundTruth/              ISIC-2017_Training_Part1_GroundTruth/
+    Validation_Data/                   ISIC-2017_Validation_Data/
+    Validation_GroundTruth/            ISIC-2017_Validation_Part1_GroundTruth/
+    Test_Data/          (optional)     ISIC-2017_Test_v2_Data/
+    Test_GroundTruth/   (optional)     ISIC-2017_Test_v2_Part1_GroundTruth/
+
+Images are ``.jpg/.jpeg/.png``; the mask of ``X.<ext>`` is ``X_segmentation.png`` (0 = skin, 255 = lesion;
+anything > 127 counts as lesion). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
+metadata CSVs) are ignored. Order is sorted by image name, so indices are stable across runs.
+
+Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
+truncation; no full decode), so a bad file stops the run before any training with a message naming it. Images
+without a mask are listed once in a warning and left out.
+
+Decode once: each image is decoded and resized to ``img_size`` once per run and kept in memory as uint8
+(``img_size**2 * 3`` bytes: 0.75 MiB at 512 px, ~1.5 GiB for the 2000 ISIC-2017 training images). Masks are
+cached the same way when they are read. With ``DataLoader(num_workers > 0)`` each worker works on its own copy of
+the dataset, so whatever a worker decodes is lost when it exits: call ``dataset.preload()`` in the main process
+before creating the loader (and again after ``mark_labeled``; it only decodes what is missing), then the workers
+share the cached arrays copy-on-write. With everything cached, ``__getitem__`` only normalises an array, so
+``num_workers=0`` is usually the fastest choice anyway.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MASK_SUFFIX = "_segmentation.png"
+SPLITS = ("Training", "Validation", "Test")
+# (image folder, mask folder) per split, README layout first.
+SPLIT_FOLDERS: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    "Training": (
+        ("Training_Data", "Training_GroundTruth"),
+        ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+    ),
+    "Validation": (
+        ("Validation_Data", "Validation_GroundTruth"),
+        ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+    ),
+    "Test": (
+        ("Test_Data", "Test_GroundTruth"),
+        ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
+    ),
+}
+
+# What SAM2 was trained with (ImageNet statistics, on [0, 1] RGB).
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetError(ValueError):
+    """A problem with the dataset on disk; the message names the file or folder and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------------------------
+
+
+def find_split(data_root: PathLike, split: str) -> Tuple[Path, Path]:
+    """Return ``(image_dir, mask_dir)`` of ``split`` under ``data_root`` in either supported layout."""
+    if split not in SPLIT_FOLDERS:
+        raise DatasetError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DatasetError(f"Dataset root {str(root)!r} does not exist or is not a folder (check --data_root).")
+    for image_name, mask_name in SPLIT_FOLDERS[split]:
+        image_dir, mask_dir = root / image_name, root / mask_name
+        if image_dir.is_dir():
+            if not mask_dir.is_dir():
+                raise DatasetError(
+                    f"Found images in {str(image_dir)!r} but no mask folder {str(mask_dir)!r}; "
+                    f"put the ground-truth masks (X_segmentation.png) there."
+                )
+            return image_dir, mask_dir
+    expected = " or ".join(f"{a}/ + {b}/" for a, b in SPLIT_FOLDERS[split])
+    present = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())
+    raise DatasetError(
+        f"No {split} split under {str(root)!r}: expected {expected}. "
+        f"Folders present: {', '.join(present) if present else 'none'}."
+    )
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """One image with its mask file and the size read from the headers."""
+
+    name: str
+    image_path: Path
+    mask_path: Path
+    orig_size: Tuple[int, int]  # (H, W)
+
+
+def _is_image_file(path: Path) -> bool:
+    return (
+        path.is_file()
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and not path.stem.endswith("_superpixels")
+        and not path.stem.endswith("_segmentation")
+    )
+
+
+def _check_not_truncated(path: Path) -> None:
+    """Cheap truncation check: JPEG and PNG files end with a known marker (reads the last bytes only)."""
+    suffix = path.suffix.lower()
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        length = f.tell()
+        f.seek(max(0, length - 64))
+        tail = f.read()
+    if suffix in (".jpg", ".jpeg"):
+        ok = b"\xff\xd9" in tail
+    else:
+        ok = b"IEND" in tail[-12:]
+    if not ok:
+        raise DatasetError(f"{str(path)!r} looks truncated (no end-of-file marker); re-download or replace it.")
+
+
+def read_image_size(path: Path) -> Tuple[int, int]:
+    """(H, W) from the file header, after checking the file is a readable, complete JPEG/PNG."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            fmt = im.format
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"Cannot read image file {str(path)!r}: {err}. Replace or remove it.") from err
+    if fmt not in ("JPEG", "PNG"):
+        raise DatasetError(f"{str(path)!r} is a {fmt} file despite its extension; convert it to JPEG or PNG.")
+    if width == 0 or height == 0:
+        raise DatasetError(f"{str(path)!r} has an empty size {width}x{height}.")
+    _check_not_truncated(path)
+    return height, width
+
+
+def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True) -> List[SampleFiles]:
+    """Pair every image in ``image_dir`` with its mask in ``mask_dir`` (sorted by name).
+
+    Images without a mask are left out with one warning that lists them all. With ``check_files`` every image
+    and mask header is read: unreadable/truncated files and image/mask size mismatches raise ``DatasetError``.
+    """
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
+        if not folder.is_dir():
+            raise DatasetError(f"The {what} folder {str(folder)!r} does not exist.")
+    images = sorted((p for p in image_dir.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+    if not images:
+        raise DatasetError(f"The image folder {str(image_dir)!r} contains no .jpg/.jpeg/.png images.")
+    by_name: Dict[str, Path] = {}
+    for path in images:
+        if path.stem in by_name:
+            raise DatasetError(f"Two images share the name {path.stem!r}: {by_name[path.stem].name} and {path.name}.")
+        by_name[path.stem] = path
+
+    samples: List[SampleFiles] = []
+    missing: List[str] = []
+    for name, image_path in by_name.items():
+        mask_path = mask_dir / f"{name}{MASK_SUFFIX}"
+        if not mask_path.is_file():
+            missing.append(image_path.name)
+            continue
+        if check_files:
+            size = read_image_size(image_path)
+            mask_size = read_image_size(mask_path)
+            if mask_size != size:
+                raise DatasetError(
+                    f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image {image_path.name} is "
+                    f"{size[1]}x{size[0]} (W x H); masks must match their image's size."
+                )
+        else:
+            size = (0, 0)
+        samples.append(SampleFiles(name, image_path, mask_path, size))
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of {len(by_name)} images in {str(image_dir)!r} have no mask "
+            f"(expected <name>{MASK_SUFFIX} in {str(mask_dir)!r}) and are left out: {', '.join(missing)}",
+            stacklevel=2,
+        )
+    if not samples:
+        raise DatasetError(f"None of the images in {str(image_dir)!r} has a mask in {str(mask_dir)!r}.")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sixteen_bit_to_uint8(im: Image.Image) -> np.ndarray:
+    values = np.asarray(im)
+    if values.max(initial=0) > 255:
+        values = values.astype(np.float64) * (255.0 / 65535.0)
+        values = np.clip(np.rint(values), 0, 255)
+    return values.astype(np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode (L, LA, RGBA, P, CMYK, 16-bit grey, 1-bit) to 8-bit RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray(_sixteen_bit_to_uint8(im), mode="L").convert("RGB")
+    if im.mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def to_grey(im: Image.Image) -> Image.Image:
+    """A mask file in any mode to 8-bit greyscale ('1' becomes 0/255)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray(_sixteen_bit_to_uint8(im), mode="L")
+    if im.mode == "L":
+        return im
+    return im.convert("L")
+
+
+def decode_image(path: Path, size: Optional[int], use_draft: bool = True) -> np.ndarray:
+    """Decode ``path`` to RGB uint8 (H x W x 3), resized bilinearly to ``size x size`` when given.
+
+    ``use_draft`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 in the DCT domain while the result stays at
+    least ``size`` on both sides, which makes large photos several times faster to decode; the bilinear resize to
+    ``size`` follows in both cases (the difference is measured in benchmarks/bench_decode_cache.py).
+    """
+    try:
+        with Image.open(path) as im:
+            if size is not None and use_draft and im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im = to_rgb(im)
+            if size is not None:
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"Cannot decode image {str(path)!r}: {err}. Replace or remove it.") from err
+
+
+def decode_mask(path: Path, size: Optional[int]) -> np.ndarray:
+    """Decode a mask to uint8 {0, 1} (H x W), resized nearest-neighbour to ``size x size`` when given."""
+    try:
+        with Image.open(path) as im:
+            im = to_grey(im)
+            if size is not None:
+                im = im.resize((size, size), Image.NEAREST)
+            return (np.asarray(im) > 127).astype(np.uint8)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetError(f"Cannot decode mask {str(path)!r}: {err}. Replace or remove it.") from err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """uint8 S x S x 3 -> float32 3 x S x S, ImageNet mean/std normalised (SAM2's input convention)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+class SkinValGenerator:
+    """Cached uint8 image/mask at ``img_size`` -> (normalised image 3 x S x S, label S x S int64)."""
+
+    def __init__(self, img_size: int) -> None:
+        self.img_size = img_size
+
+    def __call__(self, image: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        label = np.zeros(image.shape[:2], np.int64) if mask is None else mask.astype(np.int64)
+        return normalize_image(image), torch.from_numpy(label)
+
+
+class SkinTrainGenerator(SkinValGenerator):
+    """As ``SkinValGenerator``, plus (when ``augment``) random flips and 90-degree rotations.
+
+    Randomness comes from torch's global generator, so ``utils.seed_everything`` makes it repeatable and
+    DataLoader workers get distinct streams.
+    """
+
+    def __init__(self, img_size: int, augment: bool = False) -> None:
+        super().__init__(img_size)
+        self.augment = augment
+
+    def __call__(self, image: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.augment:
+            flip, quarter_turns = torch.randint(0, 2, ()).item(), torch.randint(0, 4, ()).item()
+            arrays = [image] if mask is None else [image, mask]
+            if flip:
+                arrays = [a[:, ::-1] for a in arrays]
+            arrays = [np.rot90(a, quarter_turns) for a in arrays]
+            image = arrays[0]
+            mask = arrays[1] if mask is not None else None
+        return super().__call__(image, mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SkinLesionDataset(Dataset):
+    """All images of one split with their masks, resized to ``img_size x img_size``; decoded once and cached.
+
+    Sample: dict(image=3 x S x S float32, label=S x S int64 in {0, 1}, is_labeled=True, name, index,
+    orig_size=(H, W)).
+    """
+
+    def __init__(
+        self,
+        image_dir: PathLike,
+        mask_dir: PathLike,
+        img_size: int,
+        augment: bool = False,
+        cache: bool = True,
+        check_files: bool = True,
+        use_draft: bool = True,
+    ) -> None:
+        if int(img_size) <= 0:
+            raise DatasetError(f"img_size must be a positive integer, got {img_size!r}.")
+        self.img_size = int(img_size)
+        self.samples = discover_samples(image_dir, mask_dir, check_files=check_files)
+        self.names: List[str] = [s.name for s in self.samples]
+        self.transform = SkinTrainGenerator(self.img_size, augment)
+        self.cache_enabled = cache
+        self.use_draft = use_draft
+        self._images: Dict[int, np.ndarray] = {}
+        self._masks: Dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _check_index(self, index: int) -> int:
+        if not 0 <= int(index) < len(self.samples):
+            raise IndexError(f"Sample index {index} out of range for a dataset of {len(self.samples)} images.")
+        return int(index)
+
+    def is_labeled(self, index: int) -> bool:
+        return True
+
+    def resized_image(self, index: int) -> np.ndarray:
+        """uint8 S x S x 3, decoded once when the cache is on."""
+        image = self._images.get(index)
+        if image is None:
+            image = decode_image(self.samples[index].image_path, self.img_size, self.use_draft)
+            if self.cache_enabled:
+                self._images[index] = image
+        return image
+
+    def resized_mask(self, index: int) -> np.ndarray:
+        """uint8 S x S in {0, 1}, decoded once when the cache is on."""
+        mask = self._masks.get(index)
+        if mask is None:
+            mask = decode_mask(self.samples[index].mask_path, self.img_size)
+            if self.cache_enabled:
+                self._masks[index] = mask
+        return mask
+
+    def preload(self, indices: Optional[Iterable[int]] = None, num_threads: Optional[int] = None) -> None:
+        """Decode (in this process, with threads) everything of ``indices`` (default all) not yet cached.
+
+        Call it before creating a DataLoader with workers, so they inherit the filled cache.
+        """
+        if not self.cache_enabled:
+            return
+        todo = [self._check_index(i) for i in (range(len(self)) if indices is None else indices)]
+
+        def load(i: int) -> None:
+            self.resized_image(i)
+            if self.is_labeled(i):
+                self.resized_mask(i)
+
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(load, todo))
+
+    def __getitem__(self, index: int) -> dict:
+        index = self._check_index(index)
+        labeled = self.is_labeled(index)
+        mask = self.resized_mask(index) if labeled else None
+        image, label = self.transform(self.resized_image(index), mask)
+        return dict(
+            image=image,
+            label=label,
+            is_labeled=labeled,
+            name=self.names[index],
+            index=index,
+            orig_size=self.samples[index].orig_size,
+        )
+
+
+class SemiSupervisedSkinDataset(SkinLesionDataset):
+    """Training split with a labeled subset; an unlabeled sample never opens its mask (label is all zeros).
+
+    ``mark_labeled(indices)`` simulates the expert annotating those images.
+    """
+
+    def __init__(
+        self,
+        image_dir: PathLike,
+        mask_dir: PathLike,
+        img_size: int,
+        augment: bool = False,
+        cache: bool = True,
+        check_files: bool = True,
+        use_draft: bool = True,
+    ) -> None:
+        super().__init__(image_dir, mask_dir, img_size, augment, cache, check_files, use_draft)
+        self._labeled: set = set()
+
+    def mark_labeled(self, indices: Iterable[int]) -> None:
+        self._labeled.update(self._check_index(i) for i in indices)
+
+    def is_labeled(self, index: int) -> bool:
+        return index in self._labeled
+
+    @property
+    def labeled_indices(self) -> List[int]:
+        return sorted(self._labeled)
+
+    @property
+    def unlabeled_indices(self) -> List[int]:
+        return [i for i in range(len(self)) if i not in self._labeled]
+
+
+class ValSkinDataset(SkinLesionDataset):
+    """Validation/test split. Samples also carry ``mask_orig`` (H x W uint8 {0, 1} at the original size).
+
+    Original-size masks are cached bit-packed (H*W/8 bytes each) so metrics at full resolution need no re-read.
+    Use ``collate_val`` as the DataLoader's ``collate_fn``.
+    """
+
+    def __init__(
+        self,
+        image_dir: PathLike,
+        mask_dir: PathLike,
+        img_size: int,
+        cache: bool = True,
+        check_files: bool = True,
+        use_draft: bool = True,
+    ) -> None:
+        super().__init__(image_dir, mask_dir, img_size, False, cache, check_files, use_draft)
+        self._orig_masks: Dict[int, Tuple[np.ndarray, Tuple[int, int]]] = {}
+
+    def original_mask(self, index: int) -> np.ndarray:
+        packed = self._orig_masks.get(index)
+        if packed is not None:
+            bits, shape = packed
+            return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape)
+        mask = decode_mask(self.samples[index].mask_path, None)
+        if self.cache_enabled:
+            self._orig_masks[index] = (np.packbits(mask), mask.shape)
+        return mask
+
+    def resized_mask(self, index: int) -> np.ndarray:
+        # Nearest resize of the cached original mask equals decoding the file again, without the file read.
+        mask = self._masks.get(index)
+        if mask is None:
+            full = Image.fromarray(self.original_mask(index) * 255)
+            mask = (np.asarray(full.resize((self.img_size, self.img_size), Image.NEAREST)) > 127).astype(np.uint8)
+            if self.cache_enabled:
+                self._masks[index] = mask
+        return mask
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        sample["mask_orig"] = self.original_mask(sample["index"])
+        return sample
+
+
+def collate_val(samples: Sequence[dict]) -> dict:
+    """Stack images/labels; keep ``mask_orig`` (different sizes), names, indices and sizes as lists."""
+    return dict(
+        image=torch.stack([s["image"] for s in samples]),
+        label=torch.stack([s["label"] for s in samples]),
+        mask_orig=[s["mask_orig"] for s in samples],
+        name=[s["name"] for s in samples],
+        index=[s["index"] for s in samples],
+        orig_size=[tuple(s["orig_size"]) for s in samples],
+        is_labeled=[s["is_labeled"] for s in samples],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic ISIC-like data (the --demo data and the tests' data)
+# --------------------------------------------------------------------------------------------------------------
+
+_SKIN_TONES = np.array(
+    [[214, 180, 160], [226, 194, 172], [190, 160, 142], [236, 212, 200], [222, 186, 176], [184, 152, 132],
+     [218, 196, 180], [176, 136, 110]], np.float32)
+_LESION_TONES = np.array(
+    [[170, 104, 62], [140, 80, 46], [104, 60, 38], [72, 44, 34], [168, 100, 88], [120, 96, 96], [186, 124, 78]],
+    np.float32)
+_LESION_WEIGHTS = np.array([0.2, 0.2, 0.15, 0.1, 0.1, 0.07, 0.18])
+_HAIR_TONES = np.array([[40, 28, 22], [70, 50, 38], [25, 20, 20], [110, 80, 60]], np.float32)
+_SPLIT_SEED = {"Training": 0, "Validation": 1, "Test": 2}
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], cells: int) -> np.ndarray:
+    """Zero-mean, unit-ish noise varying over about ``cells`` blobs across the longer side (bicubic upsampling)."""
+    height, width = shape
+    grid_w = max(2, cells)
+    grid_h = max(2, round(cells * height / width))
+    coarse = rng.standard_normal((grid_h, grid_w)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BICUBIC))
+
+
+def _blur(values: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(values, sigma) if sigma > 0 else values
+
+
+def _lesion_shape(rng: np.random.Generator, shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Irregular (sometimes multi-lobed, tiny or border-touching) lesion: (mask bool H x W, depth H x W).
+
+    ``depth`` is 1 at a lobe's centre, 0 on the outline and negative outside; it drives the darker core and the
+    soft edge. ``mask`` is ``depth > 0``.
+    """
+    height, width = shape
+    short = min(height, width)
+    kind = rng.random()
+    if kind < 0.12:
+        radius = short * rng.uniform(0.025, 0.06)  # tiny
+    elif kind < 0.85:
+        radius = short * rng.uniform(0.12, 0.28)
+    else:
+        radius = short * rng.uniform(0.3, 0.42)  # large, usually reaches the border
+    if kind >= 0.12 and rng.random() < 0.2:  # centre near an edge so the lesion is cut by the border
+        edge = rng.integers(4)
+        cy = rng.uniform(0.0, 0.15) * height if edge == 0 else rng.uniform(0.85, 1.0) * height if edge == 1 else rng.uniform(0.2, 0.8) * height
+        cx = rng.uniform(0.0, 0.15) * width if edge == 2 else rng.uniform(0.85, 1.0) * width if edge == 3 else rng.uniform(0.2, 0.8) * width
+    else:
+        cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    lobes = 1 if radius < short * 0.07 or rng.random() < 0.65 else int(rng.integers(2, 4))
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    border_noise = _smooth_noise(rng, shape, max(4, int(width / max(radius, 1.0) * 3)))
+    depth = np.zeros(shape, np.float32)
+    for lobe in range(lobes):
+        scale = 1.0 if lobe == 0 else rng.uniform(0.45, 0.8)
+        r0 = radius * scale
+        angle = rng.uniform(0, 2 * np.pi)
+        oy = 0.0 if lobe == 0 else np.sin(angle) * radius * rng.uniform(0.7, 1.1)
+        ox = 0.0 if lobe == 0 else np.cos(angle) * radius * rng.uniform(0.7, 1.1)
+        tilt = rng.uniform(0, np.pi)
+        aspect = rng.uniform(0.65, 1.0)
+        dy, dx = yy - (cy + oy), xx - (cx + ox)
+        u = dx * np.cos(tilt) + dy * np.sin(tilt)
+        v = (-dx * np.sin(tilt) + dy * np.cos(tilt)) / aspect
+        rho = np.hypot(u, v)
+        theta = np.arctan2(v, u)
+        boundary = np.ones_like(theta)
+        for k in range(2, 7):  # low-order harmonics make the outline irregular
+            boundary += rng.normal(0, 0.13 / k ** 0.7) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        boundary = r0 * np.clip(boundary, 0.5, 1.6) * (1 + 0.08 * border_noise)
+        depth = np.maximum(depth, 1.0 - rho / np.maximum(boundary, 1e-3))
+    mask = depth > 0
+    if not mask.any():  # never happens with the ranges above; guarantees a lesion pixel regardless
+        mask[int(np.clip(cy, 0, height - 1)), int(np.clip(cx, 0, width - 1))] = True
+    return mask, depth
+
+
+def _draw_hairs(rng: np.random.Generator, shape: Tuple[int, int], count: int) -> np.ndarray:
+    """Alpha layer (H x W float32) of ``count`` thin curved hairs."""
+    height, width = shape
+    layer = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(layer)
+    thickness = max(1, round(width / 300))
+    for _ in range(count):
+        start = np.array([rng.uniform(-0.1, 1.1) * width, rng.uniform(-0.1, 1.1) * height])
+        direction = rng.uniform(0, 2 * np.pi)
+        length = rng.uniform(0.3, 0.9) * max(height, width)
+        end = start + length * np.array([np.cos(direction), np.sin(direction)])
+        bend = (start + end) / 2 + rng.normal(0, 0.12 * length, 2)
+        t = np.linspace(0, 1, 24)[:, None]
+        points = (1 - t) ** 2 * start + 2 * (1 - t) * t * bend + t ** 2 * end
+        draw.line([tuple(p) for p in points], fill=int(rng.uniform(150, 240)), width=thickness)
+    return np.asarray(layer, np.float32) / 255.0
+
+
+def synthetic_lesion_image(rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One dermoscopy-like RGB image (uint8 H x W x 3) and its 0/255 lesion mask (uint8 H x W)."""
+    shape = (height, width)
+    skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] + rng.normal(0, 4, 3)
+    image = np.broadcast_to(skin, (height, width, 3)).astype(np.float32).copy()
+    # Skin texture: broad blotches, finer mottling and pore-scale grain, slightly tinted.
+    for cells, amplitude in ((6, 7.0), (max(8, width // 10), 4.0), (max(16, width // 3), 3.0)):
+        noise = _smooth_noise(rng, shape, cells)
+        image += amplitude * noise[..., None] * np.array([1.0, 0.9, 0.85], np.float32)
+    # Faint freckles outside the ground truth, as on real backgrounds.
+    if rng.random() < 0.4:
+        freckles = np.clip(_smooth_noise(rng, shape, max(12, width // 12)) - 1.6, 0, None)
+        image -= 25 * freckles[..., None] * np.array([0.6, 0.8, 1.0], np.float32)
+
+    mask, depth = _lesion_shape(rng, shape)
+    core = np.clip(depth, 0, 1)
+    lesion = _LESION_TONES[rng.choice(len(_LESION_TONES), p=_LESION_WEIGHTS)] + rng.normal(0, 8, 3)
+    contrast = rng.uniform(0.4, 0.6) if rng.random() < 0.25 else rng.uniform(0.75, 0.95)
+    lesion_colour = lesion[None, None, :] * (1 - 0.4 * core[..., None] * rng.uniform(0.2, 1.0))
+    # Pigment network / globules: mid-scale mottling plus dots, stronger towards the core.
+    pigment = 0.12 * _smooth_noise(rng, shape, max(8, width // 14)) + 0.08 * _smooth_noise(rng, shape, max(20, width // 5))
+    lesion_colour = lesion_colour * (1 + pigment[..., None] * (0.5 + core[..., None]))
+    # The pigment fades over a band straddling the outline (half strength on the outline itself).
+    fade = rng.uniform(0.04, 0.14)
+    alpha = contrast / (1 + np.exp(-np.clip(depth / fade, -30, 30)))
+    image = image * (1 - alpha[..., None]) + lesion_colour * alpha[..., None]
+
+    if rng.random() < 0.6:
+        hairs = _blur(_draw_hairs(rng, shape, int(rng.integers(1, 9))), 0.5)
+        hair = _HAIR_TONES[rng.integers(len(_HAIR_TONES))]
+        image = image * (1 - hairs[..., None]) + hair * hairs[..., None]
+
+    # Illumination fall-off around an off-centre optical axis; sometimes the dark corners of the dermoscope.
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy, cx = height * rng.uniform(0.4, 0.6), width * rng.uniform(0.4, 0.6)
+    radius = np.hypot((yy - cy) / (height / 2), (xx - cx) / (width / 2)) / np.sqrt(2)
+    image *= (1 - rng.uniform(0.05, 0.22) * radius ** 2)[..., None]
+    if rng.random() < 0.25:
+        ring = np.clip((radius - rng.uniform(0.78, 0.9)) / 0.04, 0, 1)
+        image = image * (1 - 0.9 * ring[..., None]) + 15 * ring[..., None]
+    image += rng.normal(0, 2.0, image.shape).astype(np.float32)  # sensor noise
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
+
+
+def _atomic_save(image: Image.Image, path: Path, **kwargs) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", **kwargs)
+    os.replace(tmp, path)
+
+
+def make_synthetic_isic(
+    root: PathLike, n_train: int = 20, n_val: int = 8, n_test: int = 0, size: int = 256, seed: int = 0
+) -> Path:
+    """Write a small ISIC-like dataset in the README layout under ``root``; returns ``root``.
+
+    Images are ``size`` pixels wide and 0.66-0.8 times as high (like ISIC photos, so resizing and original-size
+    metrics are exercised), saved as JPEG; masks are 0/255 PNGs named ``<image>_segmentation.png``. Names are
+    ``ISIC_<7 digits>``, continuing across splits. The same seed gives the same files (each image depends only on
+    the seed, its split and its position). ``n_test=0`` writes no Test folders.
+    """
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}.")
+    root = Path(root)
+    first_id = 0
+    for split, count in (("Training", n_train), ("Validation", n_val), ("Test", n_test)):
+        if count <= 0:
+            continue
+        image_dir, mask_dir = (root / folder for folder in SPLIT_FOLDERS[split][0])
+        image_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng([seed, _SPLIT_SEED[split], i])
+            height = int(round(size * rng.uniform(0.66, 0.8)))
+            image, mask = synthetic_lesion_image(rng, height, size)
+            name = f"ISIC_{first_id + i:07d}"
+            _atomic_save(Image.fromarray(image), image_dir / f"{name}.jpg", quality=92)
+            _atomic_save(Image.fromarray(mask), mask_dir / f"{name}{MASK_SUFFIX}")
+        first_id += count
+    return root

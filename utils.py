@@ -1,0 +1,115 @@
+"""Losses and small shared helpers: Dice/CE segmentation loss, seeding, device choice."""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255  # target pixels with this label take no part in either loss term
+
+
+class DiceLoss_Mask(nn.Module):
+    """Soft Dice loss over ``n_classes`` softmax channels (background included), ignoring pixels labelled 255.
+
+    Per class c, over all valid pixels of the batch: ``1 - (2 sum(p_c t_c) + eps) / (sum(p_c^2) + sum(t_c) + eps)``;
+    the loss is the mean over classes (optionally weighted). ``n_classes`` is the channel count, i.e.
+    ``num_classes + 1`` for ``num_classes`` foreground classes.
+    """
+
+    def __init__(self, n_classes: int, smooth: float = 1e-5) -> None:
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"DiceLoss_Mask needs at least 2 channels (background + 1 class), got {n_classes}.")
+        self.n_classes = n_classes
+        self.smooth = smooth
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        softmax: bool = True,
+    ) -> torch.Tensor:
+        """logits: B x C x H x W (probabilities when ``softmax=False``); target: B x H x W long in [0, C) or 255."""
+        if logits.shape[1] != self.n_classes:
+            raise ValueError(f"Expected {self.n_classes} channels, got logits of shape {tuple(logits.shape)}.")
+        if logits.shape[-2:] != target.shape[-2:]:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in H x W.")
+        probs = logits.softmax(dim=1) if softmax else logits
+        valid = (target != IGNORE_INDEX).unsqueeze(1).to(probs.dtype)  # B x 1 x H x W
+        one_hot = F.one_hot(target.masked_fill(target == IGNORE_INDEX, 0).long(), self.n_classes)
+        one_hot = one_hot.permute(0, 3, 1, 2).to(probs.dtype) * valid  # B x C x H x W
+        probs = probs * valid
+        dims = (0, 2, 3)
+        intersection = (probs * one_hot).sum(dims)
+        denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
+        per_class = 1.0 - (2.0 * intersection + self.smooth) / (denominator + self.smooth)  # C
+        if weight is None:
+            return per_class.mean()
+        weight = torch.as_tensor(weight, dtype=per_class.dtype, device=per_class.device)
+        return (per_class * weight).sum() / weight.sum()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.8
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 - w) * CE + w * Dice`` for one decoder's output; returns ``(total, ce, dice)``.
+
+    logits: B x (C+1) x H x W; target: B x H x W long in [0, C] (255 = ignore).
+    """
+    target = target.long()
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    dice = DiceLoss_Mask(logits.shape[1])(logits, target)
+    total = (1.0 - dice_weight) * ce + dice_weight * dice
+    return total, ce, dice
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices). ``deterministic`` also asks torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+_warned_no_cuda = False
+
+
+def select_device(gpu: Optional[str] = "0") -> torch.device:
+    """Map a ``--gpu`` value ("0", "cuda:1", "cuda", "cpu", "0,1" -> first id) to a device.
+
+    Without CUDA the answer is CPU, with one warning per process. A missing GPU index is an error that lists
+    the devices present.
+    """
+    global _warned_no_cuda
+    text = "cpu" if gpu is None else str(gpu).strip().lower()
+    if text in ("", "cpu"):
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        text = text[len("cuda"):].lstrip(":") or "0"
+    first = text.split(",")[0].strip()
+    if not first.isdigit():
+        raise ValueError(f"--gpu {gpu!r} is not understood; use a GPU index such as 0, 'cuda:0' or 'cpu'.")
+    index = int(first)
+    if not torch.cuda.is_available():
+        if not _warned_no_cuda:
+            warnings.warn(f"CUDA is not available; running on the CPU instead of GPU {index} (this is slow).")
+            _warned_no_cuda = True
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if index >= count:
+        present = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
+        raise ValueError(f"--gpu {gpu!r}: there is no GPU {index}; devices present: {present}.")
+    return torch.device("cuda", index)
