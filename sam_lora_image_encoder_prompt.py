@@ -1,0 +1,534 @@
+"""LoRA-adapted SAM2 with two mask decoders, and the prompts MD-SAM-AL derives from masks.
+
+`LoRA_Sam` wraps a `SAM2Base`: it adds rank-r LoRA updates to the q and v projections of
+every Hiera block (base weights frozen), keeps the prompt encoder and both mask decoders
+trainable, and turns decoder outputs into class logits with SAM2's meaning kept
+(channel 0 is a constant-zero background logit, channel c is mask token c-1), so that
+softmax foreground probability == sigmoid(SAM2 mask logit) and the untrained model is
+exactly zero-shot SAM2.
+
+The prompt helpers at the top of this module (largest component, EDT centre point,
+random point, box) are the one implementation of DESIGN decision 3; both the training
+forward and the active-learning strategies use them.
+"""
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+Point = Tuple[float, float]
+Box = Tuple[float, float, float, float]
+
+PROMPT_MODES = ("none", "point", "box", "point-box")
+# Official SAM2 point labels: 1 positive click, 2 / 3 box top-left / bottom-right corner.
+POSITIVE_LABEL = 1
+BOX_CORNER_LABELS = (2, 3)
+LORA_FILE_PREFIXES = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
+
+# 8-connectivity: pixels touching diagonally belong to the same component.
+_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+# --------------------------------------------------------------------------------------
+# Prompt helpers (mask pixel coordinates: x = column index, y = row index)
+# --------------------------------------------------------------------------------------
+
+
+def _as_bool_mask(mask: ArrayLike) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D H x W mask, got shape {mask.shape}")
+    return mask.astype(bool, copy=False)
+
+
+def _image_centre(shape: Tuple[int, int]) -> Point:
+    """Centre of an H x W grid in pixel-index coordinates (x, y)."""
+    height, width = shape
+    return (width - 1) / 2.0, (height - 1) / 2.0
+
+
+def largest_component(mask: ArrayLike) -> np.ndarray:
+    """H x W bool -> H x W bool holding only the largest 8-connected foreground component.
+
+    Ties go to the component met first in raster order. An empty mask gives an empty mask.
+    """
+    mask = _as_bool_mask(mask)
+    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    if count == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def center_point_from_mask(mask: ArrayLike) -> Point:
+    """(x, y) of the pixel deepest inside the largest component of `mask`.
+
+    "Deepest" is the maximum of the Euclidean distance transform; the image border counts
+    as background so that a lesion cut by the border is not centred on the border. The
+    first maximum in raster order wins ties. An empty mask gives the image centre.
+    """
+    component = largest_component(mask)
+    if not component.any():
+        return _image_centre(component.shape)
+    distance = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(col), float(row)
+
+
+def random_point_from_mask(mask: ArrayLike, generator: np.random.Generator) -> Point:
+    """(x, y) of a pixel drawn uniformly from the largest component of `mask`.
+
+    An empty mask gives the image centre (and draws nothing from `generator`).
+    """
+    component = largest_component(mask)
+    flat = np.flatnonzero(component)
+    if flat.size == 0:
+        return _image_centre(component.shape)
+    row, col = np.unravel_index(int(flat[generator.integers(flat.size)]), component.shape)
+    return float(col), float(row)
+
+
+def box_from_mask(mask: ArrayLike) -> Box:
+    """(x0, y0, x1, y1): first and last column / row of the largest component (inclusive).
+
+    An empty mask gives the whole image.
+    """
+    component = largest_component(mask)
+    if not component.any():
+        height, width = component.shape
+        return 0.0, 0.0, float(width - 1), float(height - 1)
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
+
+
+def mask_point_to_input(point: Point, mask_shape: Tuple[int, int], image_size: int) -> Point:
+    """Pixel index on an h x w mask -> pixel index on the S x S model input.
+
+    The centre of mask cell `col` is input coordinate (col + 0.5) * S / w in continuous
+    units; the prompt encoder adds half a pixel to pixel indices, hence the final -0.5.
+    """
+    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
+    return (point[0] + 0.5) * scale_x - 0.5, (point[1] + 0.5) * scale_y - 0.5
+
+
+def mask_box_to_input(box: Box, mask_shape: Tuple[int, int], image_size: int) -> Box:
+    """Inclusive cell bounds on an h x w mask -> first / last covered input pixel indices."""
+    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
+    x0, y0, x1, y1 = box
+    return x0 * scale_x, y0 * scale_y, (x1 + 1) * scale_x - 1, (y1 + 1) * scale_y - 1
+
+
+def foreground_mask(logits: torch.Tensor) -> torch.Tensor:
+    """B x (C+1) x h x w class logits -> B x h x w bool: some foreground class beats background."""
+    return logits.argmax(dim=1) != 0
+
+
+def foreground_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """B x (C+1) x h x w class logits -> B x C x h x w float32 foreground probabilities.
+
+    With the constant-zero background channel and C = 1 this is sigmoid(SAM2 mask logit).
+    """
+    return torch.softmax(logits.float(), dim=1)[:, 1:]
+
+
+@dataclass
+class MaskPrompts:
+    """Prompts derived from a batch of predicted masks, in S x S input pixel coordinates.
+
+    center_points: B x 1 x 2, random_points: B x 1 x 2, boxes: B x 4 (x0, y0, x1, y1).
+    """
+
+    center_points: torch.Tensor
+    random_points: torch.Tensor
+    boxes: torch.Tensor
+
+    def as_decoder_prompts(self, mode: str, which: str) -> Dict[str, torch.Tensor]:
+        """Keyword arguments for `LoRA_Sam.decode` for prompt mode `mode`.
+
+        which = "center" or "random" picks the point; "box" uses the box alone and
+        "point-box" the box plus that point.
+        """
+        points = self.center_points if which == "center" else self.random_points
+        if mode == "point":
+            return {"points": points}
+        if mode == "box":
+            return {"boxes": self.boxes}
+        if mode == "point-box":
+            return {"points": points, "boxes": self.boxes}
+        raise ValueError(f"prompt mode {mode!r} carries no prompt; expected one of {PROMPT_MODES[1:]}")
+
+
+def prompts_from_logits(
+    logits: torch.Tensor, image_size: int, generators: Sequence[np.random.Generator]
+) -> MaskPrompts:
+    """Centre point, random point and box of each image's largest foreground component.
+
+    logits: B x (C+1) x h x w class logits; generators: one per image (the same generator
+    may be repeated; it is then drawn from in batch order).
+    """
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"need one generator per image: {len(generators)} for {logits.shape[0]} images")
+    masks = foreground_mask(logits.detach()).cpu().numpy()
+    shape = masks.shape[1:]
+    centers, randoms, boxes = [], [], []
+    for mask, generator in zip(masks, generators):
+        component = largest_component(mask)
+        centers.append(mask_point_to_input(center_point_from_mask(component), shape, image_size))
+        randoms.append(mask_point_to_input(random_point_from_mask(component, generator), shape, image_size))
+        boxes.append(mask_box_to_input(box_from_mask(component), shape, image_size))
+
+    def to_tensor(values: List) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=logits.device)
+
+    return MaskPrompts(
+        center_points=to_tensor(centers)[:, None, :],
+        random_points=to_tensor(randoms)[:, None, :],
+        boxes=to_tensor(boxes),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------
+
+
+class LoRAQKV(nn.Module):
+    """A frozen q/k/v projection plus trainable rank-r updates of its q and v parts.
+
+    qkv(x) = W x + b with W stacking q, k, v (each `qkv.out_features // 3` wide, which is
+    the block's output width, not its input width, at Hiera stage transitions). This adds
+    B_q A_q x to the q slice and B_v A_v x to the v slice. B starts at zero, so the
+    wrapped projection initially computes exactly the original one.
+    """
+
+    def __init__(self, qkv: nn.Linear, r: int):
+        super().__init__()
+        if qkv.out_features % 3 != 0:
+            raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
+        width = qkv.out_features // 3
+        self.base = qkv
+        self.base.requires_grad_(False)
+        self.lora_a_q = nn.Linear(qkv.in_features, r, bias=False)
+        self.lora_b_q = nn.Linear(r, width, bias=False)
+        self.lora_a_v = nn.Linear(qkv.in_features, r, bias=False)
+        self.lora_b_v = nn.Linear(r, width, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for down in (self.lora_a_q, self.lora_a_v):
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        for up in (self.lora_b_q, self.lora_b_v):
+            nn.init.zeros_(up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ... x dim -> ... x 3*width."""
+        q, k, v = self.base(x).chunk(3, dim=-1)
+        q = q + self.lora_b_q(self.lora_a_q(x))
+        v = v + self.lora_b_v(self.lora_a_v(x))
+        return torch.cat([q, k, v], dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# LoRA_Sam
+# --------------------------------------------------------------------------------------
+
+
+class LoRA_Sam(nn.Module):
+    """SAM2 with LoRA on its Hiera image encoder and two trainable mask decoders.
+
+    Arguments:
+      sam_model: a `SAM2Base` from `sam2.build_sam.build_sam2`; kept as `self.sam`, so
+        `state_dict()` keys are `sam.<official SAM2 key>` plus the LoRA matrices
+        `sam.image_encoder.trunk.blocks.<i>.attn.qkv.{lora_a_q,lora_b_q,lora_a_v,lora_b_v}.weight`
+        (the frozen projection moves to `...attn.qkv.base.{weight,bias}`).
+      r: LoRA rank.
+      lora_layer: indices of the Hiera blocks to adapt (None: all blocks).
+      num_classes: foreground classes, 1..4 (SAM2 has four mask tokens). Outputs have
+        num_classes + 1 channels: channel 0 is a constant-zero background logit, channel
+        c is mask token c-1. For num_classes = 1 the decoder's official single-mask output
+        is used (token 0, with SAM2's stability fallback to the best multimask token in
+        eval mode), so the untrained model reproduces SAM2's single-mask prediction.
+
+    Trainable: LoRA matrices, the prompt encoder and both mask decoders. Everything else
+    in `sam_model` (image encoder weights, memory modules, no_mem_embed) is frozen.
+    """
+
+    def __init__(self, sam_model: nn.Module, r: int, lora_layer: Optional[Sequence[int]] = None, num_classes: int = 1):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer (--rank), got {r!r}")
+        for name in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "sam_mask_decoder2"):
+            if not hasattr(sam_model, name):
+                raise TypeError(f"sam_model has no `{name}`: build it with sam2.build_sam.build_sam2")
+        max_classes = sam_model.sam_mask_decoder.num_mask_tokens
+        if not 1 <= num_classes <= max_classes:
+            raise ValueError(
+                f"num_classes must be between 1 and {max_classes} (one SAM2 mask token per class), got {num_classes}"
+            )
+        blocks = sam_model.image_encoder.trunk.blocks
+        if lora_layer is None:
+            lora_layer = range(len(blocks))
+        lora_layer = sorted(set(int(i) for i in lora_layer))
+        bad = [i for i in lora_layer if not 0 <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"lora_layer {bad} out of range: the image encoder has {len(blocks)} blocks")
+
+        sam_model.requires_grad_(False)
+        for i in lora_layer:
+            attn = blocks[i].attn
+            if isinstance(attn.qkv, LoRAQKV):
+                raise ValueError(f"block {i} already carries LoRA: wrap a freshly built SAM2 model")
+            attn.qkv = LoRAQKV(attn.qkv, r)
+        for trainable in (sam_model.sam_prompt_encoder, sam_model.sam_mask_decoder, sam_model.sam_mask_decoder2):
+            trainable.requires_grad_(True)
+
+        self.sam = sam_model
+        self.r = r
+        self.lora_layer = lora_layer
+        self.num_classes = num_classes
+
+    # ---- parameters ------------------------------------------------------------------
+
+    def lora_modules(self) -> List[LoRAQKV]:
+        return [m for m in self.sam.image_encoder.modules() if isinstance(m, LoRAQKV)]
+
+    def reset_lora_parameters(self) -> None:
+        """A: Kaiming-uniform(a=sqrt(5)), B: zeros (the adapted encoder equals the original)."""
+        for module in self.lora_modules():
+            module.reset_parameters()
+
+    def _is_lora_file_key(self, key: str) -> bool:
+        return ".lora_" in key or key.startswith(LORA_FILE_PREFIXES)
+
+    def save_lora_parameters(self, path: Union[str, os.PathLike]) -> None:
+        """Write LoRA matrices, prompt encoder and both decoders (tensors only, atomically)."""
+        tensors = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
+        atomic_torch_save(tensors, path)
+
+    def load_lora_parameters(self, path: Union[str, os.PathLike]) -> None:
+        """Load a file written by `save_lora_parameters` (weights_only; all keys must match)."""
+        tensors = load_tensor_file(path)
+        own = {k: v for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
+        extra = sorted(set(tensors) - set(own))
+        if extra:
+            hint = (
+                " It looks like a full LoRA_Sam state_dict (e.g. best_model_dice*.pth): load it with "
+                "net.load_state_dict(torch.load(path, weights_only=True))."
+                if any(".attn.qkv.base." in k for k in extra)
+                else ""
+            )
+            raise ValueError(f"{path}: unexpected keys for a LoRA file: {extra[:5]}{'...' if len(extra) > 5 else ''}.{hint}")
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise ValueError(
+                f"{path}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                f"(saved with other lora_layer / model config?)"
+            )
+        for key, value in tensors.items():
+            if value.shape != own[key].shape:
+                hint = f" (LoRA rank: file {_lora_rank(key, value)}, model {self.r}; check --rank)" if ".lora_" in key else ""
+                raise ValueError(
+                    f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}{hint}"
+                )
+        self.load_state_dict(tensors, strict=False)
+
+    # ---- split API ---------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor) -> Dict[str, object]:
+        """B x 3 x S x S normalised images -> SAM2 features (one image-encoder pass).
+
+        Returns dict(image_embed=B x 256 x S/16 x S/16, high_res_feats=[B x 32 x S/4 x S/4,
+        B x 64 x S/8 x S/8]).
+        """
+        size = self.sam.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(
+                f"expected images of shape B x 3 x {size} x {size} (the model's image_size), got {tuple(images.shape)}"
+            )
+        return self.sam.encode_image(images)
+
+    def decode(
+        self,
+        features: Dict[str, object],
+        decoder_idx: int,
+        points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
+        boxes: Optional[torch.Tensor] = None,
+        multimask_output: bool = False,
+    ) -> Dict[str, torch.Tensor]:
+        """Run mask decoder 1 or 2 on encoded features with optional prompts.
+
+        points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
+        B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
+        the official predictor a box becomes two corner points placed before the clicks.
+        multimask_output: accepted for compatibility with SAM-style calls; the channel
+        layout is fixed by num_classes (see the class docstring), so it changes nothing.
+
+        Returns dict(low_res_logits=B x (C+1) x S/4 x S/4, iou_predictions=B x C).
+        """
+        del multimask_output  # documented no-op, see above
+        decoder = self._decoder(decoder_idx)
+        image_embed = features["image_embed"]
+        batch = image_embed.shape[0]
+        sparse, dense = self.sam.sam_prompt_encoder(
+            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None
+        )
+        # Without prompts SAM2's prompt encoder returns batch 1; share it across the batch.
+        sparse = sparse.expand(batch, -1, -1)
+        dense = dense.expand(batch, -1, -1, -1)
+        decoder_args = dict(
+            image_embeddings=image_embed,
+            image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            repeat_image=False,
+            high_res_features=features["high_res_feats"],
+        )
+        if self.num_classes == 1:
+            masks, iou, _, _ = decoder(multimask_output=False, **decoder_args)
+        else:
+            masks, iou = decoder.predict_masks(**decoder_args)[:2]
+            masks, iou = masks[:, : self.num_classes], iou[:, : self.num_classes]
+        background = masks.new_zeros(masks.shape[0], 1, *masks.shape[2:])
+        return {"low_res_logits": torch.cat([background, masks], dim=1), "iou_predictions": iou}
+
+    def _decoder(self, decoder_idx: int) -> nn.Module:
+        if decoder_idx == 1:
+            return self.sam.sam_mask_decoder
+        if decoder_idx == 2:
+            return self.sam.sam_mask_decoder2
+        raise ValueError(f"decoder_idx must be 1 or 2, got {decoder_idx!r}")
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def forward(
+        self,
+        batched_input: torch.Tensor,
+        multimask_output: bool,
+        image_size: int,
+        prompt_idx: int = -1,
+        prompt_mode: Optional[str] = None,
+        generator: Optional[np.random.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Both decoders on one image-encoder pass.
+
+        batched_input: B x 3 x S x S normalised images, S == image_size == the model's
+        image_size. multimask_output: kept for the reference call signature; no effect
+        (see `decode`).
+        prompt_idx -1 (or prompt_mode "none"): both decoders unprompted.
+        prompt_idx 0: decoder 1 unprompted; prompts derived from its mask (largest
+          component: EDT-centre point, uniform random point, box) prompt decoder 2, giving
+          `low_res_logits2` (centre point) and `low_res_logits2_r` (random point).
+        prompt_idx 1: the mirror image (decoder 2 unprompted, decoder 1 prompted, `_1_r`).
+        prompt_mode: "point" (the default when prompt_idx >= 0), "box" (box only: the
+          `_r` outputs are then the same tensors as the main ones), "point-box" (box plus
+          point).
+        generator: draws the random points (default: seeded from torch's global RNG).
+
+        Returns low_res_logits{1,2} (B x (C+1) x S/4 x S/4), iou_predictions{1,2} (B x C),
+        masks{1,2} (logits bilinearly upsampled to S), and for the prompted decoder p also
+        low_res_logits{p}_r, iou_predictions{p}_r, masks{p}_r.
+        """
+        del multimask_output  # documented no-op
+        if image_size != self.sam.image_size:
+            raise ValueError(
+                f"image_size {image_size} differs from the model's {self.sam.image_size}: "
+                f"build it with build_sam2(..., image_size={image_size})"
+            )
+        mode = _check_prompt_mode(prompt_idx, prompt_mode)
+        features = self.encode(batched_input)
+        if mode == "none":
+            outputs = {1: self.decode(features, 1), 2: self.decode(features, 2)}
+        else:
+            free, prompted = (1, 2) if prompt_idx == 0 else (2, 1)
+            free_out = self.decode(features, free)
+            if generator is None:
+                generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            prompts = prompts_from_logits(free_out["low_res_logits"], image_size, [generator] * batched_input.shape[0])
+            main = self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "center"))
+            rand = main if mode == "box" else self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "random"))
+            outputs = {free: free_out, prompted: main, f"{prompted}_r": rand}
+        result = {}
+        for suffix, out in outputs.items():
+            result[f"low_res_logits{suffix}"] = out["low_res_logits"]
+            result[f"iou_predictions{suffix}"] = out["iou_predictions"]
+            result[f"masks{suffix}"] = F.interpolate(
+                out["low_res_logits"], size=(image_size, image_size), mode="bilinear", align_corners=False
+            )
+        return result
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
+    if prompt_idx not in (-1, 0, 1):
+        raise ValueError(f"prompt_idx must be -1 (no prompts), 0 or 1 (decoder to derive prompts from), got {prompt_idx!r}")
+    if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES} (--promptmode), got {prompt_mode!r}")
+    if prompt_idx == -1:
+        return "none"
+    return prompt_mode or "point"
+
+
+def _merge_points_and_boxes(
+    points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]], boxes: Optional[torch.Tensor]
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Official predictor convention: box corners (labels 2, 3) first, then the clicks."""
+    if isinstance(points, torch.Tensor):
+        labels = torch.full(points.shape[:2], POSITIVE_LABEL, dtype=torch.int, device=points.device)
+        points = (points, labels)
+    if boxes is None:
+        return points
+    corners = boxes.reshape(-1, 2, 2)
+    corner_labels = torch.tensor([BOX_CORNER_LABELS], dtype=torch.int, device=boxes.device).expand(corners.shape[0], -1)
+    if points is None:
+        return corners, corner_labels
+    return torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1].int()], dim=1)
+
+
+def _lora_rank(key: str, value: torch.Tensor) -> int:
+    return value.shape[0] if ".lora_a_" in key else value.shape[-1]
+
+
+def atomic_torch_save(obj: object, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temporary file beside `path`, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    os.close(handle)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_tensor_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a {name: tensor} file, with clear errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in several types
+        raise ValueError(
+            f"{path} is not a tensors-only checkpoint loadable with weights_only=True ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path} does not hold a {{name: tensor}} dictionary")
+    return tensors

@@ -1,0 +1,233 @@
+"""Active-learning strategies: score formulas by hand, selection order, prompt fallbacks, seeding."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from active_learning_strategies import (
+    ActiveLearningStrategyFactory,
+    EntropyStrategy,
+    MaskDifferenceStrategy,
+    RandomStrategy,
+    dice_difference,
+    mask_difference_scores,
+    mean_entropy,
+)
+
+LOW_RES = 4  # stub decoder resolution
+IMAGE_SIZE = 16  # stub input size: one low-res cell = 4 input pixels
+BIG = 30.0  # a logit whose sigmoid is 1 to ~1e-13
+
+
+def probs(rows):
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+def test_mask_difference_formula_by_hand():
+    p_no = probs([[0.9, 0.7], [0.1, 0.0]])  # mask: top row
+    p_center = probs([[0.9, 0.5], [0.65, 0.0]])  # mask: left column
+    p_rand = probs([[0.2, 0.2], [0.2, 0.2]])  # empty mask
+    # D(no,center) = 1 - 2*1/(2+2) = 0.5; D(no,rand) = D(center,rand) = 1 (one mask empty)
+    # mean|no-center| = (0+0.2+0.55+0)/4, mean|no-rand| = (0.7+0.5+0.1+0.2)/4,
+    # mean|center-rand| = (0.7+0.3+0.45+0.2)/4
+    expected = 0.25 * 0.5 + 0.20 * 1 + 0.25 * 1 + 0.10 * (0.75 / 4 + 1.5 / 4 + 1.65 / 4)
+    score = mask_difference_scores(p_no, p_center, p_rand)
+    assert score.shape == (1,)
+    assert score.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_threshold_is_strict_and_configurable():
+    p = probs([[0.6, 0.6]])
+    zero = torch.zeros_like(p)
+    # 0.6 is not above 0.6: all masks empty, only the probability terms remain (0.1 * 0.6 * 2)
+    assert mask_difference_scores(p, zero, zero).item() == pytest.approx(0.12, abs=1e-6)
+    # at threshold 0.5 p's mask is full, the others empty: D(no,*) = 1
+    assert mask_difference_scores(p, zero, zero, threshold=0.5).item() == pytest.approx(0.25 + 0.20 + 0.12, abs=1e-6)
+
+
+def test_dice_difference_conventions():
+    empty = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    full = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    assert dice_difference(empty, empty).tolist() == [0.0, 0.0]  # both empty: Dice 1 -> D 0
+    assert dice_difference(empty, full).tolist() == [1.0, 1.0]
+    assert dice_difference(full, full).tolist() == [0.0, 0.0]
+    half = full.clone()
+    half[:, :, :, :1] = False  # 6 of 9 pixels
+    assert dice_difference(half, full)[0].item() == pytest.approx(1 - 2 * 6 / 15)
+
+
+def test_identical_predictions_score_zero():
+    p = torch.rand(3, 1, 5, 5)
+    assert torch.allclose(mask_difference_scores(p, p, p), torch.zeros(3))
+
+
+def test_mean_entropy_by_hand():
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 1] = 40.0  # certain foreground pixel; the other pixel is 50/50
+    assert mean_entropy(logits).item() == pytest.approx(math.log(2) / 2, abs=1e-6)
+    three = torch.zeros(1, 3, 1, 1)  # uniform over three classes
+    assert mean_entropy(three).item() == pytest.approx(math.log(3), abs=1e-6)
+
+
+# ---- strategies against a stub model -----------------------------------------------------
+
+
+class StubSam(nn.Module):
+    """Stands in for LoRA_Sam: image i (its pixel value) has its unprompted decoder-1 mask
+    covering the first `coverage[i]` of 16 low-res cells; prompted predictions are empty."""
+
+    def __init__(self, coverage):
+        super().__init__()
+        self.coverage = coverage
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.calls = []  # (decoder_idx, image index, points or None)
+        self.encodes = 0
+        self.modes = []
+
+    def encode(self, images):
+        self.encodes += images.shape[0]
+        self.modes.append((self.training, torch.is_grad_enabled()))
+        return {"ids": images[:, 0, 0, 0].round().long().tolist()}
+
+    def decode(self, features, decoder_idx, points=None, boxes=None, multimask_output=False):
+        logits = torch.zeros(len(features["ids"]), 2, LOW_RES, LOW_RES)
+        for b, index in enumerate(features["ids"]):
+            self.calls.append((decoder_idx, index, None if points is None else points[b].tolist()))
+            fg = torch.full((LOW_RES * LOW_RES,), -BIG)
+            if points is None and decoder_idx == 1:
+                fg[: self.coverage[index]] = BIG
+            logits[b, 1] = fg.view(LOW_RES, LOW_RES)
+        return {"low_res_logits": logits, "iou_predictions": torch.zeros(len(features["ids"]), 1)}
+
+
+def stub_dataset(n):
+    return [{"image": torch.full((3, IMAGE_SIZE, IMAGE_SIZE), float(i)), "index": i, "name": f"img{i}"} for i in range(n)]
+
+
+COVERAGE = {0: 3, 1: 5, 2: 8, 3: 1, 4: 0, 5: 16}
+
+
+def expected_stub_score(n_cells):
+    """Prompted masks are empty: D(no,.) = 1 unless p_no is empty too, D(center,rand) = 0,
+    mean|p_no - p_prompted| = n/16 twice."""
+    if n_cells == 0:
+        return 0.0
+    return 0.25 + 0.20 + 0.10 * 2 * n_cells / 16
+
+
+def test_mask_difference_selects_top_k_in_score_order():
+    model = StubSam(COVERAGE)
+    pool = [5, 0, 3, 2, 4]
+    chosen, scores = MaskDifferenceStrategy().select(model, stub_dataset(6), pool, 3, "cpu", batch_size=2)
+    assert chosen == [5, 2, 0]
+    assert sorted(scores) == sorted(pool)
+    for index in pool:
+        assert scores[index] == pytest.approx(expected_stub_score(COVERAGE[index]), abs=1e-6)
+    assert model.encodes == len(pool)  # encoder once per image
+    # per image: decoder 1 unprompted, decoder 2 with the centre point, decoder 1 with the random point
+    per_image = {}
+    for decoder_idx, index, points in model.calls:
+        per_image.setdefault(index, []).append((decoder_idx, points is not None))
+    assert all(v == [(1, False), (2, True), (1, True)] for v in per_image.values())
+
+
+def test_empty_mask_prompts_fall_back_to_image_centre():
+    model = StubSam(COVERAGE)
+    MaskDifferenceStrategy().select(model, stub_dataset(6), [4, 5], 1, "cpu", batch_size=2)
+    points = {(d, i): p for d, i, p in model.calls if p is not None}
+    centre = [[IMAGE_SIZE / 2 - 0.5, IMAGE_SIZE / 2 - 0.5]]
+    assert points[(2, 4)] == centre and points[(1, 4)] == centre
+    # full 4 x 4 mask: the border counts as background, so the deepest cells are the inner
+    # 2 x 2; the first in raster order is cell (1, 1) -> input pixel 1.5 * 4 - 0.5 = 5.5
+    assert points[(2, 5)] == [[5.5, 5.5]]
+
+
+def test_random_points_are_seeded_per_image_and_inside_the_mask():
+    def random_points(pool, seed, batch_size):
+        model = StubSam(COVERAGE)
+        MaskDifferenceStrategy().select(model, stub_dataset(6), pool, 2, "cpu", batch_size=batch_size, seed=seed)
+        return {i: p for d, i, p in model.calls if d == 1 and p is not None}
+
+    first = random_points([1, 2, 5], seed=3, batch_size=3)
+    # another pool order / batching / pool content: same point for the same (seed, image)
+    again = random_points([5, 0, 2, 1], seed=3, batch_size=1)
+    assert all(first[i] == again[i] for i in first)
+    # the mask of image 2 is the first 8 cells = the top two rows: input y < 8
+    assert first[2][0][1] < 8
+    different = [random_points([5], seed=s, batch_size=1)[5] for s in range(8)]
+    assert len({tuple(p[0]) for p in different}) > 1  # the seed matters
+
+
+def test_select_restores_mode_and_scores_without_grad():
+    model = StubSam(COVERAGE)
+    model.train()
+    MaskDifferenceStrategy().select(model, stub_dataset(6), [0, 1], 1, "cpu")
+    assert model.training
+    assert model.modes == [(False, False)]
+    model.eval()
+    EntropyStrategy().select(model, stub_dataset(6), [0, 1], 1, "cpu")
+    assert not model.training
+
+
+def test_scores_do_not_depend_on_batch_size():
+    pool = [0, 1, 2, 3, 5]
+    _, one = MaskDifferenceStrategy().select(StubSam(COVERAGE), stub_dataset(6), pool, 2, "cpu", batch_size=1)
+    _, four = MaskDifferenceStrategy().select(StubSam(COVERAGE), stub_dataset(6), pool, 2, "cpu", batch_size=4)
+    assert one == pytest.approx(four)
+
+
+def test_entropy_strategy_prefers_uncertain_images():
+    # a 16-cell mask is certain everywhere; half-covered at logit +-30 is certain too;
+    # so build logits by hand: image 0 certain, image 1 all-zero logits (maximal entropy)
+    class Flat(StubSam):
+        def decode(self, features, decoder_idx, points=None, boxes=None, multimask_output=False):
+            out = super().decode(features, decoder_idx, points, boxes)
+            out["low_res_logits"][torch.tensor(features["ids"]) == 1] = 0.0
+            return out
+
+    chosen, scores = EntropyStrategy().select(Flat(COVERAGE), stub_dataset(6), [0, 1], 1, "cpu")
+    assert chosen == [1]
+    assert scores[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert scores[0] < 1e-9
+
+
+def test_random_strategy_is_seeded_and_distinct():
+    pool = list(range(10, 30))
+    chosen_a, scores_a = RandomStrategy().select(None, None, pool, 5, "cpu", seed=7)
+    chosen_b, _ = RandomStrategy().select(None, None, pool, 5, "cpu", seed=7)
+    chosen_c, _ = RandomStrategy().select(None, None, pool, 5, "cpu", seed=8)
+    assert chosen_a == chosen_b and chosen_a != chosen_c
+    assert len(set(chosen_a)) == 5 and set(chosen_a) <= set(pool) and sorted(scores_a) == pool
+    assert [scores_a[i] for i in chosen_a] == sorted((scores_a[i] for i in chosen_a), reverse=True)
+
+
+def test_k_larger_than_pool_and_bad_arguments():
+    chosen, _ = RandomStrategy().select(None, None, [3, 1], 5, "cpu")
+    assert sorted(chosen) == [1, 3]
+    with pytest.raises(ValueError, match="duplicates"):
+        RandomStrategy().select(None, None, [3, 3], 1, "cpu")
+    assert RandomStrategy().select(None, None, [], 2, "cpu") == ([], {})
+
+
+def test_non_finite_scores_are_an_error():
+    class Broken(StubSam):
+        def decode(self, *args, **kwargs):
+            out = super().decode(*args, **kwargs)
+            out["low_res_logits"][:] = float("nan")
+            return out
+
+    with pytest.raises(RuntimeError, match="non-finite"):
+        EntropyStrategy().select(Broken(COVERAGE), stub_dataset(6), [0, 2], 1, "cpu")
+
+
+def test_factory_names_and_unknown_name():
+    assert ActiveLearningStrategyFactory.available_strategies() == ["entropy", "mask_difference", "random"]
+    assert isinstance(ActiveLearningStrategyFactory.create_strategy("mask_difference"), MaskDifferenceStrategy)
+    assert isinstance(ActiveLearningStrategyFactory.create_strategy("entropy"), EntropyStrategy)
+    assert isinstance(ActiveLearningStrategyFactory.create_strategy("random"), RandomStrategy)
+    assert ActiveLearningStrategyFactory.create_strategy("mask_difference", threshold=0.7).threshold == 0.7
+    with pytest.raises(ValueError, match="entropy, mask_difference, random"):
+        ActiveLearningStrategyFactory.create_strategy("uncertainty")
