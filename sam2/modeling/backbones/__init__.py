@@ -1,0 +1,1 @@
+"""Image backbones: the Hiera trunk and the FPN neck."""

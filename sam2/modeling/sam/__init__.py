@@ -1,0 +1,1 @@
+"""SAM heads: prompt encoder, two-way transformer and mask decoder."""
