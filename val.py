@@ -199,16 +199,16 @@ def load_model_for_eval(
 
     The imports are lazy so that the metric part of this module works without the model code.
     """
-    from sam2.build_sam import build_sam2
-    from sam_lora_image_encoder_prompt import LoRA_Sam
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise EvalError(f"--checkpoint {str(checkpoint)!r} does not exist.")
     if sam_ckpt is not None and not Path(sam_ckpt).is_file():
         raise EvalError(f"--sam_ckpt {sam_ckpt!r} does not exist; place the official SAM2.1 checkpoint there.")
-    sam = build_sam2(model_cfg, sam_ckpt, device=str(device), image_size=img_size)
-    net = LoRA_Sam(sam, rank).to(device)
+    try:
+        from trainer import build_model  # the one place a model is made (SAM2 + LoRA_Sam)
+    except ImportError as err:
+        raise EvalError(f"Cannot import the model code (trainer.py, sam2/, sam_lora_image_encoder_prompt.py): {err}")
+    net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, device=device)
     try:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
     except Exception as err:  # unpickling refused or corrupt file
@@ -217,13 +217,14 @@ def load_model_for_eval(
         net.load_state_dict(state)
     except RuntimeError as err:
         raise EvalError(
-            f"--checkpoint {str(checkpoint)!r} does not fit this model (check --model_cfg, --rank, --img_size): {err}"
+            f"--checkpoint {str(checkpoint)!r} does not fit this model (check --model_cfg, --rank, --img_size, "
+            f"--num_classes): {err}"
         ) from err
     net.eval()
-    output_key = f"low_res_logits{decoder}"
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        return net(images, num_classes > 1, img_size)[output_key]
+        features = net.encode(images)
+        return net.decode(features, decoder, multimask_output=num_classes > 1)["low_res_logits"].float()
 
     return predict
 
@@ -292,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="best_model_dice*.pth saved by trainer.py")
     source.add_argument("--pred_dir", help="folder of PNG predictions to score instead of running a model")
-    parser.add_argument("--model_cfg", default="sam2/configs/sam2.1/sam2.1_hiera_l.yaml")
-    parser.add_argument("--sam_ckpt", default="sam2/checkpoints/sam2.1_hiera_large.pt")
+    parser.add_argument("--model_cfg", default="sam2.1_hiera_l", help="SAM2 config the checkpoint was trained with "
+                        "(YAML path, packaged name or short name such as sam2.1_hiera_t)")
+    parser.add_argument("--sam_ckpt", default=None, help="official SAM2.1 weights; optional, since the checkpoint "
+                        "already holds the full model")
     parser.add_argument("--img_size", type=int, default=512)
     parser.add_argument("--num_classes", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank the checkpoint was trained with")

@@ -1,0 +1,415 @@
+"""datasets_skin: discovery in both layouts, bad-input errors, decode-once cache, samples, synthetic data."""
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import binary_dilation
+from torch.utils.data import DataLoader
+
+from data_fixtures import ISIC_SAMPLE, needs_isic_sample, synthetic_copy, synthetic_root  # noqa: F401
+
+import datasets_skin as ds
+from datasets_skin import DatasetError
+
+MEAN = np.array(ds.PIXEL_MEAN).reshape(3, 1, 1)
+STD = np.array(ds.PIXEL_STD).reshape(3, 1, 1)
+
+
+def denormalise(image: torch.Tensor) -> np.ndarray:
+    """3 x S x S normalised tensor -> S x S x 3 float in 0..255 (inverse of SAM2's input normalisation)."""
+    return ((image.numpy() * STD + MEAN) * 255.0).transpose(1, 2, 0)
+
+
+def write_pair(image_dir: Path, mask_dir: Path, name: str, size=(40, 30), ext=".jpg", value=200) -> None:
+    """A solid image and a mask with a lesion square; ``size`` is (W, H)."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 150, 120)).save(image_dir / f"{name}{ext}")
+    mask = np.zeros(size[::-1], np.uint8)
+    mask[5:15, 5:20] = 255
+    Image.fromarray(mask).save(mask_dir / f"{name}_segmentation.png")
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["readme", "isic2017"])
+def test_find_split_both_layouts(tmp_path, layout):
+    for split in ds.SPLITS:
+        image_name, mask_name = ds.SPLIT_FOLDERS[split][layout]
+        write_pair(tmp_path / image_name, tmp_path / mask_name, "ISIC_0000001")
+    for split in ds.SPLITS:
+        image_dir, mask_dir = ds.find_split(tmp_path, split)
+        assert (image_dir.name, mask_dir.name) == ds.SPLIT_FOLDERS[split][layout]
+
+
+def test_find_split_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        ds.find_split(tmp_path / "nope", "Training")
+    with pytest.raises(DatasetError, match="Unknown split"):
+        ds.find_split(tmp_path, "Train")
+    (tmp_path / "Pictures").mkdir()
+    with pytest.raises(DatasetError, match=r"No Test split.*Test_Data/.*ISIC-2017_Test_v2_Data/.*Pictures/"):
+        ds.find_split(tmp_path, "Test")
+    (tmp_path / "Validation_Data").mkdir()
+    with pytest.raises(DatasetError, match="Validation_GroundTruth"):
+        ds.find_split(tmp_path, "Validation")
+
+
+def test_discovery_ignores_superpixels_metadata_hidden_and_sorts(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "gt"
+    for name in ("ISIC_0000003", "ISIC_0000001", "ISIC_0000002"):
+        write_pair(images, masks, name, ext=".png" if name.endswith("2") else ".jpg")
+    Image.new("RGB", (40, 30)).save(images / "ISIC_0000001_superpixels.png")
+    (images / "ISIC-2017_Training_Data_metadata.csv").write_text("image_id,age\n")
+    (images / "._ISIC_0000001.jpg").write_bytes(b"\x00" * 10)  # macOS resource fork
+    (images / "notes.txt").write_text("x")
+    samples = ds.discover_samples(images, masks)
+    assert [s.name for s in samples] == ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
+    assert samples[1].image_path.suffix == ".png"
+    assert all(s.orig_size == (30, 40) for s in samples)
+
+
+def test_missing_masks_listed_once_and_left_out(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "gt"
+    for i in range(5):
+        write_pair(images, masks, f"ISIC_000000{i}")
+    (masks / "ISIC_0000001_segmentation.png").unlink()
+    (masks / "ISIC_0000003_segmentation.png").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert "2 of 5 images" in messages[0]
+    assert "ISIC_0000001.jpg" in messages[0] and "ISIC_0000003.jpg" in messages[0]
+    assert dataset.names == ["ISIC_0000000", "ISIC_0000002", "ISIC_0000004"]
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("garbage_image", r"Cannot read image file .*ISIC_0000001\.jpg"),
+        ("truncated_image", r"ISIC_0000001\.jpg.* truncated"),
+        ("truncated_mask", r"ISIC_0000001_segmentation\.png.* truncated"),
+        ("size_mismatch", r"Mask .*ISIC_0000001_segmentation\.png.* is 20x10 but its image ISIC_0000001\.jpg is 96x"),
+        ("gif_as_jpg", r"ISIC_0000001\.jpg.* is a GIF file"),
+        ("duplicate", r"Two images share the name 'ISIC_0000001'"),
+    ],
+)
+def test_bad_files_fail_at_construction_naming_the_file(synthetic_copy, damage, match):
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    image, mask = images / "ISIC_0000001.jpg", masks / "ISIC_0000001_segmentation.png"
+    if damage == "garbage_image":
+        image.write_bytes(b"this is not a jpeg" * 20)
+    elif damage == "truncated_image":
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    elif damage == "truncated_mask":
+        mask.write_bytes(mask.read_bytes()[:-20])
+    elif damage == "size_mismatch":
+        Image.new("L", (20, 10)).save(mask)
+    elif damage == "gif_as_jpg":
+        Image.new("P", (20, 10)).save(image, format="GIF")
+    elif damage == "duplicate":
+        shutil.copy(image, images / "ISIC_0000001.png")
+    with pytest.raises(DatasetError, match=match):
+        ds.SemiSupervisedSkinDataset(images, masks, 32)
+
+
+def test_empty_split_folder_is_an_error(tmp_path):
+    (tmp_path / "Training_Data").mkdir()
+    (tmp_path / "Training_GroundTruth").mkdir()
+    with pytest.raises(DatasetError, match="contains no .jpg/.jpeg/.png images"):
+        ds.SkinLesionDataset(*ds.find_split(tmp_path, "Training"), 32)
+    write_pair(tmp_path / "Training_Data", tmp_path / "other", "ISIC_0000001")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DatasetError, match="None of the images"):
+            ds.SkinLesionDataset(*ds.find_split(tmp_path, "Training"), 32)
+
+
+def test_corrupt_body_found_at_decode_names_file(synthetic_copy):
+    """A file whose header and end marker are fine but whose body is damaged fails on decode, naming it."""
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    path = images / "ISIC_0000002.jpg"
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\xff\xda")  # start of scan: replace the compressed data, keep the end-of-image marker
+    data[start + 2 : -2] = b"\x00" * (len(data) - start - 4)
+    path.write_bytes(bytes(data))
+    dataset = ds.SkinLesionDataset(images, masks, 32)
+    with pytest.raises(DatasetError, match=r"ISIC_0000002\.jpg"):
+        dataset[2]
+
+
+# ---------------------------------------------------------------------------------------------- image modes
+
+
+def test_grey_rgba_palette_16bit_load_as_rgb(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "gt"
+    images.mkdir()
+    masks.mkdir()
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (20, 1))  # 20 x 25
+    rgb = np.stack([grey, 255 - grey, np.full_like(grey, 77)], axis=-1)
+    Image.fromarray(grey).save(images / "a_grey.png")
+    Image.fromarray(grey).save(images / "b_greyjpeg.jpg", quality=100)
+    rgba = np.concatenate([rgb, np.full_like(grey, 9)[..., None]], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(images / "c_rgba.png")
+    Image.fromarray(rgb).quantize(colors=64).save(images / "d_palette.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(images / "e_16bit.png")
+    mask = np.zeros((20, 25), np.uint8)
+    mask[:, 12:] = 255
+    for stem in ("a_grey", "b_greyjpeg", "c_rgba", "d_palette", "e_16bit"):
+        Image.fromarray(mask).save(masks / f"{stem}_segmentation.png")
+    dataset = ds.ValSkinDataset(images, masks, 25)
+    assert Image.open(images / "e_16bit.png").mode.startswith("I")  # really a 16-bit file
+    decoded = {name: dataset.samples[i].image_path for i, name in enumerate(dataset.names)}
+    exact = {"a_grey": np.repeat(grey[..., None], 3, -1), "c_rgba": rgb, "e_16bit": np.repeat(grey[..., None], 3, -1)}
+    for name, expected in exact.items():
+        out = ds.decode_image(decoded[name], None)
+        assert out.shape == (20, 25, 3) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expected)
+    jpeg = ds.decode_image(decoded["b_greyjpeg"], None).astype(int)
+    assert np.abs(jpeg - grey[..., None]).max() <= 3
+    palette = ds.decode_image(decoded["d_palette"], None).astype(int)
+    assert np.abs(palette - rgb).mean() < 6  # 64-colour quantisation of a smooth ramp
+    for i in range(len(dataset)):  # the datasets take them too
+        assert dataset[i]["image"].shape == (3, 25, 25)
+
+
+def test_mask_modes_binarised_above_127(tmp_path):
+    values = np.array([[0, 127, 128, 255]], np.uint8)
+    Image.fromarray(values).save(tmp_path / "l.png")
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "i16.png")
+    Image.fromarray(values > 127).save(tmp_path / "one.png")  # mode '1'
+    for name in ("l.png", "i16.png", "one.png"):
+        np.testing.assert_array_equal(ds.decode_mask(tmp_path / name, None), [[0, 0, 1, 1]])
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+def test_training_sample_contents(synthetic_root):
+    images, masks = ds.find_split(synthetic_root, "Training")
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 64)
+    dataset.mark_labeled([3, 1, 3])
+    assert dataset.labeled_indices == [1, 3]
+    assert dataset.unlabeled_indices == [i for i in range(len(dataset)) if i not in (1, 3)]
+    sample = dataset[3]
+    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
+    assert sample["label"].shape == (64, 64) and sample["label"].dtype == torch.int64
+    assert sample["is_labeled"] is True and sample["index"] == 3 and sample["name"] == dataset.names[3]
+    with Image.open(images / f"{sample['name']}.jpg") as im:
+        width, height = im.size
+        reference = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), np.float64)
+        ref_mask = np.asarray(Image.open(masks / f"{sample['name']}_segmentation.png").resize((64, 64), Image.NEAREST))
+    assert sample["orig_size"] == (height, width)
+    np.testing.assert_allclose(denormalise(sample["image"]), reference, atol=1e-3)  # small: no draft reduction
+    np.testing.assert_array_equal(sample["label"].numpy(), ref_mask > 127)
+    assert set(np.unique(sample["label"].numpy())) == {0, 1}
+    unlabeled = dataset[0]
+    assert unlabeled["is_labeled"] is False and int(unlabeled["label"].abs().sum()) == 0
+
+
+def test_index_errors(synthetic_root):
+    dataset = ds.SemiSupervisedSkinDataset(*ds.find_split(synthetic_root, "Training"), 32)
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+    with pytest.raises(IndexError):
+        dataset.mark_labeled([-1])
+
+
+def test_unlabeled_samples_never_open_their_mask(synthetic_copy, monkeypatch):
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    dataset.mark_labeled([2])
+    opened = []
+    real_open = Image.open
+
+    def recording_open(fp, *args, **kwargs):
+        opened.append(Path(fp).name)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", recording_open)
+    for path in masks.iterdir():  # only the labeled sample's mask remains readable
+        if path.name != f"{dataset.names[2]}_segmentation.png":
+            path.write_bytes(b"corrupt")
+    dataset.preload()
+    for i in range(len(dataset)):
+        assert dataset[i]["is_labeled"] == (i == 2)
+    assert [n for n in opened if n.endswith("_segmentation.png")] == [f"{dataset.names[2]}_segmentation.png"]
+    dataset.mark_labeled([0])  # the expert now labels a sample whose mask is broken: clear error naming it
+    with pytest.raises(DatasetError, match=f"{dataset.names[0]}_segmentation.png"):
+        dataset[0]
+
+
+def test_augmentation_moves_image_and_mask_together(synthetic_root):
+    images, masks = ds.find_split(synthetic_root, "Training")
+    plain = ds.SemiSupervisedSkinDataset(images, masks, 48)
+    augmented = ds.SemiSupervisedSkinDataset(images, masks, 48, augment=True)
+    for d in (plain, augmented):
+        d.mark_labeled(range(len(d)))
+    torch.manual_seed(0)
+    seen = set()
+    for i in list(range(len(plain))) * 3:
+        base, aug = plain[i], augmented[i]
+        matches = []
+        for flip in (False, True):
+            for turns in range(4):
+                img = base["image"].flip(-1) if flip else base["image"]
+                lab = base["label"].flip(-1) if flip else base["label"]
+                img, lab = img.rot90(turns, (-2, -1)), lab.rot90(turns, (-2, -1))
+                if torch.equal(img, aug["image"]):
+                    matches.append((flip, turns))
+                    assert torch.equal(lab, aug["label"])
+        assert matches, "augmented image is not a flip/rotation of the original"
+        seen.add(matches[0])
+    assert len(seen) >= 4  # really random
+    again = plain[0]["image"]
+    assert torch.equal(again, plain[0]["image"])  # off by default: deterministic
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_each_image_decoded_once(synthetic_root, monkeypatch):
+    calls = []
+    real = ds.decode_image
+    monkeypatch.setattr(ds, "decode_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    images, masks = ds.find_split(synthetic_root, "Training")
+    cached = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    for _ in range(3):
+        for i in range(len(cached)):
+            cached[i]
+    assert len(calls) == len(cached)
+    calls.clear()
+    uncached = ds.SemiSupervisedSkinDataset(images, masks, 32, cache=False)
+    for _ in range(2):
+        for i in range(len(uncached)):
+            uncached[i]
+    assert len(calls) == 2 * len(uncached)
+
+
+def test_preloaded_cache_serves_dataloader_workers(synthetic_copy):
+    """After preload() the workers need no files: delete them all and iterate with two workers."""
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    dataset.mark_labeled([0, 4])
+    expected = [dataset[i] for i in range(len(dataset))]
+    fresh = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    fresh.mark_labeled([0, 4])
+    fresh.preload()
+    shutil.rmtree(images)
+    shutil.rmtree(masks)
+    loader = DataLoader(fresh, batch_size=2, num_workers=2)
+    batches = list(loader)
+    got_images = torch.cat([b["image"] for b in batches])
+    got_labels = torch.cat([b["label"] for b in batches])
+    assert torch.equal(got_images, torch.stack([e["image"] for e in expected]))
+    assert torch.equal(got_labels, torch.stack([e["label"] for e in expected]))
+
+
+def test_draft_decode_close_to_full_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    image, _ = ds.synthetic_lesion_image(rng, 1200, 1600)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(image).save(path, quality=95)
+    with Image.open(path) as im:
+        im.draft("RGB", (256, 256))
+        assert im.size[0] < 1600  # the draft really reduces this file at size 128
+    fast = ds.decode_image(path, 128, use_draft=True).astype(int)
+    full = ds.decode_image(path, 128, use_draft=False).astype(int)
+    assert fast.shape == full.shape == (128, 128, 3)
+    diff = np.abs(fast - full)
+    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 3
+
+
+# ---------------------------------------------------------------------------------------------- validation set
+
+
+def test_val_dataset_and_collate_keep_original_masks(synthetic_root):
+    images, masks = ds.find_split(synthetic_root, "Validation")
+    dataset = ds.ValSkinDataset(images, masks, 64)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=ds.collate_val)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (3, 3, 64, 64) and batch["label"].shape == (3, 64, 64)
+    assert len(batch["mask_orig"]) == 3 and batch["name"] == dataset.names[:3]
+    sizes = {m.shape for m in batch["mask_orig"]}
+    assert len(sizes) > 1  # synthetic images differ in height, so a list (not a stack) is needed
+    for i, mask in enumerate(batch["mask_orig"]):
+        with Image.open(masks / f"{batch['name'][i]}_segmentation.png") as im:
+            np.testing.assert_array_equal(mask, np.asarray(im) > 127)
+            assert batch["orig_size"][i] == mask.shape == (im.size[1], im.size[0])
+            small = np.asarray(im.resize((64, 64), Image.NEAREST)) > 127
+        np.testing.assert_array_equal(batch["label"][i].numpy(), small)
+    assert all(batch["is_labeled"])
+
+
+# ---------------------------------------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_data_layout_and_determinism(tmp_path):
+    a = ds.make_synthetic_isic(tmp_path / "a", 4, 2, 2, size=96, seed=5)
+    b = ds.make_synthetic_isic(tmp_path / "b", 4, 2, 2, size=96, seed=5)
+    c = ds.make_synthetic_isic(tmp_path / "c", 4, 2, 2, size=96, seed=6)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files_a) == 16
+    assert Path("Training_Data/ISIC_0000000.jpg") in files_a
+    assert Path("Test_GroundTruth/ISIC_0000007_segmentation.png") in files_a
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+    assert all((a / f).read_bytes() != (c / f).read_bytes() for f in files_a if f.suffix == ".jpg")
+    no_test = ds.make_synthetic_isic(tmp_path / "d", 2, 1, 0, size=64, seed=0)
+    with pytest.raises(DatasetError, match="No Test split"):
+        ds.find_split(no_test, "Test")
+
+
+def test_synthetic_lesions_are_varied(tmp_path):
+    """Masks are 0/255 and non-empty; the set has tiny, border-touching, large and low-contrast lesions."""
+    root = ds.make_synthetic_isic(tmp_path, 40, 0, 0, size=128, seed=0)
+    images, masks = ds.find_split(root, "Training")
+    fractions, touching, contrasts, heights = [], 0, [], set()
+    for image_path in sorted(images.iterdir()):
+        mask = np.asarray(Image.open(masks / f"{image_path.stem}_segmentation.png"))
+        image = np.asarray(Image.open(image_path).convert("L"), np.float64)
+        assert set(np.unique(mask)) == {0, 255}
+        lesion = mask > 127
+        fractions.append(lesion.mean())
+        touching += bool(lesion[0].any() or lesion[-1].any() or lesion[:, 0].any() or lesion[:, -1].any())
+        ring = binary_dilation(lesion, iterations=6) & ~binary_dilation(lesion, iterations=2)
+        contrasts.append(image[ring].mean() - image[lesion].mean())  # vs the skin just outside
+        heights.add(mask.shape[0])
+    fractions, contrasts = np.array(fractions), np.array(contrasts)
+    assert (fractions < 0.01).any(), "no tiny lesion"
+    assert (fractions > 0.2).any(), "no large lesion"
+    assert touching >= 3, "too few lesions touching the border"
+    assert (contrasts > 0).all(), "a lesion is not darker than the skin around it"
+    assert (contrasts < 20).any() and (contrasts > 55).any(), f"contrast not varied: {np.sort(contrasts)}"
+    assert len(heights) > 3  # varied original sizes
+
+
+# ---------------------------------------------------------------------------------------------- real ISIC sample
+
+
+@needs_isic_sample
+def test_real_isic_sample_loads():
+    images, masks = ISIC_SAMPLE / "images", ISIC_SAMPLE / "masks"
+    dataset = ds.ValSkinDataset(images, masks, 256)
+    assert len(dataset) == 6 and dataset.names[0] == "ISIC_0003805"
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        with Image.open(images / f"{sample['name']}.jpg") as im:
+            assert sample["orig_size"] == (im.size[1], im.size[0])
+            reference = np.asarray(im.convert("RGB").resize((256, 256), Image.BILINEAR), np.float64)
+        # 1024 px wide -> 256: the draft halves the photo first; the result stays within JPEG-noise distance.
+        assert np.abs(denormalise(sample["image"]) - reference).mean() < 1.0
+        lesion = sample["mask_orig"].astype(bool)
+        assert 0.005 < lesion.mean() < 0.5 and sample["mask_orig"].shape == sample["orig_size"]
+        assert 0.005 < sample["label"].float().mean() < 0.5
+        # A lesion is darker than the skin, which checks the mask is aligned with its image.
+        grey = np.asarray(Image.open(images / f"{sample['name']}.jpg").convert("L"), np.float64)
+        assert grey[lesion].mean() < grey[~lesion].mean() - 10
