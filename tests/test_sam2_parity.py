@@ -1,0 +1,228 @@
+"""Parity of our ``sam2`` package with the official SAM2.1 (PyPI ``sam2==1.1.0``).
+
+The official package runs in a separate, isolated interpreter (``tests/sam2_oracle.py``): it
+builds each model from its own config with seeded, perturbed random weights, saves them as an
+official-style checkpoint and records its ``SAM2ImagePredictor`` outputs. Here we build our model
+from that checkpoint, replay the same images and prompts, and compare.
+
+Relative difference of a tensor ``ours`` against the official ``ref``:
+
+    rel = max|ours - ref| / max(max|ref|, EPS)
+
+It must be <= RTOL for ``low_res_logits``, ``iou_predictions`` and float masks. Boolean masks
+must agree on every pixel except ties: pixels where the official full-resolution logit lies
+within 1e-3 * max|logit| of the threshold (recorded by the oracle).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+RTOL = 1e-3
+EPS = 1e-6
+
+T, S, BP, L = "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"
+# (model, image size, case set): every prompt case with a square and a non-square image for
+# hiera_t at every size and for every model at 512; a reduced set on the other combinations.
+MATRIX = [
+    (T, 256, "full"), (T, 512, "full"), (T, 1024, "full"),
+    (S, 256, "reduced"), (S, 512, "full"), (S, 1024, "reduced"),
+    (BP, 256, "reduced"), (BP, 512, "full"),
+    pytest.param(BP, 1024, "reduced", marks=pytest.mark.slow),
+    (L, 256, "reduced"), (L, 512, "full"),
+    pytest.param(L, 1024, "reduced", marks=pytest.mark.slow),
+]
+
+
+def rel_diff(ours, ref) -> float:
+    ours = torch.as_tensor(np.asarray(ours), dtype=torch.float64)
+    ref = torch.as_tensor(np.asarray(ref), dtype=torch.float64)
+    return float((ours - ref).abs().max() / max(float(ref.abs().max()), EPS))
+
+
+def _predict_kwargs(record: dict) -> dict:
+    """The predict() arguments the oracle used, as the numpy inputs a user passes."""
+    names = ("point_coords", "point_labels", "box", "mask_input", "multimask_output",
+             "return_logits", "normalize_coords")
+    return {k: (record[k].numpy() if torch.is_tensor(record[k]) else record[k])
+            for k in names if k in record}
+
+
+class ParityRun:
+    """Our model on one oracle output file: predictions for every recorded case, and
+    ``encode_image`` on the official input tensor of the first image (the model is dropped
+    afterwards; only results are kept)."""
+
+    def __init__(self, oracle, model_name: str, size: int, cases: str):
+        from sam2.build_sam import build_sam2
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.label = f"{model_name}@{size}"
+        self.ref = torch.load(oracle.oracle_outputs(model_name, size, cases), weights_only=True)
+        model = build_sam2(model_name, ckpt_path=str(oracle.weights_file(model_name)),
+                           device="cpu", image_size=size)
+        predictor = SAM2ImagePredictor(model)
+        self.ours = []
+        for image_name, image in self.ref["images"].items():
+            predictor.set_image(image.numpy())
+            for record in self.ref["cases"]:
+                if record["image"] == image_name:
+                    self.ours.append(predictor.predict(**_predict_kwargs(record)))
+        self.feature_image = next(iter(self.ref["features"]))
+        with torch.no_grad():
+            self.features = model.encode_image(self.ref["features"][self.feature_image]["input"])
+
+
+@pytest.fixture(scope="module")
+def parity_runs(sam2_oracle):
+    """ParityRun per matrix entry, built on first use and shared by this module's tests."""
+    runs = {}
+
+    def get(model_name: str, size: int, cases: str) -> ParityRun:
+        key = (model_name, size, cases)
+        if key not in runs:
+            runs[key] = ParityRun(sam2_oracle, model_name, size, cases)
+        return runs[key]
+
+    return get
+
+
+def _compare_case(record: dict, ours, unpack_bits) -> tuple[dict, list[str]]:
+    """Figures (rel diffs, flipped mask pixels) and problems for one case."""
+    masks, ious, low_res = ours
+    problems, figures = [], {}
+    ref_masks = record["masks"]
+    for name, got, ref in (("low_res_logits", low_res, record["low_res_logits"]),
+                           ("iou_predictions", ious, record["iou_predictions"])):
+        if tuple(np.shape(got)) != tuple(ref.shape) or np.asarray(got).dtype != np.float32:
+            problems.append(f"{name}: shape/dtype {np.shape(got)}/{np.asarray(got).dtype}, "
+                            f"official {tuple(ref.shape)}/float32")
+            continue
+        figures[name] = rel_diff(got, ref)
+        if figures[name] > RTOL:
+            problems.append(f"{name}: rel diff {figures[name]:.3g}")
+    if isinstance(ref_masks, dict):  # boolean masks, bit-packed, with the tied pixels
+        ref_bool, ties = unpack_bits(ref_masks), unpack_bits(record["mask_ties"])
+        got = np.asarray(masks)
+        if got.shape != ref_bool.shape or got.dtype != np.bool_:
+            problems.append(f"masks: shape/dtype {got.shape}/{got.dtype}, official "
+                            f"{ref_bool.shape}/bool")
+        else:
+            flipped = got != ref_bool
+            figures["mask_px_flipped"] = int(flipped.sum())
+            wrong = int((flipped & ~ties).sum())
+            if wrong:
+                problems.append(f"masks: {wrong} of {flipped.size} pixels differ away from ties")
+    else:  # return_logits=True: float masks at the original size
+        if tuple(np.shape(masks)) != tuple(ref_masks.shape):
+            problems.append(f"masks: shape {np.shape(masks)}, official {tuple(ref_masks.shape)}")
+        else:
+            figures["mask_logits"] = rel_diff(masks, ref_masks)
+            if figures["mask_logits"] > RTOL:
+                problems.append(f"mask logits: rel diff {figures['mask_logits']:.3g}")
+    if problems and "stability" in record:
+        problems.append(f"(official token-0 stability {record['stability'].tolist()}, "
+                        f"fallback threshold 0.98)")
+    return figures, problems
+
+
+@pytest.mark.parametrize("model_name,size,cases", MATRIX)
+def test_predictor_matches_official(parity_runs, sam2_oracle, report_figure, model_name,
+                                    size, cases):
+    run = parity_runs(model_name, size, cases)
+    worst: dict = {}
+    failures = []
+    for record, ours in zip(run.ref["cases"], run.ours):
+        figures, problems = _compare_case(record, ours, sam2_oracle.unpack_bits)
+        for name, value in figures.items():
+            worst[name] = max(worst.get(name, value), value)
+        if problems:
+            failures.append(f"{record['image']}/{record['name']}: " + "; ".join(problems))
+    summary = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in sorted(worst.items()))
+    report_figure(f"parity {run.label:>22} ({len(run.ours)} cases): max rel diff {summary}")
+    assert len(run.ours) == len(run.ref["cases"])
+    assert not failures, f"{run.label}: {len(failures)} case(s) differ from official SAM2:\n" + \
+        "\n".join(failures)
+
+
+@pytest.mark.parametrize("model_name,size,cases", MATRIX)
+def test_image_features_match_official(parity_runs, report_figure, model_name, size, cases):
+    """encode_image on the official predictor's input tensor gives the official features;
+    localises a predictor mismatch to the encoder (here) or the prompt/decoder path."""
+    run = parity_runs(model_name, size, cases)
+    image_name, ours = run.feature_image, run.features
+    ref = run.ref["features"][image_name]
+    pairs = [("image_embed", ours["image_embed"], ref["image_embed"])] + [
+        (f"high_res_feats[{i}]", o, r)
+        for i, (o, r) in enumerate(zip(ours["high_res_feats"], ref["high_res_feats"]))]
+    assert len(ours["high_res_feats"]) == len(ref["high_res_feats"]) == 2
+    diffs = {}
+    for name, got, want in pairs:
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, official {tuple(want.shape)}"
+        diffs[name] = rel_diff(got, want)
+    report_figure(f"features {run.label:>20}: max rel diff " +
+                  ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert max(diffs.values()) <= RTOL, f"{run.label} {image_name}: {diffs}"
+
+
+def test_official_checkpoint_with_video_groups_loads(sam2_oracle):
+    """A {"model": sd} file with every official key group (video ones too) loads; every
+    image-path tensor arrives by name, and decoder 2 starts as a copy of decoder 1."""
+    from sam2.build_sam import build_sam2
+
+    sam2_oracle.oracle_outputs(T, 256, "full")  # makes sure the weights exist
+    model = build_sam2(T, ckpt_path=str(sam2_oracle.weights_file(T)), device="cpu",
+                       image_size=256)
+    official = torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"]
+    video = {"memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc",
+             "no_obj_ptr", "no_obj_embed_spatial", "obj_ptr_proj", "obj_ptr_tpos_proj",
+             "mask_downsample"}
+    assert video <= {key.split(".")[0] for key in official}, "oracle checkpoint lacks video groups"
+    ours = model.state_dict()
+    image_keys = [k for k in official if k.split(".")[0] not in video]
+    missing = [k for k in image_keys if k not in ours]
+    assert not missing, f"official image-path keys absent from our model: {missing[:10]}"
+    for key in image_keys:
+        assert torch.equal(ours[key], official[key]), f"{key} not loaded"
+    decoder1 = {k: v for k, v in ours.items() if k.startswith("sam_mask_decoder.")}
+    assert decoder1
+    for key, value in decoder1.items():
+        copy = ours[key.replace("sam_mask_decoder.", "sam_mask_decoder2.", 1)]
+        assert torch.equal(copy, value) and copy.data_ptr() != value.data_ptr(), key
+
+
+def test_bare_state_dict_loads(sam2_oracle, tmp_path):
+    """A bare state dict (no {"model": ...} wrapper, image-path keys only) loads too."""
+    from sam2.build_sam import build_sam2
+
+    official = torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"]
+    bare = {k: v for k, v in official.items()
+            if k.split(".")[0] in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder",
+                                   "no_mem_embed")}
+    torch.save(bare, tmp_path / "bare.pt")
+    model = build_sam2(T, ckpt_path=str(tmp_path / "bare.pt"), device="cpu", image_size=256)
+    ours = model.state_dict()
+    for key, value in bare.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("donor", [S, BP])
+def test_wrong_size_checkpoint_is_a_clear_error(sam2_oracle, donor):
+    """hiera_s weights (extra blocks) or hiera_b+ weights (other widths) into the hiera_t
+    config: an error that names offending keys, not a silent partial load."""
+    from sam2.build_sam import build_sam2
+
+    sam2_oracle.oracle_outputs(donor, 256, "reduced")  # makes sure the donor weights exist
+    donor_file = sam2_oracle.weights_file(donor)
+    donor_keys = set(torch.load(donor_file, weights_only=True)["model"])
+    t_keys = set(torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"])
+    with pytest.raises(Exception) as info:
+        build_sam2(T, ckpt_path=str(donor_file), device="cpu", image_size=256)
+    message = str(info.value)
+    named = [k for k in donor_keys if k.startswith("image_encoder.") and k in message]
+    assert named, f"error does not name any checkpoint key: {message[:500]}"
+    if donor == S:  # hiera_s has blocks hiera_t lacks
+        extra = sorted(donor_keys - t_keys)
+        assert any(k in message for k in extra), f"error names none of {extra[:3]}...: {message[:500]}"
