@@ -1,0 +1,166 @@
+"""End to end: the --demo pipeline at a tiny size (synthetic data, sam2.1_hiera_t, CPU).
+
+One uninterrupted 2-epoch run is shared by the tests; a second run is stopped after epoch 1 and
+resumed, and must select exactly what the uninterrupted run selected.
+"""
+import csv
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+
+EPOCHS, BATCH, POOL, SIZE = 2, 2, 4, 64
+TINY = ["--demo", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
+        "--save_from_epoch", "1", "--val_limit", "4"]
+
+
+def read_selection(run_dir: Path):
+    with open(run_dir / "al_selection.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_events(log_dir: Path) -> dict:
+    """tag -> [(step, kind, simple_value)] from tensorboardX event files (TFRecord frames of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    found: dict = {}
+    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file in {log_dir}"
+    for path in files:
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4  # length, its crc, payload, payload crc
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                found.setdefault(value.tag, []).append(
+                    (event.step, kind, value.simple_value if kind == "simple_value" else None))
+    return found
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo's own path (it writes its synthetic data), tiny: 2 epochs, 2 images per epoch."""
+    out = tmp_path_factory.mktemp("demo")
+    result = trainer.main(TINY + ["--output", str(out), "--max_epochs", str(EPOCHS)])
+    return out, result
+
+
+def test_selection_log_lists_distinct_images_top_of_each_pool(demo_run):
+    out, result = demo_run
+    rows = read_selection(result["run_dir"])
+    assert list(rows[0]) == ["epoch", "image", "score", "rank_in_pool"]
+    assert len(rows) == EPOCHS * BATCH
+    names = [r["image"] for r in rows]
+    assert len(set(names)) == len(names), "an image was selected twice"
+    training_images = {p.stem for p in (out / "demo_data" / "Training_Data").glob("*.jpg")}
+    assert set(names) <= training_images
+    for epoch in range(1, EPOCHS + 1):
+        picked = [r for r in rows if int(r["epoch"]) == epoch]
+        assert sorted(int(r["rank_in_pool"]) for r in picked) == list(range(1, BATCH + 1))
+        scores = [float(r["score"]) for r in sorted(picked, key=lambda r: int(r["rank_in_pool"]))]
+        assert scores == sorted(scores, reverse=True)
+    assert sorted(result["labeled"]) == sorted(names)
+
+
+def test_every_artefact_is_written(demo_run):
+    out, result = demo_run
+    run_dir = result["run_dir"]
+    assert run_dir == out / f"Skin_{SIZE}"
+    config = (run_dir / "config.txt").read_text()
+    for line in (f"img_size: {SIZE}", "model_cfg: sam2.1_hiera_t", f"batch_size: {BATCH}", "demo: True"):
+        assert line in config
+    log_text = (run_dir / "log.txt").read_text()
+    assert len(re.findall(r"epoch +\d+/2 \| labeled .* \| time scoring [\d.]+s train [\d.]+s val [\d.]+s",
+                          log_text)) == EPOCHS
+    if "none" in config.split("checkpoint: ")[1].splitlines()[0]:
+        assert "SEEDED RANDOM WEIGHTS" in log_text
+    best = list(run_dir.glob("best_model_dice*.pth"))
+    assert len(best) == 1, "exactly one best checkpoint (older ones are removed)"
+    assert best[0] == result["best_path"]
+    assert (run_dir / "last_state.pth").is_file()
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_best_checkpoint_reloads_as_in_the_readme_and_reproduces_its_dice(demo_run):
+    """The README's notebook path: build_sam2 -> LoRA_Sam(sam, r=4) -> load_state_dict(torch.load(...))."""
+    import datasets_skin
+    import val
+    from sam2.build_sam import build_sam2
+    from sam_lora_image_encoder_prompt import LoRA_Sam
+    from torch.utils.data import DataLoader, Subset
+
+    out, result = demo_run
+    path = result["best_path"]
+    dice_in_name = float(re.fullmatch(r"best_model_dice([\d.]+)\.pth", path.name).group(1))
+    assert abs(dice_in_name - result["best_dice"]) < 1e-4
+
+    nets = []
+    for seed in (0, 1):  # different random init: everything must come from the file
+        torch.manual_seed(seed)
+        sam = build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE)
+        net = LoRA_Sam(sam, r=4)
+        net.load_state_dict(torch.load(path, weights_only=True))
+        nets.append(net.eval())
+
+    val_set = datasets_skin.ValSkinDataset(*datasets_skin.find_split(out / "demo_data", "Validation"), SIZE)
+    loader = DataLoader(Subset(val_set, range(4)), batch_size=BATCH, collate_fn=datasets_skin.collate_val)
+    images = next(iter(loader))["image"]
+    with torch.no_grad():
+        logits = [n(images, False, SIZE)["low_res_logits1"] for n in nets]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+    def predict(x):
+        with torch.no_grad():
+            return nets[0].decode(nets[0].encode(x), 1)["low_res_logits"]
+
+    dice = val.validate(predict, loader, 1, torch.device("cpu"))["mean"]["dice"]
+    assert abs(dice - dice_in_name) <= 5e-5 + 1e-6
+
+
+def test_tensorboard_holds_validation_and_training_scalars(demo_run):
+    _, result = demo_run
+    events = read_events(result["run_dir"] / "log")
+    for tag in ("val/dice", "val/hd95", "val/jaccard", "train/loss", "train/loss_dec1", "train/loss_dec2",
+                "train/ce_dec1", "train/dice_dec2", "train/lr", "al/labeled", "time/scoring_s", "time/train_s",
+                "time/val_s"):
+        assert tag in events, f"{tag} missing from TensorBoard"
+        assert sorted(step for step, _, _ in events[tag]) == list(range(1, EPOCHS + 1)), tag
+    assert [v for _, _, v in sorted(events["al/labeled"])] == [BATCH * e for e in range(1, EPOCHS + 1)]
+    assert abs(max(v for _, _, v in events["val/dice"]) - result["best_dice"]) < 1e-6
+    kinds = {kind for tag in ("al/pool_scores", "al/selected", "val/prediction_over_gt")
+             for _, kind, _ in events.get(tag, [])}
+    assert kinds == {"histo", "image"}
+
+
+def test_existing_run_is_not_overwritten(demo_run, capsys):
+    out, result = demo_run
+    before = {p.name: p.read_bytes() for p in result["run_dir"].iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(TINY + ["--output", str(out), "--max_epochs", str(EPOCHS)])
+    assert exit_info.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in result["run_dir"].iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path):
+    out, full = demo_run
+    data = ["--data_root", str(out / "demo_data")]
+    first = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", "1"])
+    assert len(read_selection(first["run_dir"])) == BATCH
+    resumed = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", str(EPOCHS), "--resume"])
+    assert resumed["epochs"] == EPOCHS
+    want, got = read_selection(full["run_dir"]), read_selection(resumed["run_dir"])
+    assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in got] == \
+           [(r["epoch"], r["image"], r["rank_in_pool"]) for r in want]
+    for a, b in zip(got, want):
+        assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-5)
+    assert resumed["best_dice"] == pytest.approx(full["best_dice"], abs=1e-5)
+    assert len(list(resumed["run_dir"].glob("best_model_dice*.pth"))) == 1
+    assert "resumed at epoch 2" in (resumed["run_dir"] / "config.txt").read_text()

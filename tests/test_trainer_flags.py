@@ -1,0 +1,132 @@
+"""trainer.py flag errors: each bad flag stops the run early with a message naming the flag."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main_expecting_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--demo", "--pool_size", "3", "--batch_size", "4"], "--pool_size (3) must be >= --batch_size (4)"),
+        (["--demo", "--img_size", "100"], "--img_size must be a positive multiple of 32 (got 100)"),
+        (["--demo", "--img_size", "0"], "--img_size must be a positive multiple of 32"),
+        (["--demo", "--num_classes", "5"], "--num_classes must be 1..4"),
+        (["--demo", "--max_epochs", "0"], "--max_epochs must be >= 1"),
+        (["--demo", "--val_limit", "0"], "--val_limit must be >= 1"),
+        (["--demo", "--dice_weight", "1.5"], "--dice_weight must be in [0, 1]"),
+        (["--demo", "--module", "json"], "--module json"),
+        (["--demo", "--module", "no_such_module_xyz"], "--module no_such_module_xyz: cannot be imported"),
+        (["--demo", "--promptmode", "circle"], "--promptmode"),
+        ([], "--data_root is required"),
+    ],
+)
+def test_bad_flag_names_the_flag(argv, expected, capsys, tmp_path):
+    err = run_main_expecting_error(argv + ["--output", str(tmp_path / "out")], capsys)
+    assert expected in err
+    assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def test_module_without_lora_sam_is_explained(capsys, tmp_path):
+    err = run_main_expecting_error(["--demo", "--module", "json", "--output", str(tmp_path)], capsys)
+    assert "defines no LoRA_Sam class" in err
+
+
+def test_missing_checkpoint_points_to_the_download_readme(capsys, tmp_path):
+    err = run_main_expecting_error(
+        ["--data_root", str(tmp_path), "--checkpoint", str(tmp_path / "sam2.1_hiera_large.pt")], capsys)
+    assert "--checkpoint" in err and "sam2.1_hiera_large.pt" in err
+    assert "sam2/checkpoints/README.md" in err
+
+
+def test_missing_data_root_folder(capsys, tmp_path):
+    err = run_main_expecting_error(["--data_root", str(tmp_path / "nope"), "--checkpoint", "none"], capsys)
+    assert f"--data_root {tmp_path / 'nope'}: no such folder" in err
+
+
+def test_data_root_without_splits_names_the_folder(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
+    err = run_main_expecting_error(["--data_root", str(tmp_path / "data"), "--checkpoint", "none",
+                                    "--output", str(tmp_path / "out")], capsys)
+    assert "--data_root" in err and "Training" in err
+
+
+def test_unknown_strategy_lists_the_choices(capsys, tmp_path):
+    err = run_main_expecting_error(["--demo", "--strategy", "magic", "--output", str(tmp_path)], capsys)
+    assert "--strategy magic" in err and "mask_difference" in err and "entropy" in err
+
+
+def test_resume_without_a_run(capsys, tmp_path):
+    err = run_main_expecting_error(["--demo", "--resume", "--output", str(tmp_path)], capsys)
+    assert "--resume" in err and "last_state.pth" in err
+
+
+def test_existing_run_folder_is_refused_without_resume(capsys, tmp_path):
+    run_dir = tmp_path / "Skin_128"
+    run_dir.mkdir()
+    (run_dir / "config.txt").write_text("earlier run\n")
+    err = run_main_expecting_error(["--demo", "--img_size", "128", "--output", str(tmp_path)], capsys)
+    assert "already holds a run" in err and "--resume" in err
+    assert (run_dir / "config.txt").read_text() == "earlier run\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt"]
+
+
+def test_missing_cuda_index_lists_devices(capsys, tmp_path, monkeypatch):
+    """With CUDA present, --gpu naming a device that does not exist is an error listing the devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"Fake GPU {i}")
+    err = run_main_expecting_error(["--demo", "--gpu", "7", "--output", str(tmp_path)], capsys)
+    assert "--gpu" in err and "no GPU 7" in err
+    assert "Fake GPU 0" in err and "Fake GPU 1" in err
+
+
+def test_demo_settings_yield_to_explicit_flags():
+    parser = trainer.build_parser()
+    argv = ["--demo", "--img_size", "64", "--max_epochs", "50"]
+    args = parser.parse_args(argv)
+    trainer.apply_demo_settings(args, trainer.explicit_flags(parser, argv))
+    assert args.img_size == 64 and args.max_epochs == 50  # given explicitly (50 is also the default)
+    assert args.model_cfg == "sam2.1_hiera_t"
+    assert args.pool_size == trainer.DEMO_SETTINGS["pool_size"]
+    assert args.batch_size == trainer.DEMO_SETTINGS["batch_size"]
+
+
+def test_pool_is_reproducible_per_epoch_and_drawn_from_the_unlabeled():
+    unlabeled = list(range(0, 40, 3))
+    first = trainer.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    assert first == trainer.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    assert len(set(first)) == 5 and set(first) <= set(unlabeled)
+    others = {tuple(trainer.draw_pool(unlabeled, 5, seed=1, epoch=e)) for e in range(1, 8)}
+    assert len(others) > 1, "pools of different epochs should differ"
+    assert trainer.draw_pool(unlabeled[:3], 5, seed=1, epoch=3) == unlabeled[:3]
+
+
+def test_cli_prints_help_and_flag_errors():
+    """The user-facing entry point: `python trainer.py --help` and a flag error, as a subprocess."""
+    shown = subprocess.run([sys.executable, "trainer.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    for flag in ("--data_root", "--output", "--gpu", "--seed", "--deterministic", "--base_lr", "--batch_size",
+                 "--pool_size", "--img_size", "--num_classes", "--max_epochs", "--promptmode", "--module",
+                 "--rank", "--lora_ckpt", "--model_cfg", "--checkpoint", "--strategy", "--dice_weight",
+                 "--val_every", "--val_limit", "--num_workers", "--resume", "--demo"):
+        assert flag in shown.stdout
+    failed = subprocess.run([sys.executable, "trainer.py", "--demo", "--img_size", "100"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    assert "trainer.py: error: --img_size must be a positive multiple of 32 (got 100)" in failed.stderr
+    assert "Traceback" not in failed.stderr
