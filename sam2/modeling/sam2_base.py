@@ -5,7 +5,6 @@ built. A single image is handled as upstream handles a first frame without memor
 ``no_mem_embed`` is added to the lowest-resolution features (``directly_add_no_mem_embed``).
 """
 
-import copy
 from typing import Dict, List, Optional
 
 import torch
@@ -78,7 +77,8 @@ class SAM2Base(nn.Module):
             mask_in_chans=16,
         )
         self.sam_mask_decoder = self._build_mask_decoder()
-        self.sam_mask_decoder2 = copy.deepcopy(self.sam_mask_decoder)
+        self.sam_mask_decoder2 = self._build_mask_decoder()
+        self.sam_mask_decoder2.load_state_dict(self.sam_mask_decoder.state_dict())
 
     def _build_mask_decoder(self) -> MaskDecoder:
         return MaskDecoder(
