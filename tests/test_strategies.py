@@ -231,3 +231,65 @@ def test_factory_names_and_unknown_name():
     assert ActiveLearningStrategyFactory.create_strategy("mask_difference", threshold=0.7).threshold == 0.7
     with pytest.raises(ValueError, match="entropy, mask_difference, random"):
         ActiveLearningStrategyFactory.create_strategy("uncertainty")
+
+
+# ---- with the real model (hiera_t, 128 px) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_net():
+    """Untrained LoRA_Sam whose decoder 2 differs from decoder 1 (so swapped roles would show)."""
+    from sam2.build_sam import build_sam2
+    from sam_lora_image_encoder_prompt import LoRA_Sam
+
+    torch.manual_seed(0)
+    net = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=128), r=4)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.sam.sam_mask_decoder2.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return net
+
+
+def real_dataset(n, size=128):
+    gen = torch.Generator().manual_seed(3)
+    return [{"image": torch.randn(3, size, size, generator=gen), "index": i} for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["mask_difference", "entropy"])
+def test_real_model_runs_the_encoder_once_per_image(real_net, name):
+    calls = []
+    hook = real_net.sam.image_encoder.trunk.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        pool = [4, 0, 2, 1, 3]
+        chosen, scores = ActiveLearningStrategyFactory.create_strategy(name).select(
+            real_net, real_dataset(5), pool, 3, "cpu", batch_size=2, seed=11)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 1]  # three mini-batches, every image through the encoder once
+    assert len(chosen) == 3 and len(set(chosen)) == 3 and set(chosen) <= set(pool)
+    assert sorted(scores) == sorted(pool)
+    assert [scores[i] for i in chosen] == sorted(scores.values(), reverse=True)[:3]
+    assert all(0.0 <= s <= (1.0 if name == "mask_difference" else math.log(2)) for s in scores.values())
+
+
+def test_real_model_mask_difference_uses_the_designed_decoders(real_net):
+    from active_learning_strategies import point_generator
+    from sam_lora_image_encoder_prompt import foreground_probabilities, prompts_from_logits
+
+    data = real_dataset(3)
+    _, scores = MaskDifferenceStrategy().select(real_net, data, [0, 1, 2], 1, "cpu", batch_size=3, seed=4)
+    x = torch.stack([d["image"] for d in data])
+    real_net.eval()
+    with torch.no_grad():
+        features = real_net.encode(x)
+        p_no = real_net.decode(features, 1)["low_res_logits"]
+        prompts = prompts_from_logits(p_no, 128, [point_generator(4, i) for i in range(3)])
+        p_center = real_net.decode(features, 2, points=prompts.center_points)["low_res_logits"]
+        p_rand = real_net.decode(features, 1, points=prompts.random_points)["low_res_logits"]
+        swapped = real_net.decode(features, 1, points=prompts.center_points)["low_res_logits"]
+    fg = foreground_probabilities
+    expected = mask_difference_scores(fg(p_no), fg(p_center), fg(p_rand))
+    assert [scores[i] for i in range(3)] == pytest.approx(expected.tolist(), abs=1e-5)
+    # decoder 2 really differs from decoder 1 here, so a swapped assignment would be caught
+    assert not torch.allclose(fg(swapped), fg(p_center), atol=1e-3)

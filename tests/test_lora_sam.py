@@ -1,0 +1,382 @@
+"""LoRA_Sam: prompt helpers, LoRA surgery, zero-shot parity with official SAM2, training step,
+checkpoint formats."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam2.build_sam import build_sam2
+from sam_lora_image_encoder_prompt import (
+    LoRA_Sam,
+    LoRAQKV,
+    box_from_mask,
+    center_point_from_mask,
+    largest_component,
+    mask_box_to_input,
+    mask_point_to_input,
+    prompts_from_logits,
+    random_point_from_mask,
+)
+
+SIZE = 128  # model input size for the model tests (hiera_t)
+
+
+def tiny_sam(seed=0, size=SIZE, ckpt=None):
+    torch.manual_seed(seed)
+    return build_sam2("sam2.1_hiera_t", ckpt, device="cpu", image_size=size)
+
+
+def images(batch=2, size=SIZE, seed=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- prompt helpers on constructed masks ------------------------------------------------------
+
+
+def two_blobs():
+    """12 x 14 mask: a 2 x 3 blob (rows 0-1, cols 0-2) and an L-shaped 5 x 5 square with a
+    one-pixel tail (rows 5-9, cols 6-10, tail row 7, cols 11-13)."""
+    mask = np.zeros((12, 14), dtype=bool)
+    mask[0:2, 0:3] = True
+    mask[5:10, 6:11] = True
+    mask[7, 11:14] = True
+    return mask
+
+
+def test_largest_component_keeps_only_the_biggest():
+    mask = two_blobs()
+    component = largest_component(mask)
+    assert component.sum() == 25 + 3
+    assert not component[0:2, 0:3].any()
+    assert component[5:10, 6:11].all() and component[7, 11:14].all()
+    assert not largest_component(np.zeros((4, 5), dtype=bool)).any()
+    # diagonal neighbours are connected (8-connectivity): a 3-pixel diagonal beats a 2-pixel bar
+    diagonal = np.zeros((5, 5), dtype=bool)
+    diagonal[[0, 1, 2], [0, 1, 2]] = True
+    diagonal[4, 3:5] = True
+    assert largest_component(diagonal).sum() == 3 and largest_component(diagonal)[1, 1]
+    # torch input works the same
+    assert np.array_equal(largest_component(torch.from_numpy(mask)), component)
+
+
+def test_center_point_is_the_deepest_pixel_not_the_centroid():
+    # the square's middle (row 7, col 8) is 3 pixels from the background; the tail pulls the
+    # centroid to the right (col ~8.6) but cannot be deeper than 1
+    assert center_point_from_mask(two_blobs()) == (8.0, 7.0)
+    # a band along the top border: the border counts as background, so the middle row wins
+    band = np.zeros((8, 9), dtype=bool)
+    band[0:3, :] = True
+    x, y = center_point_from_mask(band)
+    assert y == 1.0 and 1.0 <= x <= 7.0  # without the border as background: row 0
+    # empty mask: the image centre
+    assert center_point_from_mask(np.zeros((8, 10), dtype=bool)) == (4.5, 3.5)
+
+
+def test_random_points_stay_inside_the_largest_component():
+    mask = two_blobs()
+    component = largest_component(mask)
+    rng = np.random.default_rng(0)
+    points = [random_point_from_mask(mask, rng) for _ in range(300)]
+    assert all(component[int(y), int(x)] for x, y in points)
+    assert len(set(points)) > 20  # spread over the component, not stuck on one pixel
+    tail = sum(1 for x, y in points if x > 10)
+    assert 0 < tail < 100  # 3 of 28 pixels: ~32 expected
+    again = [random_point_from_mask(mask, np.random.default_rng(0)) for _ in range(3)]
+    assert again == [points[0]] * 3  # same seed, same first draw
+    assert random_point_from_mask(np.zeros((8, 10), dtype=bool), rng) == (4.5, 3.5)
+
+
+def test_box_bounds_of_the_largest_component():
+    assert box_from_mask(two_blobs()) == (6.0, 5.0, 13.0, 9.0)
+    assert box_from_mask(np.zeros((8, 10), dtype=bool)) == (0.0, 0.0, 9.0, 7.0)
+
+
+def test_mask_to_input_coordinates():
+    # 4 x 4 mask on a 16-pixel input: cell 0 covers input pixels 0..3, centre index 1.5
+    assert mask_point_to_input((0.0, 3.0), (4, 4), 16) == (1.5, 13.5)
+    assert mask_point_to_input((1.5, 1.5), (4, 4), 16) == (7.5, 7.5)  # empty-mask centre
+    assert mask_box_to_input((1.0, 0.0, 2.0, 3.0), (4, 4), 16) == (4.0, 0.0, 11.0, 15.0)
+
+
+def test_prompts_from_logits_batches_the_helpers():
+    mask = two_blobs()
+    logits = torch.zeros(2, 2, 12, 14)
+    logits[0, 1] = torch.where(torch.from_numpy(mask), 5.0, -5.0)
+    logits[1, 1] = -5.0  # empty prediction
+    prompts = prompts_from_logits(logits, 56, [np.random.default_rng(1), np.random.default_rng(1)])
+    assert prompts.center_points.shape == (2, 1, 2) and prompts.boxes.shape == (2, 4)
+    cx, cy = mask_point_to_input((8.0, 7.0), (12, 14), 56)
+    assert prompts.center_points[0, 0].tolist() == pytest.approx([cx, cy])
+    assert prompts.center_points[1, 0].tolist() == pytest.approx([27.5, 27.5])  # centre of 56
+    assert prompts.random_points[1, 0].tolist() == pytest.approx([27.5, 27.5])
+    rx, ry = random_point_from_mask(mask, np.random.default_rng(1))
+    assert prompts.random_points[0, 0].tolist() == pytest.approx(list(mask_point_to_input((rx, ry), (12, 14), 56)))
+    assert prompts.boxes[0].tolist() == pytest.approx(list(mask_box_to_input((6.0, 5.0, 13.0, 9.0), (12, 14), 56)))
+
+
+# ---- LoRA surgery ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_net():
+    """An untrained LoRA_Sam (eval) for the tests that do not change it."""
+    return LoRA_Sam(tiny_sam(), r=4).eval()
+
+
+def test_lora_widths_init_and_frozen_parameters(shared_net):
+    blocks = shared_net.sam.image_encoder.trunk.blocks
+    widths = [block.attn.qkv.base.out_features // 3 for block in blocks]
+    assert len(set(widths)) > 1  # stage transitions change the width
+    assert any(block.dim != width for block, width in zip(blocks, widths))
+    for block, width in zip(blocks, widths):
+        qkv = block.attn.qkv
+        assert isinstance(qkv, LoRAQKV)
+        assert qkv.lora_a_q.weight.shape == (4, block.dim) == qkv.lora_a_v.weight.shape
+        assert qkv.lora_b_q.weight.shape == (width, 4) == qkv.lora_b_v.weight.shape
+        assert qkv.lora_a_q.weight.abs().sum() > 0 and qkv.lora_b_q.weight.abs().sum() == 0
+    trainable = {name for name, p in shared_net.named_parameters() if p.requires_grad}
+    allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
+    assert all(".lora_" in name or name.startswith(allowed) for name in trainable)
+    assert sum(".lora_" in name for name in trainable) == 4 * len(blocks)
+    assert any(name.startswith("sam.sam_mask_decoder2.") for name in trainable)
+    assert any(name.startswith("sam.sam_prompt_encoder.") for name in trainable)
+    assert not any(
+        p.requires_grad for n, p in shared_net.named_parameters() if n.startswith("sam.image_encoder") and ".lora_" not in n
+    )
+
+
+def test_lora_layer_choice_and_bad_arguments():
+    sam = tiny_sam()
+    with pytest.raises(ValueError, match="out of range"):
+        LoRA_Sam(sam, r=2, lora_layer=[99])
+    with pytest.raises(ValueError, match="rank"):
+        LoRA_Sam(sam, r=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        LoRA_Sam(sam, r=2, num_classes=5)
+    partial = LoRA_Sam(sam, r=2, lora_layer=[0, 3])  # the failed calls above left sam untouched
+    wrapped = [isinstance(b.attn.qkv, LoRAQKV) for b in partial.sam.image_encoder.trunk.blocks]
+    assert [i for i, w in enumerate(wrapped) if w] == [0, 3]
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        LoRA_Sam(sam, r=2)
+
+
+def test_lora_updates_only_q_and_v():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 3 * 4)
+    lora = LoRAQKV(base, r=2)
+    x = torch.randn(2, 3, 5, 6)
+    assert torch.equal(lora(x), base(x))  # B = 0: exactly the original projection
+    torch.nn.init.normal_(lora.lora_b_q.weight)
+    torch.nn.init.normal_(lora.lora_b_v.weight)
+    q, k, v = lora(x).detach().split(4, dim=-1)
+    q0, k0, v0 = base(x).detach().split(4, dim=-1)
+    a_q, b_q = lora.lora_a_q.weight.detach(), lora.lora_b_q.weight.detach()
+    a_v, b_v = lora.lora_a_v.weight.detach(), lora.lora_b_v.weight.detach()
+    torch.testing.assert_close(q, q0 + x @ a_q.T @ b_q.T)
+    assert torch.equal(k, k0)
+    torch.testing.assert_close(v, v0 + x @ a_v.T @ b_v.T)
+
+
+def test_untrained_lora_encoder_equals_the_original(shared_net):
+    x = images()
+    with torch.no_grad():
+        reference = tiny_sam().eval().encode_image(x)  # same seed: same weights
+        ours = shared_net.encode(x)
+    torch.testing.assert_close(ours["image_embed"], reference["image_embed"], rtol=0, atol=1e-6)
+    for a, b in zip(ours["high_res_feats"], reference["high_res_feats"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ---- outputs --------------------------------------------------------------------------------
+
+
+def test_forward_outputs_shapes_and_class_layout(shared_net):
+    x = images()
+    with torch.no_grad():
+        out = shared_net(x, True, SIZE)
+    assert set(out) == {f"{k}{d}" for k in ("low_res_logits", "iou_predictions", "masks") for d in (1, 2)}
+    assert out["low_res_logits1"].shape == (2, 2, SIZE // 4, SIZE // 4)
+    assert out["iou_predictions1"].shape == (2, 1)
+    assert torch.equal(out["low_res_logits1"][:, 0], torch.zeros(2, SIZE // 4, SIZE // 4))
+    torch.testing.assert_close(out["masks2"], F.interpolate(out["low_res_logits2"], size=(SIZE, SIZE), mode="bilinear"))
+    # both decoders are the same copy at init
+    torch.testing.assert_close(out["low_res_logits1"], out["low_res_logits2"])
+
+    with pytest.raises(ValueError, match="image_size"):
+        shared_net(x, True, 256)
+    with pytest.raises(ValueError, match="prompt_mode"):
+        shared_net(x, True, SIZE, 0, "scribble")
+    with pytest.raises(ValueError, match="decoder_idx"):
+        shared_net.decode({"image_embed": None}, 3)
+    with pytest.raises(ValueError, match="B x 3 x 128 x 128"):
+        shared_net.encode(torch.zeros(1, 3, 64, 64))
+
+
+def test_multi_class_channels_are_mask_tokens():
+    net = LoRA_Sam(tiny_sam(), r=4, num_classes=3).eval()
+    x = images()
+    with torch.no_grad():
+        features = net.encode(x)
+        decoded = net.decode(features, 1)
+        sparse, dense = net.sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+        all_tokens = net.sam.sam_mask_decoder.predict_masks(
+            features["image_embed"], net.sam.sam_prompt_encoder.get_dense_pe(), sparse.expand(2, -1, -1),
+            dense.expand(2, -1, -1, -1), repeat_image=False, high_res_features=features["high_res_feats"])[0]
+    assert decoded["low_res_logits"].shape == (2, 4, SIZE // 4, SIZE // 4)
+    assert decoded["iou_predictions"].shape == (2, 3)
+    assert torch.equal(decoded["low_res_logits"][:, 0], torch.zeros_like(decoded["low_res_logits"][:, 0]))
+    torch.testing.assert_close(decoded["low_res_logits"][:, 1:], all_tokens[:, :3])  # class c = token c-1
+
+
+@pytest.mark.parametrize("prompt_idx, mode", [(0, "point"), (1, "box"), (0, "point-box")])
+def test_prompted_forward_uses_prompts_from_the_other_decoder(shared_net, prompt_idx, mode):
+    net = shared_net
+    x = images()
+    free, prompted = (1, 2) if prompt_idx == 0 else (2, 1)
+    with torch.no_grad():
+        out = net(x, False, SIZE, prompt_idx, mode, generator=np.random.default_rng(5))
+        features = net.encode(x)
+        prompts = prompts_from_logits(out[f"low_res_logits{free}"], SIZE, [np.random.default_rng(5)] * 2)
+        center = net.decode(features, prompted, **prompts.as_decoder_prompts(mode, "center"))
+        rand = net.decode(features, prompted, **prompts.as_decoder_prompts(mode, "random"))
+        unprompted = net.decode(features, prompted)
+    torch.testing.assert_close(out[f"low_res_logits{free}"], net.decode(features, free)["low_res_logits"])
+    torch.testing.assert_close(out[f"low_res_logits{prompted}"], center["low_res_logits"])
+    torch.testing.assert_close(out[f"low_res_logits{prompted}_r"], rand["low_res_logits"])
+    assert not torch.allclose(center["low_res_logits"], unprompted["low_res_logits"])  # the prompt is used
+    assert f"masks{prompted}_r" in out and f"low_res_logits{free}_r" not in out
+
+
+# ---- zero-shot parity with the official SAM2 ----------------------------------------------------
+
+ORACLE_MODEL, ORACLE_SIZE = "sam2.1_hiera_t", 256  # the parity tests' cached case
+
+
+@pytest.fixture(scope="module")
+def oracle(sam2_oracle):
+    outputs = torch.load(sam2_oracle.oracle_outputs(ORACLE_MODEL, ORACLE_SIZE, "full"), weights_only=True)
+    net = LoRA_Sam(build_sam2(ORACLE_MODEL, str(sam2_oracle.weights_file(ORACLE_MODEL)), device="cpu",
+                              image_size=ORACLE_SIZE), r=4).eval()
+    cases = {(c["image"], c["name"]): c for c in outputs["cases"]}
+    names = sorted(outputs["features"])
+    x = torch.cat([outputs["features"][name]["input"] for name in names])
+    return net, cases, names, x
+
+
+def test_zero_shot_equals_official_single_mask_prediction(oracle, report_figure):
+    net, cases, names, x = oracle
+    with torch.no_grad():
+        out = net(x, True, ORACLE_SIZE)
+    expected = torch.stack([torch.sigmoid(cases[(name, "none_mm0")]["low_res_logits"][0]) for name in names])
+    for decoder in (1, 2):
+        ours = torch.softmax(out[f"low_res_logits{decoder}"], dim=1)[:, 1]
+        diff = (ours - expected).abs().max().item()
+        report_figure(f"zero-shot LoRA_Sam vs official SAM2 ({ORACLE_MODEL}, {ORACLE_SIZE} px), decoder {decoder}: "
+                      f"max |softmax fg - sigmoid(official logit)| = {diff:.2e}")
+        assert diff < 1e-4
+    official_iou = torch.stack([cases[(name, "none_mm0")]["iou_predictions"] for name in names])
+    torch.testing.assert_close(out["iou_predictions1"], official_iou, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["point_mm0", "box_mm0", "box_point_mm0"])
+def test_prompted_decode_equals_official_prompts(oracle, case):
+    """Point / box prompts follow the official predictor's conventions (square image: the
+    official pixel coordinates are already input coordinates)."""
+    net, cases, names, x = oracle
+    record = cases[("square", case)]
+    prompts = {}
+    if "point_coords" in record:
+        prompts["points"] = (record["point_coords"][None].float(), record["point_labels"][None])
+    if "box" in record:
+        prompts["boxes"] = record["box"].reshape(1, 4).float()
+    with torch.no_grad():
+        out = net.decode(net.encode(x[names.index("square")][None]), 1, **prompts)
+    ours = torch.softmax(out["low_res_logits"], dim=1)[0, 1]
+    assert (ours - torch.sigmoid(record["low_res_logits"][0])).abs().max().item() < 1e-4
+
+
+# ---- training step -----------------------------------------------------------------------------
+
+
+def test_training_step_changes_only_lora_prompt_encoder_and_decoders():
+    net = LoRA_Sam(tiny_sam(), r=4).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    x = images()
+    target = torch.zeros(2, SIZE // 4, SIZE // 4, dtype=torch.long)
+    target[:, 8:24, 8:24] = 1
+    out = net(x, True, SIZE, 0, "point-box", generator=np.random.default_rng(0))
+    loss = sum(F.cross_entropy(out[k], target) for k in ("low_res_logits1", "low_res_logits2", "low_res_logits2_r"))
+    loss.backward()
+    optimizer.step()
+
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
+    assert all(".lora_" in k or k.startswith(allowed) for k in changed), sorted(changed)[:5]
+    for group in allowed:
+        assert any(k.startswith(group) for k in changed), group
+    assert any(".lora_b_q." in k for k in changed) and any(".lora_b_v." in k for k in changed)
+    frozen = [k for k in before if k.startswith("sam.image_encoder") and ".lora_" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    b = net.sam.image_encoder.trunk.blocks[0].attn.qkv.lora_b_q.weight
+    assert b.abs().sum() > 0
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def perturbed_net(seed):
+    net = LoRA_Sam(tiny_sam(), r=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    return net
+
+
+def test_lora_file_roundtrip(tmp_path):
+    trained = perturbed_net(1)
+    path = tmp_path / "lora.pth"
+    trained.save_lora_parameters(path)
+    saved = torch.load(path, weights_only=True)
+    assert all(".lora_" in k or k.startswith(("sam.sam_prompt_encoder.", "sam.sam_mask_decoder")) for k in saved)
+    assert not any(".attn.qkv.base." in k for k in saved)  # small file: no frozen encoder weights
+    fresh = LoRA_Sam(tiny_sam(), r=4)
+    fresh.load_lora_parameters(path)
+    theirs, ours = trained.state_dict(), fresh.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic write left nothing behind
+
+
+def test_lora_file_errors(tmp_path, shared_net):
+    path = tmp_path / "lora.pth"
+    LoRA_Sam(tiny_sam(), r=2).save_lora_parameters(path)
+    # every failing load below is refused before anything is copied into shared_net
+    with pytest.raises(ValueError, match=r"lora_a_q\.weight.*rank: file 2, model 4"):
+        shared_net.load_lora_parameters(path)
+    full = tmp_path / "full.pth"
+    torch.save(shared_net.state_dict(), full)
+    with pytest.raises(ValueError, match="load_state_dict"):
+        shared_net.load_lora_parameters(full)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        shared_net.load_lora_parameters(tmp_path / "missing.pth")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": object()}, pickled)
+    with pytest.raises(ValueError, match="weights_only"):
+        shared_net.load_lora_parameters(pickled)
+
+
+def test_full_state_dict_roundtrip_readme_snippet(tmp_path):
+    trained = perturbed_net(2).eval()
+    path = tmp_path / "best_model_dice0.8732.pth"
+    torch.save(trained.state_dict(), path)
+    # the README's notebook code path
+    net = LoRA_Sam(tiny_sam(seed=9), r=4)
+    net.load_state_dict(torch.load(path, weights_only=True))
+    net.eval()
+    x = images(batch=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, True, SIZE)["low_res_logits2"], trained(x, True, SIZE)["low_res_logits2"])
