@@ -272,12 +272,17 @@ def decode_mask(path: Path, size: Optional[int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# uint8 value -> normalised float per channel (256 x 3); a table lookup is exact and, unlike a chain of
+# multi-threaded tensor ops, stays fast when the CPU is shared with DataLoader workers or other jobs.
+_NORMALISED_LEVELS = ((np.arange(256)[:, None] / 255.0 - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)).astype(np.float32)
+
+
 def normalize_image(image: np.ndarray) -> torch.Tensor:
     """uint8 S x S x 3 -> float32 3 x S x S, ImageNet mean/std normalised (SAM2's input convention)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    out = np.empty((3,) + image.shape[:2], np.float32)
+    for channel in range(3):
+        np.take(_NORMALISED_LEVELS[:, channel], image[..., channel], out=out[channel])
+    return torch.from_numpy(out)
 
 
 class SkinValGenerator:

@@ -1,0 +1,291 @@
+"""val: metrics agree with the official ISIC scorer and medpy; batched validation; the CLI."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
+from torch.utils.data import DataLoader
+
+from data_fixtures import synthetic_root  # noqa: F401
+
+import datasets_skin as ds
+import val
+
+ISIC_KEYS = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
+
+
+def random_blobs(rng: np.random.Generator, shape, fill: float) -> np.ndarray:
+    """Irregular blobs covering roughly ``fill`` of the image (possibly several components, touching borders)."""
+    noise = gaussian_filter(rng.standard_normal(shape), sigma=rng.uniform(1.5, 6))
+    return noise > np.quantile(noise, 1 - fill)
+
+
+def mask_pairs(seed: int = 0, count: int = 120):
+    """Random and edge-case (pred, gt) pairs of various shapes."""
+    rng = np.random.default_rng(seed)
+    shape = (37, 53)
+    empty, full = np.zeros(shape, bool), np.ones(shape, bool)
+    dot = empty.copy()
+    dot[5, 7] = True
+    other_dot = empty.copy()
+    other_dot[30, 50] = True
+    blob = random_blobs(rng, shape, 0.3)
+    pairs = [
+        (empty, empty), (empty, blob), (blob, empty), (full, full), (full, blob), (blob, full),
+        (blob, blob), (dot, dot), (dot, other_dot), (full, empty), (empty, full), (~blob, blob),
+    ]
+    for i in range(count):
+        shape = tuple(rng.integers(8, 120, 2))
+        gt = random_blobs(rng, shape, rng.uniform(0.01, 0.6))
+        kind = i % 4
+        if kind == 0:
+            pred = random_blobs(rng, shape, rng.uniform(0.01, 0.6))
+        elif kind == 1:
+            pred = binary_dilation(gt, iterations=int(rng.integers(1, 4)))
+        elif kind == 2:
+            pred = binary_erosion(gt, iterations=1) | (rng.random(shape) < 0.02)
+        else:
+            pred = rng.random(shape) < rng.uniform(0.05, 0.9)
+        pairs.append((pred, gt))
+    return pairs
+
+
+def test_metrics_agree_with_isic_challenge_scorer():
+    from isic_challenge_scoring import metrics as isic
+    from isic_challenge_scoring.confusion import create_binary_confusion_matrix
+
+    thresholded_below, thresholded_above = 0, 0
+    for pred, gt in mask_pairs():
+        ours = val.segmentation_metrics(pred, gt)
+        cm = create_binary_confusion_matrix(truth_binary_values=gt, prediction_binary_values=pred)
+        official = dict(
+            accuracy=isic.binary_accuracy(cm), sensitivity=isic.binary_sensitivity(cm),
+            specificity=isic.binary_specificity(cm), jaccard=isic.binary_jaccard(cm),
+            threshold_jaccard=isic.binary_threshold_jaccard(cm, threshold=0.65), dice=isic.binary_dice(cm),
+        )
+        for key in ISIC_KEYS:
+            assert ours[key] == pytest.approx(float(official[key]), abs=1e-12), key
+        thresholded_below += official["threshold_jaccard"] == 0 and official["jaccard"] > 0
+        thresholded_above += official["threshold_jaccard"] > 0
+    assert thresholded_below > 5 and thresholded_above > 5  # both sides of the 0.65 threshold were exercised
+
+
+def test_empty_conventions():
+    empty, blob = np.zeros((30, 40), bool), np.zeros((30, 40), bool)
+    blob[10:20, 5:15] = True
+    both = val.segmentation_metrics(empty, empty)
+    assert both["dice"] == both["jaccard"] == both["threshold_jaccard"] == 1.0 and both["hd95"] == 0.0
+    missed = val.segmentation_metrics(empty, blob)
+    assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["hd95"] == pytest.approx(50.0)
+    spurious = val.segmentation_metrics(blob, empty, spacing=(0.5, 2.0))
+    assert spurious["sensitivity"] == 1.0 and spurious["hd95"] == pytest.approx(np.hypot(15.0, 80.0))
+    with pytest.raises(ValueError, match="differ in size"):
+        val.segmentation_metrics(blob, blob[:, :10])
+    with pytest.raises(ValueError, match="2-D"):
+        val.segmentation_metrics(blob[None], blob[None])
+
+
+@pytest.mark.parametrize("spacing", [None, 0.25, (0.5, 2.0)])
+def test_hd95_agrees_with_medpy_on_full_images(spacing):
+    from medpy.metric.binary import hd95 as medpy_hd95
+
+    checked = 0
+    for pred, gt in mask_pairs(seed=1, count=60):
+        if not pred.any() or not gt.any():
+            continue
+        ours = val.segmentation_metrics(pred, gt, spacing=spacing)["hd95"]
+        assert ours == pytest.approx(medpy_hd95(pred, gt, voxelspacing=spacing), rel=1e-12, abs=1e-12)
+        checked += 1
+    assert checked > 50
+
+
+def test_metrics_accept_tensors_and_any_nonzero():
+    gt = np.zeros((20, 20), np.uint8)
+    gt[5:15, 5:15] = 255
+    pred = torch.zeros(20, 20, dtype=torch.long)
+    pred[5:15, 5:10] = 1
+    m = val.segmentation_metrics(pred, gt)
+    assert m["dice"] == pytest.approx(2 * 50 / (50 + 100)) and m["specificity"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+
+def val_loader(root: Path, batch_size: int, img_size: int = 64) -> DataLoader:
+    dataset = ds.ValSkinDataset(*ds.find_split(root, "Validation"), img_size)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=ds.collate_val)
+
+
+def test_validate_constant_prediction_matches_per_image_metrics(synthetic_root):
+    """Foreground logit +3 everywhere -> every pixel is lesion at the original size."""
+    loader = val_loader(synthetic_root, batch_size=2)
+    result = val.validate(lambda x: torch.stack([torch.zeros(len(x), 8, 8), torch.full((len(x), 8, 8), 3.0)], 1),
+                          loader, 1, "cpu")
+    dataset = loader.dataset
+    assert [r["name"] for r in result["rows"]] == dataset.names
+    for row, i in zip(result["rows"], range(len(dataset))):
+        gt = dataset.original_mask(i)
+        expected = val.segmentation_metrics(np.ones_like(gt), gt)
+        assert row == pytest.approx(dict(name=dataset.names[i], index=i, **expected))
+    for key in val.METRIC_NAMES:
+        assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in result["rows"]]))
+    assert result["per_class"] == [(result["mean"]["dice"], result["mean"]["hd95"])]
+
+
+def test_validate_upsamples_logits_to_each_original_size(synthetic_root):
+    """A left/right logit step at 8 x 8 must become a left/right split at every image's own size."""
+    def predict(images):
+        fg = torch.full((len(images), 8, 8), -2.0)
+        fg[..., :4] = 2.0
+        return torch.stack([torch.zeros_like(fg), fg], 1)
+
+    loader = val_loader(synthetic_root, batch_size=3)
+    dataset = loader.dataset
+    result = val.validate(predict, loader, 1, "cpu")
+    for row in result["rows"]:
+        gt = dataset.original_mask(row["index"])
+        half = np.zeros_like(gt)
+        half[:, : gt.shape[1] // 2] = 1  # widths are even (128 px), so bilinear puts the edge exactly mid-way
+        assert row["dice"] == pytest.approx(val.segmentation_metrics(half, gt)["dice"])
+        assert row["hd95"] == pytest.approx(val.segmentation_metrics(half, gt)["hd95"])
+
+
+def test_validate_batching_does_not_change_results(synthetic_root):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 2, 16, 16, generator=gen) * 3
+
+    def by_name(batch_size):
+        loader = val_loader(synthetic_root, batch_size=batch_size)
+        seen = []
+
+        def predict(images):
+            start = len(seen)
+            seen.extend(range(start, start + len(images)))
+            return logits[start : start + len(images)]
+
+        return val.validate(predict, loader, 1, "cpu")
+
+    one, three = by_name(1), by_name(3)
+    assert one["rows"] == three["rows"]
+    assert len({r["dice"] for r in one["rows"]}) > 1
+
+
+def test_validate_multiclass_and_shape_errors(synthetic_root):
+    loader = val_loader(synthetic_root, batch_size=2)
+
+    def three_channels(images):
+        logits = torch.zeros(len(images), 3, 8, 8)
+        logits[:, 1, :, :4] = 5.0  # class 1 on the left, class 2 on the right
+        logits[:, 2, :, 4:] = 5.0
+        return logits
+
+    result = val.validate(three_channels, loader, 2, "cpu")
+    assert len(result["per_class"]) == 2
+    row = result["rows"][0]
+    gt = loader.dataset.original_mask(0)
+    left = np.zeros_like(gt)
+    left[:, : gt.shape[1] // 2] = 1
+    assert row["dice_c1"] == pytest.approx(val.segmentation_metrics(left, gt)["dice"])
+    # Class 2 is predicted on the right but absent from the (binary) ground truth.
+    assert row["dice_c2"] == 0.0 and row["hd95_c2"] == pytest.approx(np.hypot(*gt.shape))
+    assert row["dice"] == pytest.approx((row["dice_c1"] + row["dice_c2"]) / 2)
+    with pytest.raises(ValueError, match=r"expected 2 x 2 x h x w for num_classes=1"):
+        val.validate(three_channels, loader, 1, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def write_predictions(root: Path, pred_dir: Path) -> None:
+    """Perturbed ground truth (dilated / eroded / shifted / empty / exact) as 0-255 PNG predictions."""
+    pred_dir.mkdir()
+    image_dir, mask_dir = ds.find_split(root, "Validation")
+    for i, mask_path in enumerate(sorted(mask_dir.iterdir())):
+        gt = np.asarray(Image.open(mask_path)) > 127
+        pred = [binary_dilation(gt, iterations=4), binary_erosion(gt, iterations=3), np.roll(gt, 9, axis=1),
+                np.zeros_like(gt), gt][i % 5]
+        name = mask_path.name if i % 2 else mask_path.name.replace("_segmentation", "")  # both naming styles
+        Image.fromarray(pred.astype(np.uint8) * 255).save(pred_dir / name)
+
+
+def read_csv(path: Path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_pred_dir_matches_official_scorer(synthetic_root, tmp_path, capsys):
+    from isic_challenge_scoring.segmentation import SegmentationScore
+
+    pred_dir = tmp_path / "preds"
+    write_predictions(synthetic_root, pred_dir)
+    out_csv = tmp_path / "out" / "metrics.csv"
+    rc = val.main(["--data_root", str(synthetic_root), "--split", "Validation", "--pred_dir", str(pred_dir),
+                   "--output_csv", str(out_csv)])
+    assert rc == 0
+    rows = read_csv(out_csv)
+    assert [r["name"] for r in rows] == [f"ISIC_{10 + i:07d}" for i in range(5)]
+    assert list(rows[0]) == ["name", "index", *val.METRIC_NAMES]
+    official = SegmentationScore.from_dir(ds.find_split(synthetic_root, "Validation")[1], pred_dir).macro_average
+    for key in ISIC_KEYS:
+        assert np.mean([float(r[key]) for r in rows]) == pytest.approx(official[key], abs=1e-12), key
+    printed = capsys.readouterr().out
+    hd = np.array([float(r["hd95"]) for r in rows])
+    assert f"hd95: {hd.mean():.4f} ± {hd.std(ddof=1):.4f}" in printed
+    assert "5 images" in printed and str(out_csv) in printed
+
+
+def test_cli_reports_missing_and_mis_sized_predictions(synthetic_root, tmp_path, capsys):
+    pred_dir = tmp_path / "preds"
+    write_predictions(synthetic_root, pred_dir)
+    victim = sorted(pred_dir.iterdir())[1]
+    Image.new("L", (10, 10)).save(victim)
+    args = ["--data_root", str(synthetic_root), "--pred_dir", str(pred_dir), "--output_csv", str(tmp_path / "m.csv")]
+    assert val.main(args) == 2
+    assert f"Prediction '{victim}' is 10x10" in capsys.readouterr().err
+    victim.unlink()
+    assert val.main(args) == 2
+    assert "1 of 5 images have no prediction" in capsys.readouterr().err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_cli_input_errors(synthetic_root, tmp_path, capsys):
+    assert val.main(["--data_root", str(tmp_path), "--pred_dir", str(tmp_path)]) == 2
+    assert "No Validation split" in capsys.readouterr().err
+    assert val.main(["--data_root", str(synthetic_root), "--checkpoint", str(tmp_path / "best.pth"), "--gpu", "cpu"]) == 2
+    assert f"--checkpoint '{tmp_path / 'best.pth'}' does not exist" in capsys.readouterr().err
+    assert val.main(["--data_root", str(synthetic_root), "--pred_dir", str(tmp_path), "--img_size", "0"]) == 2
+    assert "--img_size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        val.main(["--data_root", str(synthetic_root)])  # neither --checkpoint nor --pred_dir
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_round_trip(synthetic_root, tmp_path):
+    """A saved LoRA_Sam state dict (tiny model, 64 px) is restored exactly by load_model_for_eval and scored."""
+    trainer = pytest.importorskip("trainer", reason="model code (trainer.py) not present")
+    trained = trainer.build_model("sam2.1_hiera_t", None, 64, rank=4, num_classes=1, device="cpu", seed=1)
+    with torch.no_grad():
+        for p in trained.parameters():  # move every weight off its initial value so a missed load would show
+            p.add_(0.01 * torch.randn_like(p))
+    trained.eval()
+    checkpoint = tmp_path / "best_model_dice0.5000.pth"
+    torch.save(trained.state_dict(), checkpoint)
+    images = torch.stack([ds.ValSkinDataset(*ds.find_split(synthetic_root, "Validation"), 64)[i]["image"]
+                          for i in range(2)])
+    predict = val.load_model_for_eval(checkpoint, "sam2.1_hiera_t", None, 64, 1, 4, torch.device("cpu"))
+    with torch.no_grad():
+        expected = trained.decode(trained.encode(images), 1)["low_res_logits"]
+        got = predict(images)
+    assert got.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(got, expected)  # fails if the weights were not all restored (perturbed above)
+    out_csv = tmp_path / "metrics.csv"
+    assert val.main(["--data_root", str(synthetic_root), "--checkpoint", str(checkpoint), "--model_cfg",
+                     "sam2.1_hiera_t", "--img_size", "64", "--gpu", "cpu", "--batch_size", "3"]) == 0
+    rows = read_csv(tmp_path / "metrics_Validation.csv")  # default: beside the checkpoint
+    assert len(rows) == 5 and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
