@@ -28,8 +28,6 @@ share the cached arrays copy-on-write. With everything cached, ``__getitem__`` o
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +39,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
-
-logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -123,24 +119,20 @@ def _is_image_file(path: Path) -> bool:
     )
 
 
-def _check_not_truncated(path: Path) -> None:
+def _check_not_truncated(path: Path, fmt: str) -> None:
     """Cheap truncation check: JPEG and PNG files end with a known marker (reads the last bytes only)."""
-    suffix = path.suffix.lower()
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        length = f.tell()
-        f.seek(max(0, length - 64))
+        f.seek(max(0, f.tell() - 64))
         tail = f.read()
-    if suffix in (".jpg", ".jpeg"):
-        ok = b"\xff\xd9" in tail
-    else:
-        ok = b"IEND" in tail[-12:]
+    ok = b"\xff\xd9" in tail if fmt == "JPEG" else b"IEND" in tail[-12:]
     if not ok:
         raise DatasetError(f"{str(path)!r} looks truncated (no end-of-file marker); re-download or replace it.")
 
 
-def read_image_size(path: Path) -> Tuple[int, int]:
-    """(H, W) from the file header, after checking the file is a readable, complete JPEG/PNG."""
+def read_image_size(path: Path, check_end: bool = True) -> Tuple[int, int]:
+    """(H, W) from the file header, after checking the file is a readable (and, with ``check_end``, complete)
+    JPEG/PNG."""
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -151,7 +143,8 @@ def read_image_size(path: Path) -> Tuple[int, int]:
         raise DatasetError(f"{str(path)!r} is a {fmt} file despite its extension; convert it to JPEG or PNG.")
     if width == 0 or height == 0:
         raise DatasetError(f"{str(path)!r} has an empty size {width}x{height}.")
-    _check_not_truncated(path)
+    if check_end:
+        _check_not_truncated(path, fmt)
     return height, width
 
 
@@ -160,6 +153,7 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
 
     Images without a mask are left out with one warning that lists them all. With ``check_files`` every image
     and mask header is read: unreadable/truncated files and image/mask size mismatches raise ``DatasetError``.
+    Without it only the image headers are read (for the original sizes).
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
@@ -189,8 +183,8 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
                     f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image {image_path.name} is "
                     f"{size[1]}x{size[0]} (W x H); masks must match their image's size."
                 )
-        else:
-            size = (0, 0)
+        else:  # sizes are still needed (original-size metrics); one header read, errors name the file
+            size = read_image_size(image_path, check_end=False)
         samples.append(SampleFiles(name, image_path, mask_path, size))
     if missing:
         warnings.warn(
@@ -417,20 +411,12 @@ class SkinLesionDataset(Dataset):
 class SemiSupervisedSkinDataset(SkinLesionDataset):
     """Training split with a labeled subset; an unlabeled sample never opens its mask (label is all zeros).
 
-    ``mark_labeled(indices)`` simulates the expert annotating those images.
+    ``mark_labeled(indices)`` simulates the expert annotating those images. Arguments as ``SkinLesionDataset``;
+    nothing is labeled at first (cold start).
     """
 
-    def __init__(
-        self,
-        image_dir: PathLike,
-        mask_dir: PathLike,
-        img_size: int,
-        augment: bool = False,
-        cache: bool = True,
-        check_files: bool = True,
-        use_draft: bool = True,
-    ) -> None:
-        super().__init__(image_dir, mask_dir, img_size, augment, cache, check_files, use_draft)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._labeled: set = set()
 
     def mark_labeled(self, indices: Iterable[int]) -> None:

@@ -233,8 +233,6 @@ def score_prediction_dir(
     pred_dir: Union[str, os.PathLike], image_dir: Path, mask_dir: Path, spacing: Spacing = None
 ) -> dict:
     """Score PNG predictions (``<name>_segmentation.png`` or ``<name>.png``, > 127 = lesion) against a split."""
-    from PIL import Image
-
     from datasets_skin import decode_mask, discover_samples
 
     pred_dir = Path(pred_dir)

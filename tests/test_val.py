@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 from torch.utils.data import DataLoader
