@@ -102,7 +102,8 @@ class SAM2ImagePredictor:
           multimask_output: three masks (ambiguous prompts) instead of one.
           return_logits: return mask logits instead of booleans.
         Returns:
-          masks C x H x W (bool, or float32 logits), iou_predictions C (float32), low-res
+          masks C x H x W (float32: 0/1, or logits with ``return_logits``), iou_predictions C
+          (float32), low-res
           logits C x S/4 x S/4 (float32); with batched prompts each gains a leading B axis.
         """
         self._require_image()
@@ -125,8 +126,9 @@ class SAM2ImagePredictor:
                 masks_in = masks_in[None]
 
         masks, iou, low_res = self._predict(coords, labels, boxes, masks_in, multimask_output, return_logits)
+        # as upstream, binary masks come back as float32 0/1 arrays
         return (
-            masks.squeeze(0).float().cpu().numpy() if return_logits else masks.squeeze(0).cpu().numpy(),
+            masks.squeeze(0).float().cpu().numpy(),
             iou.squeeze(0).float().cpu().numpy(),
             low_res.squeeze(0).float().cpu().numpy(),
         )

@@ -224,7 +224,8 @@ def test_predictor_shapes_follow_image_size(tiny):
     image = (np.random.default_rng(0).random((90, 140, 3)) * 255).astype(np.uint8)
     predictor.set_image(image)
     masks, ious, low_res = predictor.predict(point_coords=np.array([[70.0, 45.0]]), point_labels=np.array([1]))
-    assert masks.shape == (3, 90, 140) and masks.dtype == np.bool_
+    assert masks.shape == (3, 90, 140) and masks.dtype == np.float32  # 0/1, as upstream
+    assert set(np.unique(masks)) <= {0.0, 1.0}
     assert ious.shape == (3,) and ious.dtype == np.float32
     assert low_res.shape == (3, 32, 32) and low_res.dtype == np.float32
     logits, _, _ = predictor.predict(box=np.array([10, 10, 100, 80]), mask_input=low_res[:1],

@@ -104,12 +104,13 @@ def _compare_case(record: dict, ours, unpack_bits) -> tuple[dict, list[str]]:
             problems.append(f"{name}: rel diff {figures[name]:.3g}")
     if isinstance(ref_masks, dict):  # boolean masks, bit-packed, with the tied pixels
         ref_bool, ties = unpack_bits(ref_masks), unpack_bits(record["mask_ties"])
-        got = np.asarray(masks)
-        if got.shape != ref_bool.shape or got.dtype != np.bool_:
+        got = np.asarray(masks)  # official: float32 0/1 (masks.float() in its predict)
+        if (got.shape != ref_bool.shape or got.dtype != np.float32
+                or not np.isin(got, (0.0, 1.0)).all()):
             problems.append(f"masks: shape/dtype {got.shape}/{got.dtype}, official "
-                            f"{ref_bool.shape}/bool")
+                            f"{ref_bool.shape}/float32 of 0/1")
         else:
-            flipped = got != ref_bool
+            flipped = (got == 1.0) != ref_bool
             figures["mask_px_flipped"] = int(flipped.sum())
             wrong = int((flipped & ~ties).sum())
             if wrong:
