@@ -249,7 +249,7 @@ CSV_HEADER = ["epoch", "image", "score", "rank_in_pool"]
 def append_selection_rows(path: Path, rows: List[list]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         if new:
             writer.writerow(CSV_HEADER)
         writer.writerows(rows)
@@ -262,9 +262,11 @@ def truncate_selection_csv(path: Path, last_epoch: int) -> None:
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    lines = [",".join(CSV_HEADER)] + [",".join(r[k] for k in CSV_HEADER) for r in rows]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+        header, *rows = list(csv.reader(f))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([header] + [r for r in rows if int(r[0]) <= last_epoch])
+    os.replace(tmp, path)
 
 
 def run_folder_in_use(run_dir: Path) -> Optional[str]:

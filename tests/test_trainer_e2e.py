@@ -14,7 +14,7 @@ import torch
 import trainer
 
 EPOCHS, BATCH, POOL, SIZE = 2, 2, 4, 64
-TINY = ["--demo", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
+TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
         "--save_from_epoch", "1", "--val_limit", "4"]
 
 
@@ -153,14 +153,40 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path):
     out, full = demo_run
     data = ["--data_root", str(out / "demo_data")]
     first = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", "1"])
-    assert len(read_selection(first["run_dir"])) == BATCH
+    run_dir = first["run_dir"]
+    assert len(read_selection(run_dir)) == BATCH
+    # What a kill during epoch 2 leaves behind: its selection rows and a best checkpoint, but no new state.
+    with open(run_dir / "al_selection.csv", "a") as f:
+        f.write("2,ISIC_9999999,0.5,1\n")
+    (run_dir / "best_model_dice0.9999.pth").write_bytes(b"unfinished epoch")
     resumed = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", str(EPOCHS), "--resume"])
     assert resumed["epochs"] == EPOCHS
-    want, got = read_selection(full["run_dir"]), read_selection(resumed["run_dir"])
+    want, got = read_selection(full["run_dir"]), read_selection(run_dir)
     assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in got] == \
            [(r["epoch"], r["image"], r["rank_in_pool"]) for r in want]
     for a, b in zip(got, want):
         assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-5)
     assert resumed["best_dice"] == pytest.approx(full["best_dice"], abs=1e-5)
-    assert len(list(resumed["run_dir"].glob("best_model_dice*.pth"))) == 1
+    assert [p.name for p in run_dir.glob("best_model_dice*.pth")] == [full["best_path"].name]
+    assert resumed["labeled"] == full["labeled"]
     assert "resumed at epoch 2" in (resumed["run_dir"] / "config.txt").read_text()
+
+
+def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path):
+    """--promptmode point-box trains decoder 2 on prompts from decoder 1; 5 images run out in epoch 3."""
+    import datasets_skin
+
+    data = datasets_skin.make_synthetic_isic(tmp_path / "data", n_train=5, n_val=2, size=96, seed=3)
+    result = trainer.main(["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", "2",
+                           "--pool_size", "2", "--max_epochs", "6", "--promptmode", "point-box",
+                           "--save_from_epoch", "1", "--data_root", str(data), "--output", str(tmp_path / "out")])
+    assert result["epochs"] == 3
+    rows = read_selection(result["run_dir"])
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2, 3]
+    assert len({r["image"] for r in rows}) == 5
+    assert "all 5 training images are labeled" in (result["run_dir"] / "log.txt").read_text()
+    events = read_events(result["run_dir"] / "log")
+    dec1 = dict((step, v) for step, _, v in events["train/loss_dec1"])
+    dec2 = dict((step, v) for step, _, v in events["train/loss_dec2"])
+    assert sorted(dec1) == [1, 2, 3]
+    assert any(abs(dec1[e] - dec2[e]) > 1e-4 for e in dec1), "decoder 2 saw no prompts"
