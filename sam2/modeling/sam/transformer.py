@@ -1,6 +1,6 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other."""
 
-from typing import Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ class Attention(nn.Module):
         num_heads: int,
         downsample_rate: int = 1,
         dropout: float = 0.0,
-        kv_in_dim: int = None,
+        kv_in_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
