@@ -176,6 +176,11 @@ def test_lora_updates_only_q_and_v():
     torch.testing.assert_close(q, q0 + x @ a_q.T @ b_q.T)
     assert torch.equal(k, k0)
     torch.testing.assert_close(v, v0 + x @ a_v.T @ b_v.T)
+    # inference folds the updates into the weight: same numbers as the low-rank training path
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), torch.cat([q, k, v], dim=-1))
+    lora.requires_grad_(False)  # frozen LoRA (e.g. scoring) also takes the folded path
+    torch.testing.assert_close(lora(x), torch.cat([q, k, v], dim=-1))
 
 
 def test_untrained_lora_encoder_equals_the_original(shared_net):
