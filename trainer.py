@@ -230,13 +230,6 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 # ----------------------------------------------------------------------------- files
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -348,6 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     import utils
     import val
     from active_learning_strategies import ActiveLearningStrategyFactory
+    from sam_lora_image_encoder_prompt import atomic_torch_save  # tmp file + rename: a kill leaves no half file
     from tensorboardX import SummaryWriter
     from torchvision.utils import make_grid
     from tqdm import tqdm
@@ -358,9 +352,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(f"--output {args.output}: {run_dir} already holds a run ({run_dir / in_use}); "
                      "pass --resume to continue it, or choose another --output (nothing was overwritten)")
     state_path = run_dir / "last_state.pth"
-    if args.resume and not state_path.is_file():
-        parser.error(f"--resume: {state_path} does not exist, so there is no run to continue "
-                     "(it is written at the end of every epoch)")
+    state = None
+    if args.resume:
+        if not state_path.is_file():
+            parser.error(f"--resume: {state_path} does not exist, so there is no run to continue "
+                         "(it is written at the end of every epoch)")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in several types
+            parser.error(f"--resume: cannot read {state_path} ({type(err).__name__}: {err})")
+        changed = [f"--{k} was {state['args'].get(k)!r}, now {getattr(args, k)!r}"
+                   for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            parser.error("--resume: the run to continue used other settings (its selections would not "
+                         "repeat); " + "; ".join(changed))
     try:
         strategy = ActiveLearningStrategyFactory.create_strategy(args.strategy)
     except (KeyError, ValueError) as err:
@@ -413,15 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         handlers = setup_logging(run_dir / "log.txt")
         csv_path = run_dir / "al_selection.csv"
         start_epoch, best_dice, best_path = 1, -1.0, None
-        if args.resume:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            changed = [f"--{k} was {state['args'][k]!r}, now {getattr(args, k)!r}"
-                       for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
-            if changed:
-                parser.error("--resume: the run used other settings; " + "; ".join(changed))
-            missing, unexpected = model.load_state_dict(state["trainable"], strict=False)
+        if state is not None:
+            # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
+            _, unexpected = model.load_state_dict(state["trainable"], strict=False)
             if unexpected:
-                raise RuntimeError(f"{state_path}: unexpected keys {unexpected[:5]}")
+                parser.error(f"--resume: {state_path} does not fit this model (unexpected keys {unexpected[:3]})")
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             lost = sorted(set(state["labeled_names"]) - set(train_set.names))
@@ -444,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                               "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
         writer = SummaryWriter(str(run_dir / "log"), purge_step=start_epoch if args.resume else None)
 
-        log.info("command: %s", " ".join([sys.argv[0]] + argv))
+        log.info("command: trainer.py %s", " ".join(argv))
         log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
                  device, args.model_cfg, checkpoint or "none (random weights)", args.img_size, len(train_set),
                  len(val_set))
@@ -564,9 +565,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if metrics and epoch >= args.save_from_epoch and dice > best_dice:
                 old_best, best_dice = best_path, dice
                 best_path = run_dir / f"best_model_dice{dice:.4f}.pth"
-                save_atomic(cpu_state_dict(model), best_path)
+                atomic_torch_save(cpu_state_dict(model), best_path)
                 log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, best_path)
-            save_atomic(dict(
+            atomic_torch_save(dict(
                 epoch=epoch, args={k: getattr(args, k) for k in RESUME_KEYS},
                 trainable=trainable_state(model), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), labeled_names=[train_set.names[i] for i in train_set.labeled_indices],

@@ -84,7 +84,7 @@ def test_every_artefact_is_written(demo_run):
     assert len(best) == 1, "exactly one best checkpoint (older ones are removed)"
     assert best[0] == result["best_path"]
     assert (run_dir / "last_state.pth").is_file()
-    assert not list(run_dir.glob("*.tmp"))
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name], "a temporary file was left behind"
 
 
 def test_best_checkpoint_reloads_as_in_the_readme_and_reproduces_its_dice(demo_run):
@@ -190,3 +190,11 @@ def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path
     dec2 = dict((step, v) for step, _, v in events["train/loss_dec2"])
     assert sorted(dec1) == [1, 2, 3]
     assert any(abs(dec1[e] - dec2[e]) > 1e-4 for e in dec1), "decoder 2 saw no prompts"
+
+
+def test_resume_with_other_settings_is_refused(demo_run, capsys):
+    out, result = demo_run
+    with pytest.raises(SystemExit):
+        trainer.main(TINY + ["--pool_size", "6", "--output", str(out), "--max_epochs", "3", "--resume"])
+    err = capsys.readouterr().err
+    assert f"--pool_size was {POOL}, now 6" in err

@@ -130,3 +130,11 @@ def test_cli_prints_help_and_flag_errors():
     assert failed.returncode == 2
     assert "trainer.py: error: --img_size must be a positive multiple of 32 (got 100)" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_resume_from_an_unreadable_state_is_explained(capsys, tmp_path):
+    run_dir = tmp_path / "Skin_128"
+    run_dir.mkdir()
+    (run_dir / "last_state.pth").write_bytes(b"not a torch file")
+    err = run_main_expecting_error(["--demo", "--img_size", "128", "--resume", "--output", str(tmp_path)], capsys)
+    assert "--resume: cannot read" in err and "last_state.pth" in err
