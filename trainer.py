@@ -228,6 +228,27 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def autocast(device: torch.device):
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
+                      dice_weight: float) -> Dict[str, torch.Tensor]:
+    """Mean of both decoders' (1-w)*CE + w*Dice (logits B x (C+1) x S/4 x S/4 upsampled to the
+    B x S x S labels), under "loss", plus every part for logging."""
+    import utils
+
+    parts: Dict[str, torch.Tensor] = {}
+    for d in (1, 2):
+        logits = F.interpolate(outputs[f"low_res_logits{d}"].float(), size=labels.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        parts[f"loss_dec{d}"], parts[f"ce_dec{d}"], parts[f"dice_dec{d}"] = utils.segmentation_loss(
+            logits, labels, dice_weight=dice_weight)
+    parts["loss"] = 0.5 * (parts["loss_dec1"] + parts["loss_dec2"])
+    return parts
+
+
 # ----------------------------------------------------------------------------- files
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -406,8 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             args.module, device, args.lora_ckpt, args.seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
-        dtype = amp_dtype(device)
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
         multimask = args.num_classes > 1
         prompt_idx = -1 if args.promptmode == "none" else 0
 
@@ -503,32 +523,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             train_loader = DataLoader(Subset(train_set, train_idx), batch_size=args.batch_size, shuffle=True,
                                       generator=order, num_workers=args.num_workers)
             model.train()
-            sums = {k: 0.0 for k in ("loss", "loss_dec1", "loss_dec2", "ce_dec1", "dice_dec1",
-                                     "ce_dec2", "dice_dec2")}
-            n_seen = 0
+            sums: Dict[str, float] = {}
             for batch in tqdm(train_loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out = model(images, multimask, args.img_size, prompt_idx, args.promptmode)
-                parts = []
-                for key in ("low_res_logits1", "low_res_logits2"):
-                    logits = F.interpolate(out[key].float(), size=labels.shape[-2:], mode="bilinear",
-                                           align_corners=False)
-                    parts.append(utils.segmentation_loss(logits, labels, dice_weight=args.dice_weight))
-                loss = 0.5 * (parts[0][0] + parts[1][0])
+                with autocast(device):
+                    outputs = model(images, multimask, args.img_size, prompt_idx, args.promptmode)
+                parts = dual_decoder_loss(outputs, labels, args.dice_weight)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(parts["loss"]).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
                 scaler.step(optimizer)
                 scaler.update()
-                b = images.shape[0]
-                n_seen += b
-                for name, value in zip(sums, (loss, parts[0][0], parts[1][0], parts[0][1], parts[0][2],
-                                               parts[1][1], parts[1][2])):
-                    sums[name] += float(value.detach()) * b
-            means = {k: v / max(n_seen, 1) for k, v in sums.items()}
+                for name, value in parts.items():  # image-weighted epoch means
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * images.shape[0]
+            means = {k: v / len(train_idx) for k, v in sums.items()}
             for name, value in means.items():
                 writer.add_scalar(f"train/{name}", value, epoch)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
@@ -542,7 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
                 @torch.no_grad()
                 def predict(images: torch.Tensor) -> torch.Tensor:
-                    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    with autocast(device):
                         feats = model.encode(images.to(device))
                         return model.decode(feats, 1, multimask_output=multimask)["low_res_logits"].float()
 
@@ -579,11 +589,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for name, value in (("scoring_s", t_score), ("train_s", t_train), ("val_s", t_val)):
                 writer.add_scalar(f"time/{name}", value, epoch)
             writer.flush()
-            hd95 = metrics.get("hd95", float("nan"))
-            log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | val dice %.4f hd95 %.2f"
+            val_text = f"val dice {dice:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
+            log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s"
                      " | time scoring %.1fs train %.1fs val %.1fs",
                      epoch, args.max_epochs, len(train_set.labeled_indices), means["loss"],
-                     means["loss_dec1"], means["loss_dec2"], dice, hd95, t_score, t_train, t_val)
+                     means["loss_dec1"], means["loss_dec2"], val_text, t_score, t_train, t_val)
 
         log.info("done: %d epochs, %d labeled images; best Dice %s", epoch, len(train_set.labeled_indices),
                  f"{best_dice:.4f}" if best_path else "n/a (no checkpoint: none saved before --save_from_epoch)")
