@@ -160,6 +160,8 @@ class MaskPrompts:
         which = "center" or "random" picks the point; "box" uses the box alone and
         "point-box" the box plus that point.
         """
+        if which not in ("center", "random"):
+            raise ValueError(f"which must be 'center' or 'random', got {which!r}")
         points = self.center_points if which == "center" else self.random_points
         if mode == "point":
             return {"points": points}
