@@ -5,7 +5,6 @@ Parity with the official SAM2 is tested in test_sam2_parity.py; here only our ow
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
