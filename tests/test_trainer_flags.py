@@ -138,3 +138,20 @@ def test_resume_from_an_unreadable_state_is_explained(capsys, tmp_path):
     (run_dir / "last_state.pth").write_bytes(b"not a torch file")
     err = run_main_expecting_error(["--demo", "--img_size", "128", "--resume", "--output", str(tmp_path)], capsys)
     assert "--resume: cannot read" in err and "last_state.pth" in err
+
+
+def test_build_model_starts_from_a_lora_ckpt(tmp_path):
+    """--lora_ckpt: LoRA, prompt encoder and decoders come from the file; the rest from --checkpoint."""
+    trained = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=1)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)  # stand-in for training
+    trained.save_lora_parameters(tmp_path / "lora.pth")
+    fresh = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=2)
+    loaded = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=2, lora_ckpt=str(tmp_path / "lora.pth"))
+    want, got, before = trained.state_dict(), loaded.state_dict(), fresh.state_dict()
+    changed = [k for k in want if not torch.equal(want[k], before[k])]
+    assert changed, "the stand-in training changed nothing"
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
