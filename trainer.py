@@ -371,8 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run_dir = Path(args.output) / f"Skin_{args.img_size}"
     in_use = run_folder_in_use(run_dir)
     if in_use and not args.resume:
+        again = f" (to run the demo afresh: rm -r {args.output})" if args.demo else ""
         parser.error(f"--output {args.output}: {run_dir} already holds a run ({run_dir / in_use}); "
-                     "pass --resume to continue it, or choose another --output (nothing was overwritten)")
+                     f"pass --resume to continue it, or choose another --output{again}; nothing was overwritten")
     state_path = run_dir / "last_state.pth"
     state = None
     if args.resume:
@@ -424,8 +425,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         # ---- model
         checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-        model = build_model(args.model_cfg, checkpoint, args.img_size, args.rank, args.num_classes,
-                            args.module, device, args.lora_ckpt, args.seed)
+        from sam2.build_sam import CheckpointError, ConfigNotFoundError
+
+        try:
+            model = build_model(args.model_cfg, checkpoint, args.img_size, args.rank, args.num_classes,
+                                args.module, device, args.lora_ckpt, args.seed)
+        except ConfigNotFoundError as err:
+            parser.error(f"--model_cfg {args.model_cfg}: {err}")
+        except CheckpointError as err:
+            parser.error(f"--checkpoint {checkpoint} does not fit --model_cfg {args.model_cfg}: {err}")
+        except ValueError as err:
+            if not args.lora_ckpt:
+                raise
+            parser.error(f"--lora_ckpt {args.lora_ckpt}: {err}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)

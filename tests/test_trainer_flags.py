@@ -155,3 +155,19 @@ def test_build_model_starts_from_a_lora_ckpt(tmp_path):
     assert changed, "the stand-in training changed nothing"
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_unknown_model_cfg_and_mismatched_checkpoint_name_the_flags(capsys, tmp_path):
+    import datasets_skin
+
+    data = datasets_skin.make_synthetic_isic(tmp_path / "data", n_train=2, n_val=1, size=64, seed=0)
+    common = ["--data_root", str(data), "--gpu", "cpu", "--img_size", "64", "--batch_size", "1", "--pool_size", "1"]
+    err = run_main_expecting_error(common + ["--model_cfg", "sam2.1_hiera_zz", "--checkpoint", "none",
+                                             "--output", str(tmp_path / "a")], capsys)
+    assert "--model_cfg sam2.1_hiera_zz" in err
+    bad = tmp_path / "sam2.1_hiera_small.pt"
+    torch.save({"model": {"image_encoder.bogus": torch.zeros(1)}}, bad)
+    err = run_main_expecting_error(common + ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", str(bad),
+                                             "--output", str(tmp_path / "b")], capsys)
+    assert f"--checkpoint {bad} does not fit --model_cfg sam2.1_hiera_t" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
