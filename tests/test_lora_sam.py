@@ -264,7 +264,9 @@ def oracle(sam2_oracle):
     net = LoRA_Sam(build_sam2(ORACLE_MODEL, str(sam2_oracle.weights_file(ORACLE_MODEL)), device="cpu",
                               image_size=ORACLE_SIZE), r=4).eval()
     cases = {(c["image"], c["name"]): c for c in outputs["cases"]}
-    names = sorted(outputs["features"])
+    # the images whose model input the oracle stored (the official predictor's own transform)
+    names = sorted(name for name, features in outputs["features"].items() if "input" in features)
+    assert names, "the oracle stored no model input"
     x = torch.cat([outputs["features"][name]["input"] for name in names])
     return net, cases, names, x
 
