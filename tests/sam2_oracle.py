@@ -145,6 +145,14 @@ def outputs_file(model: str, size: int, cases: str) -> Path:
     return cache_dir() / f"outputs_{model}_{size}_{cases}_{oracle_version()}.pt"
 
 
+def _remove_stale() -> None:
+    """Delete weights/outputs made by another version of this file."""
+    for path in cache_dir().glob("*.pt"):
+        if path.name.startswith(("weights_", "outputs_")) and \
+                not path.stem.endswith("_" + oracle_version()):
+            path.unlink(missing_ok=True)
+
+
 def oracle_outputs(model: str, size: int, cases: str = "full", timeout: float = 1200) -> Path:
     """Path of the cached official outputs for (model, size, cases), producing them if needed.
 
@@ -157,6 +165,7 @@ def oracle_outputs(model: str, size: int, cases: str = "full", timeout: float = 
     if out.is_file():
         return out
     sdist = fetch_sdist()
+    _remove_stale()
     cmd = [sys.executable, "-I", str(ORACLE_FILE), "outputs", "--sdist", str(sdist),
            "--model", model, "--size", str(size), "--cases", cases,
            "--weights", str(weights_file(model)), "--out", str(out)]
@@ -346,37 +355,36 @@ def _run_official(args) -> None:
                            sam2_version=SAM2_VERSION, oracle_version=oracle_version(),
                            torch=str(torch.__version__)),
               "images": {}, "features": {}, "cases": []}
-    for image_name, height, width, seed in image_specs(size, args.cases):
+    for index, (image_name, height, width, seed) in enumerate(image_specs(size, args.cases)):
         image = make_image(height, width, seed)
         result["images"][image_name] = torch.from_numpy(image)
         predictor.set_image(image)
-        features = predictor._features
-        result["features"][image_name] = dict(
-            input=predictor._transforms(image)[None],
-            image_embed=features["image_embed"].clone(),
-            high_res_feats=[f.clone() for f in features["high_res_feats"]])
+        features = {"image_embed": predictor.get_image_embedding().clone()}
+        if index == 0:  # the model input and all features, for an encoder-only comparison
+            features.update(input=predictor._transforms(image)[None], high_res_feats=[
+                f.clone() for f in predictor._features["high_res_feats"]])
+        result["features"][image_name] = features
         low_res_by_case = {}
         for case in prompt_cases(height, width, args.cases):
             kwargs = {k: v for k, v in case.items() if k not in ("name", "mask_from")}
             if "mask_from" in case:
                 logits, ious = low_res_by_case[case["mask_from"]]
                 kwargs["mask_input"] = logits[int(np.argmax(ious))][None]
-            stability.clear()
-            masks, ious, low_res = predictor.predict(**kwargs)
             record = {"image": image_name, "name": case["name"]}
             record.update({k: _to_tensor(v) for k, v in kwargs.items()})
+            stability.clear()
+            # One call with logits; the boolean masks are derived below exactly as the official
+            # predict does for return_logits=False (``masks > mask_threshold``).
+            masks, ious, low_res = predictor.predict(**dict(kwargs, return_logits=True))
             if stability:  # token 0's stability score per prompt (single-mask cases only)
                 record["stability"] = stability[0].flatten().clone()
             record.update(iou_predictions=_to_tensor(ious), low_res_logits=_to_tensor(low_res))
             if case.get("return_logits", False):
                 record["masks"] = _to_tensor(masks)
-            else:
-                # Boolean masks, bit-packed; plus the pixels that are ties at the threshold.
-                kwargs["return_logits"] = True
-                full_logits, _, _ = predictor.predict(**kwargs)
-                band = TIE_BAND * float(np.abs(full_logits).max())
-                record.update(masks=pack_bits(masks), mask_ties=pack_bits(
-                    np.abs(full_logits - predictor.mask_threshold) <= band))
+            else:  # boolean masks, bit-packed, and the pixels that are ties at the threshold
+                band = TIE_BAND * float(np.abs(masks).max())
+                record.update(masks=pack_bits(masks > predictor.mask_threshold), mask_ties=pack_bits(
+                    np.abs(masks - predictor.mask_threshold) <= band))
             low_res_by_case[case["name"]] = (low_res, ious)
             result["cases"].append(record)
     _atomic_save(result, Path(args.out))

@@ -50,28 +50,49 @@ def _predict_kwargs(record: dict) -> dict:
 
 
 class ParityRun:
-    """Our model on one oracle output file: predictions for every recorded case, and
-    ``encode_image`` on the official input tensor of the first image (the model is dropped
-    afterwards; only results are kept)."""
+    """Our model on one oracle output file. Compares as it goes and keeps only the figures:
+    per case (``case_figures``, ``failures``) and for the image features (``feature_diffs``):
+    ``get_image_embedding()`` after every ``set_image``, and ``encode_image`` on the official
+    input tensor of the first image (all features) for the 256-px models."""
 
     def __init__(self, oracle, model_name: str, size: int, cases: str):
         from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.label = f"{model_name}@{size}"
-        self.ref = torch.load(oracle.oracle_outputs(model_name, size, cases), weights_only=True)
+        ref = torch.load(oracle.oracle_outputs(model_name, size, cases), weights_only=True)
         model = build_sam2(model_name, ckpt_path=str(oracle.weights_file(model_name)),
                            device="cpu", image_size=size)
         predictor = SAM2ImagePredictor(model)
-        self.ours = []
-        for image_name, image in self.ref["images"].items():
+        self.n_cases, self.worst, self.failures, self.feature_diffs = 0, {}, [], {}
+        for image_name, image in ref["images"].items():
             predictor.set_image(image.numpy())
-            for record in self.ref["cases"]:
+            self.feature_diffs[f"{image_name}/image_embed"] = rel_diff(
+                predictor.get_image_embedding(), ref["features"][image_name]["image_embed"])
+            for record in ref["cases"]:
                 if record["image"] == image_name:
-                    self.ours.append(predictor.predict(**_predict_kwargs(record)))
-        self.feature_image = next(iter(self.ref["features"]))
-        with torch.no_grad():
-            self.features = model.encode_image(self.ref["features"][self.feature_image]["input"])
+                    self._check(record, predictor.predict(**_predict_kwargs(record)),
+                                oracle.unpack_bits)
+        self.n_expected = len(ref["cases"])
+        if size == 256:
+            image_name, feats = next(iter(ref["features"].items()))
+            with torch.no_grad():
+                ours = model.encode_image(feats["input"])
+            self.feature_diffs[f"{image_name}/encode_image.image_embed"] = rel_diff(
+                ours["image_embed"], feats["image_embed"])
+            for i, want in enumerate(feats["high_res_feats"]):
+                got = ours["high_res_feats"][i] if i < len(ours["high_res_feats"]) else None
+                self.feature_diffs[f"{image_name}/encode_image.high_res_feats[{i}]"] = (
+                    rel_diff(got, want) if got is not None and got.shape == want.shape
+                    else float("inf"))
+
+    def _check(self, record: dict, ours, unpack_bits) -> None:
+        self.n_cases += 1
+        figures, problems = _compare_case(record, ours, unpack_bits)
+        for name, value in figures.items():
+            self.worst[name] = max(self.worst.get(name, value), value)
+        if problems:
+            self.failures.append(f"{record['image']}/{record['name']}: " + "; ".join(problems))
 
 
 @pytest.fixture(scope="module")
@@ -129,43 +150,24 @@ def _compare_case(record: dict, ours, unpack_bits) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.parametrize("model_name,size,cases", MATRIX)
-def test_predictor_matches_official(parity_runs, sam2_oracle, report_figure, model_name,
-                                    size, cases):
+def test_predictor_matches_official(parity_runs, report_figure, model_name, size, cases):
     run = parity_runs(model_name, size, cases)
-    worst: dict = {}
-    failures = []
-    for record, ours in zip(run.ref["cases"], run.ours):
-        figures, problems = _compare_case(record, ours, sam2_oracle.unpack_bits)
-        for name, value in figures.items():
-            worst[name] = max(worst.get(name, value), value)
-        if problems:
-            failures.append(f"{record['image']}/{record['name']}: " + "; ".join(problems))
     summary = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in sorted(worst.items()))
-    report_figure(f"parity {run.label:>22} ({len(run.ours)} cases): max rel diff {summary}")
-    assert len(run.ours) == len(run.ref["cases"])
-    assert not failures, f"{run.label}: {len(failures)} case(s) differ from official SAM2:\n" + \
-        "\n".join(failures)
+                        for k, v in sorted(run.worst.items()))
+    report_figure(f"parity {run.label:>22} ({run.n_cases} cases): max rel diff {summary}")
+    assert run.n_cases == run.n_expected
+    assert not run.failures, f"{run.label}: {len(run.failures)} case(s) differ from official " \
+        f"SAM2:\n" + "\n".join(run.failures)
 
 
 @pytest.mark.parametrize("model_name,size,cases", MATRIX)
 def test_image_features_match_official(parity_runs, report_figure, model_name, size, cases):
-    """encode_image on the official predictor's input tensor gives the official features;
-    localises a predictor mismatch to the encoder (here) or the prompt/decoder path."""
+    """The image features match too; localises a predictor mismatch to the encoder (here) or
+    to the prompt/decoder path."""
     run = parity_runs(model_name, size, cases)
-    image_name, ours = run.feature_image, run.features
-    ref = run.ref["features"][image_name]
-    pairs = [("image_embed", ours["image_embed"], ref["image_embed"])] + [
-        (f"high_res_feats[{i}]", o, r)
-        for i, (o, r) in enumerate(zip(ours["high_res_feats"], ref["high_res_feats"]))]
-    assert len(ours["high_res_feats"]) == len(ref["high_res_feats"]) == 2
-    diffs = {}
-    for name, got, want in pairs:
-        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, official {tuple(want.shape)}"
-        diffs[name] = rel_diff(got, want)
     report_figure(f"features {run.label:>20}: max rel diff " +
-                  ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    assert max(diffs.values()) <= RTOL, f"{run.label} {image_name}: {diffs}"
+                  ", ".join(f"{k} {v:.2e}" for k, v in run.feature_diffs.items()))
+    assert max(run.feature_diffs.values()) <= RTOL, f"{run.label}: {run.feature_diffs}"
 
 
 def test_official_checkpoint_with_video_groups_loads(sam2_oracle):
