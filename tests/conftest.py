@@ -35,6 +35,9 @@ def sam2_oracle():
 
     try:
         sam2_oracle.fetch_sdist()
+        problem = None
     except sam2_oracle.OracleError as error:
-        pytest.fail(str(error), pytrace=False)
+        problem = str(error)
+    if problem:  # failed outside the except block: the reason is shown once
+        pytest.fail(problem, pytrace=False)
     return sam2_oracle

@@ -132,7 +132,13 @@ def fetch_sdist() -> Path:
                           f"sdist of sam2=={SAM2_VERSION}); delete it and rerun to download again.")
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # Python without extraction filters: refuse absolute or escaping paths
+                names = [m.name for m in tar.getmembers()]
+                if any(n.startswith("/") or ".." in Path(n).parts for n in names):
+                    raise OracleError(f"{archive} contains unsafe paths; delete it and rerun.")
+                tar.extractall(tmp)
         os.replace(Path(tmp) / f"sam2-{SAM2_VERSION}", root)
     return root
 
