@@ -15,6 +15,8 @@ within 1e-3 * max|logit| of the threshold (recorded by the oracle).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,18 @@ MATRIX = [
     (L, 256, "reduced"), (L, 512, "full"),
     pytest.param(L, 1024, "reduced", marks=pytest.mark.slow),
 ]
+
+
+def build_ours(model_name: str, checkpoint, size: int):
+    """Our model, after checking that ``sam2`` is this repository's package (an installed
+    official ``sam2`` shadowing it would make every comparison trivially pass)."""
+    import sam2
+    from sam2.build_sam import build_sam2
+
+    ours = Path(__file__).resolve().parents[1] / "sam2"
+    assert Path(sam2.__file__).resolve().parent == ours, \
+        f"imported sam2 from {sam2.__file__}, not {ours}; run pytest from the repository root"
+    return build_sam2(model_name, ckpt_path=str(checkpoint), device="cpu", image_size=size)
 
 
 def rel_diff(ours, ref) -> float:
@@ -56,13 +70,11 @@ class ParityRun:
     input tensor of the first image (all features) for the 256-px models."""
 
     def __init__(self, oracle, model_name: str, size: int, cases: str):
-        from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.label = f"{model_name}@{size}"
         ref = torch.load(oracle.oracle_outputs(model_name, size, cases), weights_only=True)
-        model = build_sam2(model_name, ckpt_path=str(oracle.weights_file(model_name)),
-                           device="cpu", image_size=size)
+        model = build_ours(model_name, oracle.weights_file(model_name), size)
         predictor = SAM2ImagePredictor(model)
         self.n_cases, self.worst, self.failures, self.feature_diffs = 0, {}, [], {}
         for image_name, image in ref["images"].items():
@@ -173,11 +185,8 @@ def test_image_features_match_official(parity_runs, report_figure, model_name, s
 def test_official_checkpoint_with_video_groups_loads(sam2_oracle):
     """A {"model": sd} file with every official key group (video ones too) loads; every
     image-path tensor arrives by name, and decoder 2 starts as a copy of decoder 1."""
-    from sam2.build_sam import build_sam2
-
     sam2_oracle.oracle_outputs(T, 256, "full")  # makes sure the weights exist
-    model = build_sam2(T, ckpt_path=str(sam2_oracle.weights_file(T)), device="cpu",
-                       image_size=256)
+    model = build_ours(T, sam2_oracle.weights_file(T), 256)
     official = torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"]
     video = {"memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc",
              "no_obj_ptr", "no_obj_embed_spatial", "obj_ptr_proj", "obj_ptr_tpos_proj",
@@ -198,14 +207,12 @@ def test_official_checkpoint_with_video_groups_loads(sam2_oracle):
 
 def test_bare_state_dict_loads(sam2_oracle, tmp_path):
     """A bare state dict (no {"model": ...} wrapper, image-path keys only) loads too."""
-    from sam2.build_sam import build_sam2
-
     official = torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"]
     bare = {k: v for k, v in official.items()
             if k.split(".")[0] in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder",
                                    "no_mem_embed")}
     torch.save(bare, tmp_path / "bare.pt")
-    model = build_sam2(T, ckpt_path=str(tmp_path / "bare.pt"), device="cpu", image_size=256)
+    model = build_ours(T, tmp_path / "bare.pt", 256)
     ours = model.state_dict()
     for key, value in bare.items():
         assert torch.equal(ours[key], value), key
@@ -215,14 +222,12 @@ def test_bare_state_dict_loads(sam2_oracle, tmp_path):
 def test_wrong_size_checkpoint_is_a_clear_error(sam2_oracle, donor):
     """hiera_s weights (extra blocks) or hiera_b+ weights (other widths) into the hiera_t
     config: an error that names offending keys, not a silent partial load."""
-    from sam2.build_sam import build_sam2
-
     sam2_oracle.oracle_outputs(donor, 256, "reduced")  # makes sure the donor weights exist
     donor_file = sam2_oracle.weights_file(donor)
     donor_keys = set(torch.load(donor_file, weights_only=True)["model"])
     t_keys = set(torch.load(sam2_oracle.weights_file(T), weights_only=True)["model"])
     with pytest.raises(Exception) as info:
-        build_sam2(T, ckpt_path=str(donor_file), device="cpu", image_size=256)
+        build_ours(T, donor_file, 256)
     message = str(info.value)
     named = [k for k in donor_keys if k.startswith("image_encoder.") and k in message]
     assert named, f"error does not name any checkpoint key: {message[:500]}"
