@@ -65,7 +65,8 @@ def _predict_kwargs(record: dict) -> dict:
 
 class ParityRun:
     """Our model on one oracle output file. Compares as it goes and keeps only the figures:
-    per case (``case_figures``, ``failures``) and for the image features (``feature_diffs``):
+    per case (``worst`` over all cases, ``failures``) and for the image features
+    (``feature_diffs``):
     ``get_image_embedding()`` after every ``set_image``, and ``encode_image`` on the official
     input tensor of the first image (all features) for the 256-px models."""
 
