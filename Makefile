@@ -9,7 +9,7 @@ install-dev:
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 
 demo: install
-	$(PY) trainer.py --demo
+	rm -rf output_demo && $(PY) trainer.py --demo
 
 test: install-dev
 	$(PY) -m pytest -q
