@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sam_lora_image_encoder_prompt import foreground_probabilities, prompts_from_logits
+from utils import autocast
 
 Scores = Dict[int, float]
 MASK_THRESHOLD = 0.6
@@ -156,7 +157,7 @@ class ModelScoringStrategy(BaseActiveLearningStrategy):
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), autocast(device):
                 offset = 0
                 for images in batches:
                     indices = pool[offset : offset + images.shape[0]]
@@ -239,8 +240,3 @@ def _stack_images(items: List[dict]) -> torch.Tensor:
     return torch.stack([item["image"] for item in items])
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)

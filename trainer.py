@@ -222,18 +222,6 @@ def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype on CUDA (bf16 where supported, else fp16 with loss scaling); None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device):
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
                       dice_weight: float) -> Dict[str, torch.Tensor]:
     """Mean of both decoders' (1-w)*CE + w*Dice (logits B x (C+1) x S/4 x S/4 upsampled to the
@@ -440,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             parser.error(f"--lora_ckpt {args.lora_ckpt}: {err}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+        scaler = torch.amp.GradScaler("cuda", enabled=utils.amp_dtype(device) == torch.float16)
         multimask = args.num_classes > 1
         prompt_idx = -1 if args.promptmode == "none" else 0
 
@@ -540,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for batch in tqdm(train_loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
                 images = batch["image"].to(device, non_blocking=True)
                 labels = batch["label"].to(device, non_blocking=True)
-                with autocast(device):
+                with utils.autocast(device):
                     outputs = model(images, multimask, args.img_size, prompt_idx, args.promptmode)
                 parts = dual_decoder_loss(outputs, labels, args.dice_weight)
                 optimizer.zero_grad(set_to_none=True)
@@ -565,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
                 @torch.no_grad()
                 def predict(images: torch.Tensor) -> torch.Tensor:
-                    with autocast(device):
+                    with utils.autocast(device):
                         feats = model.encode(images.to(device))
                         return model.decode(feats, 1, multimask_output=multimask)["low_res_logits"].float()
 

@@ -113,3 +113,16 @@ def select_device(gpu: Optional[str] = "0") -> torch.device:
         present = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
         raise ValueError(f"--gpu {gpu!r}: there is no GPU {index}; devices present: {present}.")
     return torch.device("cuda", index)
+
+
+def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype on CUDA (bf16 where supported, else fp16 with loss scaling); None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """Mixed precision on CUDA, a disabled autocast (plain float32) elsewhere."""
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from active_learning_strategies import MaskDifferenceStrategy, mask_difference_scores  # noqa: E402
 from sam2.build_sam import build_sam2  # noqa: E402
 from sam_lora_image_encoder_prompt import LoRA_Sam, foreground_probabilities  # noqa: E402
+from utils import autocast  # noqa: E402
 
 CHECKPOINT_NAMES = {
     "sam2.1_hiera_t": "sam2.1_hiera_tiny.pt",
@@ -58,12 +58,6 @@ def parse_args():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device):
-    if device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def build(model, size, device, checkpoint_dir):
