@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from sam_lora_image_encoder_prompt import foreground_probabilities, prompts_from_logits
 from utils import autocast
@@ -139,7 +140,8 @@ class BaseActiveLearningStrategy(ABC):
 class ModelScoringStrategy(BaseActiveLearningStrategy):
     """Runs the model over the pool in mini-batches (eval mode, no grad, AMP on CUDA)."""
 
-    def score_pool(self, model, dataset, pool, device, batch_size, seed, num_workers, progress) -> Scores:
+    def score_pool(self, model: torch.nn.Module, dataset: Dataset, pool: List[int], device: torch.device,
+                   batch_size: int, seed: int, num_workers: int, progress: bool) -> Scores:
         loader = DataLoader(
             Subset(dataset, pool),
             batch_size=batch_size,
@@ -148,11 +150,7 @@ class ModelScoringStrategy(BaseActiveLearningStrategy):
             collate_fn=_stack_images,
             pin_memory=device.type == "cuda",
         )
-        batches = loader
-        if progress:
-            from tqdm import tqdm
-
-            batches = tqdm(loader, desc=f"AL scoring ({self.name})", leave=False)
+        batches = tqdm(loader, desc=f"AL scoring ({self.name})", leave=False) if progress else loader
         scores: Scores = {}
         was_training = model.training
         model.eval()
@@ -186,7 +184,7 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
     def __init__(self, threshold: float = MASK_THRESHOLD):
         self.threshold = threshold
 
-    def score_batch(self, model, images, indices, seed) -> torch.Tensor:
+    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
         features = model.encode(images)
         unprompted = model.decode(features, 1)["low_res_logits"]
         generators = [point_generator(seed, index) for index in indices]
@@ -206,7 +204,7 @@ class EntropyStrategy(ModelScoringStrategy):
 
     name = "entropy"
 
-    def score_batch(self, model, images, indices, seed) -> torch.Tensor:
+    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
         return mean_entropy(model.decode(model.encode(images), 1)["low_res_logits"])
 
 
@@ -215,7 +213,8 @@ class RandomStrategy(BaseActiveLearningStrategy):
 
     name = "random"
 
-    def score_pool(self, model, dataset, pool, device, batch_size, seed, num_workers, progress) -> Scores:
+    def score_pool(self, model: torch.nn.Module, dataset: Dataset, pool: List[int], device: torch.device,
+                   batch_size: int, seed: int, num_workers: int, progress: bool) -> Scores:
         values = np.random.default_rng(seed).random(len(pool))
         return {index: float(value) for index, value in zip(pool, values)}
 
@@ -232,7 +231,7 @@ class ActiveLearningStrategyFactory:
     @classmethod
     def create_strategy(cls, name: str, **kwargs) -> BaseActiveLearningStrategy:
         if name not in cls.STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r} (--strategy); choose one of {', '.join(cls.available_strategies())}")
+            raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(cls.available_strategies())}")
         return cls.STRATEGIES[name](**kwargs)
 
 

@@ -14,8 +14,8 @@ forward and the active-learning strategies use them.
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
+
+from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
+from sam2.build_sam import build_sam2
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Point = Tuple[float, float]
@@ -283,7 +286,7 @@ class LoRA_Sam(nn.Module):
     def __init__(self, sam_model: nn.Module, r: int, lora_layer: Optional[Sequence[int]] = None, num_classes: int = 1):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer (--rank), got {r!r}")
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         for name in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "sam_mask_decoder2"):
             if not hasattr(sam_model, name):
                 raise TypeError(f"sam_model has no `{name}`: build it with sam2.build_sam.build_sam2")
@@ -334,7 +337,9 @@ class LoRA_Sam(nn.Module):
 
     def load_lora_parameters(self, path: Union[str, os.PathLike]) -> None:
         """Load a file written by `save_lora_parameters` (weights_only; all keys must match)."""
-        tensors = load_tensor_file(path)
+        tensors = load_torch_file(path)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise CheckpointFileError(f"{path} does not hold a {{name: tensor}} dictionary")
         own = {k: v for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
         extra = sorted(set(tensors) - set(own))
         if extra:
@@ -353,7 +358,7 @@ class LoRA_Sam(nn.Module):
             )
         for key, value in tensors.items():
             if value.shape != own[key].shape:
-                hint = f" (LoRA rank: file {_lora_rank(key, value)}, model {self.r}; check --rank)" if ".lora_" in key else ""
+                hint = f" (LoRA rank: file {_lora_rank(key, value)}, model {self.r})" if ".lora_" in key else ""
                 raise ValueError(
                     f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}{hint}"
                 )
@@ -493,7 +498,7 @@ def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
     if prompt_idx not in (-1, 0, 1):
         raise ValueError(f"prompt_idx must be -1 (no prompts), 0 or 1 (decoder to derive prompts from), got {prompt_idx!r}")
     if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
-        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES} (--promptmode), got {prompt_mode!r}")
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
     if prompt_idx == -1:
         return "none"
     return prompt_mode or "point"
@@ -519,31 +524,25 @@ def _lora_rank(key: str, value: torch.Tensor) -> int:
     return value.shape[0] if ".lora_a_" in key else value.shape[-1]
 
 
-def atomic_torch_save(obj: object, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temporary file beside `path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# --------------------------------------------------------------------------------------
+# the one model factory
+# --------------------------------------------------------------------------------------
 
 
-def load_tensor_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) of a {name: tensor} file, with clear errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in several types
-        raise ValueError(
-            f"{path} is not a tensors-only checkpoint loadable with weights_only=True ({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"{path} does not hold a {{name: tensor}} dictionary")
-    return tensors
+def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
+                num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
+                device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
+                seed: int = 0) -> nn.Module:
+    """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` from ``module``, on ``device``.
+
+    ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``); ``seed`` also fixes the LoRA A
+    matrices. ``lora_ckpt`` (``save_lora_parameters`` format) is loaded on top. Errors: ``build_sam``'s
+    ``ConfigNotFoundError``/``CheckpointError``, ``safe_io.CheckpointFileError``, ``ValueError`` (LoRA file).
+    """
+    torch.manual_seed(seed)
+    sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
+    lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
+    net = lora_sam_class(sam, r=rank, num_classes=num_classes).to(device)
+    if lora_ckpt:
+        net.load_lora_parameters(lora_ckpt)
+    return net

@@ -11,32 +11,51 @@ Every epoch:
     python trainer.py --data_root /data/ISIC2017 --output ./output --gpu 0
     python trainer.py --demo        # synthetic data, sam2.1_hiera_t, CPU, no download
 
-Outputs go to OUTPUT/Skin_{img_size}/: log/ (TensorBoard), config.txt, log.txt,
-al_selection.csv, best_model_dice{score:.4f}.pth and last_state.pth (for --resume).
-Nothing below this file reads command-line flags.
+Outputs go to OUTPUT/Skin_{img_size}/: log/ (TensorBoard), config.txt, log.txt, al_selection.csv,
+best_model_dice{score:.4f}.pth, last_state.pth (for --resume) and, at the end, last_model.pth.
+Nothing below this file reads command-line flags; every error of the command line or its inputs ends
+as one message naming the flag or file, exit code 2 (UsageError -> parser.error in main).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import logging
-import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from importlib import import_module
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from tensorboardX import SummaryWriter
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+import datasets_skin
+import utils
+import val
+from active_learning_strategies import ActiveLearningStrategyFactory, BaseActiveLearningStrategy, top_k
+from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file
+from sam2.build_sam import CheckpointError, ConfigNotFoundError
+from sam_lora_image_encoder_prompt import build_model
+from synthetic_isic import make_synthetic_isic
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
 DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 DOWNLOAD_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; the message names the flag or file (exit code 2)."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -82,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="mask_difference", help="mask_difference | entropy | random")
     p.add_argument("--batch_size", type=int, default=4, help="images annotated per epoch, and mini-batch size")
     p.add_argument("--pool_size", type=int, default=10, help="random unlabeled candidates scored per epoch")
+    p.add_argument("--label_budget", type=int, default=None,
+                   help="stop once this many images are labeled (the last selection is cut to reach it exactly, "
+                        "then trained on and validated); default: no budget")
     # optimisation
     p.add_argument("--base_lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     p.add_argument("--max_epochs", type=int, default=50, help="active-learning epochs (one selection each)")
@@ -117,6 +139,7 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 # Settings a resumed run must share with the run it continues (else selections would differ).
 RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint",
                "module", "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr")
+CSV_HEADER = ["epoch", "image", "score", "rank_in_pool"]
 
 log = logging.getLogger("trainer")
 
@@ -131,6 +154,12 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
     return {k for k, v in vars(parsed).items() if v is not unset}
 
 
+def apply_demo_settings(args: argparse.Namespace, given: set) -> None:
+    for key, value in DEMO_SETTINGS.items():
+        if key not in given:
+            setattr(args, key, value)
+
+
 def existing_path(path: str) -> Optional[Path]:
     """``path`` as given, else relative to this repository (so ./sam2/... works from anywhere)."""
     for candidate in (Path(path), REPO / path):
@@ -139,79 +168,68 @@ def existing_path(path: str) -> Optional[Path]:
     return None
 
 
-def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every flag error, found before anything is loaded; parser.error names the flag."""
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag error, before anything is loaded."""
     if args.batch_size < 1:
-        parser.error(f"--batch_size must be >= 1 (got {args.batch_size})")
+        raise UsageError(f"--batch_size must be >= 1 (got {args.batch_size})")
     if args.pool_size < args.batch_size:
-        parser.error(f"--pool_size ({args.pool_size}) must be >= --batch_size ({args.batch_size}): "
-                     "the batch is selected from the pool")
+        raise UsageError(f"--pool_size ({args.pool_size}) must be >= --batch_size ({args.batch_size}): "
+                         "the batch is selected from the pool")
     if args.img_size < 32 or args.img_size % 32:
-        parser.error(f"--img_size must be a positive multiple of 32 (got {args.img_size}); "
-                     "e.g. 256, 512 or 1024")
+        raise UsageError(f"--img_size must be a positive multiple of 32 (got {args.img_size}); e.g. 256, 512 or 1024")
     if not 1 <= args.num_classes <= 4:
-        parser.error(f"--num_classes must be 1..4 (one SAM2 mask token per class; got {args.num_classes})")
+        raise UsageError(f"--num_classes must be 1..4 (one SAM2 mask token per class; got {args.num_classes})")
     for flag in ("max_epochs", "rank", "val_every", "save_from_epoch"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    if args.val_limit is not None and args.val_limit < 1:
-        parser.error(f"--val_limit must be >= 1 (got {args.val_limit})")
+            raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    for flag in ("val_limit", "label_budget"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     if args.num_workers < 0:
-        parser.error(f"--num_workers must be >= 0 (got {args.num_workers})")
+        raise UsageError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if not 0.0 <= args.dice_weight <= 1.0:
-        parser.error(f"--dice_weight must be in [0, 1] (got {args.dice_weight})")
+        raise UsageError(f"--dice_weight must be in [0, 1] (got {args.dice_weight})")
     if args.base_lr <= 0:
-        parser.error(f"--base_lr must be > 0 (got {args.base_lr})")
+        raise UsageError(f"--base_lr must be > 0 (got {args.base_lr})")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every file/folder/module flag error; resolves --checkpoint and --model_cfg relative to this repository."""
     if args.data_root is None and not args.demo:
-        parser.error("--data_root is required (the dataset root in ISIC-2017 layout); "
-                     "or try --demo for synthetic data")
+        raise UsageError("--data_root is required (the dataset root in ISIC-2017 layout); "
+                         "or try --demo for synthetic data")
     if args.data_root is not None and not Path(args.data_root).is_dir():
-        parser.error(f"--data_root {args.data_root}: no such folder")
+        raise UsageError(f"--data_root {args.data_root}: no such folder")
     if args.checkpoint.lower() != "none":
         found = existing_path(args.checkpoint)
         if found is None or not found.is_file():
-            parser.error(f"--checkpoint {args.checkpoint}: file not found; {DOWNLOAD_HINT} "
-                         "(or pass --demo to try the pipeline without one)")
+            raise UsageError(f"--checkpoint {args.checkpoint}: file not found; {DOWNLOAD_HINT} "
+                             "(or pass --demo to try the pipeline without one)")
         args.checkpoint = str(found)
     found = existing_path(args.model_cfg)  # else a packaged/short name, resolved by build_sam2
     if found is not None and found.is_file():
         args.model_cfg = str(found)
     if args.lora_ckpt is not None and not Path(args.lora_ckpt).is_file():
-        parser.error(f"--lora_ckpt {args.lora_ckpt}: file not found")
+        raise UsageError(f"--lora_ckpt {args.lora_ckpt}: file not found")
     try:
         module = import_module(args.module)
     except ImportError as err:
-        parser.error(f"--module {args.module}: cannot be imported ({err})")
+        raise UsageError(f"--module {args.module}: cannot be imported ({err})") from None
     if not hasattr(module, "LoRA_Sam"):
-        parser.error(f"--module {args.module} ({getattr(module, '__file__', '?')}) defines no LoRA_Sam class")
+        raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}) defines no LoRA_Sam class")
 
 
-def apply_demo_settings(args: argparse.Namespace, given: set) -> None:
-    for key, value in DEMO_SETTINGS.items():
-        if key not in given:
-            setattr(args, key, value)
+def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Demo defaults, the default --output, and every flag check."""
+    if args.demo:
+        apply_demo_settings(args, explicit_flags(parser, argv))
+    if args.output is None:
+        args.output = "./output_demo" if args.demo else "./output"
+    check_numbers(args)
+    check_paths(args)
 
 
-# ----------------------------------------------------------------------------- model
-
-def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
-                num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
-                device: torch.device | str = "cpu", lora_ckpt: Optional[str] = None,
-                seed: int = 0) -> torch.nn.Module:
-    """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` on ``device``; the one place a model is made.
-
-    ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``). ``lora_ckpt``
-    (LoRA-only format) is loaded on top. val.py's CLI reuses this function.
-    """
-    from sam2.build_sam import build_sam2
-
-    torch.manual_seed(seed)  # random init (no checkpoint) and LoRA A matrices are reproducible
-    sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
-    net = import_module(module).LoRA_Sam(sam, r=rank, num_classes=num_classes).to(device)
-    if lora_ckpt:
-        net.load_lora_parameters(lora_ckpt)
-    return net
-
+# ----------------------------------------------------------------------------- model and loss
 
 def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The tensors training changes (LoRA, prompt encoder, decoders), on the CPU."""
@@ -226,8 +244,6 @@ def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
                       dice_weight: float) -> Dict[str, torch.Tensor]:
     """Mean of both decoders' (1-w)*CE + w*Dice (logits B x (C+1) x S/4 x S/4 upsampled to the
     B x S x S labels), under "loss", plus every part for logging."""
-    import utils
-
     parts: Dict[str, torch.Tensor] = {}
     for d in (1, 2):
         logits = F.interpolate(outputs[f"low_res_logits{d}"].float(), size=labels.shape[-2:],
@@ -238,59 +254,11 @@ def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
     return parts
 
 
-# ----------------------------------------------------------------------------- files
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-CSV_HEADER = ["epoch", "image", "score", "rank_in_pool"]
-
-
-def append_selection_rows(path: Path, rows: List[list]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        if new:
-            writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_selection_csv(path: Path, last_epoch: int) -> None:
-    """Drop rows of epochs after ``last_epoch`` (written by a run killed mid-epoch)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows([header] + [r for r in rows if int(r[0]) <= last_epoch])
-    os.replace(tmp, path)
-
-
-def run_folder_in_use(run_dir: Path) -> Optional[str]:
-    for name in ("config.txt", "al_selection.csv", "last_state.pth"):
-        if (run_dir / name).exists():
-            return name
-    return None
-
-
-def setup_logging(log_file: Optional[Path]) -> List[logging.Handler]:
-    """Console + (once the run folder exists) log.txt; returns the handlers to close at the end."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file, mode="a"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    return handlers
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, device: torch.device, images: torch.Tensor) -> torch.Tensor:
+    """Validation prediction: decoder 1, no prompt. B x 3 x S x S -> B x (C+1) x S/4 x S/4 float32 logits."""
+    with utils.autocast(device):
+        return model.decode(model.encode(images.to(device)), 1)["low_res_logits"].float()
 
 
 # ----------------------------------------------------------------------------- active learning
@@ -308,18 +276,51 @@ def draw_pool(unlabeled: Sequence[int], pool_size: int, seed: int, epoch: int) -
 
 def ranks_in_pool(scores: Dict[int, float]) -> Dict[int, int]:
     """1-based rank of each pool image, in the strategy's own order (highest score first)."""
-    from active_learning_strategies import top_k
-
     return {idx: r + 1 for r, idx in enumerate(top_k(scores, len(scores)))}
+
+
+# ----------------------------------------------------------------------------- files
+
+def append_selection_rows(path: Path, rows: List[list]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        if new:
+            writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+
+
+def truncate_selection_csv(path: Path, last_epoch: int) -> None:
+    """Drop rows of epochs after ``last_epoch`` (written by a run killed mid-epoch)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    kept = [header] + [r for r in rows if int(r[0]) <= last_epoch]
+    atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
+
+
+def run_folder_in_use(run_dir: Path) -> Optional[str]:
+    for name in ("config.txt", "al_selection.csv", "last_state.pth"):
+        if (run_dir / name).exists():
+            return name
+    return None
+
+
+def add_log_handler(handler: logging.Handler) -> logging.Handler:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    return handler
 
 
 # ----------------------------------------------------------------------------- images for TensorBoard
 
 def overlay(image: torch.Tensor, gt: Optional[torch.Tensor], pred: Optional[torch.Tensor]) -> torch.Tensor:
     """3 x H x W normalised image -> 3 x H x W in [0, 1]; prediction tinted red, ground-truth outline green."""
-    from datasets_skin import PIXEL_MEAN, PIXEL_STD
-
-    mean, std = torch.tensor(PIXEL_MEAN).view(3, 1, 1), torch.tensor(PIXEL_STD).view(3, 1, 1)
+    mean = torch.tensor(datasets_skin.PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(datasets_skin.PIXEL_STD).view(3, 1, 1)
     img = (image.cpu().float() * std + mean).clamp(0, 1)
     if pred is not None:
         p = pred.cpu().bool()
@@ -334,282 +335,395 @@ def overlay(image: torch.Tensor, gt: Optional[torch.Tensor], pred: Optional[torc
     return img
 
 
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class Run:
+    """Everything one active-learning run works with (built by ``start_run``)."""
+
+    args: argparse.Namespace
+    run_dir: Path
+    device: torch.device
+    strategy: BaseActiveLearningStrategy
+    train_set: datasets_skin.SemiSupervisedSkinDataset
+    val_set: Dataset
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    writer: Optional[SummaryWriter] = None
+    start_epoch: int = 1
+    best_dice: float = -1.0
+    best_path: Optional[Path] = None
+
+    @property
+    def csv_path(self) -> Path:
+        return self.run_dir / "al_selection.csv"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "last_state.pth"
+
+    @property
+    def labeled_names(self) -> List[str]:
+        return [self.train_set.names[i] for i in self.train_set.labeled_indices]
+
+
+def read_resume_state(args: argparse.Namespace, run_dir: Path) -> Optional[dict]:
+    """The state to continue from (``--resume``), after checking that it fits the flags; else None.
+    Without --resume an existing run folder is refused, so that nothing is overwritten."""
+    in_use = run_folder_in_use(run_dir)
+    if in_use and not args.resume:
+        again = f" (to run the demo afresh: rm -r {args.output})" if args.demo else ""
+        raise UsageError(f"--output {args.output}: {run_dir} already holds a run ({run_dir / in_use}); pass "
+                         f"--resume to continue it, or choose another --output{again}; nothing was overwritten")
+    if not args.resume:
+        return None
+    state_path = run_dir / "last_state.pth"
+    if not state_path.is_file():
+        raise UsageError(f"--resume: {state_path} does not exist, so there is no run to continue "
+                         "(it is written at the end of every epoch)")
+    try:
+        state = load_torch_file(state_path)
+    except CheckpointFileError as err:
+        raise UsageError(f"--resume: cannot read {err}") from None
+    changed = [f"--{k} was {state['args'].get(k)!r}, now {getattr(args, k)!r}"
+               for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError("--resume: the run to continue used other settings (its selections would not "
+                         "repeat); " + "; ".join(changed))
+    return state
+
+
+def make_strategy(args: argparse.Namespace) -> BaseActiveLearningStrategy:
+    try:
+        return ActiveLearningStrategyFactory.create_strategy(args.strategy)
+    except ValueError as err:
+        raise UsageError(f"--strategy {args.strategy}: {err}") from None
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    try:
+        return utils.select_device(args.gpu)
+    except utils.DeviceError as err:
+        raise UsageError(f"--gpu {args.gpu}: {err}") from None
+
+
+def load_data(args: argparse.Namespace) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Dataset]:
+    """Training set (all unlabeled at first) and the validation subset; every file's header is checked here."""
+    if args.demo and args.data_root is None:
+        args.data_root = str(Path(args.output) / "demo_data")
+        if not (Path(args.data_root) / "Training_Data").is_dir():
+            log.info("demo: writing synthetic ISIC-format data to %s", args.data_root)
+            make_synthetic_isic(args.data_root, seed=args.seed, **DEMO_DATA)
+    try:
+        train_set = datasets_skin.SemiSupervisedSkinDataset(
+            *datasets_skin.find_split(args.data_root, "Training"), img_size=args.img_size)
+        val_set = datasets_skin.ValSkinDataset(
+            *datasets_skin.find_split(args.data_root, "Validation"), img_size=args.img_size)
+    except datasets_skin.DatasetError as err:
+        raise UsageError(f"--data_root {args.data_root}: {err}") from None
+    val_idx = list(range(len(val_set) if args.val_limit is None else min(args.val_limit, len(val_set))))
+    if args.num_workers:
+        val_set.preload(val_idx)  # workers then share the decoded images instead of decoding their own
+    return train_set, Subset(val_set, val_idx)
+
+
+def make_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+    try:
+        return build_model(args.model_cfg, checkpoint, args.img_size, args.rank, args.num_classes,
+                           args.module, device, args.lora_ckpt, args.seed)
+    except ConfigNotFoundError as err:
+        raise UsageError(f"--model_cfg {args.model_cfg}: {err}") from None
+    except CheckpointFileError as err:
+        flag = "--lora_ckpt" if args.lora_ckpt and args.lora_ckpt in str(err) else "--checkpoint"
+        raise UsageError(f"{flag}: {err}") from None
+    except CheckpointError as err:
+        raise UsageError(f"--checkpoint {checkpoint} does not fit --model_cfg {args.model_cfg}: {err}") from None
+    except ValueError as err:
+        if not args.lora_ckpt:
+            raise
+        raise UsageError(f"--lora_ckpt {args.lora_ckpt}: {err}") from None
+
+
+def restore_state(run: Run, state: dict, argv: Sequence[str]) -> None:
+    """Continue from ``last_state.pth``: trained weights, optimiser, labeled set, best so far; drop what an
+    unfinished epoch wrote (its selection rows, a best checkpoint it saved)."""
+    # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
+    _, unexpected = run.model.load_state_dict(state["trainable"], strict=False)
+    if unexpected:
+        raise UsageError(f"--resume: {run.state_path} does not fit this model (unexpected keys {unexpected[:3]})")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    lost = sorted(set(state["labeled_names"]) - set(run.train_set.names))
+    if lost:
+        raise UsageError(f"--resume: {len(lost)} labeled images of the run are no longer in "
+                         f"--data_root {run.args.data_root} (e.g. {lost[0]})")
+    run.train_set.mark_labeled([run.train_set.names.index(n) for n in state["labeled_names"]])
+    run.start_epoch, run.best_dice = state["epoch"] + 1, state["best_dice"]
+    run.best_path = Path(state["best_path"]) if state["best_path"] else None
+    truncate_selection_csv(run.csv_path, state["epoch"])
+    for stale in run.run_dir.glob("best_model_dice*.pth"):
+        if run.best_path is None or stale.name != run.best_path.name:
+            stale.unlink()  # a best saved by an epoch that did not finish; it is redone
+    with open(run.run_dir / "config.txt", "a") as f:
+        f.write(f"# resumed at epoch {run.start_epoch}: {' '.join(argv)}\n")
+    log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
+             run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
+
+
+def log_start(run: Run, argv: Sequence[str]) -> None:
+    args = run.args
+    log.info("command: trainer.py %s", " ".join(argv))
+    log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
+             run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set))
+    if args.checkpoint.lower() == "none":
+        log.warning("!" * 78)
+        log.warning("!! NO SAM2 CHECKPOINT: the model starts from SEEDED RANDOM WEIGHTS, not SAM2.1.")
+        log.warning("!! Scores and Dice show the pipeline works, not what SAM2 achieves; %s.", DOWNLOAD_HINT)
+        log.warning("!" * 78)
+    if run.device.type == "cpu" and not args.demo:
+        log.warning("training on the CPU: expect this to be very slow at --img_size %d", args.img_size)
+
+
+def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
+    """Check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
+    Everything that can fail on bad input fails before the folder is created."""
+    run_dir = Path(args.output) / f"Skin_{args.img_size}"
+    state = read_resume_state(args, run_dir)
+    strategy, device = make_strategy(args), pick_device(args)
+    utils.seed_everything(args.seed, deterministic=args.deterministic)
+    train_set, val_set = load_data(args)
+    model = make_model(args, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cuda", enabled=utils.amp_dtype(device) == torch.float16)
+    run = Run(args, run_dir, device, strategy, train_set, val_set, model, optimizer, scaler)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    add_log_handler(logging.FileHandler(run_dir / "log.txt", mode="a"))
+    if state is not None:
+        restore_state(run, state, argv)
+    else:
+        atomic_write_text(run_dir / "config.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
+    run.writer = SummaryWriter(str(run_dir / "log"), purge_step=run.start_epoch if args.resume else None)
+    log_start(run, argv)
+    return run
+
+
+# ----------------------------------------------------------------------------- the steps of an epoch
+
+def labels_wanted(run: Run) -> int:
+    """How many images this epoch selects: --batch_size, fewer to end exactly at --label_budget or when the
+    unlabeled images run out; 0 = the run is over."""
+    wanted = min(run.args.batch_size, len(run.train_set.unlabeled_indices))
+    if run.args.label_budget is not None:
+        wanted = min(wanted, run.args.label_budget - len(run.train_set.labeled_indices))
+    return max(wanted, 0)
+
+
+def select_batch(run: Run, epoch: int, k: int) -> Tuple[List[int], Dict[int, float]]:
+    """Score a fresh random pool of unlabeled images; the k best (highest score first) and every pool score."""
+    args = run.args
+    pool = draw_pool(run.train_set.unlabeled_indices, args.pool_size, args.seed, epoch)
+    run.model.eval()
+    chosen, scores = run.strategy.select(run.model, run.train_set, pool, k, run.device, batch_size=args.batch_size,
+                                         seed=epoch_seed(args.seed, epoch), num_workers=args.num_workers,
+                                         progress=True)
+    return [int(i) for i in chosen], {int(i): float(s) for i, s in scores.items()}
+
+
+def annotate(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) -> None:
+    """Mark the chosen images labeled (their masks are read only from now on) and log the selection."""
+    train_set, writer = run.train_set, run.writer
+    train_set.mark_labeled(chosen)
+    rank = ranks_in_pool(scores)
+    append_selection_rows(run.csv_path, [[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i]] for i in chosen])
+    writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
+    writer.add_scalar("al/labeled", len(train_set.labeled_indices), epoch)
+    writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)
+    samples = [train_set[i] for i in chosen]
+    writer.add_image("al/selected", make_grid(
+        [overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
+
+
+def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
+    """One optimiser step on one mini-batch; returns the loss parts (detached)."""
+    args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
+    images = batch["image"].to(run.device, non_blocking=True)
+    labels = batch["label"].to(run.device, non_blocking=True)
+    prompt_idx = -1 if args.promptmode == "none" else 0
+    with utils.autocast(run.device):
+        outputs = model(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode)
+    parts = dual_decoder_loss(outputs, labels, args.dice_weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts["loss"]).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm=1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return {name: value.detach() for name, value in parts.items()}
+
+
+def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
+    """Train on the labeled set (--train_on labeled) or this epoch's selection (selected); image-weighted
+    mean of every loss part. The batch order comes from a generator seeded by (seed, epoch)."""
+    args = run.args
+    train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else chosen
+    if args.num_workers:
+        run.train_set.preload(train_idx)
+    order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    loader = DataLoader(Subset(run.train_set, train_idx), batch_size=args.batch_size, shuffle=True,
+                        generator=order, num_workers=args.num_workers)
+    run.model.train()
+    sums: Dict[str, float] = {}
+    for batch in tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
+        for name, value in train_step(run, batch).items():
+            sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
+    means = {k: v / len(train_idx) for k, v in sums.items()}
+    for name, value in means.items():
+        run.writer.add_scalar(f"train/{name}", value, epoch)
+    run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], epoch)
+    return means
+
+
+def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
+    """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture."""
+    args, model = run.args, run.model
+    model.eval()
+    predict = partial(predict_logits, model, run.device)
+    loader = DataLoader(run.val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        collate_fn=datasets_skin.collate_val)
+    result = val.validate(predict, tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True),
+                          args.num_classes, run.device)
+    metrics = {k: float(v) for k, v in result["mean"].items()}
+    for name, value in metrics.items():
+        run.writer.add_scalar(f"val/{name}", value, epoch)
+    shown = [run.val_set[i] for i in range(min(4, len(run.val_set)))]
+    images = torch.stack([s["image"] for s in shown])
+    pred = F.interpolate(predict(images), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False).argmax(1).cpu() > 0
+    run.writer.add_image("val/prediction_over_gt", make_grid(
+        [overlay(s["image"], s["label"] > 0, p) for s, p in zip(shown, pred)], nrow=len(shown)), epoch)
+    return metrics
+
+
+def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
+    """The full state_dict as best_model_dice*.pth when validation Dice improves (from --save_from_epoch on),
+    then last_state.pth (what --resume needs); the older best is removed only after both are written."""
+    args = run.args
+    dice = metrics.get("dice", float("nan"))
+    old_best = None
+    if metrics and epoch >= args.save_from_epoch and dice > run.best_dice:
+        old_best, run.best_dice = run.best_path, dice
+        run.best_path = run.run_dir / f"best_model_dice{dice:.4f}.pth"
+        atomic_torch_save(cpu_state_dict(run.model), run.best_path)
+        log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, run.best_path)
+    atomic_torch_save(dict(
+        epoch=epoch, args={k: getattr(args, k) for k in RESUME_KEYS}, trainable=trainable_state(run.model),
+        optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), labeled_names=run.labeled_names,
+        best_dice=run.best_dice, best_path=str(run.best_path) if run.best_path else "",
+    ), run.state_path)
+    if old_best is not None and old_best != run.best_path and old_best.exists():
+        old_best.unlink()
+
+
+def log_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str, float],
+              times: Dict[str, float]) -> None:
+    for name, value in times.items():
+        run.writer.add_scalar(f"time/{name}", value, epoch)
+    run.writer.flush()
+    val_text = f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
+    log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s"
+             " | time scoring %.1fs train %.1fs val %.1fs",
+             epoch, run.args.max_epochs, len(run.labeled_names), losses["loss"], losses["loss_dec1"],
+             losses["loss_dec2"], val_text, times["scoring_s"], times["train_s"], times["val_s"])
+
+
+@contextmanager
+def timed(times: Dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+
+
+def stop_reason(run: Run) -> str:
+    if run.args.label_budget is not None and len(run.labeled_names) >= run.args.label_budget:
+        return f"the label budget of {run.args.label_budget} images is reached"
+    return f"all {len(run.train_set)} training images are labeled: nothing left to select"
+
+
+def finish_run(run: Run, epochs: int) -> dict:
+    """Write last_model.pth (the full state_dict at the end of the run) and say where everything is."""
+    atomic_torch_save(cpu_state_dict(run.model), run.run_dir / "last_model.pth")
+    log.info("done: %d epochs, %d labeled images; best Dice %s", epochs, len(run.labeled_names),
+             f"{run.best_dice:.4f}" if run.best_path else "n/a (no checkpoint: none saved before --save_from_epoch)")
+    log.info("TensorBoard logs: %s   (view: tensorboard --logdir %s)", run.run_dir / "log", run.run_dir / "log")
+    log.info("selection log:    %s", run.csv_path)
+    log.info("final model:      %s", run.run_dir / "last_model.pth")
+    if run.best_path:
+        log.info("best checkpoint:  %s", run.best_path)
+    return dict(run_dir=run.run_dir, best_path=run.best_path, best_dice=run.best_dice, epochs=epochs,
+                labeled=run.labeled_names)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo:
-        apply_demo_settings(args, explicit_flags(parser, argv))
-    if args.output is None:
-        args.output = "./output_demo" if args.demo else "./output"
-    check_flags(parser, args)
-
-    # Imports that need the project's modules (kept here so --help and flag errors stay fast).
-    import datasets_skin
-    import utils
-    import val
-    from active_learning_strategies import ActiveLearningStrategyFactory
-    from sam_lora_image_encoder_prompt import atomic_torch_save  # tmp file + rename: a kill leaves no half file
-    from tensorboardX import SummaryWriter
-    from torchvision.utils import make_grid
-    from tqdm import tqdm
-
-    run_dir = Path(args.output) / f"Skin_{args.img_size}"
-    in_use = run_folder_in_use(run_dir)
-    if in_use and not args.resume:
-        again = f" (to run the demo afresh: rm -r {args.output})" if args.demo else ""
-        parser.error(f"--output {args.output}: {run_dir} already holds a run ({run_dir / in_use}); "
-                     f"pass --resume to continue it, or choose another --output{again}; nothing was overwritten")
-    state_path = run_dir / "last_state.pth"
-    state = None
-    if args.resume:
-        if not state_path.is_file():
-            parser.error(f"--resume: {state_path} does not exist, so there is no run to continue "
-                         "(it is written at the end of every epoch)")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in several types
-            parser.error(f"--resume: cannot read {state_path} ({type(err).__name__}: {err})")
-        changed = [f"--{k} was {state['args'].get(k)!r}, now {getattr(args, k)!r}"
-                   for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            parser.error("--resume: the run to continue used other settings (its selections would not "
-                         "repeat); " + "; ".join(changed))
+    add_log_handler(logging.StreamHandler(sys.stdout))
+    run = None
     try:
-        strategy = ActiveLearningStrategyFactory.create_strategy(args.strategy)
-    except (KeyError, ValueError) as err:
-        parser.error(f"--strategy {args.strategy}: {err}")
-    try:
-        device = utils.select_device(args.gpu)
-    except (ValueError, RuntimeError) as err:
-        parser.error(str(err))  # names --gpu and lists the devices present
+        prepare_args(parser, args, argv)
+        run = start_run(args, argv)
 
-    handlers = setup_logging(None)
-    writer = None
-    try:
-        utils.seed_everything(args.seed, deterministic=args.deterministic)
-
-        # ---- data (every file's header is checked here, before any training)
-        if args.demo and args.data_root is None:
-            args.data_root = str(Path(args.output) / "demo_data")
-            if not (Path(args.data_root) / "Training_Data").is_dir():
-                log.info("demo: writing synthetic ISIC-format data to %s", args.data_root)
-                datasets_skin.make_synthetic_isic(args.data_root, seed=args.seed, **DEMO_DATA)
-        try:
-            train_set = datasets_skin.SemiSupervisedSkinDataset(
-                *datasets_skin.find_split(args.data_root, "Training"), img_size=args.img_size)
-            val_set = datasets_skin.ValSkinDataset(
-                *datasets_skin.find_split(args.data_root, "Validation"), img_size=args.img_size)
-        except datasets_skin.DatasetError as err:
-            parser.error(f"--data_root {args.data_root}: {err}")
-        val_idx = list(range(len(val_set) if args.val_limit is None else min(args.val_limit, len(val_set))))
-        if args.num_workers:
-            val_set.preload(val_idx)  # workers then share the decoded images instead of decoding their own
-        val_set = Subset(val_set, val_idx)
-        val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
-                                num_workers=args.num_workers, collate_fn=datasets_skin.collate_val)
-
-        # ---- model
-        checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-        from sam2.build_sam import CheckpointError, ConfigNotFoundError
-
-        try:
-            model = build_model(args.model_cfg, checkpoint, args.img_size, args.rank, args.num_classes,
-                                args.module, device, args.lora_ckpt, args.seed)
-        except ConfigNotFoundError as err:
-            parser.error(f"--model_cfg {args.model_cfg}: {err}")
-        except CheckpointError as err:
-            parser.error(f"--checkpoint {checkpoint} does not fit --model_cfg {args.model_cfg}: {err}")
-        except ValueError as err:
-            if not args.lora_ckpt:
-                raise
-            parser.error(f"--lora_ckpt {args.lora_ckpt}: {err}")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
-        scaler = torch.amp.GradScaler("cuda", enabled=utils.amp_dtype(device) == torch.float16)
-        multimask = args.num_classes > 1
-        prompt_idx = -1 if args.promptmode == "none" else 0
-
-        # ---- run folder (created only now that data and model loaded, so a failed start leaves none)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for h in handlers:
-            log.removeHandler(h)
-        handlers = setup_logging(run_dir / "log.txt")
-        csv_path = run_dir / "al_selection.csv"
-        start_epoch, best_dice, best_path = 1, -1.0, None
-        if state is not None:
-            # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
-            _, unexpected = model.load_state_dict(state["trainable"], strict=False)
-            if unexpected:
-                parser.error(f"--resume: {state_path} does not fit this model (unexpected keys {unexpected[:3]})")
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            lost = sorted(set(state["labeled_names"]) - set(train_set.names))
-            if lost:
-                parser.error(f"--resume: {len(lost)} labeled images of the run are no longer in "
-                             f"--data_root {args.data_root} (e.g. {lost[0]})")
-            train_set.mark_labeled([train_set.names.index(n) for n in state["labeled_names"]])
-            start_epoch, best_dice = state["epoch"] + 1, state["best_dice"]
-            best_path = Path(state["best_path"]) if state["best_path"] else None
-            truncate_selection_csv(csv_path, state["epoch"])
-            for stale in run_dir.glob("best_model_dice*.pth"):
-                if best_path is None or stale.name != best_path.name:
-                    stale.unlink()  # a best saved by an epoch that did not finish; it is redone
-            with open(run_dir / "config.txt", "a") as f:
-                f.write(f"# resumed at epoch {start_epoch}: {' '.join(argv)}\n")
-            log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
-                     run_dir, start_epoch, len(train_set.labeled_indices), best_dice)
-        else:
-            write_text_atomic(run_dir / "config.txt",
-                              "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
-        writer = SummaryWriter(str(run_dir / "log"), purge_step=start_epoch if args.resume else None)
-
-        log.info("command: trainer.py %s", " ".join(argv))
-        log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
-                 device, args.model_cfg, checkpoint or "none (random weights)", args.img_size, len(train_set),
-                 len(val_set))
-        if checkpoint is None:
-            log.warning("!" * 78)
-            log.warning("!! NO SAM2 CHECKPOINT: the model starts from SEEDED RANDOM WEIGHTS, not SAM2.1.")
-            log.warning("!! Scores and Dice show the pipeline works, not what SAM2 achieves; %s.",
-                        DOWNLOAD_HINT)
-            log.warning("!" * 78)
-        if device.type == "cpu" and not args.demo:
-            log.warning("training on the CPU: expect this to be very slow at --img_size %d", args.img_size)
-
-        # ---- the active-learning loop
-        epoch = start_epoch - 1
-        for epoch in range(start_epoch, args.max_epochs + 1):
+        # ---- the active-learning loop: one selection and one round of fine-tuning per epoch
+        epoch = run.start_epoch - 1
+        for epoch in range(run.start_epoch, args.max_epochs + 1):
             utils.seed_everything(epoch_seed(args.seed, epoch), deterministic=args.deterministic)
-            unlabeled = train_set.unlabeled_indices
-            if not unlabeled:
-                log.info("all %d training images are labeled: nothing left to select; stopping before epoch %d",
-                         len(train_set), epoch)
+            wanted = labels_wanted(run)
+            if wanted == 0:
+                log.info("%s; stopping before epoch %d", stop_reason(run), epoch)
                 epoch -= 1
                 break
+            times: Dict[str, float] = {}
 
             # 1) score a fresh random pool and select the top batch_size
-            t0 = time.perf_counter()
-            pool = draw_pool(unlabeled, args.pool_size, args.seed, epoch)
-            model.eval()
-            chosen, scores = strategy.select(model, train_set, pool, args.batch_size, device, args.batch_size,
-                                             seed=epoch_seed(args.seed, epoch), num_workers=args.num_workers,
-                                             progress=True)
-            chosen = [int(i) for i in chosen]
-            scores = {int(i): float(s) for i, s in scores.items()}
-            t_score = time.perf_counter() - t0
+            with timed(times, "scoring_s"):
+                chosen, scores = select_batch(run, epoch, wanted)
 
             # 2) "annotate": only now are the selected masks read
-            train_set.mark_labeled(chosen)
-            rank = ranks_in_pool(scores)
-            append_selection_rows(csv_path, [[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i]]
-                                             for i in chosen])
-            writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
-            writer.add_scalar("al/labeled", len(train_set.labeled_indices), epoch)
-            writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)
-            samples = [train_set[i] for i in chosen]
-            writer.add_image("al/selected", make_grid(
-                [overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
+            annotate(run, epoch, chosen, scores)
+            utils.crash_point("selected", epoch)
 
             # 3) train on the labeled set. Default (--train_on labeled): every image labeled so far,
             # so earlier annotations keep counting; the reference trained on this epoch's batch only
             # (--train_on selected), i.e. one optimiser step per epoch.
-            t0 = time.perf_counter()
-            train_idx = train_set.labeled_indices if args.train_on == "labeled" else chosen
-            order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-            if args.num_workers:
-                train_set.preload(train_idx)
-            train_loader = DataLoader(Subset(train_set, train_idx), batch_size=args.batch_size, shuffle=True,
-                                      generator=order, num_workers=args.num_workers)
-            model.train()
-            sums: Dict[str, float] = {}
-            for batch in tqdm(train_loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                with utils.autocast(device):
-                    outputs = model(images, multimask, args.img_size, prompt_idx, args.promptmode)
-                parts = dual_decoder_loss(outputs, labels, args.dice_weight)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(parts["loss"]).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
-                scaler.step(optimizer)
-                scaler.update()
-                for name, value in parts.items():  # image-weighted epoch means
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * images.shape[0]
-            means = {k: v / len(train_idx) for k, v in sums.items()}
-            for name, value in means.items():
-                writer.add_scalar(f"train/{name}", value, epoch)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
-            t_train = time.perf_counter() - t0
+            with timed(times, "train_s"):
+                losses = train_one_epoch(run, epoch, chosen)
 
-            # 4) validate with decoder 1, no prompt (how the model is used after training)
-            t0 = time.perf_counter()
-            metrics: Dict[str, float] = {}
-            if epoch % args.val_every == 0 or epoch == args.max_epochs:
-                model.eval()
+            # 4) validate with decoder 1, no prompt (how the model is used after training); always after
+            # the last selection
+            last = epoch == args.max_epochs or labels_wanted(run) == 0
+            with timed(times, "val_s"):
+                metrics = validate_epoch(run, epoch) if epoch % args.val_every == 0 or last else {}
 
-                @torch.no_grad()
-                def predict(images: torch.Tensor) -> torch.Tensor:
-                    with utils.autocast(device):
-                        feats = model.encode(images.to(device))
-                        return model.decode(feats, 1, multimask_output=multimask)["low_res_logits"].float()
+            # 5) checkpoint: the full LoRA_Sam state_dict when validation Dice improves; the resume state
+            save_checkpoints(run, epoch, metrics)
+            log_epoch(run, epoch, losses, metrics, times)
+            utils.crash_point("epoch_end", epoch)
 
-                result = val.validate(predict, tqdm(val_loader, desc=f"epoch {epoch} val", leave=False,
-                                                    dynamic_ncols=True), args.num_classes, device)
-                metrics = {k: float(v) for k, v in result["mean"].items()}
-                for name, value in metrics.items():
-                    writer.add_scalar(f"val/{name}", value, epoch)
-                shown = [val_set[i] for i in range(min(4, len(val_set)))]
-                imgs = torch.stack([s["image"] for s in shown])
-                pred = F.interpolate(predict(imgs), size=imgs.shape[-2:], mode="bilinear",
-                                     align_corners=False).argmax(1).cpu() > 0
-                writer.add_image("val/prediction_over_gt", make_grid(
-                    [overlay(s["image"], s["label"] > 0, p) for s, p in zip(shown, pred)], nrow=len(shown)), epoch)
-            t_val = time.perf_counter() - t0
-
-            # 5) checkpoint: the full LoRA_Sam state_dict when validation Dice improves
-            dice = metrics.get("dice", float("nan"))
-            old_best = None
-            if metrics and epoch >= args.save_from_epoch and dice > best_dice:
-                old_best, best_dice = best_path, dice
-                best_path = run_dir / f"best_model_dice{dice:.4f}.pth"
-                atomic_torch_save(cpu_state_dict(model), best_path)
-                log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, best_path)
-            atomic_torch_save(dict(
-                epoch=epoch, args={k: getattr(args, k) for k in RESUME_KEYS},
-                trainable=trainable_state(model), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), labeled_names=[train_set.names[i] for i in train_set.labeled_indices],
-                best_dice=best_dice, best_path=str(best_path) if best_path else "",
-            ), state_path)
-            if old_best is not None and old_best != best_path and old_best.exists():
-                old_best.unlink()
-
-            for name, value in (("scoring_s", t_score), ("train_s", t_train), ("val_s", t_val)):
-                writer.add_scalar(f"time/{name}", value, epoch)
-            writer.flush()
-            val_text = f"val dice {dice:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
-            log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s"
-                     " | time scoring %.1fs train %.1fs val %.1fs",
-                     epoch, args.max_epochs, len(train_set.labeled_indices), means["loss"],
-                     means["loss_dec1"], means["loss_dec2"], val_text, t_score, t_train, t_val)
-
-        log.info("done: %d epochs, %d labeled images; best Dice %s", epoch, len(train_set.labeled_indices),
-                 f"{best_dice:.4f}" if best_path else "n/a (no checkpoint: none saved before --save_from_epoch)")
-        log.info("TensorBoard logs: %s   (view: tensorboard --logdir %s)", run_dir / "log", run_dir / "log")
-        log.info("selection log:    %s", csv_path)
-        if best_path:
-            log.info("best checkpoint:  %s", best_path)
-        return dict(run_dir=run_dir, best_path=best_path, best_dice=best_dice, epochs=epoch,
-                    labeled=[train_set.names[i] for i in train_set.labeled_indices])
+        return finish_run(run, epoch)
+    except UsageError as err:
+        parser.error(str(err))
     finally:
-        if writer is not None:
-            writer.close()
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
+        if run is not None and run.writer is not None:
+            run.writer.close()
+        for handler in list(log.handlers):  # the console and log.txt
+            log.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Losses and small shared helpers: Dice/CE segmentation loss, seeding, device choice."""
+"""Losses and small shared helpers: Dice/CE segmentation loss, seeding, device choice, autocast, crash points."""
 from __future__ import annotations
 
 import os
@@ -84,11 +84,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+class DeviceError(ValueError):
+    """A device name that is not understood or not present; the message lists what is."""
+
+
 _warned_no_cuda = False
 
 
 def select_device(gpu: Optional[str] = "0") -> torch.device:
-    """Map a ``--gpu`` value ("0", "cuda:1", "cuda", "cpu", "0,1" -> first id) to a device.
+    """Map a GPU name ("0", "cuda:1", "cuda", "cpu", "0,1" -> first id) to a device.
 
     Without CUDA the answer is CPU, with one warning per process. A missing GPU index is an error that lists
     the devices present.
@@ -101,7 +105,7 @@ def select_device(gpu: Optional[str] = "0") -> torch.device:
         text = text[len("cuda"):].lstrip(":") or "0"
     first = text.split(",")[0].strip()
     if not first.isdigit():
-        raise ValueError(f"--gpu {gpu!r} is not understood; use a GPU index such as 0, 'cuda:0' or 'cpu'.")
+        raise DeviceError(f"{gpu!r} is not understood; use a GPU index such as 0, 'cuda:0' or 'cpu'.")
     index = int(first)
     if not torch.cuda.is_available():
         if not _warned_no_cuda:
@@ -111,7 +115,7 @@ def select_device(gpu: Optional[str] = "0") -> torch.device:
     count = torch.cuda.device_count()
     if index >= count:
         present = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
-        raise ValueError(f"--gpu {gpu!r}: there is no GPU {index}; devices present: {present}.")
+        raise DeviceError(f"there is no GPU {index}; devices present: {present}.")
     return torch.device("cuda", index)
 
 
@@ -126,3 +130,13 @@ def autocast(device: torch.device) -> torch.autocast:
     """Mixed precision on CUDA, a disabled autocast (plain float32) elsewhere."""
     dtype = amp_dtype(device)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+CRASH_ENV = "MDSAM_CRASH_AT"
+
+
+def crash_point(point: str, epoch: int) -> None:
+    """Test hook: end the process at once (``os._exit(3)``, as a kill would) when the environment variable
+    ``MDSAM_CRASH_AT`` is ``<point>:<epoch>``. Makes the crash/resume tests deterministic instead of timed."""
+    if os.environ.get(CRASH_ENV) == f"{point}:{epoch}":
+        os._exit(3)

@@ -28,6 +28,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
+from torch.utils.data import DataLoader
+
+from datasets_skin import DatasetError, ValSkinDataset, collate_val, decode_mask, discover_samples, find_split
+from safe_io import CheckpointFileError, atomic_path, load_torch_file
+from sam2.build_sam import CheckpointError, ConfigNotFoundError
+from sam_lora_image_encoder_prompt import build_model
+from utils import DeviceError, select_device
 
 METRIC_NAMES = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95")
 JACCARD_THRESHOLD = 0.65
@@ -72,8 +80,6 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing = None) -> float:
     points give the same numbers ~30x faster on full-size ISIC photos (0.5 s instead of 18 s at 6688 x 4439).
     The tests check equality with medpy.
     """
-    from scipy.spatial import cKDTree
-
     pred_any, gt_any = pred.any(), gt.any()
     if not pred_any and not gt_any:
         return 0.0
@@ -208,7 +214,7 @@ def load_model_for_eval(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Build SAM2 + LoRA_Sam, load a ``best_model_dice*.pth`` state dict and return ``predict_fn`` for ``validate``.
 
-    The imports are lazy so that the metric part of this module works without the model code.
+    Every problem with the inputs is an ``EvalError`` naming the flag.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -216,17 +222,18 @@ def load_model_for_eval(
     if sam_ckpt is not None and not Path(sam_ckpt).is_file():
         raise EvalError(f"--sam_ckpt {sam_ckpt!r} does not exist; place the official SAM2.1 checkpoint there.")
     try:
-        from trainer import build_model  # the one place a model is made (SAM2 + LoRA_Sam)
-    except ImportError as err:
-        raise EvalError(f"Cannot import the model code (trainer.py, sam2/, sam_lora_image_encoder_prompt.py): {err}")
-    net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, device=device)
+        net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, device=device)
+    except ConfigNotFoundError as err:
+        raise EvalError(f"--model_cfg {model_cfg}: {err}") from None
+    except (CheckpointError, CheckpointFileError) as err:
+        raise EvalError(f"--sam_ckpt {sam_ckpt}: {err}") from None
     try:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-    except Exception as err:  # unpickling refused or corrupt file
-        raise EvalError(f"Cannot load --checkpoint {str(checkpoint)!r} as a tensors-only state dict: {err}") from err
+        state = load_torch_file(checkpoint, map_location=device)
+    except CheckpointFileError as err:
+        raise EvalError(f"--checkpoint: {err}") from None
     try:
         net.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise EvalError(
             f"--checkpoint {str(checkpoint)!r} does not fit this model (check --model_cfg, --rank, --img_size, "
             f"--num_classes): {err}"
@@ -235,7 +242,7 @@ def load_model_for_eval(
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         features = net.encode(images)
-        return net.decode(features, decoder, multimask_output=num_classes > 1)["low_res_logits"].float()
+        return net.decode(features, decoder)["low_res_logits"].float()
 
     return predict
 
@@ -244,8 +251,6 @@ def score_prediction_dir(
     pred_dir: Union[str, os.PathLike], image_dir: Path, mask_dir: Path, spacing: Spacing = None
 ) -> dict:
     """Score PNG predictions (``<name>_segmentation.png`` or ``<name>.png``, > 127 = lesion) against a split."""
-    from datasets_skin import decode_mask, discover_samples
-
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise EvalError(f"--pred_dir {str(pred_dir)!r} is not a folder.")
@@ -278,14 +283,10 @@ def score_prediction_dir(
 
 def write_csv(rows: Sequence[dict], path: Union[str, os.PathLike]) -> None:
     """Per-image rows to CSV, written atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def format_summary(result: dict) -> str:
@@ -321,32 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from datasets_skin import DatasetError, ValSkinDataset, collate_val, find_split
-    from utils import select_device
-
-    for flag in ("img_size", "num_classes", "batch_size", "rank"):
-        if getattr(args, flag) <= 0:
-            print(f"error: --{flag} must be positive, got {getattr(args, flag)}", file=sys.stderr)
-            return 2
+    problem = next((f"--{flag} must be positive, got {getattr(args, flag)}"
+                    for flag in ("img_size", "num_classes", "batch_size", "rank") if getattr(args, flag) <= 0), None)
+    if args.num_classes > 4:
+        problem = f"--num_classes must be 1..4 (one SAM2 mask token per class), got {args.num_classes}"
+    if args.spacing is not None and not args.spacing > 0:
+        problem = f"--spacing must be a positive pixel size, got {args.spacing}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         image_dir, mask_dir = find_split(args.data_root, args.split)
         if args.pred_dir is not None:
             result = score_prediction_dir(args.pred_dir, image_dir, mask_dir, args.spacing)
             source = Path(args.pred_dir)
         else:
-            device = select_device(args.gpu)
+            try:
+                device = select_device(args.gpu)
+            except DeviceError as err:
+                raise EvalError(f"--gpu {args.gpu}: {err}") from None
             predict_fn = load_model_for_eval(
                 args.checkpoint, args.model_cfg, args.sam_ckpt, args.img_size, args.num_classes, args.rank,
                 device, args.decoder,
             )
             dataset = ValSkinDataset(image_dir, mask_dir, args.img_size)
-            loader = torch.utils.data.DataLoader(
+            loader = DataLoader(
                 dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                 collate_fn=collate_val,
             )
             result = validate(predict_fn, loader, args.num_classes, device, args.spacing)
             source = Path(args.checkpoint)
-    except (DatasetError, EvalError, ValueError) as err:
+    except DatasetError as err:
+        print(f"error: --data_root {args.data_root}: {err}", file=sys.stderr)
+        return 2
+    except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     output_csv = Path(args.output_csv) if args.output_csv else source.resolve().parent / f"metrics_{args.split}.csv"

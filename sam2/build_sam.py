@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from safe_io import load_torch_file
 from sam2.modeling.sam2_base import SAM2Base
 
 logger = logging.getLogger(__name__)
@@ -229,13 +230,8 @@ def build_sam2(
 
 
 def _read_state_dict(ckpt_path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise CheckpointError(
-            f"cannot read SAM2 checkpoint {str(ckpt_path)!r} with torch.load(weights_only=True): {exc}. "
-            "Expected an official SAM2.1 .pt file (see " + str(CHECKPOINT_README) + ")"
-        ) from exc
+    """The state dict of an official checkpoint; ``safe_io.CheckpointFileError`` when the file is unreadable."""
+    obj = load_torch_file(ckpt_path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):

@@ -1,14 +1,13 @@
 """Data fixtures shared by the data/metric tests (import the fixture names into a test module to use them)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from synthetic_isic import make_synthetic_isic
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the product modules live at the repository root
-    sys.path.insert(0, str(REPO))
 
 ISIC_SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 pairs, when present
 needs_isic_sample = pytest.mark.skipif(
@@ -19,14 +18,10 @@ needs_isic_sample = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset (README layout, 10 train / 5 val / 3 test, 128 px wide). Read-only for tests."""
-    import datasets_skin
-
-    return datasets_skin.make_synthetic_isic(tmp_path_factory.mktemp("synthetic"), 10, 5, 3, size=128, seed=7)
+    return make_synthetic_isic(tmp_path_factory.mktemp("synthetic"), 10, 5, 3, size=128, seed=7)
 
 
 @pytest.fixture
 def synthetic_copy(tmp_path) -> Path:
     """A fresh small dataset a test may modify (6 train / 3 val, 96 px wide)."""
-    import datasets_skin
-
-    return datasets_skin.make_synthetic_isic(tmp_path / "data", 6, 3, 0, size=96, seed=3)
+    return make_synthetic_isic(tmp_path / "data", 6, 3, 0, size=96, seed=3)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from data_fixtures import ISIC_SAMPLE, needs_isic_sample, synthetic_copy, synthetic_root  # noqa: F401
 
 import datasets_skin as ds
+import synthetic_isic
 from datasets_skin import DatasetError
 
 MEAN = np.array(ds.PIXEL_MEAN).reshape(3, 1, 1)
@@ -316,7 +317,7 @@ def test_preloaded_cache_serves_dataloader_workers(synthetic_copy):
 
 def test_draft_decode_close_to_full_decode(tmp_path):
     rng = np.random.default_rng(0)
-    image, _ = ds.synthetic_lesion_image(rng, 768, 1024)
+    image, _ = synthetic_isic.synthetic_lesion_image(rng, 768, 1024)
     path = tmp_path / "big.jpg"
     Image.fromarray(image).save(path, quality=95)
     with Image.open(path) as im:
@@ -354,23 +355,23 @@ def test_val_dataset_and_collate_keep_original_masks(synthetic_root):
 
 
 def test_synthetic_data_layout_and_determinism(tmp_path):
-    a = ds.make_synthetic_isic(tmp_path / "a", 4, 2, 2, size=96, seed=5)
-    b = ds.make_synthetic_isic(tmp_path / "b", 4, 2, 2, size=96, seed=5)
-    c = ds.make_synthetic_isic(tmp_path / "c", 4, 2, 2, size=96, seed=6)
+    a = synthetic_isic.make_synthetic_isic(tmp_path / "a", 4, 2, 2, size=96, seed=5)
+    b = synthetic_isic.make_synthetic_isic(tmp_path / "b", 4, 2, 2, size=96, seed=5)
+    c = synthetic_isic.make_synthetic_isic(tmp_path / "c", 4, 2, 2, size=96, seed=6)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files_a) == 16
     assert Path("Training_Data/ISIC_0000000.jpg") in files_a
     assert Path("Test_GroundTruth/ISIC_0000007_segmentation.png") in files_a
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
     assert all((a / f).read_bytes() != (c / f).read_bytes() for f in files_a if f.suffix == ".jpg")
-    no_test = ds.make_synthetic_isic(tmp_path / "d", 2, 1, 0, size=64, seed=0)
+    no_test = synthetic_isic.make_synthetic_isic(tmp_path / "d", 2, 1, 0, size=64, seed=0)
     with pytest.raises(DatasetError, match="No Test split"):
         ds.find_split(no_test, "Test")
 
 
 def test_synthetic_lesions_are_varied(tmp_path):
     """Masks are 0/255 and non-empty; the set has tiny, border-touching, large and low-contrast lesions."""
-    root = ds.make_synthetic_isic(tmp_path, 40, 0, 0, size=128, seed=0)
+    root = synthetic_isic.make_synthetic_isic(tmp_path, 40, 0, 0, size=128, seed=0)
     images, masks = ds.find_split(root, "Training")
     fractions, touching, contrasts, heights = [], 0, [], set()
     for image_path in sorted(images.iterdir()):

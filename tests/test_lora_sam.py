@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from safe_io import CheckpointFileError
 from sam2.build_sam import build_sam2
 from sam_lora_image_encoder_prompt import (
     LoRA_Sam,
@@ -368,12 +369,13 @@ def test_lora_file_errors(tmp_path, shared_net):
     torch.save(shared_net.state_dict(), full)
     with pytest.raises(ValueError, match="load_state_dict"):
         shared_net.load_lora_parameters(full)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(CheckpointFileError, match="missing.pth: no such file"):
         shared_net.load_lora_parameters(tmp_path / "missing.pth")
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": object()}, pickled)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(CheckpointFileError, match="holds pickled Python objects .*refused for safety") as refused:
         shared_net.load_lora_parameters(pickled)
+    assert "weights_only=False" not in str(refused.value), "never advise loading untrusted code"
 
 
 def test_full_state_dict_roundtrip_readme_snippet(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from safe_io import CheckpointFileError
 from sam2.build_sam import (
     CheckpointError,
     ConfigNotFoundError,
@@ -209,8 +210,11 @@ def test_stray_and_missing_keys_are_errors(tiny, tmp_path):
 
 def test_untrusted_or_foreign_file_is_a_clear_error(tiny, tmp_path):
     torch.save({"model": {"a": object()}}, tmp_path / "pickle.pt")  # needs full unpickling
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointFileError, match="pickle.pt holds pickled Python objects .*refused for safety"):
         load_checkpoint(tiny, tmp_path / "pickle.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointFileError, match="notes.pt is not a readable PyTorch checkpoint"):
+        load_checkpoint(tiny, tmp_path / "notes.pt")
     torch.save({"epoch": 3}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="state dict"):
         load_checkpoint(tiny, tmp_path / "other.pt")

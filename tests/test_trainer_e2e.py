@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import trainer
+from synthetic_isic import make_synthetic_isic
 
 EPOCHS, BATCH, POOL, SIZE = 2, 2, 4, 64
 TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
@@ -174,9 +175,7 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path):
 
 def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path):
     """--promptmode point-box trains decoder 2 on prompts from decoder 1; 5 images run out in epoch 3."""
-    import datasets_skin
-
-    data = datasets_skin.make_synthetic_isic(tmp_path / "data", n_train=5, n_val=2, size=96, seed=3)
+    data = make_synthetic_isic(tmp_path / "data", n_train=5, n_val=2, size=96, seed=3)
     result = trainer.main(["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", "2",
                            "--pool_size", "2", "--max_epochs", "6", "--promptmode", "point-box",
                            "--save_from_epoch", "1", "--data_root", str(data), "--output", str(tmp_path / "out")])
@@ -222,3 +221,27 @@ def test_same_seed_same_selections_losses_and_dice_as_recorded(demo_run):
     for tag, key in (("train/loss", "loss"), ("train/loss_dec1", "loss_dec1"), ("val/dice", "dice")):
         got = [v for _, _, v in sorted(events[tag])]
         assert got == pytest.approx(BEFORE[key], abs=1e-4), tag
+
+
+def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run, tmp_path):
+    """--label_budget 3 with 2 images per epoch: epoch 2 selects only its best image, is trained on and
+    validated (even with --val_every 5), and the run stops there; last_model.pth holds the final model."""
+    from sam2.build_sam import build_sam2
+    from sam_lora_image_encoder_prompt import LoRA_Sam
+
+    out, _ = demo_run
+    result = trainer.main(TINY + ["--data_root", str(out / "demo_data"), "--output", str(tmp_path),
+                                  "--max_epochs", "5", "--label_budget", "3", "--val_every", "5"])
+    rows = read_selection(result["run_dir"])
+    assert [(r["epoch"], r["rank_in_pool"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1")]
+    assert result["epochs"] == 2 and len(result["labeled"]) == 3
+    assert "label budget of 3 images is reached" in (result["run_dir"] / "log.txt").read_text()
+    events = read_events(result["run_dir"] / "log")
+    assert sorted(step for step, _, _ in events["val/dice"]) == [2], "the last selection is validated"
+    state = torch.load(result["run_dir"] / "last_model.pth", weights_only=True)
+    net = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE), r=4)
+    net.load_state_dict(state)  # strict: the full state_dict
+    trained = torch.load(result["run_dir"] / "last_state.pth", weights_only=True)["trainable"]
+    for name, value in trained.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import trainer
+from sam_lora_image_encoder_prompt import build_model
+from synthetic_isic import make_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,14 +144,14 @@ def test_resume_from_an_unreadable_state_is_explained(capsys, tmp_path):
 
 def test_build_model_starts_from_a_lora_ckpt(tmp_path):
     """--lora_ckpt: LoRA, prompt encoder and decoders come from the file; the rest from --checkpoint."""
-    trained = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=1)
+    trained = build_model("sam2.1_hiera_t", None, img_size=64, seed=1)
     with torch.no_grad():
         for name, p in trained.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)  # stand-in for training
     trained.save_lora_parameters(tmp_path / "lora.pth")
-    fresh = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=2)
-    loaded = trainer.build_model("sam2.1_hiera_t", None, img_size=64, seed=2, lora_ckpt=str(tmp_path / "lora.pth"))
+    fresh = build_model("sam2.1_hiera_t", None, img_size=64, seed=2)
+    loaded = build_model("sam2.1_hiera_t", None, img_size=64, seed=2, lora_ckpt=str(tmp_path / "lora.pth"))
     want, got, before = trained.state_dict(), loaded.state_dict(), fresh.state_dict()
     changed = [k for k in want if not torch.equal(want[k], before[k])]
     assert changed, "the stand-in training changed nothing"
@@ -158,9 +160,7 @@ def test_build_model_starts_from_a_lora_ckpt(tmp_path):
 
 
 def test_unknown_model_cfg_and_mismatched_checkpoint_name_the_flags(capsys, tmp_path):
-    import datasets_skin
-
-    data = datasets_skin.make_synthetic_isic(tmp_path / "data", n_train=2, n_val=1, size=64, seed=0)
+    data = make_synthetic_isic(tmp_path / "data", n_train=2, n_val=1, size=64, seed=0)
     common = ["--data_root", str(data), "--gpu", "cpu", "--img_size", "64", "--batch_size", "1", "--pool_size", "1"]
     err = run_main_expecting_error(common + ["--model_cfg", "sam2.1_hiera_zz", "--checkpoint", "none",
                                              "--output", str(tmp_path / "a")], capsys)

@@ -115,7 +115,7 @@ def test_select_device_with_cuda(monkeypatch):
     assert utils.select_device("cuda:0") == torch.device("cuda", 0)
     assert utils.select_device("cuda") == torch.device("cuda", 0)
     assert utils.select_device("1,0") == torch.device("cuda", 1)
-    with pytest.raises(ValueError, match=r"no GPU 3; devices present: 0: FakeGPU0, 1: FakeGPU1"):
+    with pytest.raises(utils.DeviceError, match=r"no GPU 3; devices present: 0: FakeGPU0, 1: FakeGPU1"):
         utils.select_device("3")
-    with pytest.raises(ValueError, match="--gpu 'gpu0' is not understood"):
+    with pytest.raises(utils.DeviceError, match="'gpu0' is not understood"):
         utils.select_device("gpu0")

@@ -15,6 +15,7 @@ from data_fixtures import synthetic_root  # noqa: F401
 
 import datasets_skin as ds
 import val
+from sam_lora_image_encoder_prompt import build_model
 
 ISIC_KEYS = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
 
@@ -267,8 +268,7 @@ def test_cli_input_errors(synthetic_root, tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_checkpoint_round_trip(synthetic_root, tmp_path):
     """A saved LoRA_Sam state dict (tiny model, 64 px) is restored exactly by load_model_for_eval and scored."""
-    trainer = pytest.importorskip("trainer", reason="model code (trainer.py) not present")
-    trained = trainer.build_model("sam2.1_hiera_t", None, 64, rank=4, num_classes=1, device="cpu", seed=1)
+    trained = build_model("sam2.1_hiera_t", None, 64, rank=4, num_classes=1, device="cpu", seed=1)
     with torch.no_grad():
         for p in trained.parameters():  # move every weight off its initial value so a missed load would show
             p.add_(0.01 * torch.randn_like(p))
