@@ -547,14 +547,14 @@ def annotate(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) 
         [overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
 
 
-def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
-    """One optimiser step on one mini-batch; returns the loss parts (detached)."""
+def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """One optimiser step on one mini-batch (prompt points drawn from ``prompt_rng``); the loss parts, detached."""
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
     images = batch["image"].to(run.device, non_blocking=True)
     labels = batch["label"].to(run.device, non_blocking=True)
     prompt_idx = -1 if args.promptmode == "none" else 0
     with utils.autocast(run.device):
-        outputs = model(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode)
+        outputs = model(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode, prompt_rng)
     parts = dual_decoder_loss(outputs, labels, args.dice_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(parts["loss"]).backward()
@@ -567,18 +567,20 @@ def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
 
 def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
     """Train on the labeled set (--train_on labeled) or this epoch's selection (selected); image-weighted
-    mean of every loss part. The batch order comes from a generator seeded by (seed, epoch)."""
+    mean of every loss part. Batch order and prompt points come from generators seeded by (seed, epoch), never
+    from what scoring drew, so a restarted process or another strategy trains with the same draws."""
     args = run.args
     train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else chosen
     if args.num_workers:
         run.train_set.preload(train_idx)
     order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    prompt_rng = np.random.default_rng([args.seed, epoch, 1])
     loader = DataLoader(Subset(run.train_set, train_idx), batch_size=args.batch_size, shuffle=True,
                         generator=order, num_workers=args.num_workers)
     run.model.train()
     sums: Dict[str, float] = {}
     for batch in tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
-        for name, value in train_step(run, batch).items():
+        for name, value in train_step(run, batch, prompt_rng).items():
             sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
     means = {k: v / len(train_idx) for k, v in sums.items()}
     for name, value in means.items():

@@ -8,6 +8,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -245,3 +246,23 @@ def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run
     for name, value in trained.items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
 
+
+def test_training_draws_do_not_depend_on_what_scoring_drew(demo_run, tmp_path, monkeypatch):
+    """Prompt points and batch order come from generators seeded by (seed, epoch): extra draws from the
+    global RNGs between selection and training change nothing."""
+    out, _ = demo_run
+    argv = TINY + ["--data_root", str(out / "demo_data"), "--max_epochs", "2", "--promptmode", "point"]
+    plain = trainer.main(argv + ["--output", str(tmp_path / "plain")])
+    select_batch = trainer.select_batch
+
+    def select_then_draw(*args, **kwargs):
+        chosen = select_batch(*args, **kwargs)
+        torch.rand(1000), np.random.rand(1000)  # what another strategy or a restarted process would change
+        return chosen
+
+    monkeypatch.setattr(trainer, "select_batch", select_then_draw)
+    disturbed = trainer.main(argv + ["--output", str(tmp_path / "disturbed")])
+    for tag in ("train/loss_dec1", "train/loss_dec2", "val/dice"):
+        a = [v for _, _, v in sorted(read_events(plain["run_dir"] / "log")[tag])]
+        b = [v for _, _, v in sorted(read_events(disturbed["run_dir"] / "log")[tag])]
+        assert a == b, tag
