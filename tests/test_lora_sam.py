@@ -291,13 +291,20 @@ def test_class_logits_are_raw_tokens_in_eval_even_where_sam2_falls_back():
             torch.testing.assert_close(evaluated[f"low_res_logits{d}"][:, 1:], raw[:, :1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("prompt_idx, mode", [(-1, "none"), (0, "point"), (1, "box"), (0, "point-box")])
-def test_working_size_comes_from_the_call_not_the_build(prompt_idx, mode):
-    """A model built at the config's 1024 px run on 128-px images predicts what a model built with
-    image_size=128 predicts (same weights), and its stored sizes stay as built."""
+@pytest.fixture(scope="module")
+def built_at_two_sizes():
+    """The same weights in LoRA_Sam built at SIZE and at the config's default (1024), eval mode."""
     built_small = LoRA_Sam(tiny_sam(seed=3), r=4).eval()
     torch.manual_seed(3)
     built_default = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu"), r=4).eval()
+    return built_small, built_default
+
+
+@pytest.mark.parametrize("prompt_idx, mode", [(-1, "none"), (0, "point"), (1, "box"), (0, "point-box")])
+def test_working_size_comes_from_the_call_not_the_build(built_at_two_sizes, prompt_idx, mode):
+    """A model built at the config's 1024 px run on 128-px images predicts what a model built with
+    image_size=128 predicts (same weights), and its stored sizes stay as built."""
+    built_small, built_default = built_at_two_sizes
     assert built_default.sam.image_size == 1024 != SIZE
     x = images()
     with torch.no_grad():
