@@ -275,9 +275,16 @@ class LoRA_Sam(nn.Module):
       lora_layer: indices of the Hiera blocks to adapt (None: all blocks).
       num_classes: foreground classes, 1..4 (SAM2 has four mask tokens). Outputs have
         num_classes + 1 channels: channel 0 is a constant-zero background logit, channel
-        c is mask token c-1. For num_classes = 1 the decoder's official single-mask output
-        is used (token 0, with SAM2's stability fallback to the best multimask token in
-        eval mode), so the untrained model reproduces SAM2's single-mask prediction.
+        c is the raw output of mask token c-1, in train and eval mode alike. SAM2's eval-time
+        single-mask fallback ("dynamic multimask via stability": an unstable token 0 is
+        replaced by the best of tokens 1-3) is not used, since the loss never trains those
+        tokens or the IoU head; the untrained model therefore reproduces SAM2's single-mask
+        logits with that fallback off. (`SAM2ImagePredictor` keeps the official fallback.)
+
+    The working image size is taken from each call (the images in `encode`, the features in
+    `decode`, `image_size` in `forward`), not from the size `sam_model` was built with: no
+    parameter depends on it, so a model built at 1024 and run at 512 predicts what a model
+    built with image_size=512 predicts.
 
     Trainable: LoRA matrices, the prompt encoder and both mask decoders. Everything else
     in `sam_model` (image encoder weights, memory modules, no_mem_embed) is frozen.
@@ -369,15 +376,15 @@ class LoRA_Sam(nn.Module):
     def encode(self, images: torch.Tensor) -> Dict[str, object]:
         """B x 3 x S x S normalised images -> SAM2 features (one image-encoder pass).
 
-        Returns dict(image_embed=B x 256 x S/16 x S/16, high_res_feats=[B x 32 x S/4 x S/4,
-        B x 64 x S/8 x S/8]).
+        S is taken from `images` (any positive multiple of 32), not from the size the SAM2
+        model was built with. Returns dict(image_embed=B x 256 x S/16 x S/16,
+        backbone_fpn=[B x 256 x S/4 x S/4, B x 256 x S/8 x S/8, B x 256 x S/16 x S/16]): the raw
+        FPN levels, which each decoder projects with its own conv_s0/conv_s1 in `decode`.
         """
-        size = self.sam.image_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
-            raise ValueError(
-                f"expected images of shape B x 3 x {size} x {size} (the model's image_size), got {tuple(images.shape)}"
-            )
-        return self.sam.encode_image(images)
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2] != images.shape[-1]:
+            raise ValueError(f"expected B x 3 x S x S images, got shape {tuple(images.shape)}")
+        _check_working_size(images.shape[-1])
+        return self.sam.encode_backbone(images)
 
     def decode(
         self,
@@ -389,37 +396,38 @@ class LoRA_Sam(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """Run mask decoder 1 or 2 on encoded features with optional prompts.
 
+        The working size S is read from the features (S = 16 x the image-embedding size); the
+        decoder projects the high-resolution FPN levels with its own conv_s0/conv_s1.
         points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
         B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
         the official predictor a box becomes two corner points placed before the clicks.
         multimask_output: accepted for compatibility with SAM-style calls; the channel
         layout is fixed by num_classes (see the class docstring), so it changes nothing.
 
-        Returns dict(low_res_logits=B x (C+1) x S/4 x S/4, iou_predictions=B x C).
+        Returns dict(low_res_logits=B x (C+1) x S/4 x S/4 (channel 0 zero, channel c = mask
+        token c-1, in train and eval mode alike), iou_predictions=B x C).
         """
         del multimask_output  # documented no-op, see above
         decoder = self._decoder(decoder_idx)
         image_embed = features["image_embed"]
-        batch = image_embed.shape[0]
-        sparse, dense = self.sam.sam_prompt_encoder(
-            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None
+        batch, grid = image_embed.shape[0], tuple(image_embed.shape[-2:])
+        stride = self.sam.backbone_stride
+        prompt_encoder = self.sam.sam_prompt_encoder
+        sparse, dense = prompt_encoder(
+            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None,
+            image_embedding_size=grid, input_image_size=(grid[0] * stride, grid[1] * stride),
         )
         # Without prompts SAM2's prompt encoder returns batch 1; share it across the batch.
-        sparse = sparse.expand(batch, -1, -1)
-        dense = dense.expand(batch, -1, -1, -1)
-        decoder_args = dict(
+        # All tokens, then the first C: no stability fallback to tokens the loss never trains.
+        masks, iou = decoder.predict_masks(
             image_embeddings=image_embed,
-            image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            image_pe=prompt_encoder.get_dense_pe(grid),
+            sparse_prompt_embeddings=sparse.expand(batch, -1, -1),
+            dense_prompt_embeddings=dense.expand(batch, -1, -1, -1),
             repeat_image=False,
-            high_res_features=features["high_res_feats"],
-        )
-        if self.num_classes == 1:
-            masks, iou, _, _ = decoder(multimask_output=False, **decoder_args)
-        else:
-            masks, iou = decoder.predict_masks(**decoder_args)[:2]
-            masks, iou = masks[:, : self.num_classes], iou[:, : self.num_classes]
+            high_res_features=self.sam.project_high_res(features["backbone_fpn"], decoder),
+        )[:2]
+        masks, iou = masks[:, : self.num_classes], iou[:, : self.num_classes]
         background = masks.new_zeros(masks.shape[0], 1, *masks.shape[2:])
         return {"low_res_logits": torch.cat([background, masks], dim=1), "iou_predictions": iou}
 
@@ -443,9 +451,9 @@ class LoRA_Sam(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """Both decoders on one image-encoder pass.
 
-        batched_input: B x 3 x S x S normalised images, S == image_size == the model's
-        image_size. multimask_output: kept for the reference call signature; no effect
-        (see `decode`).
+        batched_input: B x 3 x S x S normalised images, S == image_size, a multiple of 32
+        (it need not be the size the SAM2 model was built with). multimask_output: kept for
+        the reference call signature; no effect (see `decode`).
         prompt_idx -1 (or prompt_mode "none"): both decoders unprompted.
         prompt_idx 0: decoder 1 unprompted; prompts derived from its mask (largest
           component: EDT-centre point, uniform random point, box) prompt decoder 2, giving
@@ -461,10 +469,11 @@ class LoRA_Sam(nn.Module):
         low_res_logits{p}_r, iou_predictions{p}_r, masks{p}_r.
         """
         del multimask_output  # documented no-op
-        if image_size != self.sam.image_size:
+        _check_working_size(image_size)
+        if batched_input.dim() != 4 or tuple(batched_input.shape[1:]) != (3, image_size, image_size):
             raise ValueError(
-                f"image_size {image_size} differs from the model's {self.sam.image_size}: "
-                f"build it with build_sam2(..., image_size={image_size})"
+                f"image_size {image_size} does not match the input of shape {tuple(batched_input.shape)}: "
+                f"pass B x 3 x {image_size} x {image_size} images, or the images' size as image_size"
             )
         mode = _check_prompt_mode(prompt_idx, prompt_mode)
         features = self.encode(batched_input)
@@ -492,6 +501,19 @@ class LoRA_Sam(nn.Module):
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
+
+
+# Hiera halves the resolution after its stride-4 patch embedding three times, and the FPN adds each
+# level to the 2x-upsampled coarser one: the input size must divide by 4 * 2**3.
+SIZE_MULTIPLE = 32
+
+
+def _check_working_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % SIZE_MULTIPLE:
+        raise ValueError(
+            f"image size {size!r} is not a positive multiple of {SIZE_MULTIPLE}: resize the images to one "
+            f"(e.g. 512; --img_size) and pass that size"
+        )
 
 
 def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:

@@ -17,8 +17,10 @@ IGNORE_INDEX = 255  # target pixels with this label take no part in either loss 
 class DiceLoss_Mask(nn.Module):
     """Soft Dice loss over ``n_classes`` softmax channels (background included), ignoring pixels labelled 255.
 
-    Per class c, over all valid pixels of the batch: ``1 - (2 sum(p_c t_c) + eps) / (sum(p_c^2) + sum(t_c) + eps)``;
-    the loss is the mean over classes (optionally weighted). ``n_classes`` is the channel count, i.e.
+    The reference implementation's Dice: per channel c, over the valid pixels m of the whole batch,
+    ``1 - (2 sum(p_c t_c m) + eps) / (sum(p_c m) + sum(t_c m) + eps)`` (sum of p, not of p^2), then the
+    mean over the channels. With class weights w the weighted per-channel losses are summed and divided by
+    the channel count (as the reference does), not by sum(w). ``n_classes`` is the channel count, i.e.
     ``num_classes + 1`` for ``num_classes`` foreground classes.
     """
 
@@ -48,12 +50,14 @@ class DiceLoss_Mask(nn.Module):
         probs = probs * valid
         dims = (0, 2, 3)
         intersection = (probs * one_hot).sum(dims)
-        denominator = (probs * probs).sum(dims) + one_hot.sum(dims)
+        denominator = probs.sum(dims) + one_hot.sum(dims)
         per_class = 1.0 - (2.0 * intersection + self.smooth) / (denominator + self.smooth)  # C
         if weight is None:
             return per_class.mean()
         weight = torch.as_tensor(weight, dtype=per_class.dtype, device=per_class.device)
-        return (per_class * weight).sum() / weight.sum()
+        if weight.shape != per_class.shape:
+            raise ValueError(f"weight has shape {tuple(weight.shape)}; pass one weight per channel ({self.n_classes}).")
+        return (per_class * weight).sum() / self.n_classes
 
 
 def segmentation_loss(

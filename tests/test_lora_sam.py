@@ -190,7 +190,8 @@ def test_untrained_lora_encoder_equals_the_original(shared_net):
         reference = tiny_sam().eval().encode_image(x)  # same seed: same weights
         ours = shared_net.encode(x)
     torch.testing.assert_close(ours["image_embed"], reference["image_embed"], rtol=0, atol=1e-6)
-    for a, b in zip(ours["high_res_feats"], reference["high_res_feats"]):
+    assert len(ours["backbone_fpn"]) == 3
+    for a, b in zip(ours["backbone_fpn"], reference["backbone_fpn"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
@@ -215,8 +216,12 @@ def test_forward_outputs_shapes_and_class_layout(shared_net):
         shared_net(x, True, SIZE, 0, "scribble")
     with pytest.raises(ValueError, match="decoder_idx"):
         shared_net.decode({"image_embed": None}, 3)
-    with pytest.raises(ValueError, match="B x 3 x 128 x 128"):
-        shared_net.encode(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        shared_net.encode(torch.zeros(1, 3, 100, 100))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        shared_net(torch.zeros(1, 3, 100, 100), True, 100)
+    with pytest.raises(ValueError, match="B x 3 x S x S"):
+        shared_net.encode(torch.zeros(1, 3, 64, 96))
 
 
 def test_multi_class_channels_are_mask_tokens():
@@ -228,7 +233,8 @@ def test_multi_class_channels_are_mask_tokens():
         sparse, dense = net.sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
         all_tokens = net.sam.sam_mask_decoder.predict_masks(
             features["image_embed"], net.sam.sam_prompt_encoder.get_dense_pe(), sparse.expand(2, -1, -1),
-            dense.expand(2, -1, -1, -1), repeat_image=False, high_res_features=features["high_res_feats"])[0]
+            dense.expand(2, -1, -1, -1), repeat_image=False,
+            high_res_features=net.sam.project_high_res(features["backbone_fpn"], net.sam.sam_mask_decoder))[0]
     assert decoded["low_res_logits"].shape == (2, 4, SIZE // 4, SIZE // 4)
     assert decoded["iou_predictions"].shape == (2, 3)
     assert torch.equal(decoded["low_res_logits"][:, 0], torch.zeros_like(decoded["low_res_logits"][:, 0]))
@@ -252,6 +258,66 @@ def test_prompted_forward_uses_prompts_from_the_other_decoder(shared_net, prompt
     torch.testing.assert_close(out[f"low_res_logits{prompted}_r"], rand["low_res_logits"])
     assert not torch.allclose(center["low_res_logits"], unprompted["low_res_logits"])  # the prompt is used
     assert f"masks{prompted}_r" in out and f"low_res_logits{free}_r" not in out
+
+
+def all_token_logits(net, features, decoder_idx):
+    """Raw B x 4 x S/4 x S/4 logits of every mask token of one decoder (no prompt), and the
+    official single-mask output of the same decoder (`MaskDecoder.forward`, multimask off)."""
+    decoder = net._decoder(decoder_idx)
+    sparse, dense = net.sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    batch = features["image_embed"].shape[0]
+    args = dict(image_embeddings=features["image_embed"], image_pe=net.sam.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse.expand(batch, -1, -1), dense_prompt_embeddings=dense.expand(batch, -1, -1, -1),
+                repeat_image=False, high_res_features=net.sam.project_high_res(features["backbone_fpn"], decoder))
+    return decoder.predict_masks(**args)[0], decoder(multimask_output=False, **args)[0]
+
+
+def test_class_logits_are_raw_tokens_in_eval_even_where_sam2_falls_back():
+    """Class c is token c-1 in eval as in train: SAM2's eval-time single-mask fallback (an
+    unstable token 0 replaced by the best of tokens 1-3) is not used by LoRA_Sam."""
+    net = LoRA_Sam(tiny_sam(), r=4)
+    for decoder in (net.sam.sam_mask_decoder, net.sam.sam_mask_decoder2):
+        assert decoder.dynamic_multimask_via_stability  # built with the official post-processing
+        decoder.dynamic_multimask_stability_thresh = 1.5  # a stability score (an IoU) never reaches it
+    x = images()
+    with torch.no_grad():
+        evaluated = net.eval()(x, True, SIZE)
+        trained = net.train()(x, True, SIZE)
+        net.eval()
+        features = net.encode(x)
+        for d in (1, 2):
+            raw, official = all_token_logits(net, features, d)
+            assert not torch.allclose(official, raw[:, :1])  # SAM2's own eval path did fall back
+            assert torch.equal(evaluated[f"low_res_logits{d}"], trained[f"low_res_logits{d}"])
+            torch.testing.assert_close(evaluated[f"low_res_logits{d}"][:, 1:], raw[:, :1], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def built_at_two_sizes():
+    """The same weights in LoRA_Sam built at SIZE and at the config's default (1024), eval mode."""
+    built_small = LoRA_Sam(tiny_sam(seed=3), r=4).eval()
+    torch.manual_seed(3)
+    built_default = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu"), r=4).eval()
+    return built_small, built_default
+
+
+@pytest.mark.parametrize("prompt_idx, mode", [(-1, "none"), (0, "point"), (1, "box"), (0, "point-box")])
+def test_working_size_comes_from_the_call_not_the_build(built_at_two_sizes, prompt_idx, mode):
+    """A model built at the config's 1024 px run on 128-px images predicts what a model built with
+    image_size=128 predicts (same weights), and its stored sizes stay as built."""
+    built_small, built_default = built_at_two_sizes
+    assert built_default.sam.image_size == 1024 != SIZE
+    x = images()
+    with torch.no_grad():
+        small = built_small(x, True, SIZE, prompt_idx, mode, generator=np.random.default_rng(2))
+        default = built_default(x, True, SIZE, prompt_idx, mode, generator=np.random.default_rng(2))
+    assert set(small) == set(default)
+    for key in small:
+        assert default[key].shape == small[key].shape, key
+        assert (default[key] - small[key]).abs().max().item() <= 1e-5, key
+    prompt_encoder = built_default.sam.sam_prompt_encoder
+    assert (built_default.sam.image_size, prompt_encoder.input_image_size, prompt_encoder.image_embedding_size) == (
+        1024, (1024, 1024), (64, 64))
 
 
 # ---- zero-shot parity with the official SAM2 ----------------------------------------------------
@@ -285,6 +351,44 @@ def test_zero_shot_equals_official_single_mask_prediction(oracle, report_figure)
         assert diff < 1e-4
     official_iou = torch.stack([cases[(name, "none_mm0")]["iou_predictions"] for name in names])
     torch.testing.assert_close(out["iou_predictions1"], official_iou, rtol=1e-3, atol=1e-4)
+
+
+# hiera_s keeps sam2_oracle's token 0 unscaled: its official single-mask output is unstable and falls back
+FALLBACK_MODEL = "sam2.1_hiera_s"
+
+
+def test_zero_shot_equals_official_token0_where_the_official_fallback_triggers(sam2_oracle, report_figure):
+    """Where the official predictor replaces an unstable token 0 by the best multi-mask token, the
+    untrained LoRA_Sam still gives sigmoid(official single-mask logits with the fallback off)."""
+    import sam2_oracle_fallback
+
+    ref = torch.load(sam2_oracle_fallback.fallback_outputs(sam2_oracle, FALLBACK_MODEL, ORACLE_SIZE), weights_only=True)
+    net = LoRA_Sam(build_sam2(FALLBACK_MODEL, str(sam2_oracle.weights_file(FALLBACK_MODEL)), device="cpu",
+                              image_size=ORACLE_SIZE), r=4).eval()
+    assert net.sam.sam_mask_decoder.dynamic_multimask_via_stability  # the official setting is kept in the model
+    with torch.no_grad():
+        features = net.encode(ref["input"])
+        unprompted = net(ref["input"], True, ORACLE_SIZE)
+    for case in ref["cases"]:
+        on, off = case["fallback"], case["no_fallback"]
+        assert (on["stability"] < ref["meta"]["fallback_thresh"]).all(), "the official fallback did not trigger"
+        assert not torch.allclose(on["low_res_logits"], off["low_res_logits"]), "the fallback changed nothing"
+        if case["name"] == "none":
+            outs = [(d, unprompted[f"low_res_logits{d}"], unprompted[f"iou_predictions{d}"]) for d in (1, 2)]
+        else:
+            points = (case["point_coords"][None].float(), case["point_labels"][None])
+            with torch.no_grad():
+                decoded = net.decode(features, 1, points=points)
+            outs = [(1, decoded["low_res_logits"], decoded["iou_predictions"])]
+        for decoder, logits, iou in outs:
+            ours = torch.softmax(logits, dim=1)[0, 1]
+            diff = (ours - torch.sigmoid(off["low_res_logits"][0])).abs().max().item()
+            report_figure(f"zero-shot LoRA_Sam vs official token 0 ({FALLBACK_MODEL}, {ORACLE_SIZE} px, prompt "
+                          f"{case['name']}, decoder {decoder}; official fallback triggered): "
+                          f"max |softmax fg - sigmoid(logit)| = {diff:.2e}")
+            assert diff < 1e-4
+            assert (ours - torch.sigmoid(on["low_res_logits"][0])).abs().max().item() > 1e-2
+            torch.testing.assert_close(iou[0], off["iou_predictions"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["point_mm0", "box_mm0", "box_point_mm0"])

@@ -12,17 +12,24 @@ import data_fixtures  # noqa: F401  (puts the repository root on sys.path)
 import utils
 
 
-def numpy_dice_loss(logits: np.ndarray, target: np.ndarray, smooth: float = 1e-5) -> float:
-    """Reference: per class over the valid pixels of the batch, 1 - (2 sum pt + s) / (sum p^2 + sum t + s), mean."""
+def reference_dice_loss(logits: np.ndarray, target: np.ndarray, weight=None) -> float:
+    """The reference implementation's DiceLoss_Mask, transcribed. For each channel c of the softmax
+    (background included), with m = the pixels whose label is not 255 and t_c = (label == c):
+
+        loss_c = 1 - (2 * sum(p_c * t_c * m) + 1e-5) / (sum(p_c * m) + sum(t_c * m) + 1e-5)
+
+    summed over the whole batch; the loss is sum_c(w_c * loss_c) / (number of channels), w_c = 1
+    without class weights (the weighted sum is divided by the channel count, not by sum(w))."""
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = exp / exp.sum(axis=1, keepdims=True)  # B x C x H x W
-    valid = target != 255
-    losses = []
-    for c in range(logits.shape[1]):
-        p = probs[:, c][valid]
-        t = (target[valid] == c).astype(np.float64)
-        losses.append(1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + t.sum() + smooth))
-    return float(np.mean(losses))
+    m = (target != 255).astype(np.float64)
+    channels = logits.shape[1]
+    w = np.ones(channels) if weight is None else np.asarray(weight, dtype=np.float64)
+    total = 0.0
+    for c in range(channels):
+        p, t = probs[:, c], (target == c).astype(np.float64)
+        total += w[c] * (1 - (2 * (p * t * m).sum() + 1e-5) / ((p * m).sum() + (t * m).sum() + 1e-5))
+    return float(total / channels)
 
 
 def numpy_cross_entropy(logits: np.ndarray, target: np.ndarray) -> float:
@@ -32,20 +39,41 @@ def numpy_cross_entropy(logits: np.ndarray, target: np.ndarray) -> float:
     return float(-log_probs[b, target[b, h, w], h, w].mean())
 
 
-@pytest.mark.parametrize("channels", [2, 3])
-def test_loss_matches_reference_formulas(channels):
-    gen = torch.Generator().manual_seed(channels)
-    logits = torch.randn(3, channels, 12, 10, generator=gen, dtype=torch.float64)
+def random_case(channels: int, seed: int):
+    """B x C x H x W float64 logits and B x H x W labels in [0, C) with 255-ignored pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, channels, 12, 10, generator=gen, dtype=torch.float64) * 2
     target = torch.randint(0, channels, (3, 12, 10), generator=gen)
     target[0, :4] = 255  # ignored band
+    target[torch.rand(target.shape, generator=gen) < 0.1] = 255  # scattered ignored pixels
+    return logits, target
+
+
+@pytest.mark.parametrize("channels", [2, 4])  # 1 and 3 foreground classes (+ background)
+def test_loss_matches_reference_formulas(channels):
+    logits, target = random_case(channels, seed=channels)
     total, ce, dice = utils.segmentation_loss(logits, target)
-    ref_dice = numpy_dice_loss(logits.numpy(), target.numpy())
+    ref_dice = reference_dice_loss(logits.numpy(), target.numpy())
     ref_ce = numpy_cross_entropy(logits.numpy(), target.numpy())
     assert dice.item() == pytest.approx(ref_dice, rel=1e-9)
     assert ce.item() == pytest.approx(ref_ce, rel=1e-9)
     assert total.item() == pytest.approx(0.2 * ref_ce + 0.8 * ref_dice, rel=1e-9)
     total_half, _, _ = utils.segmentation_loss(logits, target, dice_weight=0.5)
     assert total_half.item() == pytest.approx(0.5 * ref_ce + 0.5 * ref_dice, rel=1e-9)
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_weighted_dice_divides_by_the_channel_count(channels):
+    logits, target = random_case(channels, seed=10 + channels)
+    weight = torch.linspace(0.5, 2.0, channels, dtype=torch.float64)
+    ours = utils.DiceLoss_Mask(channels)(logits, target, weight=weight).item()
+    assert ours == pytest.approx(reference_dice_loss(logits.numpy(), target.numpy(), weight.numpy()), rel=1e-9)
+    # softmax=False takes probabilities as they are
+    probs = logits.softmax(dim=1)
+    assert utils.DiceLoss_Mask(channels)(probs, target, softmax=False).item() == pytest.approx(
+        reference_dice_loss(logits.numpy(), target.numpy()), rel=1e-9)
+    with pytest.raises(ValueError, match="one weight per channel"):
+        utils.DiceLoss_Mask(channels)(logits, target, weight=torch.ones(channels + 1))
 
 
 def test_ignored_pixels_do_not_matter():
@@ -70,9 +98,10 @@ def test_dice_loss_near_zero_for_perfect_prediction_and_high_for_inverse():
     loss = utils.DiceLoss_Mask(2)
     assert loss(perfect, target).item() < 1e-6
     assert loss(inverse, target).item() > 0.99
-    # Uniform logits: p = 0.5 everywhere; weight [0, 1] keeps only the lesion class (|T| = 2*6*9, N = 512 pixels).
+    # Uniform logits: p = 0.5 everywhere; weight [0, 1] keeps only the lesion class (|T| = 2*6*9, N = 512
+    # pixels): sum p = 256, and the weighted sum is divided by the 2 channels.
     lesion_only = loss(torch.zeros(2, 2, 16, 16), target, weight=torch.tensor([0.0, 1.0]))
-    assert lesion_only.item() == pytest.approx(1 - (2 * 0.5 * 108) / (0.25 * 512 + 108), rel=1e-4)
+    assert lesion_only.item() == pytest.approx((1 - (2 * 0.5 * 108) / (0.5 * 512 + 108)) / 2, rel=1e-4)
 
 
 def test_dice_loss_rejects_wrong_shapes():

@@ -105,30 +105,58 @@ class SAM2Base(nn.Module):
             "sam_mask_decoder(2), or SAM2ImagePredictor"
         )
 
+    def encode_backbone(self, images: torch.Tensor) -> Dict[str, object]:
+        """The one image-encoder pass, at any input size S that is a multiple of 32.
+
+        No parameter depends on S (Hiera interpolates its position embedding to the input); only
+        the prompt encoder's stored sizes and ``encode_image``'s check refer to ``image_size``.
+
+        Args:
+          images: B x 3 x S x S, ImageNet-normalised.
+        Returns:
+          dict(image_embed=B x 256 x S/16 x S/16 (``no_mem_embed`` added),
+               backbone_fpn=the raw FPN levels [B x 256 x S/4 x S/4, B x 256 x S/8 x S/8,
+               B x 256 x S/16 x S/16] (before conv_s0/conv_s1 and no_mem_embed)).
+        """
+        levels = self.image_encoder.features(images)
+        image_embed = levels[-1]
+        if self.directly_add_no_mem_embed:
+            image_embed = image_embed + self.no_mem_embed.view(1, -1, 1, 1)
+        return {"image_embed": image_embed, "backbone_fpn": levels}
+
+    def project_high_res(self, backbone_fpn: List[torch.Tensor], decoder: Optional[nn.Module] = None) -> List[torch.Tensor]:
+        """FPN levels 0/1 through ``decoder``'s own conv_s0/conv_s1 (default: decoder 1).
+
+        Args:
+          backbone_fpn: raw levels [B x 256 x S/4 x S/4, B x 256 x S/8 x S/8, ...].
+          decoder: the ``MaskDecoder`` the features are meant for.
+        Returns:
+          [B x 32 x S/4 x S/4, B x 64 x S/8 x S/8], or [] when the decoder uses no
+          high-resolution features.
+        """
+        if not self.use_high_res_features_in_sam:
+            return []
+        decoder = self.sam_mask_decoder if decoder is None else decoder
+        return [decoder.conv_s0(backbone_fpn[0]), decoder.conv_s1(backbone_fpn[1])]
+
     def encode_image(self, images: torch.Tensor) -> Dict[str, object]:
-        """The one image-encoder pass.
+        """The one image-encoder pass at the model's ``image_size``, projected for decoder 1
+        (what the official predictor uses).
 
         Args:
           images: B x 3 x S x S, ImageNet-normalised, S = ``image_size``.
         Returns:
-          dict(image_embed=B x 256 x S/16 x S/16 (``no_mem_embed`` added),
-               high_res_feats=[B x 32 x S/4 x S/4, B x 64 x S/8 x S/8]) (the list is empty
-          when the decoder does not use high-resolution features),
-          backbone_fpn=the raw FPN levels [B x 256 x S/4, S/8, S/16] (before conv_s0/conv_s1 and
-          no_mem_embed), so that a decoder other than decoder 1 can apply its own projections.
+          ``encode_backbone``'s dict plus high_res_feats=[B x 32 x S/4 x S/4, B x 64 x S/8 x S/8]
+          (decoder 1's conv_s0/conv_s1; the list is empty when the decoder uses no
+          high-resolution features).
         """
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"encode_image expects B x 3 x {self.image_size} x {self.image_size} images, got {tuple(images.shape)}"
             )
-        levels = self.image_encoder.features(images)
-        image_embed = levels[-1]
-        if self.directly_add_no_mem_embed:
-            image_embed = image_embed + self.no_mem_embed.view(1, -1, 1, 1)
-        high_res_feats: List[torch.Tensor] = []
-        if self.use_high_res_features_in_sam:
-            high_res_feats = [self.sam_mask_decoder.conv_s0(levels[0]), self.sam_mask_decoder.conv_s1(levels[1])]
-        return {"image_embed": image_embed, "high_res_feats": high_res_feats, "backbone_fpn": levels}
+        out = self.encode_backbone(images)
+        out["high_res_feats"] = self.project_high_res(out["backbone_fpn"])
+        return out
 
     def forward_image(self, img_batch: torch.Tensor) -> Dict[str, object]:
         """Upstream-style backbone output (``vision_features``, ``vision_pos_enc``,
@@ -137,7 +165,6 @@ class SAM2Base(nn.Module):
         out = self.image_encoder(img_batch)
         if self.use_high_res_features_in_sam:
             fpn = list(out["backbone_fpn"])
-            fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
-            fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
+            fpn[:2] = self.project_high_res(fpn)
             out["backbone_fpn"] = fpn
         return out

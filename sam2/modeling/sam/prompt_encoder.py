@@ -52,28 +52,33 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
-    def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid -> 1 x C x H x W."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+    def get_dense_pe(self, image_embedding_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Positional encoding of the image-embedding grid -> 1 x C x H x W.
 
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """points: B x N x 2 pixels, labels: B x N -> B x N(+1) x C."""
+        image_embedding_size: (H, W) of the grid (default: the stored ``image_embedding_size``).
+        """
+        return self.pe_layer(image_embedding_size or self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(
+        self, points: torch.Tensor, labels: torch.Tensor, pad: bool, input_image_size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """points: B x N x 2 pixels of an input of size (H, W), labels: B x N -> B x N(+1) x C."""
         points = points + 0.5  # pixel centres
         if pad:
             # without a box, a padding point stands in for the missing box tokens
             points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
             labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        embedding = self.pe_layer.forward_with_coords(points, input_image_size)
         labels = labels.unsqueeze(-1)
         embedding = torch.where(labels == -1, torch.zeros_like(embedding) + self.not_a_point_embed.weight, embedding)
         for label, type_embed in enumerate(self.point_embeddings):
             embedding = torch.where(labels == label, embedding + type_embed.weight, embedding)
         return embedding
 
-    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """boxes: B x 4 (x0, y0, x1, y1) pixels -> B x 2 x C (one token per corner)."""
+    def _embed_boxes(self, boxes: torch.Tensor, input_image_size: Tuple[int, int]) -> torch.Tensor:
+        """boxes: B x 4 (x0, y0, x1, y1) pixels of an (H, W) input -> B x 2 x C (one token per corner)."""
         corners = (boxes + 0.5).reshape(-1, 2, 2)
-        embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)
+        embedding = self.pe_layer.forward_with_coords(corners, input_image_size)
         corner_types = torch.stack(
             [self.point_embeddings[BOX_TOP_LEFT].weight[0], self.point_embeddings[BOX_BOTTOM_RIGHT].weight[0]]
         )
@@ -94,6 +99,8 @@ class PromptEncoder(nn.Module):
         points: Optional[Tuple[torch.Tensor, torch.Tensor]],
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
+        image_embedding_size: Optional[Tuple[int, int]] = None,
+        input_image_size: Optional[Tuple[int, int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts.
 
@@ -102,18 +109,23 @@ class PromptEncoder(nn.Module):
             corners, -1 padding) or None.
           boxes: B x 4 pixel boxes or None.
           masks: B x 1 x 4H x 4W mask logits or None.
+          image_embedding_size, input_image_size: (H, W) of the image embedding and of the
+            model input when they differ from the stored sizes (a model run at another input
+            size); default: the stored ``image_embedding_size`` / ``input_image_size``.
         Returns:
           sparse B x K x C and dense B x C x H x W embeddings.
         """
+        embedding_hw = tuple(image_embedding_size or self.image_embedding_size)
+        input_hw = tuple(input_image_size or self.input_image_size)
         bs = self._batch_size(points, boxes, masks)
         device = self.point_embeddings[0].weight.device
         sparse = torch.empty((bs, 0, self.embed_dim), device=device)
         if points is not None:
-            sparse = torch.cat([sparse, self._embed_points(points[0], points[1], pad=boxes is None)], dim=1)
+            sparse = torch.cat([sparse, self._embed_points(points[0], points[1], boxes is None, input_hw)], dim=1)
         if boxes is not None:
-            sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
+            sparse = torch.cat([sparse, self._embed_boxes(boxes, input_hw)], dim=1)
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(bs, -1, *self.image_embedding_size)
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(bs, -1, *embedding_hw)
         return sparse, dense
