@@ -5,7 +5,8 @@ every Hiera block (base weights frozen), keeps the prompt encoder and both mask 
 trainable, and turns decoder outputs into class logits with SAM2's meaning kept
 (channel 0 is a constant-zero background logit, channel c is mask token c-1), so that
 softmax foreground probability == sigmoid(SAM2 mask logit) and the untrained model is
-exactly zero-shot SAM2.
+exactly zero-shot SAM2 (single-mask output with SAM2's stability fallback off: class c is
+always token c-1, the only heads the loss trains).
 
 The prompt helpers at the top of this module (largest component, EDT centre point,
 random point, box) are the one implementation of DESIGN decision 3; both the training
@@ -392,7 +393,6 @@ class LoRA_Sam(nn.Module):
         decoder_idx: int,
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
-        multimask_output: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """Run mask decoder 1 or 2 on encoded features with optional prompts.
 
@@ -401,13 +401,11 @@ class LoRA_Sam(nn.Module):
         points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
         B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
         the official predictor a box becomes two corner points placed before the clicks.
-        multimask_output: accepted for compatibility with SAM-style calls; the channel
-        layout is fixed by num_classes (see the class docstring), so it changes nothing.
+        The channel layout is fixed by num_classes (see the class docstring).
 
         Returns dict(low_res_logits=B x (C+1) x S/4 x S/4 (channel 0 zero, channel c = mask
         token c-1, in train and eval mode alike), iou_predictions=B x C).
         """
-        del multimask_output  # documented no-op, see above
         decoder = self._decoder(decoder_idx)
         image_embed = features["image_embed"]
         batch, grid = image_embed.shape[0], tuple(image_embed.shape[-2:])

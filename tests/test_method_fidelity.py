@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import trainer
-from trainer import build_model  # the one place this file names the model factory
+from sam_lora_image_encoder_prompt import build_model
 
 SIZE = 128
 DECODERS = ("sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")

@@ -92,7 +92,7 @@ class StubSam(nn.Module):
         self.modes.append((self.training, torch.is_grad_enabled()))
         return {"ids": images[:, 0, 0, 0].round().long().tolist()}
 
-    def decode(self, features, decoder_idx, points=None, boxes=None, multimask_output=False):
+    def decode(self, features, decoder_idx, points=None, boxes=None):
         logits = torch.zeros(len(features["ids"]), 2, LOW_RES, LOW_RES)
         for b, index in enumerate(features["ids"]):
             self.calls.append((decoder_idx, index, None if points is None else points[b].tolist()))
@@ -183,7 +183,7 @@ def test_entropy_strategy_prefers_uncertain_images():
     # a 16-cell mask is certain everywhere; half-covered at logit +-30 is certain too;
     # so build logits by hand: image 0 certain, image 1 all-zero logits (maximal entropy)
     class Flat(StubSam):
-        def decode(self, features, decoder_idx, points=None, boxes=None, multimask_output=False):
+        def decode(self, features, decoder_idx, points=None, boxes=None):
             out = super().decode(features, decoder_idx, points, boxes)
             out["low_res_logits"][torch.tensor(features["ids"]) == 1] = 0.0
             return out
