@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import trainer
+import val
 from sam_lora_image_encoder_prompt import build_model
+from synthetic_isic import make_synthetic_isic
 
 SIZE = 128
 DECODERS = ("sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
@@ -67,10 +69,7 @@ def test_seed_readme_snippet_verbatim_predicts_what_validation_predicted(tmp_pat
     """A checkpoint from a short --img_size 128 run, loaded with the seed README's lines (model
     built without image_size, i.e. at the config's 1024; .cuda() left out) and called as the
     trainer calls the model, predicts what the trainer's validation predicted."""
-    import datasets_skin
-    import val
-
-    data = datasets_skin.make_synthetic_isic(tmp_path / "data", n_train=4, n_val=2, n_test=0, size=160, seed=5)
+    data = make_synthetic_isic(tmp_path / "data", n_train=4, n_val=2, n_test=0, size=160, seed=5)
     recorded = []  # (images, logits) of every validation batch, as the trainer computed them
     real_validate = val.validate
 
