@@ -1,5 +1,9 @@
 """Options that change speed or memory but not what is learned or selected: activation checkpointing of the
 Hiera blocks (--grad_ckpt) and the pool-scoring batch size (--score_batch_size)."""
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,7 @@ import utils
 from active_learning_strategies import ActiveLearningStrategyFactory, default_score_batch_size
 
 MODEL, SIZE = "sam2.1_hiera_t", 64
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
 def decisive(net):
@@ -92,3 +97,19 @@ def test_selection_does_not_depend_on_the_scoring_batch_size(strategy):
 def test_default_score_batch_size():
     assert default_score_batch_size(torch.device("cuda", 0), 4) == 16
     assert default_score_batch_size(torch.device("cpu"), 4) == 4
+
+
+def test_gpu_check_script_parses_and_its_dry_run_prints_the_tables():
+    """benchmarks/gpu_check.sh is the prepared GPU check; on the CPU its --dry-run runs the same code at toy sizes."""
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # toy sizes: threads only add overhead, a lot on a busy CPU
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--compile"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| hiera_t")]
+    assert len(rows) == 2, done.stdout  # the main table and the torch.compile table
+    cells = [cell.strip() for cell in rows[0]]
+    assert cells[:3] == ["hiera_t", "64", "yes"]
+    assert all(float(value) > 0 for value in cells[3:8])  # encoder ms, scoring, ratio, training, validation
+    assert cells[8:10] == ["-", "-"]  # no CUDA peak memory on the CPU
+    assert float(cells[10]) == 0.0 and float(cells[11]) == 1.0  # no autocast on the CPU: the same scores
