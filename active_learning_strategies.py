@@ -70,6 +70,12 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).flatten(1).mean(dim=1)
 
 
+def default_score_batch_size(device: torch.device, batch_size: int) -> int:
+    """Pool-scoring batch size when none is given (--score_batch_size): 16 on CUDA, where larger batches fill
+    the device, else the training `batch_size`. Selections do not depend on it (tested for 1, 3 and 16)."""
+    return 16 if torch.device(device).type == "cuda" else batch_size
+
+
 def top_k(scores: Scores, k: int) -> List[int]:
     """The k indices with the highest scores, highest first (ties: smaller index first)."""
     return sorted(scores, key=lambda index: (-scores[index], index))[:k]

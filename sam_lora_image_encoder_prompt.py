@@ -372,6 +372,23 @@ class LoRA_Sam(nn.Module):
                 )
         self.load_state_dict(tensors, strict=False)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of the Hiera blocks while training (``--grad_ckpt``).
+
+        Only in train mode with gradients enabled; eval, ``no_grad`` and ``inference_mode`` passes are unchanged.
+        Each block then keeps only its input and is recomputed during backward (~1 extra encoder forward per
+        step) -- the same loss and gradients for far less activation memory.
+        """
+        self.sam.image_encoder.trunk.grad_checkpointing = bool(enabled)
+
+    def compile_image_encoder(self, **options) -> None:
+        """``torch.compile`` the image encoder's Hiera trunk (nearly all of its cost) in place (``--compile``);
+        state_dict keys stay the same. ``options`` go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+
+        The first passes at each new batch shape, and in each of train/eval mode, are slow while it compiles.
+        """
+        self.sam.image_encoder.trunk.compile(**options)
+
     # ---- split API ---------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor) -> Dict[str, object]:

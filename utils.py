@@ -136,6 +136,20 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on ``device`` (CUDA; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> Optional[float]:
+    """Most memory held by tensors on ``device`` since the last ``reset_peak_memory``, in GiB
+    (``torch.cuda.max_memory_allocated``); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 CRASH_ENV = "MDSAM_CRASH_AT"
 
 

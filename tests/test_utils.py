@@ -148,3 +148,8 @@ def test_select_device_with_cuda(monkeypatch):
         utils.select_device("3")
     with pytest.raises(utils.DeviceError, match="'gpu0' is not understood"):
         utils.select_device("gpu0")
+
+
+def test_peak_memory_is_none_off_cuda():
+    utils.reset_peak_memory(torch.device("cpu"))  # a no-op, not an error
+    assert utils.peak_memory_gb(torch.device("cpu")) is None

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 from torch.utils.data import DataLoader
@@ -112,6 +113,89 @@ def test_metrics_accept_tensors_and_any_nonzero():
     pred[5:15, 5:10] = 1
     m = val.segmentation_metrics(pred, gt)
     assert m["dice"] == pytest.approx(2 * 50 / (50 + 100)) and m["specificity"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+
+
+def softmax_argmax(logits: torch.Tensor, size) -> np.ndarray:
+    """The definition: upsample every channel (bilinear, align_corners=False), softmax (float64), argmax."""
+    upsampled = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return upsampled.double().softmax(0).argmax(0).numpy()
+
+
+def tied_logits(channels: int, low: int, zero_background: bool, seed: int) -> torch.Tensor:
+    """Random logits on a coarse grid (so exact ties happen after upsampling) with plateaus and equal channels."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (channels, low, low), generator=gen).float() / 2
+    logits[:, : low // 4, : low // 4] = 0.0  # every channel 0: a tie of all classes
+    if channels > 2:
+        logits[2, low // 2 :] = logits[1, low // 2 :]  # classes 1 and 2 tie in the lower half
+        logits[3, :, low // 2 :] = logits[0, :, low // 2 :]  # class 3 ties background on the right
+    if zero_background:
+        logits[0] = 0.0
+    return logits
+
+
+@pytest.mark.parametrize("channels, low, size, zero_background", [
+    (2, 128, (2000, 3008), True),  # LoRA_Sam at 512 px, a 3008 x 2000 ISIC photo: the thresholded path
+    (2, 37, (1022, 767), False),  # one class, a background logit that is not zero
+    (4, 64, (767, 1022), False),  # three classes
+])
+def test_fast_label_map_is_the_softmax_argmax_at_full_size(channels, low, size, zero_background):
+    logits = tied_logits(channels, low, zero_background, seed=channels + low)
+    expected = softmax_argmax(logits, size)
+    masks = val.class_masks(logits, size)
+    assert len(masks) == channels - 1 and all(m.shape == size and m.dtype == torch.bool for m in masks)
+    labels = val.logits_to_label_map(logits, size)
+    np.testing.assert_array_equal(labels, expected)
+    for c, mask in enumerate(masks, start=1):
+        np.testing.assert_array_equal(mask.numpy(), expected == c)
+    upsampled = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    tied = (upsampled == upsampled.max(0).values).sum(0) > 1
+    assert tied.sum() > 1000 and (expected[tied.numpy()] == 0).any()  # ties happened, some kept background
+    assert len(np.unique(expected)) == channels  # every class is predicted somewhere
+
+
+def test_image_metrics_equal_the_metrics_of_the_argmax_map():
+    """image_metrics (what validate runs per image) == class_metrics_row of the plain argmax label map."""
+    rng = np.random.default_rng(3)
+    for channels, size in ((2, (301, 455)), (3, (240, 320))):
+        gt = random_blobs(rng, size, 0.3).astype(np.uint8)
+        if channels == 3:
+            gt[random_blobs(rng, size, 0.2)] = 2
+        logits = torch.from_numpy(rng.standard_normal((channels, 24, 24)).astype(np.float32)) * 4
+        expected = val.class_metrics_row(softmax_argmax(logits, size), gt, channels - 1)
+        assert val.image_metrics(logits, gt, channels - 1) == pytest.approx(expected, rel=1e-12)
+        truth = val.prepare_ground_truth(gt, channels - 1)
+        assert val.image_metrics(logits, torch.from_numpy(gt), channels - 1, truth=truth) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="must be 2 x h x w"):
+        val.image_metrics(logits, gt, 2 - 1)
+
+
+def test_device_resident_path_gives_the_host_results(monkeypatch):
+    """The accelerator code path (torch tensors end to end, ground truth kept as a tensor), run on the CPU."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for channels, size in ((2, (203, 310)), (4, (180, 240))):
+        gt = random_blobs(rng, size, 0.3).astype(np.uint8) * rng.integers(1, channels, size).astype(np.uint8)
+        logits = torch.from_numpy(rng.standard_normal((channels, 20, 20)).astype(np.float32)) * 4
+        logits[0] = 0.0 if channels == 2 else logits[0]
+        cases.append((logits, gt, channels - 1, val.image_metrics(logits, gt, channels - 1, spacing=0.5)))
+    for pred, _ in mask_pairs(seed=4, count=8):
+        assert val.boundary_points(torch.from_numpy(pred)).tolist() == val.boundary_points(pred).tolist()
+    monkeypatch.setattr(val, "_device_resident", lambda device: True)
+    for logits, gt, num_classes, host_row in cases:
+        truth = val.prepare_ground_truth(gt, num_classes, "cpu")
+        assert isinstance(truth.labels, torch.Tensor)  # kept "on the device" once
+        assert val.image_metrics(logits, gt, num_classes, spacing=0.5, truth=truth) == host_row
+        assert val.image_metrics(logits, gt, num_classes, spacing=0.5) == host_row
+
+
+def test_boundary_points_are_argwhere_of_the_boundary():
+    for pred, gt in mask_pairs(seed=2, count=40):
+        for mask in (pred, gt):
+            np.testing.assert_array_equal(val.boundary_points(mask), np.argwhere(val.boundary(mask)).reshape(-1, 2))
 
 
 # ---------------------------------------------------------------------------------------------- validate

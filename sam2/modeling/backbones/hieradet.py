@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sam2.modeling.sam2_utils import MLP, DropPath, attention
 
@@ -185,6 +186,8 @@ class Hiera(nn.Module):
         self.q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
         self.global_att_blocks = list(global_att_blocks or [])
         self.return_interm_layers = return_interm_layers
+        # Activation checkpointing of the blocks while training (see forward); off by default.
+        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(embed_dim=embed_dim)
         # windowed absolute position embedding (https://arxiv.org/abs/2311.05613): a coarse
@@ -234,8 +237,12 @@ class Hiera(nn.Module):
         x = self.patch_embed(x)
         x = x + self._get_pos_embed(x.shape[1:3])
         outputs = []
+        # Checkpointed blocks keep only their inputs and recompute the rest during backward. Non-reentrant
+        # checkpointing: it also gives gradients to parameters inside a block whose input needs none (a frozen
+        # trunk with trainable adapters), and the block runs its grad-mode code path in the recomputation too.
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
             if i == self.stage_ends[-1] or (self.return_interm_layers and i in self.stage_ends):
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs
