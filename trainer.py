@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import import_module
 from pathlib import Path
@@ -41,7 +41,8 @@ from tqdm import tqdm
 import datasets_skin
 import utils
 import val
-from active_learning_strategies import ActiveLearningStrategyFactory, BaseActiveLearningStrategy, top_k
+from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy,
+                                        default_score_batch_size, top_k)
 from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file
 from sam2.build_sam import CheckpointError, ConfigNotFoundError
 from sam_lora_image_encoder_prompt import build_model
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="deterministic (slower) CUDA kernels")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader workers (0 keeps the decode-once image cache in this process)")
+    # speed and memory only: none of these changes what is selected or learned
+    p.add_argument("--score_batch_size", type=int, default=None,
+                   help="images per pool-scoring batch (default: 16 on CUDA, --batch_size on the CPU)")
+    p.add_argument("--grad_ckpt", action="store_true",
+                   help="activation checkpointing of the Hiera blocks while training (less memory, ~1 extra "
+                        "encoder forward per step)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder's trunk")
     # model
     p.add_argument("--model_cfg", default=DEFAULT_MODEL_CFG,
                    help="SAM2.1 Hydra config (path, or short name such as sam2.1_hiera_t)")
@@ -182,7 +190,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag in ("max_epochs", "rank", "val_every", "save_from_epoch"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    for flag in ("val_limit", "label_budget"):
+    for flag in ("val_limit", "label_budget", "score_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     if args.num_workers < 0:
@@ -351,6 +359,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     writer: Optional[SummaryWriter] = None
+    truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
     start_epoch: int = 1
     best_dice: float = -1.0
     best_path: Optional[Path] = None
@@ -495,6 +504,9 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
     utils.seed_everything(args.seed, deterministic=args.deterministic)
     train_set, val_set = load_data(args)
     model = make_model(args, device)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    if args.compile:
+        model.compile_image_encoder()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cuda", enabled=utils.amp_dtype(device) == torch.float16)
@@ -527,7 +539,8 @@ def select_batch(run: Run, epoch: int, k: int) -> Tuple[List[int], Dict[int, flo
     args = run.args
     pool = draw_pool(run.train_set.unlabeled_indices, args.pool_size, args.seed, epoch)
     run.model.eval()
-    chosen, scores = run.strategy.select(run.model, run.train_set, pool, k, run.device, batch_size=args.batch_size,
+    batch_size = args.score_batch_size or default_score_batch_size(run.device, args.batch_size)
+    chosen, scores = run.strategy.select(run.model, run.train_set, pool, k, run.device, batch_size=batch_size,
                                          seed=epoch_seed(args.seed, epoch), num_workers=args.num_workers,
                                          progress=True)
     return [int(i) for i in chosen], {int(i): float(s) for i, s in scores.items()}
@@ -597,7 +610,7 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     loader = DataLoader(run.val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=datasets_skin.collate_val)
     result = val.validate(predict, tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True),
-                          args.num_classes, run.device)
+                          args.num_classes, run.device, truths=run.truths)
     metrics = {k: float(v) for k, v in result["mean"].items()}
     for name, value in metrics.items():
         run.writer.add_scalar(f"val/{name}", value, epoch)
@@ -634,12 +647,16 @@ def log_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str,
               times: Dict[str, float]) -> None:
     for name, value in times.items():
         run.writer.add_scalar(f"time/{name}", value, epoch)
+    peak = utils.peak_memory_gb(run.device)  # None off CUDA
+    if peak is not None:
+        run.writer.add_scalar("memory/peak_gb", peak, epoch)
     run.writer.flush()
     val_text = f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
     log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s"
-             " | time scoring %.1fs train %.1fs val %.1fs",
+             " | time scoring %.1fs train %.1fs val %.1fs%s",
              epoch, run.args.max_epochs, len(run.labeled_names), losses["loss"], losses["loss_dec1"],
-             losses["loss_dec2"], val_text, times["scoring_s"], times["train_s"], times["val_s"])
+             losses["loss_dec2"], val_text, times["scoring_s"], times["train_s"], times["val_s"],
+             "" if peak is None else f" | peak memory {peak:.2f} GiB")
 
 
 @contextmanager
@@ -691,6 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 epoch -= 1
                 break
             times: Dict[str, float] = {}
+            utils.reset_peak_memory(run.device)
 
             # 1) score a fresh random pool and select the top batch_size
             with timed(times, "scoring_s"):

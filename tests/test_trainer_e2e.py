@@ -267,3 +267,16 @@ def test_training_draws_do_not_depend_on_what_scoring_drew(demo_run, tmp_path, m
         a = [v for _, _, v in sorted(read_events(plain["run_dir"] / "log")[tag])]
         b = [v for _, _, v in sorted(read_events(disturbed["run_dir"] / "log")[tag])]
         assert a == b, tag
+
+
+def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_path):
+    """--grad_ckpt and --score_batch_size are about speed and memory only: the pinned run's selections, losses
+    and Dice come out the same; and they are not settings a --resume must repeat."""
+    out, _ = demo_run
+    argv = TINY + ["--data_root", str(out / "demo_data"), "--output", str(tmp_path), "--max_epochs", "1"]
+    trainer.main(argv + ["--grad_ckpt", "--score_batch_size", "3"])
+    result = trainer.main(argv[:-1] + [str(EPOCHS), "--resume"])  # resumed without the speed flags
+    rows = read_selection(result["run_dir"])
+    assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in rows] == BEFORE["selection"]
+    events = read_events(result["run_dir"] / "log")
+    assert [v for _, _, v in sorted(events["train/loss"])] == pytest.approx(BEFORE["loss"], abs=1e-4)
