@@ -2,6 +2,8 @@
 
     bash benchmarks/gpu_check.sh                  # on a CUDA machine (no network): one table, ~3-5 min on an H100
     python3 benchmarks/gpu_check.py --dry-run     # the same code on the CPU at toy sizes, in seconds (CI)
+    python3 benchmarks/gpu_check.py --device cpu --configs l:512 --images 4 --val-images 4 --repeats 1
+                                                  # CPU figures at a real size (the README's CPU estimate)
 
 Per configuration (default: hiera_t and hiera_l at 512 px, hiera_l at 1024 px with activation checkpointing),
 seeded random weights (no checkpoint; hypernetwork outputs scaled x40 so that masks, and so scores, differ
@@ -58,6 +60,7 @@ def parse_config(text: str):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, hiera_t at 64 px, 4 images: checks the code path")
+    p.add_argument("--device", default="cuda", help="cuda[:i], or cpu for CPU figures at real sizes (slow)")
     p.add_argument("--configs", nargs="+", type=parse_config, default=None, help="default: t:512 l:512 l:1024:ckpt")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--images", type=int, default=32, help="pool / training / fidelity images per configuration")
@@ -237,8 +240,8 @@ def format_row(row: dict) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     cells = [row["model"], str(row["px"]), "yes" if row["ckpt"] else "no", f"{1000 * row['enc']:.1f}",
-             f"{1 / row['score']:.1f}", f"{row['score'] / row['enc']:.2f}", f"{1 / row['train']:.1f}",
-             f"{1 / row['val']:.1f}", gib(row["peak_train"]), gib(row["peak_score"]),
+             f"{1 / row['score']:.3g}", f"{row['score'] / row['enc']:.2f}", f"{1 / row['train']:.3g}",
+             f"{1 / row['val']:.3g}", gib(row["peak_train"]), gib(row["peak_score"]),
              f"{row['fidelity'][0]:.2e}", f"{row['fidelity'][1]:.4f}"]
     return "| " + " | ".join(cells) + " |"
 
@@ -266,7 +269,7 @@ def print_header(columns) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    device = torch.device("cpu" if args.dry_run else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry-run to check the code path on the CPU", file=sys.stderr)
         return 2
