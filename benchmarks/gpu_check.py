@@ -40,7 +40,7 @@ import utils  # noqa: E402
 import val  # noqa: E402
 from active_learning_strategies import MaskDifferenceStrategy  # noqa: E402
 from datasets_skin import PIXEL_MEAN, PIXEL_STD  # noqa: E402
-from trainer import build_model  # noqa: E402  (the one model factory; moves to sam_lora_image_encoder_prompt)
+from sam_lora_image_encoder_prompt import build_model  # noqa: E402  (the one model factory)
 
 MODELS = {"t": "sam2.1_hiera_t", "s": "sam2.1_hiera_s", "b+": "sam2.1_hiera_b+", "l": "sam2.1_hiera_l"}
 FULL_SIZE = (2000, 3008)  # H x W of a typical ISIC-2017 photo
