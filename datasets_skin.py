@@ -11,12 +11,13 @@ Layouts understood under a dataset root (split = Training | Validation | Test):
     Test_GroundTruth/   (optional)     ISIC-2017_Test_v2_Part1_GroundTruth/
 
 Images are ``.jpg/.jpeg/.png``; the mask of ``X.<ext>`` is ``X_segmentation.png`` (0 = skin, 255 = lesion;
-anything > 127 counts as lesion). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
+anything > 127 counts as lesion; a 0/1 mask is read as such). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
 metadata CSVs) are ignored. Order is sorted by image name, so indices are stable across runs.
 
 Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
 truncation; no full decode), so a bad file stops the run before any training with a message naming it. Images
-without a mask are listed once in a warning and left out.
+without a mask are listed once in a warning and left out, except with ``unlabeled_ok`` (images a person is to
+annotate: they are kept, and their masks are checked by whoever reads them).
 
 Decode once: each image is decoded and resized to ``img_size`` once per run and kept in memory as uint8
 (``img_size**2 * 3`` bytes: 0.75 MiB at 512 px, ~1.5 GiB for the 2000 ISIC-2017 training images). Masks are
@@ -75,8 +76,16 @@ class DatasetError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def find_split(data_root: PathLike, split: str) -> Tuple[Path, Path]:
-    """Return ``(image_dir, mask_dir)`` of ``split`` under ``data_root`` in either supported layout."""
+def split_present(data_root: PathLike, split: str) -> bool:
+    """Whether ``data_root`` has an image folder of ``split`` (either layout); ``find_split`` says what is wrong."""
+    return any((Path(data_root) / image_name).is_dir() for image_name, _ in SPLIT_FOLDERS.get(split, ()))
+
+
+def find_split(data_root: PathLike, split: str, masks_optional: bool = False) -> Tuple[Path, Path]:
+    """Return ``(image_dir, mask_dir)`` of ``split`` under ``data_root`` in either supported layout.
+
+    ``masks_optional`` (images still to be annotated): a missing mask folder is no error; the path where it
+    belongs is returned."""
     if split not in SPLIT_FOLDERS:
         raise DatasetError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
     root = Path(data_root)
@@ -85,7 +94,7 @@ def find_split(data_root: PathLike, split: str) -> Tuple[Path, Path]:
     for image_name, mask_name in SPLIT_FOLDERS[split]:
         image_dir, mask_dir = root / image_name, root / mask_name
         if image_dir.is_dir():
-            if not mask_dir.is_dir():
+            if not mask_dir.is_dir() and not masks_optional:
                 raise DatasetError(
                     f"Found images in {str(image_dir)!r} but no mask folder {str(mask_dir)!r}; "
                     f"put the ground-truth masks (X_segmentation.png) there."
@@ -148,15 +157,21 @@ def read_image_size(path: Path, check_end: bool = True) -> Tuple[int, int]:
     return height, width
 
 
-def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True) -> List[SampleFiles]:
+def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True,
+                     unlabeled_ok: bool = False) -> List[SampleFiles]:
     """Pair every image in ``image_dir`` with its mask in ``mask_dir`` (sorted by name).
 
     Images without a mask are left out with one warning that lists them all. With ``check_files`` every image
     and mask header is read: unreadable/truncated files and image/mask size mismatches raise ``DatasetError``.
     Without it only the image headers are read (for the original sizes).
+
+    ``unlabeled_ok`` (a person annotates the images): every image is kept, with ``mask_path`` where its mask is
+    or is to be saved; the mask folder may be missing, and masks are not read here (whoever uses them checks them).
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
+        if unlabeled_ok and what == "mask":
+            continue
         if not folder.is_dir():
             raise DatasetError(f"The {what} folder {str(folder)!r} does not exist.")
     images = sorted((p for p in image_dir.iterdir() if _is_image_file(p)), key=lambda p: p.name)
@@ -172,6 +187,9 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
     missing: List[str] = []
     for name, image_path in by_name.items():
         mask_path = mask_dir / f"{name}{MASK_SUFFIX}"
+        if unlabeled_ok:
+            samples.append(SampleFiles(name, image_path, mask_path, read_image_size(image_path, check_files)))
+            continue
         if not mask_path.is_file():
             missing.append(image_path.name)
             continue
@@ -250,13 +268,16 @@ def decode_image(path: Path, size: Optional[int], use_draft: bool = True) -> np.
 
 
 def decode_mask(path: Path, size: Optional[int]) -> np.ndarray:
-    """Decode a mask to uint8 {0, 1} (H x W), resized nearest-neighbour to ``size x size`` when given."""
+    """Decode a mask to uint8 {0, 1} (H x W), resized nearest-neighbour to ``size x size`` when given.
+
+    Lesion = grey level > 127; a mask whose highest level is 1 (saved as 0/1 by some tools) counts 1 as lesion."""
     try:
         with Image.open(path) as im:
             im = to_grey(im)
             if size is not None:
                 im = im.resize((size, size), Image.NEAREST)
-            return (np.asarray(im) > 127).astype(np.uint8)
+            grey = np.asarray(im)
+            return (grey > (0 if grey.max(initial=0) == 1 else 127)).astype(np.uint8)
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"Cannot decode mask {str(path)!r}: {err}. Replace or remove it.") from err
 
@@ -334,11 +355,12 @@ class SkinLesionDataset(Dataset):
         cache: bool = True,
         check_files: bool = True,
         use_draft: bool = True,
+        unlabeled_ok: bool = False,
     ) -> None:
         if int(img_size) <= 0:
             raise DatasetError(f"img_size must be a positive integer, got {img_size!r}.")
         self.img_size = int(img_size)
-        self.samples = discover_samples(image_dir, mask_dir, check_files=check_files)
+        self.samples = discover_samples(image_dir, mask_dir, check_files=check_files, unlabeled_ok=unlabeled_ok)
         self.names: List[str] = [s.name for s in self.samples]
         self.transform = SkinTrainGenerator(self.img_size, augment)
         self.cache_enabled = cache

@@ -11,8 +11,15 @@ Every epoch:
     python trainer.py --data_root /data/ISIC2017 --output ./output --gpu 0
     python trainer.py --demo        # synthetic data, sam2.1_hiera_t, CPU, no download
 
+One loop, two oracles (how a selected image gets its mask): --oracle ground_truth reads the existing mask (the
+simulation); --oracle folder treats every training image without a mask as unlabeled, writes each selection as a
+round for a person (annotate/round_NNN/: images, the model's proposal masks, overlays, to_annotate.csv), saves
+last_state.pth and AWAITING_FILE, and stops (exit 0); --resume checks the masks saved and continues the same
+epoch, exactly as an uninterrupted run would.
+
 Outputs go to OUTPUT/Skin_{img_size}/: log/ (TensorBoard), config.txt, log.txt, al_selection.csv,
-best_model_dice{score:.4f}.pth, last_state.pth (for --resume) and, at the end, last_model.pth.
+best_model_dice{score:.4f}.pth, last_state.pth (for --resume) and, at the end, last_model.pth; with
+--oracle folder also annotate/round_NNN/ and, while a round waits for masks, awaiting_masks.json.
 Nothing below this file reads command-line flags; every error of the command line or its inputs ends
 as one message naming the flag or file, exit code 2 (UsageError -> parser.error in main).
 """
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -38,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import annotation_rounds
 import datasets_skin
 import utils
 import val
@@ -53,6 +63,9 @@ DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
 DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 DOWNLOAD_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
+# --oracle folder: present in the run folder while a round waits for a person's masks (a live run, never a dead
+# one to clear); written atomically with the round, removed once the epoch trained on those masks is saved.
+AWAITING_FILE = "awaiting_masks.json"
 
 
 class UsageError(Exception):
@@ -109,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="mask_difference", help="mask_difference | entropy | random")
     p.add_argument("--batch_size", type=int, default=4, help="images annotated per epoch, and mini-batch size")
     p.add_argument("--pool_size", type=int, default=10, help="random unlabeled candidates scored per epoch")
+    p.add_argument("--oracle", default="ground_truth", choices=["ground_truth", "folder"],
+                   help="how a selected image gets its mask. ground_truth: read the existing mask (simulation). "
+                        "folder: images without a mask are unlabeled; each round writes the selection with the "
+                        "model's proposal masks to OUTPUT/Skin_{img_size}/annotate/round_NNN/ and stops; a person "
+                        "saves the masks in the dataset's mask folder, then --resume continues")
+    p.add_argument("--accept_partial", action="store_true",
+                   help="--oracle folder, --resume: accept a round with some masks missing (their images go back "
+                        "to the unlabeled pool)")
     p.add_argument("--label_budget", type=int, default=None,
                    help="stop once this many images are labeled (the last selection is cut to reach it exactly, "
                         "then trained on and validated); default: no budget")
@@ -309,7 +330,7 @@ def truncate_selection_csv(path: Path, last_epoch: int) -> None:
 
 
 def run_folder_in_use(run_dir: Path) -> Optional[str]:
-    for name in ("config.txt", "al_selection.csv", "last_state.pth"):
+    for name in (AWAITING_FILE, "config.txt", "al_selection.csv", "last_state.pth"):
         if (run_dir / name).exists():
             return name
     return None
@@ -321,6 +342,52 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     return handler
+
+
+# ----------------------------------------------------------------------------- oracles: how a selected image gets its mask
+
+@dataclass
+class AcceptedRound:
+    """A round whose masks passed the checks at --resume: its epoch, the images to label now (in selection order),
+    the pool's scores."""
+
+    epoch: int
+    chosen: List[int]
+    scores: Dict[int, float]
+
+
+class Oracle:
+    """--oracle ground_truth (the simulation): every selected image's mask is there already."""
+
+    def __init__(self) -> None:
+        self.notes: List[str] = []  # said once at the start (e.g. masks accepted with a remark)
+
+    def earlier_selection(self, epoch: int) -> Optional[Tuple[List[int], Dict[int, float]]]:
+        """The selection of ``epoch`` made before the run stopped for annotation, if any."""
+        return None
+
+    def masks_ready(self, run: "Run", epoch: int, chosen: List[int], scores: Dict[int, float]) -> bool:
+        return True
+
+
+class FolderOracle(Oracle):
+    """--oracle folder: a person saves the masks. A new selection becomes a round for them and the run stops; at
+    --resume the checked round is that epoch's selection again, with its masks ready."""
+
+    def __init__(self, accepted: Optional[AcceptedRound] = None) -> None:
+        super().__init__()
+        self.accepted = accepted
+
+    def earlier_selection(self, epoch: int) -> Optional[Tuple[List[int], Dict[int, float]]]:
+        if self.accepted is None or self.accepted.epoch != epoch:
+            return None
+        return self.accepted.chosen, self.accepted.scores
+
+    def masks_ready(self, run: "Run", epoch: int, chosen: List[int], scores: Dict[int, float]) -> bool:
+        if self.earlier_selection(epoch) is not None:
+            return True
+        write_annotation_round(run, epoch, chosen, scores)
+        return False
 
 
 # ----------------------------------------------------------------------------- images for TensorBoard
@@ -354,10 +421,11 @@ class Run:
     device: torch.device
     strategy: BaseActiveLearningStrategy
     train_set: datasets_skin.SemiSupervisedSkinDataset
-    val_set: Dataset
+    val_set: Optional[Dataset]  # None: no Validation split (--oracle folder only)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    oracle: Oracle
     writer: Optional[SummaryWriter] = None
     truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
     start_epoch: int = 1
@@ -417,16 +485,22 @@ def pick_device(args: argparse.Namespace) -> torch.device:
         raise UsageError(f"--gpu {args.gpu}: {err}") from None
 
 
-def load_data(args: argparse.Namespace) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Dataset]:
-    """Training set (all unlabeled at first) and the validation subset; every file's header is checked here."""
+def load_data(args: argparse.Namespace) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:
+    """Training set (all unlabeled at first) and the validation subset; every file's header is checked here.
+    With --oracle folder every training image counts (without a mask it is to be annotated) and the Validation
+    split is optional (None)."""
     if args.demo and args.data_root is None:
         args.data_root = str(Path(args.output) / "demo_data")
         if not (Path(args.data_root) / "Training_Data").is_dir():
             log.info("demo: writing synthetic ISIC-format data to %s", args.data_root)
             make_synthetic_isic(args.data_root, seed=args.seed, **DEMO_DATA)
+    folder = args.oracle == "folder"
     try:
         train_set = datasets_skin.SemiSupervisedSkinDataset(
-            *datasets_skin.find_split(args.data_root, "Training"), img_size=args.img_size)
+            *datasets_skin.find_split(args.data_root, "Training", masks_optional=folder), img_size=args.img_size,
+            unlabeled_ok=folder)
+        if folder and not datasets_skin.split_present(args.data_root, "Validation"):
+            return train_set, None
         val_set = datasets_skin.ValSkinDataset(
             *datasets_skin.find_split(args.data_root, "Validation"), img_size=args.img_size)
     except datasets_skin.DatasetError as err:
@@ -481,11 +555,115 @@ def restore_state(run: Run, state: dict, argv: Sequence[str]) -> None:
              run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
 
 
+def read_awaiting(run_dir: Path) -> Optional[dict]:
+    """The round that waits for masks (AWAITING_FILE), or None."""
+    path = run_dir / AWAITING_FILE
+    if not path.is_file():
+        return None
+    try:
+        waiting = json.loads(path.read_text())
+        if not isinstance(waiting["epoch"], int) or not isinstance(waiting["pool_scores"], dict):
+            raise ValueError("epoch or pool_scores malformed")
+        list(waiting["images"]), str(waiting["round_dir"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {path} is unreadable ({type(err).__name__}: {err}); it is written by this "
+                         "program when a round waits for masks: restore it, nothing was changed") from None
+    return waiting
+
+
+def round_problems(args: argparse.Namespace, waiting: dict, state: dict,
+                   train_set: datasets_skin.SemiSupervisedSkinDataset) -> Tuple[List[str], List[int], List[str], str]:
+    """Check the round's images and masks and the earlier masks: (problems, each naming its file; the images
+    to label now; notes; a hint). Absent masks are problems unless --accept_partial and one mask is there."""
+    index = {name: i for i, name in enumerate(train_set.names)}
+    image_dir = train_set.samples[0].image_path.parent
+    requested = [Path(f).stem for f in waiting["images"]]
+    problems = [f"{image_dir / f}: the image of this round is gone" for f in waiting["images"]
+                if Path(f).stem not in index]
+    problems += [f"{image_dir}/{name}.*: an image labeled in an earlier round is gone"
+                 for name in state["labeled_names"] if name not in index]
+    problems += [f"{train_set.samples[index[name]].mask_path}: the mask of an image labeled in an earlier round "
+                 "is gone (training needs it)" for name in state["labeled_names"]
+                 if name in index and not train_set.samples[index[name]].mask_path.is_file()]
+    report = annotation_rounds.check_masks(train_set.samples[index[n]] for n in requested if n in index)
+    problems += report.problems
+    absent = {s.name for s in report.missing}
+    present = [index[n] for n in requested if n in index and n not in absent]
+    hint = ""
+    if absent and not (args.accept_partial and present):
+        problems += [f"{s.mask_path}: missing (the mask of {s.image_path.name})" for s in report.missing]
+        hint = "" if args.accept_partial else ("; or pass --accept_partial to continue with the masks that are there "
+                                               "(the other images go back to the unlabeled pool)")
+    notes = report.notes + ([f"--accept_partial: {len(absent)} images of round {waiting['epoch']} have no mask and "
+                             f"go back to the unlabeled pool: {', '.join(sorted(absent))}"] if absent else [])
+    return problems, present, notes, hint
+
+
+def accept_round(args: argparse.Namespace, run_dir: Path, state: dict,
+                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> Tuple[Optional[AcceptedRound], List[str]]:
+    """--resume while a round waits for masks: check everything it needs before anything changes; the round as
+    its epoch's selection, and notes. Raises UsageError listing every failing file."""
+    waiting = read_awaiting(run_dir)
+    if waiting is None or waiting["epoch"] <= state["epoch"]:
+        return None, []  # no round waits (the marker of a round already trained on is stale)
+    where = f"round {waiting['epoch']} ({run_dir / waiting['round_dir']})"
+    if waiting["epoch"] != state["epoch"] + 1:
+        raise UsageError(f"--resume: {run_dir / AWAITING_FILE} ({where}) does not follow {run_dir / 'last_state.pth'} "
+                         f"(epoch {state['epoch']}); nothing was changed")
+    if args.oracle != "folder":
+        raise UsageError(f"--resume: {where} waits for masks ({run_dir / AWAITING_FILE}); continue it with "
+                         "--oracle folder; nothing was changed")
+    problems, chosen, notes, hint = round_problems(args, waiting, state, train_set)
+    if problems:
+        raise UsageError(f"--resume: {where} cannot continue; nothing was changed:\n  " + "\n  ".join(problems)
+                         + "\nSave each mask as a 0/255 PNG of its image's size at the path named, then run the "
+                         f"same command again{hint}")
+    index = {name: i for i, name in enumerate(train_set.names)}
+    scores = {index[n]: float(v) for n, v in waiting["pool_scores"].items() if n in index}
+    return AcceptedRound(waiting["epoch"], chosen, scores), notes
+
+
+def label_existing_masks(train_set: datasets_skin.SemiSupervisedSkinDataset) -> List[str]:
+    """A new --oracle folder run: the images that already have a mask (checked as a round's) are the initial
+    labeled set; the others are the pool, which must not be empty. Notes to log."""
+    report = annotation_rounds.check_masks(train_set.samples)
+    image_dir, mask_dir = train_set.samples[0].image_path.parent, train_set.samples[0].mask_path.parent
+    if report.problems:
+        raise UsageError(f"--data_root: masks in {mask_dir} that cannot be used:\n  " + "\n  ".join(report.problems)
+                         + "\nfix or remove them (an image without a mask is one to annotate)")
+    if not report.missing:
+        raise UsageError(f"--oracle folder: every image in {image_dir} already has a mask in {mask_dir}, so there is "
+                         "nothing to select for annotation; train on them with --oracle ground_truth, or add images "
+                         "without masks")
+    unlabeled = {s.name for s in report.missing}
+    train_set.mark_labeled(i for i, name in enumerate(train_set.names) if name not in unlabeled)
+    return report.notes + [f"--oracle folder: {len(train_set) - len(unlabeled)} images already have a mask (the "
+                           f"initial labeled set), {len(unlabeled)} are to be annotated"]
+
+
+def make_oracle(args: argparse.Namespace, run_dir: Path, state: Optional[dict],
+                train_set: datasets_skin.SemiSupervisedSkinDataset) -> Oracle:
+    """The oracle of --oracle, after every check of its masks (nothing is written before)."""
+    accepted, notes = accept_round(args, run_dir, state, train_set) if state is not None else (None, [])
+    if args.oracle == "ground_truth":
+        return Oracle()
+    if state is None:
+        notes = label_existing_masks(train_set)
+    oracle = FolderOracle(accepted)
+    oracle.notes = notes
+    return oracle
+
+
 def log_start(run: Run, argv: Sequence[str]) -> None:
     args = run.args
     log.info("command: trainer.py %s", " ".join(argv))
     log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
-             run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set))
+             run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set or ()))
+    if run.val_set is None:
+        log.info("no Validation split under %s: the run does not validate, and keeps only last_model.pth",
+                 args.data_root)
+    for note in run.oracle.notes:
+        log.info(note)
     if args.checkpoint.lower() == "none":
         log.warning("!" * 78)
         log.warning("!! NO SAM2 CHECKPOINT: the model starts from SEEDED RANDOM WEIGHTS, not SAM2.1.")
@@ -503,6 +681,7 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
     strategy, device = make_strategy(args), pick_device(args)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
     train_set, val_set = load_data(args)
+    oracle = make_oracle(args, run_dir, state, train_set)
     model = make_model(args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.compile:
@@ -510,7 +689,7 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cuda", enabled=utils.amp_dtype(device) == torch.float16)
-    run = Run(args, run_dir, device, strategy, train_set, val_set, model, optimizer, scaler)
+    run = Run(args, run_dir, device, strategy, train_set, val_set, model, optimizer, scaler, oracle)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     add_log_handler(logging.FileHandler(run_dir / "log.txt", mode="a"))
@@ -603,8 +782,11 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
 
 
 def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
-    """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture."""
+    """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture; {} without
+    a Validation split."""
     args, model = run.args, run.model
+    if run.val_set is None:
+        return {}
     model.eval()
     predict = partial(predict_logits, model, run.device)
     loader = DataLoader(run.val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
@@ -634,13 +816,19 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
         run.best_path = run.run_dir / f"best_model_dice{dice:.4f}.pth"
         atomic_torch_save(cpu_state_dict(run.model), run.best_path)
         log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, run.best_path)
+    save_state(run, epoch)
+    (run.run_dir / AWAITING_FILE).unlink(missing_ok=True)  # the masks of its round are in last_state now
+    if old_best is not None and old_best != run.best_path and old_best.exists():
+        old_best.unlink()
+
+
+def save_state(run: Run, epoch: int) -> None:
+    """last_state.pth: what --resume continues from, the state at the end of ``epoch``."""
     atomic_torch_save(dict(
-        epoch=epoch, args={k: getattr(args, k) for k in RESUME_KEYS}, trainable=trainable_state(run.model),
+        epoch=epoch, args={k: getattr(run.args, k) for k in RESUME_KEYS}, trainable=trainable_state(run.model),
         optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), labeled_names=run.labeled_names,
         best_dice=run.best_dice, best_path=str(run.best_path) if run.best_path else "",
     ), run.state_path)
-    if old_best is not None and old_best != run.best_path and old_best.exists():
-        old_best.unlink()
 
 
 def log_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str, float],
@@ -675,8 +863,10 @@ def stop_reason(run: Run) -> str:
 def finish_run(run: Run, epochs: int) -> dict:
     """Write last_model.pth (the full state_dict at the end of the run) and say where everything is."""
     atomic_torch_save(cpu_state_dict(run.model), run.run_dir / "last_model.pth")
+    no_best = "n/a (no Validation split)" if run.val_set is None else \
+        "n/a (no checkpoint: none saved before --save_from_epoch)"
     log.info("done: %d epochs, %d labeled images; best Dice %s", epochs, len(run.labeled_names),
-             f"{run.best_dice:.4f}" if run.best_path else "n/a (no checkpoint: none saved before --save_from_epoch)")
+             f"{run.best_dice:.4f}" if run.best_path else no_best)
     log.info("TensorBoard logs: %s   (view: tensorboard --logdir %s)", run.run_dir / "log", run.run_dir / "log")
     log.info("selection log:    %s", run.csv_path)
     log.info("final model:      %s", run.run_dir / "last_model.pth")
@@ -684,6 +874,58 @@ def finish_run(run: Run, epochs: int) -> dict:
         log.info("best checkpoint:  %s", run.best_path)
     return dict(run_dir=run.run_dir, best_path=run.best_path, best_dice=run.best_dice, epochs=epochs,
                 labeled=run.labeled_names)
+
+
+# ----------------------------------------------------------------------------- a round for a person (--oracle folder)
+
+def round_dir(run: Run, epoch: int) -> Path:
+    return run.run_dir / "annotate" / f"round_{epoch:03d}"
+
+
+@torch.no_grad()
+def proposal_masks(run: Run, chosen: List[int]) -> List[np.ndarray]:
+    """The current model's masks of ``chosen`` (H x W bool at each image's original size), as validation predicts
+    them: decoder 1, no prompt; before any training this is zero-shot SAM2."""
+    run.model.eval()
+    images = torch.stack([run.train_set[i]["image"] for i in chosen])
+    logits = predict_logits(run.model, run.device, images)
+    return [val.logits_to_label_map(one, run.train_set.samples[i].orig_size) > 0 for one, i in zip(logits, chosen)]
+
+
+def write_annotation_round(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) -> None:
+    """Stop for annotation: last_state.pth holds the model and optimiser that made this selection (the end of
+    epoch - 1); then the round's files, then AWAITING_FILE with the selection and the pool's scores, so that
+    --resume continues this epoch exactly as an uninterrupted run would."""
+    if not run.state_path.is_file():  # else it holds the end of epoch - 1 already (saved or resumed from)
+        save_state(run, epoch - 1)
+    rank, samples = ranks_in_pool(scores), run.train_set.samples
+    samples[0].mask_path.parent.mkdir(exist_ok=True)  # the dataset's mask folder, for the person's masks
+    items = [annotation_rounds.RoundItem(samples[i], scores[i], rank[i], proposal)
+             for i, proposal in zip(chosen, proposal_masks(run, chosen))]
+    annotation_rounds.write_round(round_dir(run, epoch), items)
+    waiting = dict(epoch=epoch, round_dir=str(round_dir(run, epoch).relative_to(run.run_dir)),
+                   images=[samples[i].image_path.name for i in chosen],
+                   pool_scores={samples[i].name: score for i, score in scores.items()})
+    atomic_write_text(run.run_dir / AWAITING_FILE, json.dumps(waiting, indent=1) + "\n")
+
+
+def continue_command(argv: Sequence[str]) -> str:
+    script = "trainer.py" if Path.cwd().resolve() == REPO else str(REPO / "trainer.py")
+    return shlex.join(["python3", script, *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def stop_for_annotation(run: Run, epoch: int, argv: Sequence[str]) -> dict:
+    """Say where each mask goes and the one command that continues; the run's result so far."""
+    folder = round_dir(run, epoch)
+    rows = annotation_rounds.read_round(folder)
+    log.info("round %d waits for %d masks. Images, the model's proposals (*%s) and overlays: %s", epoch,
+             len(rows), annotation_rounds.PROPOSAL_SUFFIX, folder)
+    log.info("save each mask (a 0/255 PNG of the image's size; correct the proposal rather than draw from scratch):")
+    for row in rows:
+        log.info("  %s -> %s", row["image"], row["save_mask_as"])
+    log.info("then continue with:\n  %s", continue_command(argv))
+    return dict(run_dir=run.run_dir, best_path=run.best_path, best_dice=run.best_dice, epochs=epoch - 1,
+                labeled=run.labeled_names, round_dir=folder, requested=[Path(r["image"]).stem for r in rows])
 
 
 # ----------------------------------------------------------------------------- main
@@ -710,12 +952,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             times: Dict[str, float] = {}
             utils.reset_peak_memory(run.device)
 
-            # 1) score a fresh random pool and select the top batch_size
+            # 1) score a fresh random pool and select the top batch_size (or the round resumed, selected before)
             with timed(times, "scoring_s"):
-                chosen, scores = select_batch(run, epoch, wanted)
+                chosen, scores = run.oracle.earlier_selection(epoch) or select_batch(run, epoch, wanted)
 
-            # 2) "annotate": only now are the selected masks read
-            annotate(run, epoch, chosen, scores)
+            # 2) the oracle: ground_truth has the masks; folder writes the round for a person and stops here
+            if not run.oracle.masks_ready(run, epoch, chosen, scores):
+                return stop_for_annotation(run, epoch, argv)
+            annotate(run, epoch, chosen, scores)  # only now are the selected masks read
             utils.crash_point("selected", epoch)
 
             # 3) train on the labeled set. Default (--train_on labeled): every image labeled so far,
