@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import compare_strategies as cs
+from test_trainer_e2e import read_events
 
 STRATEGIES, SEEDS, EPOCHS, BATCH, POOL = ("mask_difference", "random"), (1, 2), 2, 2, 4
 N_TRAIN, N_VAL, N_TEST = 8, 4, 3
@@ -76,7 +77,9 @@ def test_every_artefact_is_written(comparison):
             run_dir = comparison / strategy / f"seed{seed}" / "Skin_64"
             assert (run_dir / "last_model.pth").is_file()
             assert len(read_csv(run_dir / "test_metrics.csv")) == N_TEST
-            assert list((run_dir / "log").glob("events.out.tfevents.*")), "no TensorBoard log under OUTPUT"
+            events = read_events(run_dir / "log")  # under OUTPUT: `tensorboard --logdir OUTPUT` shows them all
+            why = sorted((step, kind) for step, kind, _ in events.get("al/why_selected", []))
+            assert why == ([(e, "image") for e in range(1, EPOCHS + 1)] if strategy == "mask_difference" else [])
     assert len(read_csv(comparison / "zero_shot" / "val_metrics.csv")) == N_VAL
     assert len(read_csv(comparison / "zero_shot" / "test_metrics.csv")) == N_TEST
     summary = (comparison / "summary.md").read_text()
