@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +45,7 @@ MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only
 DEMO_OUTPUT = "./output_compare_demo"
 DEMO_SEEDS = (1, 2)
 DEMO_TEST_IMAGES = 8
+DEMO_CPU_JOBS = 2
 TEST_CSV = "test_metrics.csv"
 ZERO_SHOT = "zero_shot"
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label budgets of the summary table (default: 25/50/100%% of the final labeled count)")
     p.add_argument("--gpus", default=None, help="comma-separated CUDA devices, e.g. 0,1 (default: 0 when CUDA "
                    "is present, else the CPU)")
-    p.add_argument("--jobs", type=int, default=None, help="runs at once (default: one per --gpus device; CPU: 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"runs at once (default: one per --gpus device; CPU: 1, --demo: {DEMO_CPU_JOBS})")
     p.add_argument("--print_commands", action="store_true",
                    help="print one command line per missing run (for SLURM arrays etc.) and exit")
     p.add_argument("--collect", action="store_true", help="only write the report, from the finished runs")
@@ -119,8 +121,9 @@ def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
         raise CompareError("--print_commands and --collect exclude each other")
 
 
-def job_devices(gpus: Optional[str], jobs: Optional[int]) -> List[Optional[str]]:
-    """One CUDA device per job slot (None = CPU); --gpus naming a missing device is an error."""
+def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1) -> List[Optional[str]]:
+    """One CUDA device per job slot (None = CPU; ``cpu_jobs`` slots unless --jobs); --gpus naming a missing
+    device is an error."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -134,7 +137,7 @@ def job_devices(gpus: Optional[str], jobs: Optional[int]) -> List[Optional[str]]
         if missing:
             present = ", ".join(map(str, range(count))) or "none (no CUDA on this machine)"
             raise CompareError(f"--gpus {gpus}: no device {', '.join(missing)}; devices present: {present}")
-    jobs = jobs or len(devices)
+    jobs = jobs or (cpu_jobs if devices == [None] else len(devices))
     return [devices[i % len(devices)] for i in range(jobs)]
 
 
@@ -190,7 +193,11 @@ class Run:
     seed: int
     run_dir: Path
     argv: List[str]               # trainer.py flags, without --gpu and --resume
-    settings: Dict[str, str] = field(default_factory=dict)
+    args: argparse.Namespace      # what trainer.py makes of them
+
+    @property
+    def settings(self) -> Dict[str, str]:
+        return settings_of(self.args)
 
     @property
     def name(self) -> str:
@@ -248,11 +255,10 @@ def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, 
             folder = output / strategy / f"seed{seed}"
             argv = base + ["--strategy", strategy, "--seed", str(seed), "--output", str(folder)]
             targs = resolve_trainer_args(argv)
-            runs.append(Run(strategy, seed, folder / f"Skin_{targs.img_size}", argv, settings_of(targs)))
+            runs.append(Run(strategy, seed, folder / f"Skin_{targs.img_size}", argv, targs))
     first = runs[0]
     zero_argv = first.argv[:-1] + [str(output / ZERO_SHOT)]
-    zero = Run(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, dict(first.settings))
-    return runs, zero
+    return runs, Run(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, first.args)
 
 
 def label_budgets(args: argparse.Namespace, targs: argparse.Namespace, n_train: int) -> Tuple[List[int], int]:
@@ -275,7 +281,8 @@ def label_budgets(args: argparse.Namespace, targs: argparse.Namespace, n_train: 
 def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
     """Every check, in order, before anything runs; the only thing written is the --demo data set."""
     check_request(args, trainer_flags)
-    devices = job_devices(args.gpus, args.jobs)
+    # the demo on a CPU: one single-threaded run per core (faster than one run using every core)
+    devices = job_devices(args.gpus, args.jobs, min(DEMO_CPU_JOBS, os.cpu_count() or 1) if args.demo else 1)
     output = Path(args.output).resolve()
     if output.exists() and not output.is_dir():
         raise CompareError(f"--output {args.output} is a file")
@@ -286,10 +293,9 @@ def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
     runs, zero = make_runs(args, trainer_flags, output, data_root)
     n_train = count_split(data_root, "Training")
     count_split(data_root, "Test")
-    targs = resolve_trainer_args(runs[0].argv)
-    budgets, final = label_budgets(args, targs, n_train)
+    budgets, final = label_budgets(args, runs[0].args, n_train)
     plan = Plan(output, list(args.strategies), list(args.seeds), budgets, runs, zero, devices, final, n_train,
-                targs)
+                runs[0].args)
     check_existing(plan)
     return plan
 
