@@ -15,10 +15,15 @@ import torch
 import compare_strategies as cs
 from test_trainer_e2e import read_events
 
-STRATEGIES, SEEDS, EPOCHS, BATCH, POOL = ("mask_difference", "random"), (1, 2), 2, 2, 4
+STRATEGIES, SEEDS, EPOCHS, BATCH, POOL, BUDGET = ("mask_difference", "random"), (1, 2), 2, 2, 4, 3
 N_TRAIN, N_VAL, N_TEST = 8, 4, 3
 TRAINER_FLAGS = ["--demo", "--img_size", "64", "--batch_size", str(BATCH), "--pool_size", str(POOL),
-                 "--max_epochs", str(EPOCHS), "--val_limit", str(N_VAL)]
+                 "--max_epochs", str(EPOCHS), "--label_budget", str(BUDGET), "--val_limit", str(N_VAL)]
+
+
+def labeled_after(epoch: int) -> int:
+    """--batch_size per epoch, the last selection cut to end at --label_budget."""
+    return min(BATCH * epoch, BUDGET)
 REPORT = ("curves.csv", "learning_curves.png", "summary.md")
 
 
@@ -71,7 +76,7 @@ def test_every_artefact_is_written(comparison):
     assert {"dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95"} <= set(rows[0])
     assert sorted((r["strategy"], int(r["seed"]), int(r["epoch"])) for r in rows) == \
         sorted((s, k, e) for s in STRATEGIES for k in SEEDS for e in range(1, EPOCHS + 1))
-    assert all(int(r["labeled"]) == BATCH * int(r["epoch"]) and r["dice"] != "" for r in rows)
+    assert all(int(r["labeled"]) == labeled_after(int(r["epoch"])) and r["dice"] != "" for r in rows)
     for strategy in STRATEGIES:
         for seed in SEEDS:
             run_dir = comparison / strategy / f"seed{seed}" / "Skin_64"
@@ -93,7 +98,7 @@ def test_summary_numbers_are_recomputed_from_curves_csv_and_test_csvs(comparison
     mean ± sample std over seeds; Test = mean over the run's per-image rows."""
     rows = read_csv(comparison / "curves.csv")
     summary = (comparison / "summary.md").read_text()
-    final = EPOCHS * BATCH
+    final = labeled_after(EPOCHS)
     budgets = sorted({max(1, round(f * final)) for f in (0.25, 0.5, 1.0)})
     assert table_row(summary, "Validation Dice", "strategy")[2:-1] == [f"Dice @ {b}" for b in budgets]
 
@@ -141,7 +146,7 @@ def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
                 unlabeled = [i for i in range(len(names)) if i not in labeled]
                 pool = {names[i] for i in trainer.draw_pool(unlabeled, POOL, seed, epoch)}
                 chosen = {r["image"] for r in rows if int(r["epoch"]) == epoch}
-                assert len(chosen) == BATCH and chosen <= pool, (strategy, seed, epoch)
+                assert len(chosen) == labeled_after(epoch) - len(labeled) and chosen <= pool, (strategy, seed, epoch)
                 labeled |= {names.index(n) for n in chosen}
 
 
@@ -153,9 +158,10 @@ def test_training_draws_do_not_depend_on_what_scoring_drew(data, tmp_path):
     results = []
     for strategy in ("mask_difference", "random"):
         out = tmp_path / strategy
-        results.append(trainer.main(["--demo", "--data_root", str(data), "--output", str(out), "--img_size", "64",
-                                     "--batch_size", "2", "--pool_size", "2", "--max_epochs", "1", "--val_limit",
-                                     "2", "--promptmode", "point", "--seed", "3", "--strategy", strategy]))
+        results.append(trainer.main(["--demo", "--gpu", "cpu", "--data_root", str(data), "--output", str(out),
+                                     "--img_size", "64", "--batch_size", "2", "--pool_size", "2", "--max_epochs",
+                                     "1", "--val_limit", "2", "--promptmode", "point", "--seed", "3",
+                                     "--strategy", strategy]))
     assert sorted(results[0]["labeled"]) == sorted(results[1]["labeled"])
     scalars = [cs.read_scalars(r["run_dir"] / "log") for r in results]
     for tag in ("train/loss", "train/loss_dec2", "val/dice"):
@@ -218,7 +224,7 @@ def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones
 @pytest.mark.parametrize("extra, message", [
     (["--seeds", "1", "1"], "--seeds lists 1 more than once"),
     (["--budgets", "50"], "--budgets 50: larger than the training set (8 images)"),
-    (["--budgets", "6"], "--budgets 6: more than the runs will label (4 = min("),
+    (["--budgets", "4"], "--budgets 4: more than the runs will label (3 = min("),
     (["--label_budget", "9"], "--label_budget 9 is larger than the training set (8 images"),
     (["--gpus", "7"], "--gpus 7: no device 7"),
     (["--seed", "3"], "--seed is set per run by compare_strategies.py; use --seeds"),
