@@ -491,6 +491,8 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
     """The untrained model (what trainer.py starts from) on Validation and Test: the cold-start floor."""
     from functools import partial
 
+    import torch
+
     import trainer
     import val
     from safe_io import atomic_write_text
@@ -506,8 +508,16 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
     checkpoint = None if targs.checkpoint.lower() == "none" else targs.checkpoint
     model = build_model(targs.model_cfg, checkpoint, targs.img_size, targs.rank, targs.num_classes, targs.module,
                         device, targs.lora_ckpt, targs.seed).eval()
-    predict = partial(trainer.predict_logits, model, device)
-    for split, limit, name in (("Validation", targs.val_limit, "val_metrics.csv"), ("Test", None, TEST_CSV)):
+    # the same precision as what it is compared with: the trainer's validation (autocast on CUDA), and on Test
+    # --score_run's val.load_model_for_eval (float32)
+    validation = partial(trainer.predict_logits, model, device)
+
+    @torch.no_grad()
+    def test(images: torch.Tensor) -> torch.Tensor:
+        return model.decode(model.encode(images), 1)["low_res_logits"].float()
+
+    for split, limit, name, predict in (("Validation", targs.val_limit, "val_metrics.csv", validation),
+                                        ("Test", None, TEST_CSV, test)):
         result = evaluate(predict, settings, split, limit, device)
         val.write_csv(result["rows"], out_dir / name)
         print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
