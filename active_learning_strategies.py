@@ -205,7 +205,7 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
         self.threshold = threshold
 
     def compare(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int
-                ) -> "ComparedPredictions":
+                ) -> ComparedPredictions:
         """The three predictions the score compares, from one encoder pass (points seeded per (seed, index))."""
         features = model.encode(images)
         unprompted = model.decode(features, 1)["low_res_logits"]
@@ -222,7 +222,7 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
         return mask_difference_scores(compared.no_prompt, compared.center, compared.random, self.threshold)
 
     def compared_predictions(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int],
-                             device: torch.device, seed: int) -> "ComparedPredictions":
+                             device: torch.device, seed: int) -> ComparedPredictions:
         """For images already scored with ``seed`` (e.g. the selected ones): what their scores compared, as
         float32 on the CPU (eval mode, no grad; the model's training mode is restored)."""
         was_training = model.training
