@@ -12,6 +12,7 @@ with the k chosen dataset indices (highest score first) and the score of every p
 """
 
 from abc import ABC, abstractmethod
+from dataclasses import astuple, dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -84,6 +85,19 @@ def top_k(scores: Scores, k: int) -> List[int]:
 def point_generator(seed: int, index: int) -> np.random.Generator:
     """The random-point generator of one image: depends only on (seed, dataset index)."""
     return np.random.default_rng([seed, index])
+
+
+@dataclass
+class ComparedPredictions:
+    """What mask_difference compares for B images: foreground probabilities (B x C x h x w) of decoder 1
+    unprompted, decoder 2 at the centre point, decoder 1 at the random point; the points (B x 2, x/y in
+    input-image pixels)."""
+
+    no_prompt: torch.Tensor
+    center: torch.Tensor
+    random: torch.Tensor
+    center_points: torch.Tensor
+    random_points: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------
@@ -190,19 +204,35 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
     def __init__(self, threshold: float = MASK_THRESHOLD):
         self.threshold = threshold
 
-    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
+    def compare(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int
+                ) -> ComparedPredictions:
+        """The three predictions the score compares, from one encoder pass (points seeded per (seed, index))."""
         features = model.encode(images)
         unprompted = model.decode(features, 1)["low_res_logits"]
         generators = [point_generator(seed, index) for index in indices]
         prompts = prompts_from_logits(unprompted, images.shape[-1], generators)
         centered = model.decode(features, 2, points=prompts.center_points)["low_res_logits"]
         randomised = model.decode(features, 1, points=prompts.random_points)["low_res_logits"]
-        return mask_difference_scores(
-            foreground_probabilities(unprompted),
-            foreground_probabilities(centered),
-            foreground_probabilities(randomised),
-            self.threshold,
-        )
+        return ComparedPredictions(foreground_probabilities(unprompted), foreground_probabilities(centered),
+                                   foreground_probabilities(randomised), prompts.center_points[:, 0],
+                                   prompts.random_points[:, 0])
+
+    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
+        compared = self.compare(model, images, indices, seed)
+        return mask_difference_scores(compared.no_prompt, compared.center, compared.random, self.threshold)
+
+    def compared_predictions(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int],
+                             device: torch.device, seed: int) -> ComparedPredictions:
+        """For images already scored with ``seed`` (e.g. the selected ones): what their scores compared, as
+        float32 on the CPU (eval mode, no grad; the model's training mode is restored)."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), autocast(torch.device(device)):
+                compared = self.compare(model, images.to(device), [int(i) for i in indices], seed)
+        finally:
+            model.train(was_training)
+        return ComparedPredictions(*(t.float().cpu() for t in astuple(compared)))
 
 
 class EntropyStrategy(ModelScoringStrategy):

@@ -51,8 +51,8 @@ import annotation_rounds
 import datasets_skin
 import utils
 import val
-from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy,
-                                        default_score_batch_size, top_k)
+from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy, ComparedPredictions,
+                                        MaskDifferenceStrategy, default_score_batch_size, top_k)
 from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file
 from sam2.build_sam import CheckpointError, ConfigNotFoundError
 from sam_lora_image_encoder_prompt import build_model
@@ -410,6 +410,39 @@ def overlay(image: torch.Tensor, gt: Optional[torch.Tensor], pred: Optional[torc
     return img
 
 
+def captioned(tile: torch.Tensor, caption: str, point: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """3 x H x W in [0, 1] -> 3 x (H + 12) x W: a caption strip above; ``point`` (x, y) drawn as a yellow dot."""
+    from PIL import Image, ImageDraw
+
+    height, width = tile.shape[-2:]
+    canvas = Image.new("RGB", (width, height + 12))
+    canvas.paste(Image.fromarray((tile.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (0, 12))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 0), caption, fill="white")
+    if point is not None:
+        x, y, r = float(point[0]), float(point[1]) + 12, max(2, width // 64)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill="yellow", outline="black")
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+
+
+def why_selected_image(images: torch.Tensor, compared: ComparedPredictions, scores: Sequence[float],
+                       threshold: float) -> torch.Tensor:
+    """One row per selected image: the image and its score, then the three masks mask_difference compared
+    (decoder 1 unprompted; decoder 2 at the centre point; decoder 1 at the random point), tinted red over the
+    image, each with its prompt point."""
+    rows = []
+    for i, image in enumerate(images):
+        tiles = [captioned(overlay(image, None, None), f"score {scores[i]:.3f}")]
+        for name, probs, point in (("no prompt", compared.no_prompt, None),
+                                   ("centre point", compared.center, compared.center_points[i]),
+                                   ("random point", compared.random, compared.random_points[i])):
+            mask = F.interpolate(probs[i:i + 1], size=image.shape[-2:], mode="bilinear",
+                                 align_corners=False)[0].amax(0) > threshold
+            tiles.append(captioned(overlay(image, None, mask), name, point))
+        rows.append(torch.cat(tiles, dim=2))
+    return torch.cat(rows, dim=1)
+
+
 # ----------------------------------------------------------------------------- set-up
 
 @dataclass
@@ -737,6 +770,12 @@ def annotate(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) 
     samples = [train_set[i] for i in chosen]
     writer.add_image("al/selected", make_grid(
         [overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
+    if isinstance(run.strategy, MaskDifferenceStrategy):  # why these images: the discrepancy their score measured
+        images = torch.stack([s["image"] for s in samples])
+        compared = run.strategy.compared_predictions(run.model, images, chosen, run.device,
+                                                     epoch_seed(run.args.seed, epoch))
+        writer.add_image("al/why_selected", why_selected_image(images, compared, [scores[i] for i in chosen],
+                                                               run.strategy.threshold), epoch)
 
 
 def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:

@@ -293,3 +293,22 @@ def test_real_model_mask_difference_uses_the_designed_decoders(real_net):
     assert [scores[i] for i in range(3)] == pytest.approx(expected.tolist(), abs=1e-5)
     # decoder 2 really differs from decoder 1 here, so a swapped assignment would be caught
     assert not torch.allclose(fg(swapped), fg(p_center), atol=1e-3)
+
+
+def test_compared_predictions_are_what_the_selection_scored():
+    """What the trainer shows for the selected images (TensorBoard al/why_selected) is what their scores compared:
+    the same three masks (the score recomputed from them matches) and the same prompt points."""
+    model = StubSam(COVERAGE)
+    strategy = MaskDifferenceStrategy()
+    chosen, scores = strategy.select(model, stub_dataset(6), [5, 0, 3, 2], 2, "cpu", batch_size=2, seed=7)
+    scored_points = {(d, i): p for d, i, p in model.calls if p is not None}
+    model.train()
+    images = torch.stack([stub_dataset(6)[i]["image"] for i in chosen])
+    compared = strategy.compared_predictions(model, images, chosen, "cpu", seed=7)
+    assert model.training, "the model's training mode is restored"
+    assert compared.no_prompt.shape == (2, 1, LOW_RES, LOW_RES) and compared.center_points.shape == (2, 2)
+    recomputed = mask_difference_scores(compared.no_prompt, compared.center, compared.random)
+    assert recomputed.tolist() == pytest.approx([scores[i] for i in chosen], abs=1e-6)
+    for b, index in enumerate(chosen):
+        assert compared.center_points[b].tolist() == scored_points[(2, index)][0]
+        assert compared.random_points[b].tolist() == scored_points[(1, index)][0]

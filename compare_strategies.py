@@ -1,0 +1,840 @@
+#!/usr/bin/env python3
+"""Compare active-learning strategies: strategies x seeds through trainer.py, learning curves, a Test table.
+
+    python compare_strategies.py --data_root D --output runs/cmp \
+        --strategies mask_difference entropy random --seeds 1 2 3 [any trainer.py flag]
+    python compare_strategies.py --demo          # synthetic data, 3 strategies x 2 seeds, CPU
+
+OUTPUT/<strategy>/seed<k>/Skin_<img_size>/ is one trainer.py run (same flags for all; only --strategy and
+--seed differ), plus test_metrics.csv (its best checkpoint, else last_model.pth, on the Test split at original
+resolution) and run.log (what the processes printed). OUTPUT/zero_shot/ holds the untrained model's validation
+and Test metrics (the cold-start floor). The report: OUTPUT/curves.csv, OUTPUT/learning_curves.png,
+OUTPUT/summary.md; `tensorboard --logdir OUTPUT` shows every run's log side by side.
+
+Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpus (CUDA_VISIBLE_DEVICES);
+--print_commands prints the command lines of the missing runs for another scheduler; --collect only writes
+the report. A rerun skips finished runs and resumes interrupted ones; runs made with other settings are an
+error, never reused or overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import queue
+import re
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+TRAINER = REPO / "trainer.py"
+STRATEGIES = ("mask_difference", "entropy", "random")
+BASELINE = "random"
+BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
+MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only from 6 pairs on (2/2^6)
+DEMO_OUTPUT = "./output_compare_demo"
+DEMO_SEEDS = (1, 2)
+DEMO_TEST_IMAGES = 8
+DEMO_CPU_JOBS = 2
+TEST_CSV = "test_metrics.csv"
+ZERO_SHOT = "zero_shot"
+# Trainer settings that may differ between a finished run and the request (they do not change its results).
+IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers"}
+PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
+OWNED_TRAINER_FLAGS = {"--strategy": "--strategies", "--seed": "--seeds", "--gpu": "--gpus",
+                       "--resume": "nothing (a rerun resumes interrupted runs by itself)"}
+REPORT_METRICS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("threshold_jaccard", "thresholded Jaccard"),
+                  ("hd95", "HD95 (px)"))
+
+
+class CompareError(Exception):
+    """A problem with the request; the message names the flag or file. Nothing has been run or written."""
+
+
+# ----------------------------------------------------------------------------- flags
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compare_strategies.py", allow_abbrev=False,  # --seed must reach the error, not become --seeds
+        description="Run active-learning strategies x seeds through trainer.py and compare them: learning "
+                    "curves, label-budget table, Test-split table. Every other flag is passed to trainer.py.")
+    p.add_argument("--data_root", default=None, help="dataset root with Training, Validation and Test splits")
+    p.add_argument("--output", default=None, help=f"comparison folder (default with --demo: {DEMO_OUTPUT})")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="NAME",
+                   help=f"strategies to compare ({', '.join(STRATEGIES)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="one run per strategy per seed (default 1 2 3; --demo: 1 2)")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="label budgets of the summary table (default: 25/50/100%% of the final labeled count)")
+    p.add_argument("--gpus", default=None, help="comma-separated CUDA devices, e.g. 0,1 (default: 0 when CUDA "
+                   "is present, else the CPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"runs at once (default: one per --gpus device; CPU: 1, --demo: {DEMO_CPU_JOBS})")
+    p.add_argument("--print_commands", action="store_true",
+                   help="print one command line per missing run (for SLURM arrays etc.) and exit")
+    p.add_argument("--collect", action="store_true", help="only write the report, from the finished runs")
+    p.add_argument("--demo", action="store_true",
+                   help="synthetic data with a Test split (written once, shared), trainer --demo sizes")
+    worker = p.add_argument_group("what one job runs (printed by --print_commands)")
+    worker.add_argument("--score_run", metavar="RUN_DIR", default=None,
+                        help="score a finished trainer run on the Test split -> RUN_DIR/test_metrics.csv")
+    worker.add_argument("--zero_shot", metavar="DIR", default=None,
+                        help="validate the untrained model (trainer flags after --) -> DIR/val_metrics.csv, "
+                             "DIR/test_metrics.csv")
+    return p
+
+
+def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
+    """The comparison's own flags (before any trainer setting is looked at)."""
+    if args.demo:
+        args.output = args.output or DEMO_OUTPUT
+        args.seeds = args.seeds or list(DEMO_SEEDS)
+    args.seeds = args.seeds or [1, 2, 3]
+    if args.output is None:
+        raise CompareError("--output is required (the folder for the runs and the report)")
+    if args.data_root is None and not args.demo:
+        raise CompareError("--data_root is required (a dataset with Training, Validation and Test splits); "
+                           "or try --demo")
+    for flag, values in (("--seeds", args.seeds), ("--strategies", args.strategies)):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise CompareError(f"{flag} lists {', '.join(map(str, repeated))} more than once")
+    for flag in trainer_flags:
+        name = flag.split("=")[0]
+        if name in OWNED_TRAINER_FLAGS:
+            raise CompareError(f"{name} is set per run by compare_strategies.py; use {OWNED_TRAINER_FLAGS[name]}")
+    if args.budgets is not None and min(args.budgets) < 1:
+        raise CompareError(f"--budgets must be >= 1 (got {min(args.budgets)})")
+    if args.jobs is not None and args.jobs < 1:
+        raise CompareError(f"--jobs must be >= 1 (got {args.jobs})")
+    if args.print_commands and args.collect:
+        raise CompareError("--print_commands and --collect exclude each other")
+
+
+def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1) -> List[Optional[str]]:
+    """One CUDA device per job slot (None = CPU; ``cpu_jobs`` slots unless --jobs); --gpus naming a missing
+    device is an error."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is None:
+        devices: List[Optional[str]] = ["0"] if count else [None]
+    else:
+        devices = [d.strip() for d in gpus.split(",")]
+        if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
+            raise CompareError(f"--gpus {gpus}: expected distinct CUDA device numbers such as 0,1")
+        missing = [d for d in devices if int(d) >= count]
+        if missing:
+            present = ", ".join(map(str, range(count))) or "none (no CUDA on this machine)"
+            raise CompareError(f"--gpus {gpus}: no device {', '.join(missing)}; devices present: {present}")
+    jobs = jobs or (cpu_jobs if devices == [None] else len(devices))
+    return [devices[i % len(devices)] for i in range(jobs)]
+
+
+# ----------------------------------------------------------------------------- trainer settings
+
+def resolve_trainer_args(argv: Sequence[str]) -> argparse.Namespace:
+    """trainer.py's own parsing and checks of ``argv`` (a bad flag exits 2 with trainer.py's message)."""
+    import trainer
+
+    parser = trainer.build_parser()
+    args = parser.parse_args(argv)
+    try:
+        trainer.prepare_args(parser, args, argv)
+    except trainer.UsageError as err:
+        parser.error(str(err))
+    return args
+
+
+def normalized(key: str, value: str) -> str:
+    if key in PATH_SETTINGS and value not in ("None", "none") and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def settings_of(args: argparse.Namespace) -> Dict[str, str]:
+    """What trainer.py writes to config.txt, as ``key -> value`` text."""
+    return {k: normalized(k, str(v)) for k, v in vars(args).items()}
+
+
+def read_config(path: Path) -> Dict[str, str]:
+    """config.txt (``key: value`` lines; ``#`` lines are notes such as "resumed at epoch 3")."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#") and ": " in line:
+            key, value = line.split(": ", 1)
+            found[key] = normalized(key, value)
+    return found
+
+
+def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List[str]:
+    keys = sorted((set(want) | set(have)) - IGNORED_SETTINGS - ignore)
+    return [f"{k} was {have.get(k, '(unset)')}, now {want.get(k, '(unset)')}"
+            for k in keys if want.get(k) != have.get(k)]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Run:
+    """One (strategy, seed) trainer run, or the zero-shot evaluation (strategy ``zero_shot``)."""
+
+    strategy: str
+    seed: int
+    run_dir: Path
+    argv: List[str]               # trainer.py flags, without --gpu and --resume
+    args: argparse.Namespace      # what trainer.py makes of them
+
+    @property
+    def settings(self) -> Dict[str, str]:
+        return settings_of(self.args)
+
+    @property
+    def name(self) -> str:
+        return ZERO_SHOT if self.strategy == ZERO_SHOT else f"{self.strategy}/seed{self.seed}"
+
+    @property
+    def log_path(self) -> Path:
+        return (self.run_dir if self.strategy == ZERO_SHOT else self.run_dir.parent) / "run.log"
+
+
+@dataclass
+class Plan:
+    output: Path
+    strategies: List[str]
+    seeds: List[int]
+    budgets: List[int]
+    runs: List[Run]
+    zero_shot: Run
+    devices: List[Optional[str]]
+    final_labeled: int
+    n_train: int
+    trainer_args: argparse.Namespace  # of the first run (what the runs share)
+
+
+def demo_data(output: Path) -> Path:
+    """The demo's synthetic data set (with a Test split), written once into OUTPUT/demo_data."""
+    import trainer
+    from synthetic_isic import make_synthetic_isic
+
+    root = output / "demo_data"
+    if not (root / "Training_Data").is_dir():
+        tmp = output / ".demo_data.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted write of this same function
+        make_synthetic_isic(tmp, **dict(trainer.DEMO_DATA, n_test=DEMO_TEST_IMAGES))
+        os.replace(tmp, root)
+    return root
+
+
+def count_split(data_root: str, split: str) -> int:
+    from datasets_skin import DatasetError, discover_samples, find_split
+
+    try:
+        return len(discover_samples(*find_split(data_root, split), check_files=False))
+    except DatasetError as err:
+        raise CompareError(f"--data_root {data_root}: {err}") from None
+
+
+def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, data_root: str
+              ) -> Tuple[List[Run], Run]:
+    base = list(trainer_flags) + ["--data_root", data_root] + (["--demo"] if args.demo else [])
+    runs = []
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            folder = output / strategy / f"seed{seed}"
+            argv = base + ["--strategy", strategy, "--seed", str(seed), "--output", str(folder)]
+            targs = resolve_trainer_args(argv)
+            runs.append(Run(strategy, seed, folder / f"Skin_{targs.img_size}", argv, targs))
+    first = runs[0]
+    zero_argv = first.argv[:-1] + [str(output / ZERO_SHOT)]
+    return runs, Run(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, first.args)
+
+
+def label_budgets(args: argparse.Namespace, targs: argparse.Namespace, n_train: int) -> Tuple[List[int], int]:
+    """(--budgets or the default 25/50/100 % of the final labeled count, that final count)."""
+    if targs.label_budget is not None and targs.label_budget > n_train:
+        raise CompareError(f"--label_budget {targs.label_budget} is larger than the training set "
+                           f"({n_train} images in --data_root {targs.data_root})")
+    final = min(n_train, targs.max_epochs * targs.batch_size, targs.label_budget or n_train)
+    if args.budgets is None:
+        return sorted({max(1, round(f * final)) for f in BUDGET_FRACTIONS}), final
+    too_big = [b for b in args.budgets if b > final]
+    if too_big:
+        where = (f"larger than the training set ({n_train} images)" if max(too_big) > n_train else
+                 f"more than the runs will label ({final} = min(training images {n_train}, --max_epochs "
+                 f"{targs.max_epochs} x --batch_size {targs.batch_size}, --label_budget {targs.label_budget}))")
+        raise CompareError(f"--budgets {' '.join(map(str, too_big))}: {where}")
+    return sorted(set(args.budgets)), final
+
+
+def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
+    """Every check, in order, before anything runs; the only thing written is the --demo data set."""
+    check_request(args, trainer_flags)
+    # the demo on a CPU: one single-threaded run per core (faster than one run using every core)
+    devices = job_devices(args.gpus, args.jobs, min(DEMO_CPU_JOBS, os.cpu_count() or 1) if args.demo else 1)
+    output = Path(args.output).resolve()
+    if output.exists() and not output.is_dir():
+        raise CompareError(f"--output {args.output} is a file")
+    if args.data_root is None:
+        output.mkdir(parents=True, exist_ok=True)
+        args.data_root = str(demo_data(output))
+    data_root = os.path.realpath(args.data_root)
+    runs, zero = make_runs(args, trainer_flags, output, data_root)
+    n_train = count_split(data_root, "Training")
+    count_split(data_root, "Test")
+    budgets, final = label_budgets(args, runs[0].args, n_train)
+    plan = Plan(output, list(args.strategies), list(args.seeds), budgets, runs, zero, devices, final, n_train,
+                runs[0].args)
+    check_existing(plan)
+    return plan
+
+
+def check_existing(plan: Plan) -> None:
+    """Every run folder already in OUTPUT must have been made with the requested settings."""
+    wanted = {(r.strategy, str(r.seed)): r for r in plan.runs}
+    problems = []
+    for config in sorted(plan.output.glob("*/seed*/*/config.txt")):
+        run_dir = config.parent
+        if not re.fullmatch(r"Skin_\d+", run_dir.name):
+            continue  # e.g. a folder set aside after a first epoch that never finished
+        strategy, seed = run_dir.parent.parent.name, run_dir.parent.name[len("seed"):]
+        run = wanted.get((strategy, seed))
+        ignore = set() if run is not None and run.run_dir == run_dir else {"strategy", "seed"}
+        diff = differences(plan.runs[0].settings if run is None else run.settings, read_config(config), ignore)
+        if run is not None and run.run_dir != run_dir:
+            diff.insert(0, f"run folder {run_dir.name}, now {run.run_dir.name}")
+        if diff:
+            problems.append(f"{run_dir.relative_to(plan.output)}: {'; '.join(diff)}")
+    zero_config = plan.zero_shot.run_dir / "config.txt"
+    if zero_config.is_file():
+        diff = differences(plan.zero_shot.settings, read_config(zero_config), {"strategy"})
+        if diff:
+            problems.append(f"{ZERO_SHOT}: {'; '.join(diff)}")
+    if problems:
+        raise CompareError(f"--output {plan.output} holds runs made with other settings (nothing was run or "
+                           "changed; use another --output, or the settings of those runs):\n  "
+                           + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_state(run: Run) -> str:
+    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished"""
+    d = run.run_dir
+    if run.strategy == ZERO_SHOT:
+        return "finished" if (d / "val_metrics.csv").is_file() and (d / TEST_CSV).is_file() else "new"
+    if (d / "last_model.pth").is_file():
+        return "finished" if (d / TEST_CSV).is_file() else "trained"
+    if (d / "last_state.pth").is_file():
+        return "interrupted"
+    return "aborted" if (d / "config.txt").exists() or (d / "al_selection.csv").exists() else "new"
+
+
+def set_aside_name(run_dir: Path) -> Path:
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.aborted{n}").exists():
+        n += 1
+    return run_dir.with_name(f"{run_dir.name}.aborted{n}")
+
+
+def job_commands(run: Run, state: str, gpu: str) -> List[List[str]]:
+    """The processes of one job: trainer.py (fresh or --resume) and the Test scoring; or the zero-shot."""
+    python, me = sys.executable, str(Path(__file__).resolve())
+    if run.strategy == ZERO_SHOT:
+        return [[python, me, "--zero_shot", str(run.run_dir), "--"] + run.argv]
+    score = [python, me, "--score_run", str(run.run_dir)]
+    if state == "trained":
+        return [score]
+    train = [python, str(TRAINER)] + run.argv + ["--gpu", gpu] + (["--resume"] if state == "interrupted" else [])
+    return [train, score]
+
+
+def pending(plan: Plan) -> List[Tuple[Run, str]]:
+    """(run, state) of every run still to do, the zero-shot first."""
+    todo = [(run, run_state(run)) for run in [plan.zero_shot] + plan.runs]
+    return [(run, state) for run, state in todo if state != "finished"]
+
+
+def print_commands(plan: Plan) -> None:
+    """One shell line per missing run (run anywhere, in any order; CUDA_VISIBLE_DEVICES picks the GPU)."""
+    for run, state in pending(plan):
+        line = " && ".join(shlex.join(cmd) for cmd in job_commands(run, state, "0"))
+        if state == "aborted":
+            line = f"mv {shlex.quote(str(run.run_dir))} {shlex.quote(str(set_aside_name(run.run_dir)))} && {line}"
+        print(line)
+
+
+def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = "" if device is None else device
+    if device is None and slots > 1:  # CPU jobs share the cores instead of each taking all of them
+        threads = str(max(1, (os.cpu_count() or 1) // slots))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
+def run_job(run: Run, state: str, device: Optional[str], slots: int, label: str) -> bool:
+    """Run one job's processes in order (output appended to its run.log); False if one of them failed."""
+    if state == "aborted":
+        aside = set_aside_name(run.run_dir)
+        os.replace(run.run_dir, aside)
+        print(f"{label} {run.name}: stopped in its first epoch; set aside as {aside.name}, starting afresh")
+    where = "CPU" if device is None else f"GPU {device}"
+    verb = {"interrupted": "resuming", "trained": "scoring on Test"}.get(state, "starting")
+    print(f"{label} {run.name}: {verb} on {where} (log: {run.log_path})", flush=True)
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run.log_path, "a") as log:
+        for cmd in job_commands(run, state, "cpu" if device is None else "0"):
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(device, slots)).returncode
+            if code:
+                print(f"{label} {run.name}: FAILED (exit {code}) after {time.perf_counter() - start:.0f} s; "
+                      f"see {run.log_path}", flush=True)
+                return False
+    print(f"{label} {run.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    return True
+
+
+def execute(plan: Plan) -> List[str]:
+    """Every pending job, len(plan.devices) at once, each on a free device slot; the names of failed ones."""
+    todo = pending(plan)
+    finished = len(plan.runs) + 1 - len(todo)
+    if finished:
+        print(f"{finished} of {len(plan.runs) + 1} jobs already finished (skipped)")
+    slots: "queue.Queue[Optional[str]]" = queue.Queue()
+    for device in plan.devices:
+        slots.put(device)
+
+    def work(item: Tuple[int, Tuple[Run, str]]) -> Optional[str]:
+        number, (run, state) = item
+        device = slots.get()
+        try:
+            ok = run_job(run, state, device, len(plan.devices), f"[{number}/{len(todo)}]")
+        finally:
+            slots.put(device)
+        return None if ok else run.name
+
+    with ThreadPoolExecutor(max_workers=len(plan.devices)) as pool:
+        return [name for name in pool.map(work, enumerate(todo, start=1)) if name]
+
+
+# ----------------------------------------------------------------------------- scoring (one job's second step)
+
+def pick_checkpoint(run_dir: Path) -> Path:
+    """The run's best checkpoint, else last_model.pth (the final model, when no best was saved)."""
+    best = sorted(run_dir.glob("best_model_dice*.pth"))
+    if len(best) > 1:
+        raise CompareError(f"{run_dir} holds {len(best)} best_model_dice*.pth files; expected one")
+    if best:
+        return best[0]
+    if not (run_dir / "last_model.pth").is_file():
+        raise CompareError(f"{run_dir}: no best_model_dice*.pth and no last_model.pth (the run did not finish)")
+    return run_dir / "last_model.pth"
+
+
+def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int], device) -> dict:
+    """val.validate on ``split`` of the run's data (the first ``limit`` images), at original resolution."""
+    from torch.utils.data import DataLoader, Subset
+
+    import val
+    from datasets_skin import ValSkinDataset, collate_val, find_split
+
+    dataset = ValSkinDataset(*find_split(settings["data_root"], split), int(settings["img_size"]))
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    loader = DataLoader(dataset, batch_size=int(settings["batch_size"]), shuffle=False,
+                        num_workers=int(settings["num_workers"]), collate_fn=collate_val)
+    return val.validate(predict, loader, int(settings["num_classes"]), device)
+
+
+def worker_device():
+    """The job's device: CUDA_VISIBLE_DEVICES (set by the runner or a scheduler) leaves one GPU, or none."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def score_run(run_dir: Path) -> None:
+    """RUN_DIR/test_metrics.csv: per-image val.py metrics of the run's checkpoint on the Test split."""
+    import val
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.txt").is_file():
+        raise CompareError(f"--score_run {run_dir}: no config.txt there (not a trainer.py run folder)")
+    settings = read_config(run_dir / "config.txt")
+    device = worker_device()
+    checkpoint = pick_checkpoint(run_dir)
+    try:
+        predict = val.load_model_for_eval(checkpoint, settings["model_cfg"], None, int(settings["img_size"]),
+                                          int(settings["num_classes"]), int(settings["rank"]), device)
+    except val.EvalError as err:
+        raise CompareError(f"{checkpoint}: {err}") from None
+    result = evaluate(predict, settings, "Test", None, device)
+    val.write_csv(result["rows"], run_dir / TEST_CSV)
+    print(f"{checkpoint.name} on Test: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
+
+
+def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
+    """The untrained model (what trainer.py starts from) on Validation and Test: the cold-start floor."""
+    from functools import partial
+
+    import torch
+
+    import trainer
+    import val
+    from safe_io import atomic_write_text
+    from sam_lora_image_encoder_prompt import build_model
+
+    targs = resolve_trainer_args(trainer_argv)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "config.txt").is_file():
+        atomic_write_text(out_dir / "config.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(targs).items())))
+    settings = settings_of(targs)
+    device = worker_device()
+    checkpoint = None if targs.checkpoint.lower() == "none" else targs.checkpoint
+    model = build_model(targs.model_cfg, checkpoint, targs.img_size, targs.rank, targs.num_classes, targs.module,
+                        device, targs.lora_ckpt, targs.seed).eval()
+    # the same precision as what it is compared with: the trainer's validation (autocast on CUDA), and on Test
+    # --score_run's val.load_model_for_eval (float32)
+    validation = partial(trainer.predict_logits, model, device)
+
+    @torch.no_grad()
+    def test(images: torch.Tensor) -> torch.Tensor:
+        return model.decode(model.encode(images), 1)["low_res_logits"].float()
+
+    for split, limit, name, predict in (("Validation", targs.val_limit, "val_metrics.csv", validation),
+                                        ("Test", None, TEST_CSV, test)):
+        result = evaluate(predict, settings, split, limit, device)
+        val.write_csv(result["rows"], out_dir / name)
+        print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
+
+
+# ----------------------------------------------------------------------------- reading finished runs
+
+def read_scalars(log_dir: Path) -> Dict[str, Dict[int, float]]:
+    """tag -> {step: value} of a run's TensorBoard scalars (tensorboardX event files: TFRecord frames).
+
+    Events are taken in the order they were written (wall time), the later value of a (tag, step) wins, and
+    the restart marker a resumed run writes drops the steps it redoes, as TensorBoard shows them."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)  # length, its CRC, the event, the event's CRC
+            end = pos + 12 + length + 4
+            if end > len(data):
+                break  # the last record of a killed process, cut short
+            events.append(event_pb2.Event.FromString(data[pos + 12:end - 4]))
+            pos = end
+    scalars: Dict[str, Dict[int, float]] = {}
+    for event in sorted(events, key=lambda e: e.wall_time):
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            for steps in scalars.values():
+                for step in [s for s in steps if s >= event.step]:
+                    del steps[step]
+        for value in event.summary.value:
+            if value.WhichOneof("value") == "simple_value":
+                scalars.setdefault(value.tag, {})[event.step] = float(value.simple_value)
+    return scalars
+
+
+def labeled_per_epoch(selection_csv: Path) -> Dict[int, int]:
+    """epoch -> images labeled at its end, from al_selection.csv (one row per selected image)."""
+    with open(selection_csv, newline="") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    return {e: sum(1 for x in epochs if x <= e) for e in sorted(set(epochs))}
+
+
+def run_curve(run: Run) -> List[dict]:
+    """One row per epoch: strategy, seed, epoch, labeled and every validation metric (None if not validated)."""
+    import val
+
+    scalars = read_scalars(run.run_dir / "log")
+    names = sorted((t[len("val/"):] for t in scalars if t.startswith("val/")),
+                   key=lambda m: (val.METRIC_NAMES.index(m) if m in val.METRIC_NAMES else len(val.METRIC_NAMES), m))
+    return [dict(strategy=run.strategy, seed=run.seed, epoch=epoch, labeled=labeled,
+                 **{m: scalars[f"val/{m}"].get(epoch) for m in names})
+            for epoch, labeled in labeled_per_epoch(run.run_dir / "al_selection.csv").items()]
+
+
+def csv_means(path: Path, names: Sequence[str]) -> Dict[str, float]:
+    """Mean over the images (rows) of a per-image metrics CSV, per metric."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {m: float(np.mean([float(r[m]) for r in rows])) for m in names}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def dice_at(curve: Sequence[dict], budget: int) -> Optional[float]:
+    """Validation Dice of the first validated epoch with at least ``budget`` labeled images."""
+    return next((r["dice"] for r in curve if r["labeled"] >= budget and r["dice"] is not None), None)
+
+
+def area_under_curve(curve: Sequence[dict]) -> Optional[float]:
+    """Trapezoidal area under Dice vs labeled images over the validated epochs, divided by the labeled range
+    (first to last validated epoch), so it lies in [0, 1]; one validated epoch: its Dice."""
+    points = [(r["labeled"], r["dice"]) for r in curve if r["dice"] is not None]
+    if len(points) < 2:
+        return points[0][1] if points else None
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
+
+
+def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    mean, std = mean_std(present)
+    text = f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    return text + ("" if len(present) == len(values) else f" (n={len(present)})")
+
+
+def paired_test(diffs: Sequence[float]) -> str:
+    """Two-sided Wilcoxon signed-rank p of paired differences, only where it can be below 0.05."""
+    if len(diffs) < MIN_SEEDS_FOR_P:
+        return f"too few seeds (n={len(diffs)} < {MIN_SEEDS_FOR_P})"
+    if not any(diffs):
+        return "all differences 0"
+    from scipy.stats import wilcoxon
+
+    return f"{wilcoxon(diffs).pvalue:.3g}"
+
+
+# ----------------------------------------------------------------------------- the report
+
+@dataclass
+class Results:
+    curves: Dict[str, Dict[int, List[dict]]]        # strategy -> seed -> one row per epoch
+    tests: Dict[str, Dict[int, Dict[str, float]]]   # strategy -> seed -> Test-split means
+    zero: Optional[Dict[str, Dict[str, float]]]     # {"val": ..., "test": ...} of the untrained model
+    missing: List[str]
+    n_test: int = 0
+
+
+def gather(plan: Plan) -> Results:
+    """What the finished runs (and the zero-shot evaluation, if done) hold."""
+    names = [m for m, _ in REPORT_METRICS]
+    res = Results({s: {} for s in plan.strategies}, {s: {} for s in plan.strategies}, None, [])
+    for run in plan.runs:
+        state = run_state(run)
+        if state != "finished":
+            res.missing.append(f"{run.name} ({state})")
+            continue
+        res.curves[run.strategy][run.seed] = run_curve(run)
+        res.tests[run.strategy][run.seed] = csv_means(run.run_dir / TEST_CSV, names)
+        with open(run.run_dir / TEST_CSV) as f:
+            res.n_test = sum(1 for _ in f) - 1
+    if run_state(plan.zero_shot) == "finished":
+        res.zero = dict(val=csv_means(plan.zero_shot.run_dir / "val_metrics.csv", names),
+                        test=csv_means(plan.zero_shot.run_dir / TEST_CSV, names))
+    else:
+        res.missing.append(f"{ZERO_SHOT} (not evaluated)")
+    return res
+
+
+def curve_rows(res: Results) -> List[dict]:
+    rows = [row for per_seed in res.curves.values() for seed in sorted(per_seed) for row in per_seed[seed]]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k) for k in columns} for row in rows]
+
+
+def budget_table(plan: Plan, res: Results) -> List[str]:
+    lines = ["| strategy | seeds | " + " | ".join(f"Dice @ {b}" for b in plan.budgets) + " | AUC |",
+             "|---" * (len(plan.budgets) + 3) + "|"]
+    for strategy, per_seed in res.curves.items():
+        cells = [fmt([dice_at(per_seed[s], b) for s in sorted(per_seed)]) for b in plan.budgets]
+        auc = fmt([area_under_curve(per_seed[s]) for s in sorted(per_seed)])
+        lines.append(f"| {strategy} | {len(per_seed)} | " + " | ".join(cells) + f" | {auc} |")
+    if res.zero:
+        zero = f"{res.zero['val']['dice']:.4f}"
+        lines.append(f"| zero-shot (untrained) | – | " + " | ".join([zero] * len(plan.budgets)) + " | – |")
+    return lines
+
+
+def test_table(res: Results) -> List[str]:
+    lines = ["| strategy | seeds | " + " | ".join(label for _, label in REPORT_METRICS) + " |",
+             "|---" * (len(REPORT_METRICS) + 2) + "|"]
+    for strategy, per_seed in res.tests.items():
+        cells = [fmt([per_seed[s][m] for s in sorted(per_seed)], 2 if m == "hd95" else 4) for m, _ in REPORT_METRICS]
+        lines.append(f"| {strategy} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    if res.zero:
+        cells = [fmt([res.zero["test"][m]], 2 if m == "hd95" else 4) for m, _ in REPORT_METRICS]
+        lines.append("| zero-shot (untrained) | – | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(plan: Plan, res: Results) -> List[str]:
+    base = res.curves.get(BASELINE)
+    if not base:
+        return [f"No finished `{BASELINE}` runs, so no paired differences."]
+    lines = ["| strategy | at | mean difference ± std | seeds | Wilcoxon p (two-sided) |", "|---|---|---|---|---|"]
+    measures = [(f"Dice @ {b}", lambda curve, b=b: dice_at(curve, b)) for b in plan.budgets]
+    for strategy, per_seed in res.curves.items():
+        if strategy == BASELINE:
+            continue
+        for label, measure in measures + [("AUC", area_under_curve)]:
+            pairs = [(measure(per_seed[s]), measure(base[s])) for s in sorted(set(per_seed) & set(base))]
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
+            if diffs:
+                lines.append(f"| {strategy} − {BASELINE} | {label} | {fmt(diffs)} | {len(diffs)} | "
+                             f"{paired_test(diffs)} |")
+    return lines
+
+
+def summary_markdown(plan: Plan, res: Results) -> str:
+    t = plan.trainer_args
+    weights = "none (seeded random weights)" if t.checkpoint.lower() == "none" else Path(t.checkpoint).name
+    lines = [
+        "# Active-learning strategies compared", "",
+        f"{len(plan.strategies)} strategies × {len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); "
+        f"trainer.py settings shared by every run: model {Path(t.model_cfg).name}, checkpoint {weights}, img_size "
+        f"{t.img_size}, batch_size {t.batch_size}, pool_size {t.pool_size}, max_epochs {t.max_epochs}, "
+        f"label_budget {t.label_budget}, train_on {t.train_on}, val_limit {t.val_limit}; "
+        f"{plan.n_train} training images, final labeled count {plan.final_labeled}.", ""]
+    if t.checkpoint.lower() == "none":
+        lines += ["**No SAM2 checkpoint: every model started from random weights. These numbers show that the "
+                  "pipeline works, not how the strategies compare on SAM2.1.**", ""]
+    if res.missing:
+        lines += [f"Not in this report (unfinished): {', '.join(res.missing)}.", ""]
+    lines += ["## Validation Dice at label budgets (mean ± std over seeds)", ""] + budget_table(plan, res)
+    lines += ["", f"## Test split ({res.n_test} images, original resolution; mean ± std over seeds)", ""]
+    lines += test_table(res)
+    lines += ["", f"## Paired difference to {BASELINE} (same seed)", ""] + paired_table(plan, res)
+    lines += ["", "## How the numbers are made", "",
+              "- Dice @ B: validation Dice (val.py; mean over the validation images) of the first validated epoch "
+              "at which at least B images are labeled (columns of curves.csv: labeled, dice).",
+              "- AUC: area under validation Dice against the number of labeled images (trapezoids between "
+              "validated epochs) divided by the labeled range from the first to the last of them: in [0, 1].",
+              "- mean ± std: over seeds; std is the sample standard deviation (n − 1); a single seed shows no std; "
+              "(n=k) marks a cell with fewer seeds than the row.",
+              "- Test: each run's best checkpoint (best_model_dice*.pth, else last_model.pth) on every Test "
+              "image at its original resolution; the per-image values are in the run's test_metrics.csv. HD95 "
+              "in pixels; thresholded Jaccard is 0 for images below 0.65.",
+              f"- Paired differences: strategy minus {BASELINE} for the same seed. A two-sided Wilcoxon "
+              f"signed-rank p (scipy) is given from {MIN_SEEDS_FOR_P} seeds on; with fewer, no p below 0.05 is "
+              "possible, so none is claimed. A difference within the seeds' spread is no evidence either way.",
+              "- zero-shot: the untrained model (what every run starts from) on the same images.", "",
+              f"Curves: learning_curves.png, curves.csv. TensorBoard: `tensorboard --logdir {plan.output}`."]
+    return "\n".join(lines) + "\n"
+
+
+def band(per_seed: Dict[int, List[dict]], metric: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x = labeled counts; mean and sample std over the seeds validated there (std 0 for one seed)."""
+    by_x: Dict[int, List[float]] = {}
+    for curve in per_seed.values():
+        for row in curve:
+            if row.get(metric) is not None:
+                by_x.setdefault(row["labeled"], []).append(row[metric])
+    x = np.array(sorted(by_x))
+    stats = [mean_std(by_x[v]) for v in x]
+    return x, np.array([m for m, _ in stats]), np.array([s or 0.0 for _, s in stats])
+
+
+def plot_curves(plan: Plan, res: Results, path: Path) -> None:
+    """learning_curves.png: validation Dice and HD95 against labeled images, mean ± std band per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from safe_io import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    panels = (("dice", "validation Dice (higher is better)"), ("hd95", "validation HD95, pixels (lower is better)"))
+    for ax, (metric, label) in zip(axes, panels):
+        for i, (strategy, per_seed) in enumerate(res.curves.items()):
+            if not per_seed:
+                continue
+            x, mean, std = band(per_seed, metric)
+            ax.plot(x, mean, marker="o", markersize=3, color=f"C{i}", label=f"{strategy} ({len(per_seed)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+        if res.zero:
+            ax.axhline(res.zero["val"][metric], color="0.3", linestyle="--", linewidth=1,
+                       label="zero-shot (untrained)")
+        for b in plan.budgets:
+            ax.axvline(b, color="0.6", linestyle=":", linewidth=1)
+            ax.text(b, 1.0, f" {b}", transform=ax.get_xaxis_transform(), fontsize=8, color="0.4", va="bottom")
+        ax.set_xlabel("labeled images (dotted: label budgets of summary.md)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"Validation metrics against annotation cost: mean ± std over seeds "
+                 f"({plan.trainer_args.img_size} px, {Path(plan.trainer_args.model_cfg).name})")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(plan: Plan) -> Results:
+    """curves.csv, learning_curves.png and summary.md in OUTPUT, from the finished runs only."""
+    import val
+    from safe_io import atomic_write_text
+
+    res = gather(plan)
+    rows = curve_rows(res)
+    if not rows:
+        raise CompareError(f"--output {plan.output}: no finished runs to report on "
+                           f"(unfinished: {', '.join(res.missing)})")
+    val.write_csv(rows, plan.output / "curves.csv")
+    plot_curves(plan, res, plan.output / "learning_curves.png")
+    atomic_write_text(plan.output / "summary.md", summary_markdown(plan, res))
+    print(f"report: {plan.output / 'summary.md'}, {plan.output / 'learning_curves.png'}, "
+          f"{plan.output / 'curves.csv'}\nview the runs side by side: tensorboard --logdir {plan.output}")
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, trainer_flags = build_parser().parse_known_args(argv[:cut])
+    try:
+        if args.score_run:
+            score_run(Path(args.score_run))
+            return 0
+        if args.zero_shot:
+            zero_shot(Path(args.zero_shot), argv[cut + 1:])
+            return 0
+        plan = make_plan(args, trainer_flags)
+        if args.print_commands:
+            print_commands(plan)
+            return 0
+        if not args.collect:
+            failed = execute(plan)
+            if failed:
+                print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Run the same command again to resume "
+                      "them, or add --collect for a report of the finished runs.", file=sys.stderr)
+                return 1
+        write_report(plan)
+        return 0
+    except CompareError as err:
+        print(f"compare_strategies.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

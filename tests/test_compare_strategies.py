@@ -1,0 +1,277 @@
+"""compare_strategies.py end to end at the smallest settings (64 px, 2 strategies x 2 seeds x 2 epochs).
+
+One comparison (module fixture) is shared by the tests; the resume test copies it, removes one run, kills that
+run at the end of its first epoch (MDSAM_CRASH_AT) and reruns the command: the finished runs must not be
+touched and the report must equal the uninterrupted one.
+"""
+import csv
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import compare_strategies as cs
+from test_trainer_e2e import read_events
+
+STRATEGIES, SEEDS, EPOCHS, BATCH, POOL, BUDGET = ("mask_difference", "random"), (1, 2), 2, 2, 4, 3
+N_TRAIN, N_VAL, N_TEST = 8, 4, 3
+TRAINER_FLAGS = ["--demo", "--img_size", "64", "--batch_size", str(BATCH), "--pool_size", str(POOL),
+                 "--max_epochs", str(EPOCHS), "--label_budget", str(BUDGET), "--val_limit", str(N_VAL)]
+
+
+def labeled_after(epoch: int) -> int:
+    """--batch_size per epoch, the last selection cut to end at --label_budget."""
+    return min(BATCH * epoch, BUDGET)
+REPORT = ("curves.csv", "learning_curves.png", "summary.md")
+
+
+def request(data: Path, out: Path, *extra: str) -> list:
+    return (["--data_root", str(data), "--output", str(out), "--strategies", *STRATEGIES,
+             "--seeds", *map(str, SEEDS), "--jobs", "2"] + TRAINER_FLAGS + list(extra))
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_row(summary: str, section: str, first_cell: str) -> list:
+    """The cells of the markdown table row starting with ``first_cell`` in the section titled ``section``."""
+    text = summary.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in section {section!r}")
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from synthetic_isic import make_synthetic_isic
+
+    return make_synthetic_isic(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL, N_TEST, size=96, seed=5)
+
+
+@pytest.fixture(scope="module")
+def comparison(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cmp")
+    assert cs.main(request(data, out)) == 0
+    return out
+
+
+def test_every_artefact_is_written(comparison):
+    from PIL import Image
+
+    with Image.open(comparison / "learning_curves.png") as im:
+        im.load()  # decodes the whole image
+        assert im.format == "PNG" and im.width > 600 and im.height > 300
+    rows = read_csv(comparison / "curves.csv")
+    assert list(rows[0])[:4] == ["strategy", "seed", "epoch", "labeled"]
+    assert {"dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95"} <= set(rows[0])
+    assert sorted((r["strategy"], int(r["seed"]), int(r["epoch"])) for r in rows) == \
+        sorted((s, k, e) for s in STRATEGIES for k in SEEDS for e in range(1, EPOCHS + 1))
+    assert all(int(r["labeled"]) == labeled_after(int(r["epoch"])) and r["dice"] != "" for r in rows)
+    for strategy in STRATEGIES:
+        for seed in SEEDS:
+            run_dir = comparison / strategy / f"seed{seed}" / "Skin_64"
+            assert (run_dir / "last_model.pth").is_file()
+            assert len(read_csv(run_dir / "test_metrics.csv")) == N_TEST
+            events = read_events(run_dir / "log")  # under OUTPUT: `tensorboard --logdir OUTPUT` shows them all
+            why = sorted((step, kind) for step, kind, _ in events.get("al/why_selected", []))
+            assert why == ([(e, "image") for e in range(1, EPOCHS + 1)] if strategy == "mask_difference" else [])
+    assert len(read_csv(comparison / "zero_shot" / "val_metrics.csv")) == N_VAL
+    assert len(read_csv(comparison / "zero_shot" / "test_metrics.csv")) == N_TEST
+    summary = (comparison / "summary.md").read_text()
+    assert "Not in this report" not in summary
+    assert "too few seeds (n=2 < 6)" in summary and "No SAM2 checkpoint" in summary
+    assert not [p for p in comparison.rglob("*") if p.name.startswith(".tmp-")], "a temporary file was left"
+
+
+def test_summary_numbers_are_recomputed_from_curves_csv_and_test_csvs(comparison):
+    """Formulas: Dice @ B = dice of the first epoch with labeled >= B; AUC = trapezoid area / labeled range;
+    mean ± sample std over seeds; Test = mean over the run's per-image rows."""
+    rows = read_csv(comparison / "curves.csv")
+    summary = (comparison / "summary.md").read_text()
+    final = labeled_after(EPOCHS)
+    budgets = sorted({max(1, round(f * final)) for f in (0.25, 0.5, 1.0)})
+    assert table_row(summary, "Validation Dice", "strategy")[2:-1] == [f"Dice @ {b}" for b in budgets]
+
+    def curve(strategy, seed):
+        picked = [r for r in rows if r["strategy"] == strategy and int(r["seed"]) == seed]
+        return [(int(r["labeled"]), float(r["dice"])) for r in sorted(picked, key=lambda r: int(r["epoch"]))]
+
+    def mean_pm_std(values, digits=4):
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    def dice_at(points, budget):
+        return next(d for labeled, d in points if labeled >= budget)
+
+    def auc(points):
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+        return area / (points[-1][0] - points[0][0])
+
+    for strategy in STRATEGIES:
+        cells = table_row(summary, "Validation Dice", strategy)
+        assert cells[2] == mean_pm_std([dice_at(curve(strategy, k), budgets[0]) for k in SEEDS])
+        assert cells[-1] == mean_pm_std([auc(curve(strategy, k)) for k in SEEDS])
+        tests = [read_csv(comparison / strategy / f"seed{k}" / "Skin_64" / "test_metrics.csv") for k in SEEDS]
+        cells = table_row(summary, "Test split", strategy)
+        assert cells[2] == mean_pm_std([statistics.mean(float(r["dice"]) for r in t) for t in tests])
+        assert cells[5] == mean_pm_std([statistics.mean(float(r["hd95"]) for r in t) for t in tests], 2)
+    diffs = [dice_at(curve("mask_difference", k), final) - dice_at(curve("random", k), final) for k in SEEDS]
+    paired = [line for line in summary.splitlines() if line.startswith(f"| mask_difference − random | Dice @ {final} |")]
+    assert len(paired) == 1 and paired[0].endswith(f"| {mean_pm_std(diffs)} | 2 | too few seeds (n=2 < 6) |")
+    zero = statistics.mean(float(r["dice"]) for r in read_csv(comparison / "zero_shot" / "val_metrics.csv"))
+    assert table_row(summary, "Validation Dice", "zero-shot (untrained)")[2] == f"{zero:.4f}"
+
+
+def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
+    """Epoch 1 scores the same pool for every strategy of a seed; later pools are drawn by the same
+    (seed, epoch) generator from each run's own unlabeled set."""
+    import datasets_skin
+    import trainer
+
+    names = datasets_skin.SemiSupervisedSkinDataset(*datasets_skin.find_split(data, "Training"), img_size=64).names
+    for seed in SEEDS:
+        for strategy in STRATEGIES:
+            rows = read_csv(comparison / strategy / f"seed{seed}" / "Skin_64" / "al_selection.csv")
+            labeled = set()
+            for epoch in range(1, EPOCHS + 1):
+                unlabeled = [i for i in range(len(names)) if i not in labeled]
+                pool = {names[i] for i in trainer.draw_pool(unlabeled, POOL, seed, epoch)}
+                chosen = {r["image"] for r in rows if int(r["epoch"]) == epoch}
+                assert len(chosen) == labeled_after(epoch) - len(labeled) and chosen <= pool, (strategy, seed, epoch)
+                labeled |= {names.index(n) for n in chosen}
+
+
+def test_two_strategies_that_label_the_same_images_train_the_same_model(data, tmp_path):
+    """pool == batch: every strategy labels the same images in epoch 1, so with training draws seeded per
+    (seed, epoch) the trained models must be identical although the strategies ran different scoring."""
+    import trainer
+
+    results = []
+    for strategy in ("mask_difference", "random"):
+        out = tmp_path / strategy
+        results.append(trainer.main(["--demo", "--gpu", "cpu", "--data_root", str(data), "--output", str(out),
+                                     "--img_size", "64", "--batch_size", "2", "--pool_size", "2", "--max_epochs",
+                                     "1", "--val_limit", "1", "--promptmode", "point", "--seed", "3",
+                                     "--strategy", strategy]))
+    assert sorted(results[0]["labeled"]) == sorted(results[1]["labeled"])
+    scalars = [cs.read_scalars(r["run_dir"] / "log") for r in results]
+    for tag in ("train/loss", "train/loss_dec2", "val/dice"):
+        assert scalars[0][tag] == scalars[1][tag], tag
+    models = [torch.load(r["run_dir"] / "last_model.pth", weights_only=True) for r in results]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_a_killed_run_resumes_and_finished_runs_are_not_rerun(comparison, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    shutil.rmtree(out / "random" / "seed2")
+    for name in REPORT:
+        (out / name).unlink()
+    others = {p: v for p, v in snapshot(out).items() if "demo_data" not in str(p)}
+
+    monkeypatch.setenv("MDSAM_CRASH_AT", "epoch_end:1")
+    assert cs.main(request(data, out)) == 1
+    run_dir = out / "random" / "seed2" / "Skin_64"
+    assert (run_dir / "last_state.pth").is_file() and not (run_dir / "last_model.pth").exists()
+    assert {r["epoch"] for r in read_csv(run_dir / "al_selection.csv")} == {"1"}
+    assert not any((out / name).exists() for name in REPORT), "a report was written although a run failed"
+    assert "random/seed2: FAILED (exit 3)" in capsys.readouterr().out
+
+    monkeypatch.delenv("MDSAM_CRASH_AT")
+    assert cs.main(request(data, out)) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 5 jobs already finished (skipped)" in printed and "random/seed2: resuming" in printed
+    assert "resumed at epoch 2" in (run_dir / "config.txt").read_text()
+    after = snapshot(out)
+    assert {p: after[p] for p in others} == others, "a finished run was touched"
+    want, got = read_csv(comparison / "curves.csv"), read_csv(out / "curves.csv")
+    assert [list(r) for r in got] == [list(r) for r in want]
+    for a, b in zip(got, want):
+        assert a["strategy"] == b["strategy"]
+        assert all(float(a[k]) == pytest.approx(float(b[k]), abs=1e-6) for k in a if k != "strategy"), (a, b)
+    assert (out / "summary.md").read_text().replace(str(out), "OUT") == \
+        (comparison / "summary.md").read_text().replace(str(comparison), "OUT")
+
+
+def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones(comparison, data, tmp_path,
+                                                                                 capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns(*REPORT))
+    shutil.rmtree(out / "random" / "seed2")
+    shutil.rmtree(out / "zero_shot")
+    assert cs.main(request(data, out, "--print_commands")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "--zero_shot" in lines[0]
+    assert "trainer.py" in lines[1] and "--strategy random --seed 2" in lines[1] and " && " in lines[1]
+    assert "--score_run" in lines[1] and not (out / "random" / "seed2").exists(), "--print_commands ran something"
+
+    assert cs.main(request(data, out, "--collect")) == 0
+    assert len(read_csv(out / "curves.csv")) == (len(STRATEGIES) * len(SEEDS) - 1) * EPOCHS
+    summary = (out / "summary.md").read_text()
+    assert "Not in this report (unfinished): random/seed2 (new), zero_shot (not evaluated)." in summary
+    assert table_row(summary, "Validation Dice", "random")[1] == "1"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "1", "1"], "--seeds lists 1 more than once"),
+    (["--budgets", "50"], "--budgets 50: larger than the training set (8 images)"),
+    (["--budgets", "4"], "--budgets 4: more than the runs will label (3 = min("),
+    (["--label_budget", "9"], "--label_budget 9 is larger than the training set (8 images"),
+    (["--gpus", "7"], "--gpus 7: no device 7"),
+    (["--seed", "3"], "--seed is set per run by compare_strategies.py; use --seeds"),
+])
+def test_bad_input_is_one_clear_error_before_anything_runs(data, tmp_path, capsys, extra, message):
+    out = tmp_path / "new"
+    assert cs.main(request(data, out) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_strategies.py: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_unknown_strategy_is_refused_by_the_parser(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cs.main(request(data, tmp_path / "new") + ["--strategies", "entropy", "margin"])
+    assert exit_info.value.code == 2 and "--strategies: invalid choice: 'margin'" in capsys.readouterr().err
+
+
+def test_output_holding_runs_of_other_settings_is_refused_untouched(comparison, data, capsys):
+    before = snapshot(comparison)
+    assert cs.main(request(data, comparison) + ["--max_epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds runs made with other settings" in err and "mask_difference/seed1/Skin_64: max_epochs was 2, now 3" in err
+    assert snapshot(comparison) == before
+
+
+def test_read_scalars_takes_a_resumed_log_as_tensorboard_shows_it(tmp_path):
+    """A run killed after step 2 and resumed from step 2 (purge_step): steps >= 2 come from the resumed run."""
+    from tensorboardX import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path), filename_suffix=".a")
+    for step in (1, 2, 3):
+        first.add_scalar("val/dice", 0.1 * step, step)
+    first.close()
+    second = SummaryWriter(str(tmp_path), purge_step=2, filename_suffix=".b")
+    second.add_scalar("val/dice", 0.5, 2)
+    second.close()
+    assert cs.read_scalars(tmp_path) == {"val/dice": {1: pytest.approx(0.1), 2: 0.5}}
+
+
+def test_checkpoint_choice_and_curve_statistics(tmp_path):
+    (tmp_path / "last_model.pth").write_bytes(b"")
+    assert cs.pick_checkpoint(tmp_path).name == "last_model.pth"
+    (tmp_path / "best_model_dice0.5000.pth").write_bytes(b"")
+    assert cs.pick_checkpoint(tmp_path).name == "best_model_dice0.5000.pth"
+    curve = [dict(labeled=2, dice=0.2), dict(labeled=4, dice=None), dict(labeled=6, dice=0.6)]
+    assert cs.dice_at(curve, 3) == 0.6 and cs.dice_at(curve, 2) == 0.2 and cs.dice_at(curve, 7) is None
+    assert cs.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
+    assert cs.paired_test([0.1] * 5).startswith("too few seeds")
+    assert cs.paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == "0.0312"  # 2 / 2^6: every difference positive
