@@ -23,6 +23,8 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 TEMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
 
 
 class CheckpointFileError(ValueError):
@@ -37,6 +39,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(handle)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)

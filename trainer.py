@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -730,7 +731,9 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
         restore_state(run, state, argv)
     else:
         atomic_write_text(run_dir / "config.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
-    run.writer = SummaryWriter(str(run_dir / "log"), purge_step=run.start_epoch if args.resume else None)
+    # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
+    run.writer = SummaryWriter(str(run_dir / "log"), purge_step=run.start_epoch if args.resume else None,
+                               filename_suffix=f".{os.getpid()}")
     log_start(run, argv)
     return run
 
