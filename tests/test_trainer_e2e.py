@@ -285,8 +285,9 @@ def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_pa
 # ----------------------------------------------------------------------------- issue 9: kills, dead runs, bad files
 # Each kill is deterministic: the trainer ends itself with os._exit at a named point (MDSAM_CRASH_AT, utils.crash_point),
 # as SIGKILL would. Reruns stop after epoch 1 where the kill is in epoch 1: selections are seeded by (seed, epoch), so an
-# uninterrupted run's epoch-1 rows (demo_run's) are what a 1-epoch run writes. --val_limit does not change selections.
-ONE_EPOCH = ["--max_epochs", "1", "--val_limit", "1"]
+# uninterrupted run's epoch-1 rows (demo_run's) are what a 1-epoch run writes. --val_limit and --save_from_epoch (no
+# best checkpoint to write: less time) do not change selections.
+ONE_EPOCH = ["--max_epochs", "1", "--val_limit", "1", "--save_from_epoch", "10"]
 
 
 def killed_at(point: str, argv) -> None:
@@ -339,8 +340,7 @@ def test_kill_during_a_checkpoint_write_then_resume(demo_run, tmp_path):
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
     log_text = (run_dir / "log.txt").read_text()
     assert f"removed 1 temporary file(s) left by a write that was killed: {stale[0].name}" in log_text
-    assert "--resume starts it from epoch 1" in log_text
-    assert len(list(run_dir.glob("best_model_dice*.pth"))) == 1 and (run_dir / "last_state.pth").is_file()
+    assert "--resume starts it from epoch 1" in log_text and (run_dir / "last_state.pth").is_file()
 
 
 def test_demo_killed_while_writing_its_data_leaves_no_half_data_set(demo_run, tmp_path):
@@ -376,7 +376,8 @@ def test_file_found_corrupt_mid_run_stops_naming_it_and_resume_continues_once_fi
     mask = data / "Training_GroundTruth" / f"{picked}_segmentation.png"
     good = mask.read_bytes()
     corrupt_png_pixels(mask)
-    argv = TINY + ["--data_root", str(data), "--output", str(tmp_path / "out"), "--max_epochs", "2", "--val_limit", "1"]
+    argv = TINY + ["--data_root", str(data), "--output", str(tmp_path / "out"), "--max_epochs", "2", "--val_limit", "1",
+                   "--save_from_epoch", "10"]
     with pytest.raises(SystemExit) as stop:
         trainer.main(argv)
     assert stop.value.code == 2

@@ -67,7 +67,7 @@ def test_diverged_run_stops_in_its_epoch_and_keeps_the_last_good_checkpoints(sma
     assert "training diverged in epoch 2" in err and "lower --base_lr" in err
     assert len(saved) == 2 and "last_state.pth" in saved, "epoch 1 saved its best and its state"
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.pth")} == saved, "epoch 1's checkpoints were touched"
-    assert all(all_tensors_finite(p) for p in run_dir.glob("*.pth"))
+    assert all(all_tensors_finite(p) for p in run_dir.glob("*.pth")), "a checkpoint holds NaN or inf"
     record = json.loads((run_dir / trainer.DIVERGED_FILE).read_text())
     assert record["epoch"] == 2 and record["base_lr"] == 1e3
     # --base_lr may change now (other settings may not)
@@ -156,3 +156,30 @@ def test_mask_kinds_are_each_logged_once_per_run(tmp_path):
     assert log.count("are read as 0 = skin, 1 = lesion") == 1
     assert log.count("holds values other than 0 and 255") == 1 and val_masks[0].name in log
     assert log.count("of the masks read so far are empty") == 1 and "2 of the masks read so far are empty" in log
+
+
+def test_run_that_diverged_in_epoch_1_may_be_rerun_with_a_lower_base_lr(tmp_path):
+    """A run that diverged in epoch 1 left no last_state.pth (a dead run): a rerun may lower --base_lr while
+    diverged.json says why it stopped; other settings, or --base_lr without that record, are refused."""
+    parser = trainer.build_parser()
+
+    def args_of(*argv):
+        argv = ["--demo", "--output", str(tmp_path), *argv]
+        args = parser.parse_args(argv)
+        trainer.prepare_args(parser, args, argv)
+        return args
+
+    run_dir = tmp_path / "Skin_128"
+    run_dir.mkdir()
+    first = args_of("--base_lr", "1e3")
+    (run_dir / "config.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(vars(first).items())))
+    (run_dir / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,ISIC_0000001,0.5,1\n")
+    assert trainer.dead_run(first, run_dir)
+    with pytest.raises(trainer.UsageError, match=r"other settings \(--base_lr was 1000.0, now 0.001\)"):
+        trainer.dead_run(args_of("--base_lr", "1e-3"), run_dir)
+    (run_dir / trainer.DIVERGED_FILE).write_text('{"epoch": 1}\n')
+    assert trainer.dead_run(args_of("--base_lr", "1e-3"), run_dir)
+    with pytest.raises(trainer.UsageError, match=r"--pool_size was 6, now 8"):
+        trainer.dead_run(args_of("--base_lr", "1e-3", "--pool_size", "8"), run_dir)
+    (run_dir / trainer.AWAITING_FILE).write_text("{}\n")
+    assert not trainer.dead_run(first, run_dir), "a round waiting for a person's masks is a live run"
