@@ -11,7 +11,8 @@ Layouts understood under a dataset root (split = Training | Validation | Test):
     Test_GroundTruth/   (optional)     ISIC-2017_Test_v2_Part1_GroundTruth/
 
 Images are ``.jpg/.jpeg/.png``; the mask of ``X.<ext>`` is ``X_segmentation.png`` (0 = skin, 255 = lesion;
-anything > 127 counts as lesion; a 0/1 mask is read as such). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
+anything > 127 counts as lesion; a mask whose maximum is 1 is read as 0/1; ``MaskNotes`` records which kinds were
+seen, for one log line each). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
 metadata CSVs) are ignored. Order is sorted by image name, so indices are stable across runs.
 
 Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
@@ -29,6 +30,7 @@ share the cached arrays copy-on-write. With everything cached, ``__getitem__`` o
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -263,23 +265,76 @@ def decode_image(path: Path, size: Optional[int], use_draft: bool = True) -> np.
             if size is not None:
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"Cannot decode image {str(path)!r}: {err}. Replace or remove it.") from err
 
 
-def decode_mask(path: Path, size: Optional[int]) -> np.ndarray:
-    """Decode a mask to uint8 {0, 1} (H x W), resized nearest-neighbour to ``size x size`` when given.
+class MaskNotes:
+    """What the masks decoded so far looked like, so that a run says each thing once, not once per image.
 
-    Lesion = grey level > 127; a mask whose highest level is 1 (saved as 0/1 by some tools) counts 1 as lesion."""
+    ``zero_one``: masks stored as 0/1 (maximum 1), read as 0 = skin, 1 = lesion. ``other_values``: masks with
+    values other than 0 and 255 (e.g. {0, 128, 255}, or a palette PNG), thresholded at > 127. ``empty``: masks
+    without a lesion pixel (allowed: a lesion-free image). Sets of file names, so a mask decoded twice counts once.
+    ``news()`` returns the (logging level, line) pairs not reported before: the first two once, the count of empty
+    masks whenever it has grown.
+    """
+
+    def __init__(self) -> None:
+        self.zero_one: set = set()
+        self.other_values: set = set()
+        self.empty: set = set()
+        self._told_zero_one = self._told_other_values = False
+        self._told_empty = 0
+
+    def record(self, path: Path, levels: np.ndarray, empty: bool) -> None:
+        """``levels``: the grey levels present in ``path``, ascending."""
+        if levels[-1] == 1:
+            self.zero_one.add(path.name)
+        elif np.setdiff1d(levels, (0, 255)).size:
+            self.other_values.add(path.name)
+        if empty:
+            self.empty.add(path.name)
+
+    def news(self) -> List[Tuple[int, str]]:
+        lines = []
+        if self.zero_one and not self._told_zero_one:
+            self._told_zero_one = True
+            lines.append((logging.INFO, f"masks stored as 0/1 (e.g. {min(self.zero_one)}) are read as "
+                                        "0 = skin, 1 = lesion"))
+        if self.other_values and not self._told_other_values:
+            self._told_other_values = True
+            lines.append((logging.WARNING, f"mask {min(self.other_values)} holds values other than 0 and 255: "
+                                           "thresholded at 127 (lesion = above 127); check how the masks were written"))
+        if len(self.empty) > self._told_empty:
+            self._told_empty = len(self.empty)
+            lines.append((logging.INFO, f"{len(self.empty)} of the masks read so far are empty (no lesion; allowed), "
+                                        f"e.g. {min(self.empty)}"))
+        return lines
+
+
+def binarise_mask(grey: np.ndarray, path: Path, notes: Optional[MaskNotes] = None) -> np.ndarray:
+    """uint8 grey levels -> uint8 {0, 1}: a mask whose maximum is 1 is taken as stored 0/1; any other is
+    thresholded at > 127 (0/255 as the ISIC masks; other values too, which ``notes`` records with empty masks)."""
+    levels = np.flatnonzero(np.bincount(grey.ravel(), minlength=256))
+    mask = (grey > (0 if levels[-1] == 1 else 127)).astype(np.uint8)
+    if notes is not None:
+        notes.record(path, levels, empty=not mask.any())
+    return mask
+
+
+def decode_mask(path: Path, size: Optional[int], notes: Optional[MaskNotes] = None) -> np.ndarray:
+    """Decode a mask to uint8 {0, 1} (H x W; see ``binarise_mask``), resized nearest-neighbour to ``size x size``
+    when given. What it looked like (0/1, other values, empty) is recorded in ``notes`` when given."""
+    path = Path(path)
     try:
         with Image.open(path) as im:
-            im = to_grey(im)
-            if size is not None:
-                im = im.resize((size, size), Image.NEAREST)
-            grey = np.asarray(im)
-            return (grey > (0 if grey.max(initial=0) == 1 else 127)).astype(np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+            grey = np.asarray(to_grey(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"Cannot decode mask {str(path)!r}: {err}. Replace or remove it.") from err
+    mask = binarise_mask(grey, path, notes)
+    if size is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return mask
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,6 +411,7 @@ class SkinLesionDataset(Dataset):
         check_files: bool = True,
         use_draft: bool = True,
         unlabeled_ok: bool = False,
+        mask_notes: Optional[MaskNotes] = None,
     ) -> None:
         if int(img_size) <= 0:
             raise DatasetError(f"img_size must be a positive integer, got {img_size!r}.")
@@ -365,6 +421,7 @@ class SkinLesionDataset(Dataset):
         self.transform = SkinTrainGenerator(self.img_size, augment)
         self.cache_enabled = cache
         self.use_draft = use_draft
+        self.mask_notes = MaskNotes() if mask_notes is None else mask_notes  # may be shared by several datasets
         self._images: Dict[int, np.ndarray] = {}
         self._masks: Dict[int, np.ndarray] = {}
 
@@ -392,7 +449,7 @@ class SkinLesionDataset(Dataset):
         """uint8 S x S in {0, 1}, decoded once when the cache is on."""
         mask = self._masks.get(index)
         if mask is None:
-            mask = decode_mask(self.samples[index].mask_path, self.img_size)
+            mask = decode_mask(self.samples[index].mask_path, self.img_size, self.mask_notes)
             if self.cache_enabled:
                 self._masks[index] = mask
         return mask
@@ -471,8 +528,9 @@ class ValSkinDataset(SkinLesionDataset):
         cache: bool = True,
         check_files: bool = True,
         use_draft: bool = True,
+        mask_notes: Optional[MaskNotes] = None,
     ) -> None:
-        super().__init__(image_dir, mask_dir, img_size, False, cache, check_files, use_draft)
+        super().__init__(image_dir, mask_dir, img_size, False, cache, check_files, use_draft, mask_notes=mask_notes)
         self._orig_masks: Dict[int, Tuple[np.ndarray, Tuple[int, int]]] = {}
 
     def original_mask(self, index: int) -> np.ndarray:
@@ -480,7 +538,7 @@ class ValSkinDataset(SkinLesionDataset):
         if packed is not None:
             bits, shape = packed
             return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape)
-        mask = decode_mask(self.samples[index].mask_path, None)
+        mask = decode_mask(self.samples[index].mask_path, None, self.mask_notes)
         if self.cache_enabled:
             self._orig_masks[index] = (np.packbits(mask), mask.shape)
         return mask

@@ -16,6 +16,7 @@ from scipy.ndimage import gaussian_filter
 
 from datasets_skin import MASK_SUFFIX, SPLIT_FOLDERS, PathLike
 from safe_io import atomic_path
+from utils import crash_point
 
 
 _SKIN_TONES = np.array(
@@ -167,7 +168,8 @@ def make_synthetic_isic(
     Images are ``size`` pixels wide and 0.66-0.8 times as high (like ISIC photos, so resizing and original-size
     metrics are exercised), saved as JPEG; masks are 0/255 PNGs named ``<image>_segmentation.png``. Names are
     ``ISIC_<7 digits>``, continuing across splits. The same seed gives the same files (each image depends only on
-    the seed, its split and its position). ``n_test=0`` writes no Test folders.
+    the seed, its split and its position). ``n_test=0`` writes no Test folders. Files are written one by one: a
+    caller that must never leave half a data set writes into ``safe_io.atomic_folder`` (as the demo does).
     """
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}.")
@@ -186,5 +188,6 @@ def make_synthetic_isic(
             name = f"ISIC_{first_id + i:07d}"
             _save(image, image_dir / f"{name}.jpg", quality=92)
             _save(mask, mask_dir / f"{name}{MASK_SUFFIX}")
+            crash_point("synthetic_data", first_id + i + 1)  # test hook: a kill after this many pairs
         first_id += count
     return root

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
+import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import wraps
 from importlib import import_module
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -54,7 +57,8 @@ import utils
 import val
 from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy, ComparedPredictions,
                                         MaskDifferenceStrategy, default_score_batch_size, top_k)
-from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file
+from safe_io import (CheckpointFileError, atomic_folder, atomic_path, atomic_torch_save, atomic_write_text,
+                     load_torch_file, remove_stale_temps)
 from sam2.build_sam import CheckpointError, ConfigNotFoundError
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
@@ -170,6 +174,11 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint",
                "module", "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr")
 CSV_HEADER = ["epoch", "image", "score", "rank_in_pool"]
+# Written when training diverges (NaN/inf); while it is there, --resume may change --base_lr. Removed with the
+# next finished epoch.
+DIVERGED_FILE = "diverged.json"
+# What a run that died before finishing its first epoch may have written (log.txt stays: the log goes on).
+DEAD_RUN_FILES = ("config.txt", "al_selection.csv", DIVERGED_FILE)
 
 log = logging.getLogger("trainer")
 
@@ -219,8 +228,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if not 0.0 <= args.dice_weight <= 1.0:
         raise UsageError(f"--dice_weight must be in [0, 1] (got {args.dice_weight})")
-    if args.base_lr <= 0:
-        raise UsageError(f"--base_lr must be > 0 (got {args.base_lr})")
+    if not (math.isfinite(args.base_lr) and args.base_lr > 0):
+        raise UsageError(f"--base_lr must be a finite number > 0 (got {args.base_lr})")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in 0..{2**32 - 1} (got {args.seed})")
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -249,6 +260,20 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}) defines no LoRA_Sam class")
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """--output (and its run folder) must be, or be creatable as, folders this user may write; creates nothing."""
+    run_dir = Path(args.output) / f"Skin_{args.img_size}"
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {args.output}: {existing} is a file, not a folder; choose another --output")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UsageError(f"--output {args.output}: cannot write in {existing} ({err.strerror or err}); "
+                         "choose another --output") from None
+
+
 def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Demo defaults, the default --output, and every flag check."""
     if args.demo:
@@ -257,6 +282,7 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         args.output = "./output_demo" if args.demo else "./output"
     check_numbers(args)
     check_paths(args)
+    check_output(args)
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -311,23 +337,52 @@ def ranks_in_pool(scores: Dict[int, float]) -> Dict[int, int]:
 
 # ----------------------------------------------------------------------------- files
 
+def csv_text(rows: List[list]) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
+
+
 def append_selection_rows(path: Path, rows: List[list]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        if new:
-            writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
+    """Add rows to al_selection.csv by rewriting it atomically: a kill leaves the old file or the new one, never
+    a partial line (so a partial line on --resume is damage, not something this trainer wrote)."""
+    old = path.read_text() if path.exists() else csv_text([CSV_HEADER])
+    atomic_write_text(path, old + csv_text(rows))
+
+
+def selection_row_ok(row: List[str]) -> bool:
+    try:
+        return len(row) == len(CSV_HEADER) and bool(row[1]) and int(row[0]) >= 1 and math.isfinite(float(row[2])) \
+            and int(row[3]) >= 1
+    except ValueError:
+        return False
+
+
+def read_selection_rows(path: Path) -> List[List[str]]:
+    """The rows of al_selection.csv after its header; a blank, partial or unreadable line is a UsageError naming
+    the file and the line (checked on --resume, before anything is written)."""
+    try:
+        with open(path, newline="") as f:
+            lines = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"--resume: cannot read {path} ({err})") from None
+    if not lines or lines[0] != CSV_HEADER:
+        raise UsageError(f"--resume: {path} does not start with the line {','.join(CSV_HEADER)}; it is not a "
+                         "selection log of this trainer")
+    for number, row in enumerate(lines[1:], start=2):
+        if not selection_row_ok(row):
+            what = "blank" if not row else f"incomplete or damaged ({','.join(row)!r})"
+            raise UsageError(f"--resume: {path} line {number} is {what}; every line must be "
+                             f"{','.join(CSV_HEADER)}: repair or delete that line, then rerun")
+    return lines[1:]
 
 
 def truncate_selection_csv(path: Path, last_epoch: int) -> None:
     """Drop rows of epochs after ``last_epoch`` (written by a run killed mid-epoch)."""
     if not path.exists():
         return
-    with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f))
-    kept = [header] + [r for r in rows if int(r[0]) <= last_epoch]
-    atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
+    kept = [r for r in read_selection_rows(path) if int(r[0]) <= last_epoch]
+    atomic_write_text(path, csv_text([CSV_HEADER] + kept))
 
 
 def run_folder_in_use(run_dir: Path) -> Optional[str]:
@@ -479,6 +534,51 @@ class Run:
         return [self.train_set.names[i] for i in self.train_set.labeled_indices]
 
 
+def settings_changed(recorded: dict, args: argparse.Namespace, run_dir: Path) -> List[str]:
+    """The RESUME_KEYS settings in which ``args`` differs from ``recorded`` (a state's args, or config.txt's text),
+    one "--flag was X, now Y" each. --base_lr may change after the run stopped on divergence (DIVERGED_FILE)."""
+    may_change = {"base_lr"} if (run_dir / DIVERGED_FILE).is_file() else set()
+    shown = {k: repr if isinstance(getattr(args, k), str) else str for k in RESUME_KEYS}
+    return [f"--{k} was {shown[k](recorded.get(k))}, now {shown[k](getattr(args, k))}" for k in RESUME_KEYS
+            if k not in may_change and str(recorded.get(k)) != str(getattr(args, k))]
+
+
+def read_config(path: Path) -> Dict[str, str]:
+    """config.txt as written by start_run (``key: value`` lines; ``#`` lines are notes); {} when absent."""
+    if not path.is_file():
+        return {}
+    pairs = (line.split(": ", 1) for line in path.read_text(errors="replace").splitlines() if ": " in line)
+    return {key: value for key, value in pairs if not key.startswith("#")}
+
+
+def dead_run(args: argparse.Namespace, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before finishing its first epoch (killed, a bad file, a
+    divergence): its config.txt but no last_state.pth and no round waiting for a person's masks (AWAITING_FILE:
+    that run is live). It holds nothing to continue, so a rerun with the same settings, with or without --resume,
+    starts it afresh (``clear_dead_run``). Other settings are refused, as for --resume; a folder whose config.txt
+    does not record them is not recognised as a run of this trainer (refused as before). Nothing is removed here."""
+    if not run_folder_in_use(run_dir) or (run_dir / "last_state.pth").exists() or (run_dir / AWAITING_FILE).exists():
+        return False
+    recorded = read_config(run_dir / "config.txt")
+    if not set(RESUME_KEYS) <= set(recorded):
+        return False
+    changed = settings_changed(recorded, args, run_dir)
+    if changed:
+        raise UsageError(f"--output {args.output}: {run_dir} holds a run that stopped before finishing its first "
+                         f"epoch, with other settings ({'; '.join(changed)}); rerun it with its settings (it then "
+                         "starts afresh), or choose another --output; nothing was removed")
+    return True
+
+
+def clear_dead_run(run_dir: Path) -> List[Path]:
+    """Remove what a dead run (see ``dead_run``) wrote, except log.txt; returns what was removed."""
+    removed = [run_dir / name for name in DEAD_RUN_FILES if (run_dir / name).is_file()]
+    removed += sorted(run_dir.glob("best_model_dice*.pth")) + sorted((run_dir / "log").glob("events.out.tfevents.*"))
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def read_resume_state(args: argparse.Namespace, run_dir: Path) -> Optional[dict]:
     """The state to continue from (``--resume``), after checking that it fits the flags; else None.
     Without --resume an existing run folder is refused, so that nothing is overwritten."""
@@ -497,11 +597,12 @@ def read_resume_state(args: argparse.Namespace, run_dir: Path) -> Optional[dict]
         state = load_torch_file(state_path)
     except CheckpointFileError as err:
         raise UsageError(f"--resume: cannot read {err}") from None
-    changed = [f"--{k} was {state['args'].get(k)!r}, now {getattr(args, k)!r}"
-               for k in RESUME_KEYS if state["args"].get(k) != getattr(args, k)]
+    changed = settings_changed(state["args"], args, run_dir)
     if changed:
         raise UsageError("--resume: the run to continue used other settings (its selections would not "
                          "repeat); " + "; ".join(changed))
+    if (run_dir / "al_selection.csv").exists():
+        read_selection_rows(run_dir / "al_selection.csv")
     return state
 
 
@@ -519,24 +620,38 @@ def pick_device(args: argparse.Namespace) -> torch.device:
         raise UsageError(f"--gpu {args.gpu}: {err}") from None
 
 
+def write_demo_data(root: Path, seed: int) -> None:
+    """The demo's synthetic data set, unless ``root`` holds it: written into a temporary folder renamed to ``root``
+    when complete, so a run killed meanwhile leaves no half data set (its temporary folder is removed here)."""
+    remove_stale_temps(root.parent, root.name)
+    if (root / "Training_Data").is_dir():
+        return
+    log.info("demo: writing synthetic ISIC-format data to %s", root)
+    try:
+        with atomic_folder(root) as tmp:
+            make_synthetic_isic(tmp, seed=seed, **DEMO_DATA)
+    except OSError as err:
+        raise UsageError(f"--output: cannot write the demo data {root} ({err.strerror or err}); remove {root} "
+                         "or choose another --output") from None
+
+
 def load_data(args: argparse.Namespace) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:
     """Training set (all unlabeled at first) and the validation subset; every file's header is checked here.
     With --oracle folder every training image counts (without a mask it is to be annotated) and the Validation
-    split is optional (None)."""
+    split is optional (None). Both share one MaskNotes (what the masks read looked like, logged once per run)."""
     if args.demo and args.data_root is None:
         args.data_root = str(Path(args.output) / "demo_data")
-        if not (Path(args.data_root) / "Training_Data").is_dir():
-            log.info("demo: writing synthetic ISIC-format data to %s", args.data_root)
-            make_synthetic_isic(args.data_root, seed=args.seed, **DEMO_DATA)
+        write_demo_data(Path(args.data_root), args.seed)
     folder = args.oracle == "folder"
+    notes = datasets_skin.MaskNotes()
     try:
         train_set = datasets_skin.SemiSupervisedSkinDataset(
             *datasets_skin.find_split(args.data_root, "Training", masks_optional=folder), img_size=args.img_size,
-            unlabeled_ok=folder)
+            unlabeled_ok=folder, mask_notes=notes)
         if folder and not datasets_skin.split_present(args.data_root, "Validation"):
             return train_set, None
         val_set = datasets_skin.ValSkinDataset(
-            *datasets_skin.find_split(args.data_root, "Validation"), img_size=args.img_size)
+            *datasets_skin.find_split(args.data_root, "Validation"), img_size=args.img_size, mask_notes=notes)
     except datasets_skin.DatasetError as err:
         raise UsageError(f"--data_root {args.data_root}: {err}") from None
     val_idx = list(range(len(val_set) if args.val_limit is None else min(args.val_limit, len(val_set))))
@@ -571,6 +686,9 @@ def restore_state(run: Run, state: dict, argv: Sequence[str]) -> None:
     if unexpected:
         raise UsageError(f"--resume: {run.state_path} does not fit this model (unexpected keys {unexpected[:3]})")
     run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
+        group["lr"] = run.args.base_lr
+    log_base_lr_change(run, state["args"].get("base_lr"))
     run.scaler.load_state_dict(state["scaler"])
     lost = sorted(set(state["labeled_names"]) - set(run.train_set.names))
     if lost:
@@ -688,6 +806,28 @@ def make_oracle(args: argparse.Namespace, run_dir: Path, state: Optional[dict],
     return oracle
 
 
+def log_base_lr_change(run: Run, old_lr: object) -> None:
+    if str(old_lr) != str(run.args.base_lr):
+        log.info("--base_lr is now %s (it was %s when the run stopped on divergence)", run.args.base_lr, old_lr)
+
+
+def tidy_run_folder(run: Run, dead: bool) -> None:
+    """At start and resume, logged: remove the temporary files that killed writes left in the run folder, and
+    clear a dead run (see ``dead_run``)."""
+    stale = remove_stale_temps(run.run_dir)
+    if stale:
+        log.info("removed %d temporary file(s) left by a write that was killed: %s", len(stale),
+                 ", ".join(p.name for p in stale))
+    if dead:
+        old_lr = read_config(run.run_dir / "config.txt").get("base_lr", run.args.base_lr)
+        removed = clear_dead_run(run.run_dir)
+        log.info("%s holds a run that stopped before finishing its first epoch (no last_state.pth), so there is "
+                 "nothing to continue: %s; removed what it wrote: %s", run.run_dir,
+                 "--resume starts it from epoch 1" if run.args.resume else "starting it afresh",
+                 ", ".join(str(p.relative_to(run.run_dir)) for p in removed) or "nothing")
+        log_base_lr_change(run, old_lr)
+
+
 def log_start(run: Run, argv: Sequence[str]) -> None:
     args = run.args
     log.info("command: trainer.py %s", " ".join(argv))
@@ -711,7 +851,8 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
     """Check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
     Everything that can fail on bad input fails before the folder is created."""
     run_dir = Path(args.output) / f"Skin_{args.img_size}"
-    state = read_resume_state(args, run_dir)
+    dead = dead_run(args, run_dir)
+    state = None if dead else read_resume_state(args, run_dir)
     strategy, device = make_strategy(args), pick_device(args)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
     train_set, val_set = load_data(args)
@@ -727,6 +868,7 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     add_log_handler(logging.FileHandler(run_dir / "log.txt", mode="a"))
+    tidy_run_folder(run, dead)
     if state is not None:
         restore_state(run, state, argv)
     else:
@@ -736,6 +878,59 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
                                filename_suffix=f".{os.getpid()}")
     log_start(run, argv)
     return run
+
+
+# ----------------------------------------------------------------------------- stopping mid-run
+
+class DivergenceError(UsageError):
+    """Training produced NaN or inf; the message names the epoch and suggests a lower --base_lr (exit code 2)."""
+
+
+def how_to_go_on(epoch: int, fix: str) -> str:
+    """What a run stopped in ``epoch`` keeps (nothing of that epoch is saved), and how to go on after ``fix``."""
+    if epoch > 1:
+        return (f"the run stopped; last_state.pth and the best checkpoint are those of epoch {epoch - 1}, untouched: "
+                f"{fix}, then rerun with --resume")
+    return f"the run stopped in its first epoch, so there is nothing to keep: {fix}, then rerun (it starts afresh)"
+
+
+def nonfinite_names(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors that hold NaN or inf (one device sync for all of them)."""
+    floats = {name: t for name, t in tensors.items() if torch.is_floating_point(t)}
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in floats.values()]).tolist()
+    return [name for name, ok in zip(floats, finite) if not ok]
+
+
+def check_finite(run: Run, epoch: int, what: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """Stop the run where NaN or inf first shows in ``tensors`` (``what`` says where): DIVERGED_FILE records that
+    it stopped on divergence (so that --resume may lower --base_lr), nothing else is written, and DivergenceError
+    names the epoch. Everything saved passes through here first, so no checkpoint holds a non-finite tensor."""
+    bad = nonfinite_names(tensors)
+    if not bad:
+        return
+    lr = run.args.base_lr
+    atomic_write_text(run.run_dir / DIVERGED_FILE, json.dumps(
+        dict(epoch=epoch, where=what, tensors=bad[:20], base_lr=lr), indent=1) + "\n")
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise DivergenceError(f"training diverged in epoch {epoch} ({what}): NaN or inf in {shown}, at --base_lr "
+                          f"{lr:g}; " + how_to_go_on(epoch, f"choose a lower --base_lr (e.g. {lr / 10:g})"))
+
+
+def stops_on_bad_file(step):
+    """Decorates an epoch step ``step(run, epoch, ...)``: a DatasetError (a file whose header is fine but whose data
+    is not can only be found when it is first decoded, mid-run) becomes a one-line UsageError naming the file;
+    the last finished epoch stays as it was saved, so --resume works once the file is replaced or removed."""
+    @wraps(step)
+    def checked(run: Run, epoch: int, *args, **kwargs):
+        try:
+            return step(run, epoch, *args, **kwargs)
+        except datasets_skin.DatasetError as err:  # from a DataLoader worker its text ends with the original line
+            text = str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1].rstrip(". ")
+            raise UsageError(f"--data_root {run.args.data_root}: {text} (found in epoch {epoch}); "
+                             + how_to_go_on(epoch, "replace or remove that file")) from None
+    return checked
 
 
 # ----------------------------------------------------------------------------- the steps of an epoch
@@ -749,6 +944,7 @@ def labels_wanted(run: Run) -> int:
     return max(wanted, 0)
 
 
+@stops_on_bad_file
 def select_batch(run: Run, epoch: int, k: int) -> Tuple[List[int], Dict[int, float]]:
     """Score a fresh random pool of unlabeled images; the k best (highest score first) and every pool score."""
     args = run.args
@@ -758,9 +954,12 @@ def select_batch(run: Run, epoch: int, k: int) -> Tuple[List[int], Dict[int, flo
     chosen, scores = run.strategy.select(run.model, run.train_set, pool, k, run.device, batch_size=batch_size,
                                          seed=epoch_seed(args.seed, epoch), num_workers=args.num_workers,
                                          progress=True)
+    check_finite(run, epoch, "scoring the pool",
+                 {run.train_set.names[int(i)]: torch.tensor(float(s)) for i, s in scores.items()})
     return [int(i) for i in chosen], {int(i): float(s) for i, s in scores.items()}
 
 
+@stops_on_bad_file
 def annotate(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) -> None:
     """Mark the chosen images labeled (their masks are read only from now on) and log the selection."""
     train_set, writer = run.train_set, run.writer
@@ -799,6 +998,7 @@ def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[s
     return {name: value.detach() for name, value in parts.items()}
 
 
+@stops_on_bad_file
 def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
     """Train on the labeled set (--train_on labeled) or this epoch's selection (selected); image-weighted
     mean of every loss part. Batch order and prompt points come from generators seeded by (seed, epoch), never
@@ -813,8 +1013,13 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
                         generator=order, num_workers=args.num_workers)
     run.model.train()
     sums: Dict[str, float] = {}
-    for batch in tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True):
-        for name, value in train_step(run, batch, prompt_rng).items():
+    trainable = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True), 1):
+        parts = train_step(run, batch, prompt_rng)
+        # A step skipped by the fp16 gradient scaler (inf gradients) leaves the weights as they were: not divergence.
+        check_finite(run, epoch, f"training step {step}", {"loss": parts["loss"], **trainable})
+        utils.crash_point("train_batch", epoch)
+        for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
     means = {k: v / len(train_idx) for k, v in sums.items()}
     for name, value in means.items():
@@ -823,6 +1028,7 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
     return means
 
 
+@stops_on_bad_file
 def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture; {} without
     a Validation split."""
@@ -830,7 +1036,12 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     if run.val_set is None:
         return {}
     model.eval()
-    predict = partial(predict_logits, model, run.device)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        logits = predict_logits(model, run.device, images)
+        check_finite(run, epoch, "validation", {"predicted logits": logits})
+        return logits
+
     loader = DataLoader(run.val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         collate_fn=datasets_skin.collate_val)
     result = val.validate(predict, tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True),
@@ -852,29 +1063,46 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
     then last_state.pth (what --resume needs); the older best is removed only after both are written."""
     args = run.args
     dice = metrics.get("dice", float("nan"))
+    check_finite(run, epoch, "saving last_state.pth", state_tensors(run))
     old_best = None
     if metrics and epoch >= args.save_from_epoch and dice > run.best_dice:
+        full = cpu_state_dict(run.model)
+        check_finite(run, epoch, "saving the best model", full)
         old_best, run.best_dice = run.best_path, dice
         run.best_path = run.run_dir / f"best_model_dice{dice:.4f}.pth"
-        atomic_torch_save(cpu_state_dict(run.model), run.best_path)
+        atomic_torch_save(full, run.best_path)
         log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, run.best_path)
     save_state(run, epoch)
     (run.run_dir / AWAITING_FILE).unlink(missing_ok=True)  # the masks of its round are in last_state now
+    (run.run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # the state now records the settings that worked
     if old_best is not None and old_best != run.best_path and old_best.exists():
         old_best.unlink()
 
 
+def state_tensors(run: Run) -> Dict[str, torch.Tensor]:
+    """The tensors last_state.pth holds: the trained weights and the optimiser's state."""
+    tensors = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
+    tensors.update({f"optimizer {key} of {i}": value for i, per in run.optimizer.state_dict()["state"].items()
+                    for key, value in per.items() if torch.is_tensor(value)})
+    return tensors
+
+
 def save_state(run: Run, epoch: int) -> None:
-    """last_state.pth: what --resume continues from, the state at the end of ``epoch``."""
-    atomic_torch_save(dict(
-        epoch=epoch, args={k: getattr(run.args, k) for k in RESUME_KEYS}, trainable=trainable_state(run.model),
-        optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), labeled_names=run.labeled_names,
-        best_dice=run.best_dice, best_path=str(run.best_path) if run.best_path else "",
-    ), run.state_path)
+    """last_state.pth: what --resume continues from, the state at the end of ``epoch`` (the crash point
+    ``checkpoint_write`` lies between writing it and renaming it into place)."""
+    with atomic_path(run.state_path) as tmp:
+        torch.save(dict(
+            epoch=epoch, args={k: getattr(run.args, k) for k in RESUME_KEYS}, trainable=trainable_state(run.model),
+            optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), labeled_names=run.labeled_names,
+            best_dice=run.best_dice, best_path=str(run.best_path) if run.best_path else "",
+        ), tmp)
+        utils.crash_point("checkpoint_write", epoch)
 
 
 def log_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str, float],
               times: Dict[str, float]) -> None:
+    for level, line in run.train_set.mask_notes.news():  # 0/1 masks, other values, empty masks: once each
+        log.log(level, line)
     for name, value in times.items():
         run.writer.add_scalar(f"time/{name}", value, epoch)
     peak = utils.peak_memory_gb(run.device)  # None off CUDA
@@ -904,7 +1132,9 @@ def stop_reason(run: Run) -> str:
 
 def finish_run(run: Run, epochs: int) -> dict:
     """Write last_model.pth (the full state_dict at the end of the run) and say where everything is."""
-    atomic_torch_save(cpu_state_dict(run.model), run.run_dir / "last_model.pth")
+    final = cpu_state_dict(run.model)
+    check_finite(run, epochs, "saving last_model.pth", final)
+    atomic_torch_save(final, run.run_dir / "last_model.pth")
     no_best = "n/a (no Validation split)" if run.val_set is None else \
         "n/a (no checkpoint: none saved before --save_from_epoch)"
     log.info("done: %d epochs, %d labeled images; best Dice %s", epochs, len(run.labeled_names),

@@ -155,6 +155,10 @@ CRASH_ENV = "MDSAM_CRASH_AT"
 
 def crash_point(point: str, epoch: int) -> None:
     """Test hook: end the process at once (``os._exit(3)``, as a kill would) when the environment variable
-    ``MDSAM_CRASH_AT`` is ``<point>:<epoch>``. Makes the crash/resume tests deterministic instead of timed."""
+    ``MDSAM_CRASH_AT`` is ``<point>:<epoch>``. Makes the crash/resume tests deterministic instead of timed.
+
+    Points: ``selected``, ``train_batch`` (after the first optimiser step), ``checkpoint_write`` (last_state.pth
+    written to its temporary file, not yet renamed), ``epoch_end`` (trainer.py, per epoch) and ``synthetic_data``
+    (synthetic_isic.py; there the number is how many image/mask pairs have been written)."""
     if os.environ.get(CRASH_ENV) == f"{point}:{epoch}":
         os._exit(3)

@@ -1,6 +1,7 @@
 """datasets_skin: discovery in both layouts, bad-input errors, decode-once cache, samples, synthetic data."""
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -190,6 +191,62 @@ def test_mask_modes_binarised_above_127(tmp_path):
     Image.fromarray(values > 127).save(tmp_path / "one.png")  # mode '1'
     for name in ("l.png", "i16.png", "one.png"):
         np.testing.assert_array_equal(ds.decode_mask(tmp_path / name, None), [[0, 0, 1, 1]])
+
+
+def test_mask_stored_as_zero_one_is_read_as_lesion_and_noted_once(tmp_path):
+    """Issue 9: a {0, 1} mask was thresholded at > 127 and silently became all background."""
+    lesion = np.zeros((20, 30), np.uint8)
+    lesion[5:12, 8:20] = 1
+    path = tmp_path / "a_segmentation.png"
+    Image.fromarray(lesion).save(path)
+    notes = ds.MaskNotes()
+    np.testing.assert_array_equal(ds.decode_mask(path, None, notes), lesion)
+    resized = ds.decode_mask(path, 10, notes)
+    assert resized.dtype == np.uint8 and set(np.unique(resized)) == {0, 1}
+    assert notes.zero_one == {path.name} and not notes.other_values and not notes.empty
+    news = notes.news()
+    assert [level for level, _ in news] == [logging.INFO] and "0/1" in news[0][1] and path.name in news[0][1]
+    assert notes.news() == [], "said once"
+
+
+def test_other_mask_values_thresholded_with_one_warning_and_empty_masks_counted(tmp_path):
+    """{0, 128, 255} and a palette PNG (here dark red on black: grey level 60) are thresholded at 127 as before, with
+    one warning naming a file; all-zero masks stay allowed and are counted."""
+    three = np.zeros((8, 8), np.uint8)
+    three[:4], three[:, :2] = 128, 255
+    Image.fromarray(three).save(tmp_path / "b_segmentation.png")
+    palette = Image.frombytes("P", (8, 8), (three > 0).astype(np.uint8).tobytes())
+    palette.putpalette([0, 0, 0, 200, 0, 0])
+    palette.save(tmp_path / "c_segmentation.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d_segmentation.png")
+    notes = ds.MaskNotes()
+    got = {name: ds.decode_mask(tmp_path / f"{name}_segmentation.png", None, notes) for name in "bcd"}
+    np.testing.assert_array_equal(got["b"], (three > 127).astype(np.uint8))
+    assert not got["c"].any() and not got["d"].any()
+    assert notes.other_values == {"b_segmentation.png", "c_segmentation.png"} and not notes.zero_one
+    assert notes.empty == {"c_segmentation.png", "d_segmentation.png"}
+    news = notes.news()
+    warnings_ = [line for level, line in news if level == logging.WARNING]
+    assert len(warnings_) == 1 and "b_segmentation.png" in warnings_[0] and "thresholded at 127" in warnings_[0]
+    assert any("2 of the masks read so far are empty" in line for _, line in news)
+    ds.decode_mask(tmp_path / "d_segmentation.png", None, notes)
+    assert notes.news() == [], "the same masks again: nothing new to say"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "e_segmentation.png")
+    ds.decode_mask(tmp_path / "e_segmentation.png", None, notes)
+    assert [line for _, line in notes.news()] == ["3 of the masks read so far are empty (no lesion; allowed), "
+                                                   "e.g. c_segmentation.png"]
+
+
+def test_unlabeled_masks_are_never_decoded_so_never_noted(synthetic_copy):
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    for path in masks.iterdir():  # every mask stored as 0/1
+        Image.fromarray((np.asarray(Image.open(path)) > 127).astype(np.uint8)).save(path)
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    dataset.mark_labeled([2])
+    dataset.preload()
+    for i in range(len(dataset)):
+        assert bool(dataset[i]["label"].any()) == (i == 2)
+    assert dataset.mask_notes.zero_one == {f"{dataset.names[2]}_segmentation.png"}
 
 
 # ---------------------------------------------------------------------------------------------- samples

@@ -280,3 +280,136 @@ def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_pa
     assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in rows] == BEFORE["selection"]
     events = read_events(result["run_dir"] / "log")
     assert [v for _, _, v in sorted(events["train/loss"])] == pytest.approx(BEFORE["loss"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- issue 9: kills, dead runs, bad files
+# Each kill is deterministic: the trainer ends itself with os._exit at a named point (MDSAM_CRASH_AT, utils.crash_point),
+# as SIGKILL would. Reruns stop after epoch 1 where the kill is in epoch 1: selections are seeded by (seed, epoch), so an
+# uninterrupted run's epoch-1 rows (demo_run's) are what a 1-epoch run writes. --val_limit and --save_from_epoch (no
+# best checkpoint to write: less time) do not change selections.
+ONE_EPOCH = ["--max_epochs", "1", "--val_limit", "1", "--save_from_epoch", "10"]
+
+
+def killed_at(point: str, argv) -> None:
+    """Run the real CLI until it ends itself at ``point`` (``<name>:<epoch>``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **{"MDSAM_CRASH_AT": point})
+    done = subprocess.run([sys.executable, "trainer.py", *argv], cwd=Path(trainer.__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 3, f"not killed at {point}: rc {done.returncode}\n{done.stderr[-3000:]}"
+
+
+def same_selection(got_dir: Path, full: dict, epochs: int) -> None:
+    want = [r for r in read_selection(full["run_dir"]) if int(r["epoch"]) <= epochs]
+    got = read_selection(got_dir)
+    assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in got] == \
+           [(r["epoch"], r["image"], r["rank_in_pool"]) for r in want]
+    assert [float(r["score"]) for r in got] == pytest.approx([float(r["score"]) for r in want], abs=1e-5)
+
+
+def test_run_killed_in_epoch_1_restarts_afresh_on_a_plain_rerun(demo_run, tmp_path):
+    """Killed after its first optimiser step: no last_state.pth, so nothing to continue. The plain rerun used to be
+    refused ("already holds a run ... pass --resume") while --resume said "last_state.pth does not exist"."""
+    out, full = demo_run
+    argv = TINY + ["--data_root", str(out / "demo_data"), "--output", str(tmp_path)] + ONE_EPOCH
+    killed_at("train_batch:1", argv)
+    run_dir = tmp_path / f"Skin_{SIZE}"
+    assert (run_dir / "al_selection.csv").is_file() and not (run_dir / "last_state.pth").exists()
+    trainer.main(argv)
+    same_selection(run_dir, full, 1)
+    log_text = (run_dir / "log.txt").read_text()
+    assert "stopped before finishing its first epoch" in log_text and "starting it afresh" in log_text
+    assert "removed what it wrote: config.txt, al_selection.csv" in log_text
+    assert len(list((run_dir / "log").glob("events.out.tfevents.*"))) == 1, "the dead run's TensorBoard file is removed"
+
+
+def test_kill_during_a_checkpoint_write_then_resume(demo_run, tmp_path):
+    """Killed while last_state.pth of epoch 1 was being written: its temporary file (which no run used to remove) is
+    removed, and --resume on a folder without a finished epoch says so and starts from epoch 1."""
+    out, full = demo_run
+    argv = TINY + ["--data_root", str(out / "demo_data"), "--output", str(tmp_path)] + ONE_EPOCH
+    killed_at("checkpoint_write:1", argv)
+    run_dir = tmp_path / f"Skin_{SIZE}"
+    stale = list(run_dir.glob(".tmp-last_state-*.pth"))
+    assert len(stale) == 1 and stale[0].stat().st_size > 0 and not (run_dir / "last_state.pth").exists()
+    trainer.main(argv + ["--resume"])
+    same_selection(run_dir, full, 1)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+    log_text = (run_dir / "log.txt").read_text()
+    assert f"removed 1 temporary file(s) left by a write that was killed: {stale[0].name}" in log_text
+    assert "--resume starts it from epoch 1" in log_text and (run_dir / "last_state.pth").is_file()
+
+
+def test_demo_killed_while_writing_its_data_leaves_no_half_data_set(demo_run, tmp_path):
+    """Killed after 5 of 48 image/mask pairs: the next --demo used to train on the 5 silently."""
+    _, full = demo_run
+    argv = TINY + ["--output", str(tmp_path)] + ONE_EPOCH
+    killed_at("synthetic_data:5", argv)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".tmp-demo_data-"), left
+    trainer.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Skin_64", "demo_data"]
+    assert len(list((tmp_path / "demo_data" / "Training_Data").glob("*.jpg"))) == trainer.DEMO_DATA["n_train"]
+    same_selection(tmp_path / "Skin_64", full, 1)
+
+
+def corrupt_png_pixels(path: Path) -> None:
+    """Damage the compressed pixel data; the header and the end marker stay (so the header check passes)."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    length = int.from_bytes(data[start - 8:start - 4], "big")
+    data[start + 2:start + length] = bytes(b ^ 0x5A for b in data[start + 2:start + length])
+    path.write_bytes(bytes(data))
+
+
+def test_file_found_corrupt_mid_run_stops_naming_it_and_resume_continues_once_fixed(demo_run, tmp_path, capsys):
+    """The mask of the image selected in epoch 2 is damaged inside: it is first decoded then (it used to end in a
+    DatasetError traceback). One line naming it, exit 2, epoch 1 kept; --resume works once the file is restored."""
+    import shutil
+
+    out, full = demo_run
+    data = Path(shutil.copytree(out / "demo_data", tmp_path / "data"))
+    picked = next(r["image"] for r in read_selection(full["run_dir"]) if r["epoch"] == "2")
+    mask = data / "Training_GroundTruth" / f"{picked}_segmentation.png"
+    good = mask.read_bytes()
+    corrupt_png_pixels(mask)
+    argv = TINY + ["--data_root", str(data), "--output", str(tmp_path / "out"), "--max_epochs", "2", "--val_limit", "1",
+                   "--save_from_epoch", "10"]
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert mask.name in err.splitlines()[-1] and "epoch 2" in err and "--resume" in err
+    run_dir = tmp_path / "out" / f"Skin_{SIZE}"
+    assert torch.load(run_dir / "last_state.pth", weights_only=True)["epoch"] == 1
+    mask.write_bytes(good)
+    trainer.main(argv + ["--resume"])
+    same_selection(run_dir, full, EPOCHS)
+
+
+@pytest.mark.parametrize("damage", ["\n", "2,ISIC_00"], ids=["blank_line", "partial_line"])
+def test_damaged_selection_log_on_resume_names_the_file_and_line(demo_run, tmp_path, capsys, damage):
+    """A blank or partial last line of al_selection.csv on --resume (a blank one was an IndexError): one line naming
+    the file and the line, exit 2, nothing written. (The trainer rewrites the file atomically, so it never leaves one.)"""
+    import shutil
+
+    _, full = demo_run
+    run_dir = tmp_path / f"Skin_{SIZE}"
+    run_dir.mkdir()
+    for name in ("config.txt", "al_selection.csv"):
+        shutil.copy(full["run_dir"] / name, run_dir / name)
+    (run_dir / "last_state.pth").symlink_to(full["run_dir"] / "last_state.pth")
+    with open(run_dir / "al_selection.csv", "a") as f:
+        f.write(damage)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(TINY + ["--output", str(tmp_path), "--max_epochs", "3", "--resume"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{run_dir / 'al_selection.csv'} line {EPOCHS * BATCH + 2} is" in err
+    assert ("blank" if damage == "\n" else "incomplete") in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before

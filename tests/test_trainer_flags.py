@@ -1,6 +1,8 @@
 """trainer.py flag errors: each bad flag stops the run early with a message naming the flag."""
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,10 @@ def run_main_expecting_error(argv, capsys) -> str:
         (["--demo", "--module", "no_such_module_xyz"], "--module no_such_module_xyz: cannot be imported"),
         (["--demo", "--promptmode", "circle"], "--promptmode"),
         ([], "--data_root is required"),
+        (["--demo", "--base_lr", "inf"], "--base_lr must be a finite number > 0 (got inf)"),
+        (["--demo", "--base_lr", "nan"], "--base_lr must be a finite number > 0 (got nan)"),
+        (["--demo", "--dice_weight", "nan"], "--dice_weight must be in [0, 1] (got nan)"),
+        (["--demo", "--seed", "-1"], "--seed must be in 0..4294967295 (got -1)"),
     ],
 )
 def test_bad_flag_names_the_flag(argv, expected, capsys, tmp_path):
@@ -171,3 +177,81 @@ def test_unknown_model_cfg_and_mismatched_checkpoint_name_the_flags(capsys, tmp_
                                              "--output", str(tmp_path / "b")], capsys)
     assert f"--checkpoint {bad} does not fit --model_cfg sam2.1_hiera_t" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------- issue 9: no raw tracebacks
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process may not create files in (root ignores permission bits, but not a pseudo file system)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys")
+
+
+@pytest.mark.parametrize("case", ["file", "unwritable"])
+def test_output_that_is_a_file_or_not_writable_is_one_line_error(case, capsys, tmp_path):
+    """--output naming a file (was NotADirectoryError) or a folder the user may not write (was PermissionError):
+    one line naming --output, exit code 2, nothing written (the demo's data included)."""
+    if case == "file":
+        output = tmp_path / "a_file"
+        output.write_text("not a folder\n")
+    else:
+        output = unwritable_folder(tmp_path) / "out"
+        try:
+            tempfile.TemporaryFile(dir=output.parent).close()
+            pytest.skip(f"{output.parent} is writable here")
+        except OSError:
+            pass
+    before = sorted(tmp_path.rglob("*"))
+    err = run_main_expecting_error(["--demo", "--output", str(output)], capsys)
+    assert f"--output {output}" in err and ("is a file, not a folder" if case == "file" else "cannot write") in err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before, "a refused run wrote something"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_synthetic_isic(tmp_path_factory.mktemp("tiny"), n_train=2, n_val=1, size=64, seed=0)
+
+
+class _Payload:
+    """Pickled, this is a call of print(): code, which a checkpoint must never hold."""
+
+    def __reduce__(self):
+        return print, ("PAYLOAD RAN",)
+
+
+def test_text_file_as_checkpoint_is_said_to_be_no_checkpoint(tiny_data, capsys, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("these are my notes, not a checkpoint\n")
+    err = run_main_expecting_error(["--data_root", str(tiny_data), "--gpu", "cpu", "--img_size", "64",
+                                    "--model_cfg", "sam2.1_hiera_t", "--checkpoint", str(text),
+                                    "--output", str(tmp_path / "out")], capsys)
+    assert f"--checkpoint: {text} is not a readable PyTorch checkpoint" in err and "not a file written by torch.save" in err
+    assert "pop from empty list" not in err and "does not fit" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["--checkpoint", "--lora_ckpt", "last_state.pth"])
+def test_pickled_code_is_refused_for_safety_everywhere(where, tiny_data, capsys, tmp_path):
+    """A pickle holding code, as --checkpoint, --lora_ckpt or the run's last_state.pth: refused without running
+    it, saying why, and without passing on torch's advice to load it with weights_only=False."""
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "extra": _Payload()}, bad)
+    argv = ["--data_root", str(tiny_data), "--gpu", "cpu", "--img_size", "64", "--model_cfg", "sam2.1_hiera_t",
+            "--checkpoint", "none", "--batch_size", "1", "--pool_size", "1", "--output", str(tmp_path / "out")]
+    if where == "last_state.pth":
+        run_dir = tmp_path / "out" / "Skin_64"
+        run_dir.mkdir(parents=True)
+        bad = bad.rename(run_dir / "last_state.pth")
+        argv += ["--resume"]
+    else:
+        argv = [a if a != "none" or where != "--checkpoint" else str(bad) for a in argv]
+        argv += ["--lora_ckpt", str(bad)] if where == "--lora_ckpt" else []
+    err = run_main_expecting_error(argv, capsys)
+    assert str(bad) in err and "holds pickled Python objects (code)" in err and "refused for safety" in err
+    assert "weights_only" not in err and "Traceback" not in err
+    assert "PAYLOAD RAN" not in capsys.readouterr().out
