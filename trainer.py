@@ -21,7 +21,7 @@ Outputs go to OUTPUT/Skin_{img_size}/: log/ (TensorBoard), config.txt, log.txt, 
 best_model_dice{score:.4f}.pth, last_state.pth (for --resume) and, at the end, last_model.pth; with
 --oracle folder also annotate/round_NNN/ and, while a round waits for masks, awaiting_masks.json.
 Nothing below this file reads command-line flags; every error of the command line or its inputs ends
-as one message naming the flag or file, exit code 2 (UsageError -> parser.error in main).
+as one line naming the flag or file, exit code 2 (UsageError -> parser.exit in main).
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --demo replaces these defaults unless the flag is given explicitly. Sized to write every artefact
 # (a best checkpoint from the usual epoch 10 on included) in well under 3 minutes on 2 CPU cores
-# (measured: 37 s wall on 2 quiet Xeon cores; training dominates, as it grows with the labeled set).
+# (measured: 32 s wall on 2 quiet Xeon cores; training dominates, as it grows with the labeled set).
 DEMO_SETTINGS = dict(
     model_cfg="sam2.1_hiera_t",
     checkpoint=str(DEMO_CHECKPOINT) if DEMO_CHECKPOINT.is_file() else "none",
@@ -1253,7 +1253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         return finish_run(run, epoch)
     except UsageError as err:
-        parser.error(str(err))
+        parser.exit(2, f"{parser.prog}: error: {err}\n")  # one line: the message names the flag or file
     finally:
         if run is not None and run.writer is not None:
             run.writer.close()
