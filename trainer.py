@@ -53,9 +53,10 @@ from tqdm import tqdm
 
 import annotation_rounds
 import datasets_skin
+import tb_images
 import utils
 import val
-from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy, ComparedPredictions,
+from active_learning_strategies import (ActiveLearningStrategyFactory, BaseActiveLearningStrategy,
                                         MaskDifferenceStrategy, default_score_batch_size, top_k)
 from safe_io import (CheckpointFileError, atomic_folder, atomic_path, atomic_torch_save, atomic_write_text,
                      load_torch_file, remove_stale_temps)
@@ -444,59 +445,6 @@ class FolderOracle(Oracle):
             return True
         write_annotation_round(run, epoch, chosen, scores)
         return False
-
-
-# ----------------------------------------------------------------------------- images for TensorBoard
-
-def overlay(image: torch.Tensor, gt: Optional[torch.Tensor], pred: Optional[torch.Tensor]) -> torch.Tensor:
-    """3 x H x W normalised image -> 3 x H x W in [0, 1]; prediction tinted red, ground-truth outline green."""
-    mean = torch.tensor(datasets_skin.PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(datasets_skin.PIXEL_STD).view(3, 1, 1)
-    img = (image.cpu().float() * std + mean).clamp(0, 1)
-    if pred is not None:
-        p = pred.cpu().bool()
-        img[0][p] = 0.5 * img[0][p] + 0.5
-        img[1][p] *= 0.5
-        img[2][p] *= 0.5
-    if gt is not None:
-        g = gt.cpu().float()[None, None]
-        inner = -F.max_pool2d(-g, 3, stride=1, padding=1)  # erosion
-        edge = (g - inner)[0, 0].bool()
-        img[:, edge] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1)
-    return img
-
-
-def captioned(tile: torch.Tensor, caption: str, point: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """3 x H x W in [0, 1] -> 3 x (H + 12) x W: a caption strip above; ``point`` (x, y) drawn as a yellow dot."""
-    from PIL import Image, ImageDraw
-
-    height, width = tile.shape[-2:]
-    canvas = Image.new("RGB", (width, height + 12))
-    canvas.paste(Image.fromarray((tile.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (0, 12))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 0), caption, fill="white")
-    if point is not None:
-        x, y, r = float(point[0]), float(point[1]) + 12, max(2, width // 64)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill="yellow", outline="black")
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
-
-
-def why_selected_image(images: torch.Tensor, compared: ComparedPredictions, scores: Sequence[float],
-                       threshold: float) -> torch.Tensor:
-    """One row per selected image: the image and its score, then the three masks mask_difference compared
-    (decoder 1 unprompted; decoder 2 at the centre point; decoder 1 at the random point), tinted red over the
-    image, each with its prompt point."""
-    rows = []
-    for i, image in enumerate(images):
-        tiles = [captioned(overlay(image, None, None), f"score {scores[i]:.3f}")]
-        for name, probs, point in (("no prompt", compared.no_prompt, None),
-                                   ("centre point", compared.center, compared.center_points[i]),
-                                   ("random point", compared.random, compared.random_points[i])):
-            mask = F.interpolate(probs[i:i + 1], size=image.shape[-2:], mode="bilinear",
-                                 align_corners=False)[0].amax(0) > threshold
-            tiles.append(captioned(overlay(image, None, mask), name, point))
-        rows.append(torch.cat(tiles, dim=2))
-    return torch.cat(rows, dim=1)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -971,13 +919,13 @@ def annotate(run: Run, epoch: int, chosen: List[int], scores: Dict[int, float]) 
     writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)
     samples = [train_set[i] for i in chosen]
     writer.add_image("al/selected", make_grid(
-        [overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
+        [tb_images.overlay(s["image"], s["label"], None) for s in samples], nrow=len(samples)), epoch)
     if isinstance(run.strategy, MaskDifferenceStrategy):  # why these images: the discrepancy their score measured
         images = torch.stack([s["image"] for s in samples])
         compared = run.strategy.compared_predictions(run.model, images, chosen, run.device,
                                                      epoch_seed(run.args.seed, epoch))
-        writer.add_image("al/why_selected", why_selected_image(images, compared, [scores[i] for i in chosen],
-                                                               run.strategy.threshold), epoch)
+        picture = tb_images.why_selected_image(images, compared, [scores[i] for i in chosen], run.strategy.threshold)
+        writer.add_image("al/why_selected", picture, epoch)
 
 
 def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
@@ -1054,7 +1002,7 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     pred = F.interpolate(predict(images), size=images.shape[-2:], mode="bilinear",
                          align_corners=False).argmax(1).cpu() > 0
     run.writer.add_image("val/prediction_over_gt", make_grid(
-        [overlay(s["image"], s["label"] > 0, p) for s, p in zip(shown, pred)], nrow=len(shown)), epoch)
+        [tb_images.overlay(s["image"], s["label"] > 0, p) for s, p in zip(shown, pred)], nrow=len(shown)), epoch)
     return metrics
 
 

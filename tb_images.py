@@ -1,0 +1,65 @@
+"""Pictures for TensorBoard: a prediction over its image, the selected images, and why they were selected.
+
+Images come in as the datasets give them (3 x H x W, ImageNet-normalised) and go out as 3 x H x W floats in
+[0, 1], ready for ``SummaryWriter.add_image``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from active_learning_strategies import ComparedPredictions
+from datasets_skin import PIXEL_MEAN, PIXEL_STD
+
+
+def overlay(image: torch.Tensor, gt: Optional[torch.Tensor], pred: Optional[torch.Tensor]) -> torch.Tensor:
+    """3 x H x W normalised image -> 3 x H x W in [0, 1]; prediction tinted red, ground-truth outline green."""
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    img = (image.cpu().float() * std + mean).clamp(0, 1)
+    if pred is not None:
+        p = pred.cpu().bool()
+        img[0][p] = 0.5 * img[0][p] + 0.5
+        img[1][p] *= 0.5
+        img[2][p] *= 0.5
+    if gt is not None:
+        g = gt.cpu().float()[None, None]
+        inner = -F.max_pool2d(-g, 3, stride=1, padding=1)  # erosion
+        edge = (g - inner)[0, 0].bool()
+        img[:, edge] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1)
+    return img
+
+
+def captioned(tile: torch.Tensor, caption: str, point: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """3 x H x W in [0, 1] -> 3 x (H + 12) x W: a caption strip above; ``point`` (x, y) drawn as a yellow dot."""
+    height, width = tile.shape[-2:]
+    canvas = Image.new("RGB", (width, height + 12))
+    canvas.paste(Image.fromarray((tile.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (0, 12))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 0), caption, fill="white")
+    if point is not None:
+        x, y, r = float(point[0]), float(point[1]) + 12, max(2, width // 64)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill="yellow", outline="black")
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+
+
+def why_selected_image(images: torch.Tensor, compared: ComparedPredictions, scores: Sequence[float],
+                       threshold: float) -> torch.Tensor:
+    """One row per selected image: the image and its score, then the three masks mask_difference compared
+    (decoder 1 unprompted; decoder 2 at the centre point; decoder 1 at the random point), tinted red over the
+    image, each with its prompt point."""
+    rows = []
+    for i, image in enumerate(images):
+        tiles = [captioned(overlay(image, None, None), f"score {scores[i]:.3f}")]
+        for name, probs, point in (("no prompt", compared.no_prompt, None),
+                                   ("centre point", compared.center, compared.center_points[i]),
+                                   ("random point", compared.random, compared.random_points[i])):
+            mask = F.interpolate(probs[i:i + 1], size=image.shape[-2:], mode="bilinear",
+                                 align_corners=False)[0].amax(0) > threshold
+            tiles.append(captioned(overlay(image, None, mask), name, point))
+        rows.append(torch.cat(tiles, dim=2))
+    return torch.cat(rows, dim=1)
