@@ -168,13 +168,10 @@ def settings_of(args: argparse.Namespace) -> Dict[str, str]:
 
 
 def read_config(path: Path) -> Dict[str, str]:
-    """config.txt (``key: value`` lines; ``#`` lines are notes such as "resumed at epoch 3")."""
-    found = {}
-    for line in path.read_text().splitlines():
-        if line and not line.startswith("#") and ": " in line:
-            key, value = line.split(": ", 1)
-            found[key] = normalized(key, value)
-    return found
+    """A run's config.txt (trainer.read_config), its paths normalised as in ``settings_of``."""
+    import trainer
+
+    return {key: normalized(key, value) for key, value in trainer.read_config(path).items()}
 
 
 def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List[str]:
@@ -495,14 +492,13 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
 
     import trainer
     import val
-    from safe_io import atomic_write_text
     from sam_lora_image_encoder_prompt import build_model
 
     targs = resolve_trainer_args(trainer_argv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "config.txt").is_file():
-        atomic_write_text(out_dir / "config.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(targs).items())))
+        trainer.write_config(out_dir / "config.txt", targs)
     settings = settings_of(targs)
     device = worker_device()
     checkpoint = None if targs.checkpoint.lower() == "none" else targs.checkpoint
@@ -670,7 +666,7 @@ def budget_table(plan: Plan, res: Results) -> List[str]:
         lines.append(f"| {strategy} | {len(per_seed)} | " + " | ".join(cells) + f" | {auc} |")
     if res.zero:
         zero = f"{res.zero['val']['dice']:.4f}"
-        lines.append(f"| zero-shot (untrained) | – | " + " | ".join([zero] * len(plan.budgets)) + " | – |")
+        lines.append("| zero-shot (untrained) | – | " + " | ".join([zero] * len(plan.budgets)) + " | – |")
     return lines
 
 

@@ -491,8 +491,14 @@ def settings_changed(recorded: dict, args: argparse.Namespace, run_dir: Path) ->
             if k not in may_change and str(recorded.get(k)) != str(getattr(args, k))]
 
 
+def write_config(path: Path, args: argparse.Namespace) -> None:
+    """config.txt: every setting of the run, one ``key: value`` line each (``read_config`` reads it back)."""
+    atomic_write_text(path, "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
+
+
 def read_config(path: Path) -> Dict[str, str]:
-    """config.txt as written by start_run (``key: value`` lines; ``#`` lines are notes); {} when absent."""
+    """config.txt as written by ``write_config`` (``key: value`` lines; ``#`` lines are notes such as "resumed at
+    epoch 3"); {} when absent."""
     if not path.is_file():
         return {}
     pairs = (line.split(": ", 1) for line in path.read_text(errors="replace").splitlines() if ": " in line)
@@ -820,7 +826,7 @@ def start_run(args: argparse.Namespace, argv: Sequence[str]) -> Run:
     if state is not None:
         restore_state(run, state, argv)
     else:
-        atomic_write_text(run_dir / "config.txt", "".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
+        write_config(run_dir / "config.txt", args)
     # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
     run.writer = SummaryWriter(str(run_dir / "log"), purge_step=run.start_epoch if args.resume else None,
                                filename_suffix=f".{os.getpid()}")
