@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 
-from datasets_skin import MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image, read_image_size, to_grey
+from datasets_skin import (MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image, mask_kind, read_image_size,
+                           to_grey)
 from safe_io import atomic_path
 
 ROUND_CSV = "to_annotate.csv"
@@ -106,9 +107,10 @@ def mask_problem(sample: SampleFiles) -> Tuple[Optional[str], Optional[str]]:
     if (height, width) != tuple(sample.orig_size):
         return (f"{path}: {width}x{height} pixels, but its image {sample.image_path.name} is "
                 f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"), None
-    if set(levels.tolist()) <= {0, 255}:
+    kind = mask_kind(levels)
+    if kind == "0/255":
         return None, None
-    if set(levels.tolist()) <= {0, 1}:
+    if kind == "0/1":
         return None, f"{path}: a 0/1 mask, read as 0 = skin, 1 = lesion"
     shown = ", ".join(str(v) for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
     return f"{path}: not binary (grey levels {shown}; expected 0 and 255, or 0 and 1)", None

@@ -269,6 +269,14 @@ def decode_image(path: Path, size: Optional[int], use_draft: bool = True) -> np.
         raise DatasetError(f"Cannot decode image {str(path)!r}: {err}. Replace or remove it.") from err
 
 
+def mask_kind(levels: np.ndarray) -> str:
+    """The grey levels present in a mask, ascending -> "0/1" (maximum 1: stored as 0/1), "0/255" (only 0 and
+    255, or one of them) or "other" (any other value, e.g. {0, 128, 255} or a palette PNG)."""
+    if levels[-1] == 1:
+        return "0/1"
+    return "other" if np.setdiff1d(levels, (0, 255)).size else "0/255"
+
+
 class MaskNotes:
     """What the masks decoded so far looked like, so that a run says each thing once, not once per image.
 
@@ -288,9 +296,10 @@ class MaskNotes:
 
     def record(self, path: Path, levels: np.ndarray, empty: bool) -> None:
         """``levels``: the grey levels present in ``path``, ascending."""
-        if levels[-1] == 1:
+        kind = mask_kind(levels)
+        if kind == "0/1":
             self.zero_one.add(path.name)
-        elif np.setdiff1d(levels, (0, 255)).size:
+        elif kind == "other":
             self.other_values.add(path.name)
         if empty:
             self.empty.add(path.name)
@@ -316,7 +325,7 @@ def binarise_mask(grey: np.ndarray, path: Path, notes: Optional[MaskNotes] = Non
     """uint8 grey levels -> uint8 {0, 1}: a mask whose maximum is 1 is taken as stored 0/1; any other is
     thresholded at > 127 (0/255 as the ISIC masks; other values too, which ``notes`` records with empty masks)."""
     levels = np.flatnonzero(np.bincount(grey.ravel(), minlength=256))
-    mask = (grey > (0 if levels[-1] == 1 else 127)).astype(np.uint8)
+    mask = (grey > (0 if mask_kind(levels) == "0/1" else 127)).astype(np.uint8)
     if notes is not None:
         notes.record(path, levels, empty=not mask.any())
     return mask
