@@ -12,8 +12,9 @@ with the k chosen dataset indices (highest score first) and the score of every p
 """
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +76,19 @@ def default_score_batch_size(device: torch.device, batch_size: int) -> int:
     """Pool-scoring batch size when none is given (--score_batch_size): 16 on CUDA, where larger batches fill
     the device, else the training `batch_size`. Selections do not depend on it (tested for 1, 3 and 16)."""
     return 16 if torch.device(device).type == "cuda" else batch_size
+
+
+@contextmanager
+def scoring_mode(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, no autograd (inference mode) and autocast on CUDA, as scoring runs; the model's training
+    mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(device):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def top_k(scores: Scores, k: int) -> List[int]:
@@ -172,18 +186,13 @@ class ModelScoringStrategy(BaseActiveLearningStrategy):
         )
         batches = tqdm(loader, desc=f"AL scoring ({self.name})", leave=False) if progress else loader
         scores: Scores = {}
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(), autocast(device):
-                offset = 0
-                for images in batches:
-                    indices = pool[offset : offset + images.shape[0]]
-                    offset += images.shape[0]
-                    batch_scores = self.score_batch(model, images.to(device, non_blocking=True), indices, seed)
-                    scores.update(zip(indices, batch_scores.float().cpu().tolist()))
-        finally:
-            model.train(was_training)
+        with scoring_mode(model, device):
+            offset = 0
+            for images in batches:
+                indices = pool[offset : offset + images.shape[0]]
+                offset += images.shape[0]
+                batch_scores = self.score_batch(model, images.to(device, non_blocking=True), indices, seed)
+                scores.update(zip(indices, batch_scores.float().cpu().tolist()))
         return scores
 
     @abstractmethod
@@ -225,13 +234,8 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
                              device: torch.device, seed: int) -> ComparedPredictions:
         """For images already scored with ``seed`` (e.g. the selected ones): what their scores compared, as
         float32 on the CPU (eval mode, no grad; the model's training mode is restored)."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(), autocast(torch.device(device)):
-                compared = self.compare(model, images.to(device), [int(i) for i in indices], seed)
-        finally:
-            model.train(was_training)
+        with scoring_mode(model, torch.device(device)):
+            compared = self.compare(model, images.to(device), [int(i) for i in indices], seed)
         return ComparedPredictions(*(t.float().cpu() for t in astuple(compared)))
 
 
