@@ -527,7 +527,7 @@ def _check_working_size(size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % SIZE_MULTIPLE:
         raise ValueError(
             f"image size {size!r} is not a positive multiple of {SIZE_MULTIPLE}: resize the images to one "
-            f"(e.g. 512; --img_size) and pass that size"
+            f"(e.g. 512) and pass that size"
         )
 
 
