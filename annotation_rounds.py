@@ -1,5 +1,9 @@
-"""Rounds of annotation by a person (the trainer's ``--oracle folder``): the files of a round, and the checks of
-the masks the person saves.
+"""Rounds of annotation by a person (the trainer's ``--oracle folder``): the oracles, the files of a round, and the
+checks of the masks the person saves.
+
+One loop, two oracles (how a selected image gets its mask): ``GroundTruthOracle`` (the simulation: every mask is
+there) and ``FolderOracle`` (a person: a new selection becomes a round in the run folder and the run stops;
+at ``--resume`` the checked round is that epoch's selection again, with its masks ready).
 
 A round folder (the trainer writes ``OUTPUT/Skin_{S}/annotate/round_{NNN}/``) holds, per selected image:
 
@@ -17,7 +21,7 @@ import csv
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -25,13 +29,19 @@ from scipy.ndimage import maximum_filter, minimum_filter
 
 from datasets_skin import (MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image, mask_kind, read_image_size,
                            to_grey)
+from run_folder import RunFolder
 from safe_io import atomic_path
 
 ROUND_CSV = "to_annotate.csv"
+WHY_SELECTED = "why_selected.png"  # the strategy's picture of why these images were chosen, when it made one
 ROUND_COLUMNS = ["image", "score", "rank_in_pool", "save_mask_as"]
 PROPOSAL_SUFFIX = "_proposal.png"
 OVERLAY_SUFFIX = "_overlay.jpg"
 OUTLINE_RGB = (0, 255, 255)  # cyan: visible on skin tones and on dark lesions
+
+
+def round_dir(folder: RunFolder, epoch: int) -> Path:
+    return folder.path / "annotate" / f"round_{epoch:03d}"
 
 
 @dataclass(frozen=True)
@@ -141,3 +151,146 @@ def hide_masks(mask_dir: PathLike, answers_dir: PathLike) -> Path:
     for path in sorted(Path(mask_dir).glob(f"*{MASK_SUFFIX}")):
         shutil.move(str(path), answers_dir / path.name)
     return answers_dir
+
+
+# ----------------------------------------------------------------------------- the oracles
+
+@dataclass
+class AcceptedRound:
+    """A round whose masks passed the checks at --resume: its epoch, the images to label now (in selection
+    order), the pool's scores, and the picture of why they were chosen (3 x H x W in [0, 1]) if the round has one."""
+
+    epoch: int
+    chosen: List[int]
+    scores: Dict[int, float]
+    figure: Optional[np.ndarray] = None
+
+
+class GroundTruthOracle:
+    """``--oracle ground_truth`` (the simulation): every selected image's mask is there already."""
+
+    def __init__(self, notes: Sequence[str] = ()) -> None:
+        self.notes = list(notes)  # said once at the start (e.g. masks accepted with a remark)
+
+    def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
+        """The selection of ``epoch`` made before the run stopped for annotation, if any."""
+        return None
+
+    def has_masks(self, epoch: int) -> bool:
+        """Whether the masks of ``epoch``'s selection can be read now."""
+        return True
+
+
+class FolderOracle(GroundTruthOracle):
+    """``--oracle folder``: a person saves the masks. Only a round accepted at --resume has them."""
+
+    def __init__(self, accepted: Optional[AcceptedRound] = None, notes: Sequence[str] = ()) -> None:
+        super().__init__(notes)
+        self.accepted = accepted
+
+    def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
+        return self.accepted if self.accepted is not None and self.accepted.epoch == epoch else None
+
+    def has_masks(self, epoch: int) -> bool:
+        return self.earlier_selection(epoch) is not None
+
+
+class RoundError(Exception):
+    """A round cannot go on. ``reason``: "not_following" (the waiting round is not the epoch after the saved
+    state), "needs_folder_oracle" (a round waits, the run was not resumed as a folder run), "masks" (``problems``
+    lists every failing file; ``partial_helps``: accepting the present masks would let it continue),
+    "nothing_to_select" (every image has a mask) or "bad_existing_masks" (masks already in the mask folder)."""
+
+    def __init__(self, reason: str, message: str, problems: Sequence[str] = (), partial_helps: bool = False):
+        super().__init__(message)
+        self.reason, self.problems, self.partial_helps = reason, list(problems), partial_helps
+
+
+def write_round_for_person(folder: RunFolder, epoch: int, items: Sequence[RoundItem], pool_scores: Dict[str, float],
+                           figure: Optional[np.ndarray] = None) -> Path:
+    """The round of ``epoch``: its files (``write_round``; the strategy's picture as why_selected.png), then the
+    marker that the run waits for them (with the selection and the pool's scores, so that --resume continues this
+    epoch exactly as an uninterrupted run would). Returns the round folder."""
+    folder_path = round_dir(folder, epoch)
+    items[0].sample.mask_path.parent.mkdir(exist_ok=True)  # the dataset's mask folder, for the person's masks
+    write_round(folder_path, items)
+    if figure is not None:
+        with atomic_path(folder_path / WHY_SELECTED) as tmp:
+            Image.fromarray(figure).save(tmp)
+    folder.write_awaiting(dict(epoch=epoch, round_dir=str(folder_path.relative_to(folder.path)),
+                               images=[item.sample.image_path.name for item in items], pool_scores=pool_scores))
+    return folder_path
+
+
+def round_problems(waiting: dict, labeled_names: Sequence[str], samples: Sequence[SampleFiles],
+                   accept_partial: bool) -> Tuple[List[str], List[int], List[str], bool]:
+    """Check the round's images and masks and the earlier masks: (problems, each naming its file; the images to
+    label now; notes; whether accepting the present masks would help). Absent masks are problems unless
+    ``accept_partial`` and one mask is there."""
+    index = {sample.name: i for i, sample in enumerate(samples)}
+    image_dir = samples[0].image_path.parent
+    requested = [Path(f).stem for f in waiting["images"]]
+    problems = [f"{image_dir / f}: the image of this round is gone" for f in waiting["images"]
+                if Path(f).stem not in index]
+    problems += [f"{image_dir}/{name}.*: an image labeled in an earlier round is gone"
+                 for name in labeled_names if name not in index]
+    problems += [f"{samples[index[name]].mask_path}: the mask of an image labeled in an earlier round is gone "
+                 "(training needs it)" for name in labeled_names
+                 if name in index and not samples[index[name]].mask_path.is_file()]
+    report = check_masks(samples[index[n]] for n in requested if n in index)
+    problems += report.problems
+    absent = {s.name for s in report.missing}
+    present = [index[n] for n in requested if n in index and n not in absent]
+    if absent and not (accept_partial and present):
+        problems += [f"{s.mask_path}: missing (the mask of {s.image_path.name})" for s in report.missing]
+    notes = report.notes + ([f"{len(absent)} images of round {waiting['epoch']} have no mask and go back to the "
+                             f"unlabeled pool: {', '.join(sorted(absent))}"] if absent else [])
+    return problems, present, notes, bool(absent) and not accept_partial
+
+
+def accept_round(folder: RunFolder, state_epoch: int, labeled_names: Sequence[str], samples: Sequence[SampleFiles],
+                 folder_oracle: bool, accept_partial: bool) -> Tuple[Optional[AcceptedRound], List[str]]:
+    """A resumed run while a round waits for masks: check everything it needs before anything changes; the round
+    as its epoch's selection (None: no round waits), and notes. Raises RoundError."""
+    waiting = folder.read_awaiting()
+    if waiting is None or waiting["epoch"] <= state_epoch:
+        return None, []  # no round waits (the marker of a round already trained on is stale)
+    where = f"round {waiting['epoch']} ({folder.path / waiting['round_dir']})"
+    if waiting["epoch"] != state_epoch + 1:
+        raise RoundError("not_following", f"{folder.file('awaiting_masks.json')} ({where}) does not follow "
+                         f"{folder.file('last_state.pth')} (epoch {state_epoch}); nothing was changed")
+    if not folder_oracle:
+        raise RoundError("needs_folder_oracle", f"{where} waits for masks ({folder.file('awaiting_masks.json')})")
+    problems, chosen, notes, partial_helps = round_problems(waiting, labeled_names, samples, accept_partial)
+    if problems:
+        raise RoundError("masks", f"{where} cannot continue; nothing was changed", problems, partial_helps)
+    index = {sample.name: i for i, sample in enumerate(samples)}
+    scores = {index[n]: float(v) for n, v in waiting["pool_scores"].items() if n in index}
+    picture = folder.path / waiting["round_dir"] / WHY_SELECTED
+    figure = np.asarray(Image.open(picture).convert("RGB")) if picture.is_file() else None
+    return AcceptedRound(waiting["epoch"], chosen, scores, figure), notes
+
+
+def label_existing_masks(samples: Sequence[SampleFiles]) -> Tuple[List[int], List[str]]:
+    """A new folder run: the images that already have a mask (checked as a round's) are the initial labeled set;
+    the others are the pool, which must not be empty. (Their indices, notes to log.) Raises RoundError."""
+    report = check_masks(samples)
+    image_dir, mask_dir = samples[0].image_path.parent, samples[0].mask_path.parent
+    if report.problems:
+        raise RoundError("bad_existing_masks", f"masks in {mask_dir} that cannot be used", report.problems)
+    if not report.missing:
+        raise RoundError("nothing_to_select", f"every image in {image_dir} already has a mask in {mask_dir}, so "
+                         "there is nothing to select for annotation")
+    unlabeled = {s.name for s in report.missing}
+    labeled = [i for i, sample in enumerate(samples) if sample.name not in unlabeled]
+    return labeled, report.notes + [f"--oracle folder: {len(labeled)} images already have a mask (the initial "
+                                    f"labeled set), {len(unlabeled)} are to be annotated"]
+
+
+def round_instructions(round_folder: Path, epoch: int) -> List[str]:
+    """What the person is told when a round is written: where the files are and where each mask goes."""
+    rows = read_round(round_folder)
+    lines = [f"round {epoch} waits for {len(rows)} masks. Images, the model's proposals (*{PROPOSAL_SUFFIX}) and "
+             f"overlays: {round_folder}",
+             "save each mask (a 0/255 PNG of the image's size; correct the proposal rather than draw from scratch):"]
+    return lines + [f"  {row['image']} -> {row['save_mask_as']}" for row in rows]

@@ -24,8 +24,6 @@ import os
 import queue
 import re
 import shlex
-import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -38,8 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent
 TRAINER = REPO / "trainer.py"
-STRATEGIES = ("mask_difference", "entropy", "random")
 BASELINE = "random"
+DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only from 6 pairs on (2/2^6)
 DEMO_OUTPUT = "./output_compare_demo"
@@ -66,12 +64,15 @@ class CompareError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compare_strategies.py", allow_abbrev=False,  # --seed must reach the error, not become --seeds
-        description="Run active-learning strategies x seeds through trainer.py and compare them: learning "
+        description="Job active-learning strategies x seeds through trainer.py and compare them: learning "
                     "curves, label-budget table, Test-split table. Every other flag is passed to trainer.py.")
     p.add_argument("--data_root", default=None, help="dataset root with Training, Validation and Test splits")
     p.add_argument("--output", default=None, help=f"comparison folder (default with --demo: {DEMO_OUTPUT})")
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="NAME",
-                   help=f"strategies to compare ({', '.join(STRATEGIES)})")
+    from active_learning_strategies import ActiveLearningStrategyFactory
+
+    names = ActiveLearningStrategyFactory.available_strategies()
+    p.add_argument("--strategies", nargs="+", default=[n for n in DEFAULT_STRATEGIES if n in names], choices=names,
+                   metavar="NAME", help=f"strategies to compare ({', '.join(names)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="one run per strategy per seed (default 1 2 3; --demo: 1 2)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
@@ -148,12 +149,10 @@ def resolve_trainer_args(argv: Sequence[str]) -> argparse.Namespace:
     import trainer
 
     parser = trainer.build_parser()
-    args = parser.parse_args(argv)
     try:
-        trainer.prepare_args(parser, args, argv)
+        return trainer.prepare_args(parser, parser.parse_args(argv), argv)
     except trainer.UsageError as err:
         parser.error(str(err))
-    return args
 
 
 def normalized(key: str, value: str) -> str:
@@ -167,11 +166,14 @@ def settings_of(args: argparse.Namespace) -> Dict[str, str]:
     return {k: normalized(k, str(v)) for k, v in vars(args).items()}
 
 
-def read_config(path: Path) -> Dict[str, str]:
-    """A run's config.txt (trainer.read_config), its paths normalised as in ``settings_of``."""
+def read_config(run_dir: Path) -> Dict[str, str]:
+    """A run's config.txt, its paths normalised as in ``settings_of``; a setting an older trainer did not record
+    reads as the value that reproduces how that run was made (trainer.LEGACY)."""
     import trainer
+    from run_folder import RunFolder
 
-    return {key: normalized(key, value) for key, value in trainer.read_config(path).items()}
+    recorded = RunFolder(run_dir).read_config()
+    return {key: normalized(key, str(value)) for key, value in {**trainer.LEGACY, **recorded}.items()}
 
 
 def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List[str]:
@@ -183,8 +185,8 @@ def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List
 # ----------------------------------------------------------------------------- the plan
 
 @dataclass
-class Run:
-    """One (strategy, seed) trainer run, or the zero-shot evaluation (strategy ``zero_shot``)."""
+class Job:
+    """One (strategy, seed) trainer run and its Test scoring, or the zero-shot evaluation (strategy ``zero_shot``)."""
 
     strategy: str
     seed: int
@@ -211,8 +213,8 @@ class Plan:
     strategies: List[str]
     seeds: List[int]
     budgets: List[int]
-    runs: List[Run]
-    zero_shot: Run
+    runs: List[Job]
+    zero_shot: Job
     devices: List[Optional[str]]
     final_labeled: int
     n_train: int
@@ -220,18 +222,12 @@ class Plan:
 
 
 def demo_data(output: Path) -> Path:
-    """The demo's synthetic data set (with a Test split), written once into OUTPUT/demo_data."""
+    """The demo's synthetic data set (with a Test split), written once into OUTPUT/demo_data (atomically)."""
     import trainer
-    from synthetic_isic import make_synthetic_isic
+    from synthetic_isic import ensure_synthetic_isic
 
-    root = output / "demo_data"
-    if not (root / "Training_Data").is_dir():
-        tmp = output / ".demo_data.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by an interrupted write of this same function
-        make_synthetic_isic(tmp, **dict(trainer.DEMO_DATA, n_test=DEMO_TEST_IMAGES))
-        os.replace(tmp, root)
-    return root
+    ensure_synthetic_isic(output / "demo_data", **dict(trainer.DEMO_DATA, n_test=DEMO_TEST_IMAGES))
+    return output / "demo_data"
 
 
 def count_split(data_root: str, split: str) -> int:
@@ -244,7 +240,7 @@ def count_split(data_root: str, split: str) -> int:
 
 
 def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, data_root: str
-              ) -> Tuple[List[Run], Run]:
+              ) -> Tuple[List[Job], Job]:
     base = list(trainer_flags) + ["--data_root", data_root] + (["--demo"] if args.demo else [])
     runs = []
     for seed in args.seeds:
@@ -252,10 +248,10 @@ def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, 
             folder = output / strategy / f"seed{seed}"
             argv = base + ["--strategy", strategy, "--seed", str(seed), "--output", str(folder)]
             targs = resolve_trainer_args(argv)
-            runs.append(Run(strategy, seed, folder / f"Skin_{targs.img_size}", argv, targs))
+            runs.append(Job(strategy, seed, folder / f"Skin_{targs.img_size}", argv, targs))
     first = runs[0]
     zero_argv = first.argv[:-1] + [str(output / ZERO_SHOT)]
-    return runs, Run(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, first.args)
+    return runs, Job(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, first.args)
 
 
 def label_budgets(args: argparse.Namespace, targs: argparse.Namespace, n_train: int) -> Tuple[List[int], int]:
@@ -308,14 +304,14 @@ def check_existing(plan: Plan) -> None:
         strategy, seed = run_dir.parent.parent.name, run_dir.parent.name[len("seed"):]
         run = wanted.get((strategy, seed))
         ignore = set() if run is not None and run.run_dir == run_dir else {"strategy", "seed"}
-        diff = differences(plan.runs[0].settings if run is None else run.settings, read_config(config), ignore)
+        diff = differences(plan.runs[0].settings if run is None else run.settings, read_config(run_dir), ignore)
         if run is not None and run.run_dir != run_dir:
             diff.insert(0, f"run folder {run_dir.name}, now {run.run_dir.name}")
         if diff:
             problems.append(f"{run_dir.relative_to(plan.output)}: {'; '.join(diff)}")
     zero_config = plan.zero_shot.run_dir / "config.txt"
     if zero_config.is_file():
-        diff = differences(plan.zero_shot.settings, read_config(zero_config), {"strategy"})
+        diff = differences(plan.zero_shot.settings, read_config(zero_config.parent), {"strategy"})
         if diff:
             problems.append(f"{ZERO_SHOT}: {'; '.join(diff)}")
     if problems:
@@ -326,16 +322,18 @@ def check_existing(plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- running
 
-def run_state(run: Run) -> str:
-    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished"""
+def run_state(run: Job) -> str:
+    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished
+    (the trainer's run folder says which, run_folder.RunFolder.status)."""
+    from run_folder import RunFolder
+
     d = run.run_dir
     if run.strategy == ZERO_SHOT:
         return "finished" if (d / "val_metrics.csv").is_file() and (d / TEST_CSV).is_file() else "new"
-    if (d / "last_model.pth").is_file():
+    status = RunFolder(d).status()
+    if status == "finished":
         return "finished" if (d / TEST_CSV).is_file() else "trained"
-    if (d / "last_state.pth").is_file():
-        return "interrupted"
-    return "aborted" if (d / "config.txt").exists() or (d / "al_selection.csv").exists() else "new"
+    return {"dead": "aborted", "waiting": "interrupted"}.get(status, status)
 
 
 def set_aside_name(run_dir: Path) -> Path:
@@ -345,7 +343,7 @@ def set_aside_name(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.aborted{n}")
 
 
-def job_commands(run: Run, state: str, gpu: str) -> List[List[str]]:
+def job_commands(run: Job, state: str, gpu: str) -> List[List[str]]:
     """The processes of one job: trainer.py (fresh or --resume) and the Test scoring; or the zero-shot."""
     python, me = sys.executable, str(Path(__file__).resolve())
     if run.strategy == ZERO_SHOT:
@@ -357,7 +355,7 @@ def job_commands(run: Run, state: str, gpu: str) -> List[List[str]]:
     return [train, score]
 
 
-def pending(plan: Plan) -> List[Tuple[Run, str]]:
+def pending(plan: Plan) -> List[Tuple[Job, str]]:
     """(run, state) of every run still to do, the zero-shot first."""
     todo = [(run, run_state(run)) for run in [plan.zero_shot] + plan.runs]
     return [(run, state) for run, state in todo if state != "finished"]
@@ -381,8 +379,8 @@ def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
     return env
 
 
-def run_job(run: Run, state: str, device: Optional[str], slots: int, label: str) -> bool:
-    """Run one job's processes in order (output appended to its run.log); False if one of them failed."""
+def run_job(run: Job, state: str, device: Optional[str], slots: int, label: str) -> bool:
+    """Job one job's processes in order (output appended to its run.log); False if one of them failed."""
     if state == "aborted":
         aside = set_aside_name(run.run_dir)
         os.replace(run.run_dir, aside)
@@ -415,7 +413,7 @@ def execute(plan: Plan) -> List[str]:
     for device in plan.devices:
         slots.put(device)
 
-    def work(item: Tuple[int, Tuple[Run, str]]) -> Optional[str]:
+    def work(item: Tuple[int, Tuple[Job, str]]) -> Optional[str]:
         number, (run, state) = item
         device = slots.get()
         try:
@@ -464,56 +462,58 @@ def worker_device():
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def load_run_model(settings: Dict[str, str], device, weights: Optional[Path] = None):
+    """The model of a run's settings (its --module honoured), with ``weights`` (a trained full state_dict) if given."""
+    from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
+
+    try:
+        return build_model_from_settings(settings, device, weights).eval()
+    except ModelInputError as err:
+        raise CompareError(f"{weights or settings.get('checkpoint')}: {err}") from None
+
+
 def score_run(run_dir: Path) -> None:
     """RUN_DIR/test_metrics.csv: per-image val.py metrics of the run's checkpoint on the Test split."""
+    import torch
+
     import val
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.txt").is_file():
         raise CompareError(f"--score_run {run_dir}: no config.txt there (not a trainer.py run folder)")
-    settings = read_config(run_dir / "config.txt")
+    settings = read_config(run_dir)
     device = worker_device()
     checkpoint = pick_checkpoint(run_dir)
-    try:
-        predict = val.load_model_for_eval(checkpoint, settings["model_cfg"], None, int(settings["img_size"]),
-                                          int(settings["num_classes"]), int(settings["rank"]), device)
-    except val.EvalError as err:
-        raise CompareError(f"{checkpoint}: {err}") from None
-    result = evaluate(predict, settings, "Test", None, device)
+    model = load_run_model(settings, device, checkpoint)
+    result = evaluate(torch.no_grad()(model.predict_logits), settings, "Test", None, device)  # float32, as val.py
     val.write_csv(result["rows"], run_dir / TEST_CSV)
     print(f"{checkpoint.name} on Test: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
 
 
 def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
     """The untrained model (what trainer.py starts from) on Validation and Test: the cold-start floor."""
-    from functools import partial
-
     import torch
 
-    import trainer
+    import utils
     import val
-    from sam_lora_image_encoder_prompt import build_model
+    from run_folder import RunFolder
 
     targs = resolve_trainer_args(trainer_argv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "config.txt").is_file():
-        trainer.write_config(out_dir / "config.txt", targs)
+        RunFolder(out_dir).write_config(vars(targs))
     settings = settings_of(targs)
     device = worker_device()
-    checkpoint = None if targs.checkpoint.lower() == "none" else targs.checkpoint
-    model = build_model(targs.model_cfg, checkpoint, targs.img_size, targs.rank, targs.num_classes, targs.module,
-                        device, targs.lora_ckpt, targs.seed).eval()
-    # the same precision as what it is compared with: the trainer's validation (autocast on CUDA), and on Test
-    # --score_run's val.load_model_for_eval (float32)
-    validation = partial(trainer.predict_logits, model, device)
+    model = load_run_model(settings, device)
 
     @torch.no_grad()
-    def test(images: torch.Tensor) -> torch.Tensor:
-        return model.decode(model.encode(images), 1)["low_res_logits"].float()
+    def validation(images: torch.Tensor) -> torch.Tensor:  # the precision of the trainer's validation
+        with utils.autocast(device, enabled=targs.precision == "mixed"):
+            return model.predict_logits(images)
 
     for split, limit, name, predict in (("Validation", targs.val_limit, "val_metrics.csv", validation),
-                                        ("Test", None, TEST_CSV, test)):
+                                        ("Test", None, TEST_CSV, torch.no_grad()(model.predict_logits))):
         result = evaluate(predict, settings, split, limit, device)
         val.write_csv(result["rows"], out_dir / name)
         print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
@@ -521,52 +521,16 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------- reading finished runs
 
-def read_scalars(log_dir: Path) -> Dict[str, Dict[int, float]]:
-    """tag -> {step: value} of a run's TensorBoard scalars (tensorboardX event files: TFRecord frames).
-
-    Events are taken in the order they were written (wall time), the later value of a (tag, step) wins, and
-    the restart marker a resumed run writes drops the steps it redoes, as TensorBoard shows them."""
-    from tensorboardX.proto import event_pb2
-
-    events = []
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, pos)  # length, its CRC, the event, the event's CRC
-            end = pos + 12 + length + 4
-            if end > len(data):
-                break  # the last record of a killed process, cut short
-            events.append(event_pb2.Event.FromString(data[pos + 12:end - 4]))
-            pos = end
-    scalars: Dict[str, Dict[int, float]] = {}
-    for event in sorted(events, key=lambda e: e.wall_time):
-        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-            for steps in scalars.values():
-                for step in [s for s in steps if s >= event.step]:
-                    del steps[step]
-        for value in event.summary.value:
-            if value.WhichOneof("value") == "simple_value":
-                scalars.setdefault(value.tag, {})[event.step] = float(value.simple_value)
-    return scalars
-
-
-def labeled_per_epoch(selection_csv: Path) -> Dict[int, int]:
-    """epoch -> images labeled at its end, from al_selection.csv (one row per selected image)."""
-    with open(selection_csv, newline="") as f:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
-    return {e: sum(1 for x in epochs if x <= e) for e in sorted(set(epochs))}
-
-
-def run_curve(run: Run) -> List[dict]:
-    """One row per epoch: strategy, seed, epoch, labeled and every validation metric (None if not validated)."""
+def run_curve(run: Job) -> List[dict]:
+    """One row per finished epoch (the run's metrics.csv): strategy, seed, epoch, labeled and every validation
+    metric (None where the epoch was not validated)."""
     import val
+    from run_folder import RunFolder
 
-    scalars = read_scalars(run.run_dir / "log")
-    names = sorted((t[len("val/"):] for t in scalars if t.startswith("val/")),
-                   key=lambda m: (val.METRIC_NAMES.index(m) if m in val.METRIC_NAMES else len(val.METRIC_NAMES), m))
-    return [dict(strategy=run.strategy, seed=run.seed, epoch=epoch, labeled=labeled,
-                 **{m: scalars[f"val/{m}"].get(epoch) for m in names})
-            for epoch, labeled in labeled_per_epoch(run.run_dir / "al_selection.csv").items()]
+    rows = RunFolder(run.run_dir).read_metrics()
+    names = [k for k in (rows[0] if rows else {}) if val.is_metric_column(k)]
+    return [dict(strategy=run.strategy, seed=run.seed, epoch=row["epoch"], labeled=row["labeled"],
+                 **{m: row.get(m) for m in names}) for row in rows]
 
 
 def csv_means(path: Path, names: Sequence[str]) -> Dict[str, float]:
@@ -638,6 +602,9 @@ def gather(plan: Plan) -> Results:
         state = run_state(run)
         if state != "finished":
             res.missing.append(f"{run.name} ({state})")
+            continue
+        if not (run.run_dir / "metrics.csv").is_file():
+            res.missing.append(f"{run.name} (no metrics.csv: made by an older trainer.py; rerun it elsewhere)")
             continue
         res.curves[run.strategy][run.seed] = run_curve(run)
         res.tests[run.strategy][run.seed] = csv_means(run.run_dir / TEST_CSV, names)
@@ -822,7 +789,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.collect:
             failed = execute(plan)
             if failed:
-                print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Run the same command again to resume "
+                print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Job the same command again to resume "
                       "them, or add --collect for a report of the finished runs.", file=sys.stderr)
                 return 1
         write_report(plan)

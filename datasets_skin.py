@@ -41,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 PathLike = Union[str, os.PathLike]
 
@@ -566,6 +566,27 @@ class ValSkinDataset(SkinLesionDataset):
         sample = super().__getitem__(index)
         sample["mask_orig"] = self.original_mask(sample["index"])
         return sample
+
+
+def training_and_validation(data_root: PathLike, img_size: int, masks_optional: bool = False,
+                            val_limit: Optional[int] = None, preload: bool = False, use_draft: bool = True
+                            ) -> Tuple[SemiSupervisedSkinDataset, Optional[Subset]]:
+    """The training split (all unlabeled at first) and the first ``val_limit`` validation images, every file's header
+    checked. ``masks_optional`` (a person annotates): every training image counts, without a mask it is one to
+    annotate, and the Validation split may be missing (None). Both share one MaskNotes (what the masks read looked
+    like, logged once per run). ``preload``: decode the validation images now (DataLoader workers then share them)."""
+    notes = MaskNotes()
+    train_set = SemiSupervisedSkinDataset(*find_split(data_root, "Training", masks_optional=masks_optional),
+                                          img_size=img_size, unlabeled_ok=masks_optional, mask_notes=notes,
+                                          use_draft=use_draft)
+    if masks_optional and not split_present(data_root, "Validation"):
+        return train_set, None
+    val_set = ValSkinDataset(*find_split(data_root, "Validation"), img_size=img_size, mask_notes=notes,
+                             use_draft=use_draft)
+    val_idx = list(range(len(val_set) if val_limit is None else min(val_limit, len(val_set))))
+    if preload:
+        val_set.preload(val_idx)
+    return train_set, Subset(val_set, val_idx)
 
 
 def collate_val(samples: Sequence[dict]) -> dict:

@@ -15,9 +15,10 @@ forward and the active-learning strategies use them.
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
-from sam2.build_sam import build_sam2
+from sam2.build_sam import CheckpointError, ConfigNotFoundError, build_sam2
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Point = Tuple[float, float]
@@ -139,12 +140,21 @@ def foreground_mask(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1) != 0
 
 
-def foreground_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """B x (C+1) x h x w class logits -> B x C x h x w float32 foreground probabilities.
+SCORE_CHANNELS = ("foreground", "all")
 
-    With the constant-zero background channel and C = 1 this is sigmoid(SAM2 mask logit).
+
+def class_probabilities(logits: torch.Tensor, channels: str = "foreground") -> torch.Tensor:
+    """B x (C+1) x h x w class logits -> float32 probability maps.
+
+    channels "foreground": B x C x h x w softmax probabilities of the foreground classes (with the constant-zero
+    background channel and C = 1 this is sigmoid(SAM2 mask logit)). "all": B x (C+1) x h x w sigmoid of every
+    channel, background included (the reference's scoring; the zero background logit gives a constant 0.5).
     """
-    return torch.softmax(logits.float(), dim=1)[:, 1:]
+    if channels == "foreground":
+        return torch.softmax(logits.float(), dim=1)[:, 1:]
+    if channels == "all":
+        return torch.sigmoid(logits.float())
+    raise ValueError(f"channels must be one of {SCORE_CHANNELS}, got {channels!r}")
 
 
 @dataclass
@@ -230,6 +240,7 @@ class LoRAQKV(nn.Module):
         self.lora_b_q = nn.Linear(r, width, bias=False)
         self.lora_a_v = nn.Linear(qkv.in_features, r, bias=False)
         self.lora_b_v = nn.Linear(r, width, bias=False)
+        self.enabled = True  # False: the frozen projection alone (LoRA_Sam.lora_disabled)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -246,6 +257,8 @@ class LoRAQKV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ... x dim -> ... x 3*width."""
+        if not self.enabled:
+            return self.base(x)
         if not (torch.is_grad_enabled() and self.lora_a_q.weight.requires_grad):
             # Inference: one matmul with the merged weight costs what the frozen layer costs;
             # the token-sized low-rank products below would add ~10% to the encoder.
@@ -330,10 +343,18 @@ class LoRA_Sam(nn.Module):
     def lora_modules(self) -> List[LoRAQKV]:
         return [m for m in self.sam.image_encoder.modules() if isinstance(m, LoRAQKV)]
 
-    def reset_lora_parameters(self) -> None:
-        """A: Kaiming-uniform(a=sqrt(5)), B: zeros (the adapted encoder equals the original)."""
-        for module in self.lora_modules():
-            module.reset_parameters()
+    @contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """Within the block the image encoder is the pretrained one (no LoRA update is added): fixed features
+        that training does not change."""
+        modules = self.lora_modules()
+        for module in modules:
+            module.enabled = False
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.enabled = True
 
     def _is_lora_file_key(self, key: str) -> bool:
         return ".lora_" in key or key.startswith(LORA_FILE_PREFIXES)
@@ -446,6 +467,25 @@ class LoRA_Sam(nn.Module):
         background = masks.new_zeros(masks.shape[0], 1, *masks.shape[2:])
         return {"low_res_logits": torch.cat([background, masks], dim=1), "iou_predictions": iou}
 
+    def predict_logits(
+        self,
+        images: Optional[torch.Tensor],
+        decoder_idx: int = 1,
+        points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
+        boxes: Optional[torch.Tensor] = None,
+        features: Optional[Dict[str, object]] = None,
+    ) -> torch.Tensor:
+        """The one prediction path: decoder ``decoder_idx`` with these prompts -> B x (C+1) x S/4 x S/4 float32
+        class logits.
+
+        images: B x 3 x S x S normalised images; or pass their ``encode`` features instead (images None) to run
+        several decoders on one image-encoder pass. Prompts as in ``decode``. Gradients and precision are the
+        caller's (``torch.no_grad``, ``utils.autocast``).
+        """
+        if features is None:
+            features = self.encode(images)
+        return self.decode(features, decoder_idx, points=points, boxes=boxes)["low_res_logits"].float()
+
     def _decoder(self, decoder_idx: int) -> nn.Module:
         if decoder_idx == 1:
             return self.sam.sam_mask_decoder
@@ -464,19 +504,21 @@ class LoRA_Sam(nn.Module):
         prompt_mode: Optional[str] = None,
         generator: Optional[np.random.Generator] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Both decoders on one image-encoder pass.
+        """Both decoders on one image-encoder pass (the reference's call signature).
 
         batched_input: B x 3 x S x S normalised images, S == image_size, a multiple of 32
-        (it need not be the size the SAM2 model was built with). multimask_output: kept for
-        the reference call signature; no effect (see `decode`).
-        prompt_idx -1 (or prompt_mode "none"): both decoders unprompted.
-        prompt_idx 0: decoder 1 unprompted; prompts derived from its mask (largest
-          component: EDT-centre point, uniform random point, box) prompt decoder 2, giving
-          `low_res_logits2` (centre point) and `low_res_logits2_r` (random point).
-        prompt_idx 1: the mirror image (decoder 2 unprompted, decoder 1 prompted, `_1_r`).
-        prompt_mode: "point" (the default when prompt_idx >= 0), "box" (box only: the
-          `_r` outputs are then the same tensors as the main ones), "point-box" (box plus
-          point).
+          (it need not be the size the SAM2 model was built with).
+        multimask_output: accepted for the reference's calls, no effect: class c is always mask token c-1
+          (see the class docstring).
+        prompt_idx says WHICH decoder is prompted, prompt_mode WHAT KIND of prompt it gets:
+          prompt_idx -1: no decoder is prompted; both run unprompted, whatever prompt_mode says.
+          prompt_idx 0: decoder 1 runs unprompted; prompts derived from its mask (largest component:
+            EDT-centre point, uniform random point, box) prompt decoder 2, giving `low_res_logits2`
+            (centre point) and `low_res_logits2_r` (random point).
+          prompt_idx 1: the mirror image (decoder 2 unprompted, decoder 1 prompted, `..._1_r`).
+          prompt_mode (only read when prompt_idx is 0 or 1): "point" (also when None), "box" (box only: the
+            `_r` outputs are then the same tensors as the main ones), "point-box" (box plus point); "none"
+            turns prompting off like prompt_idx -1.
         generator: draws the random points (default: seeded from torch's global RNG).
 
         Returns low_res_logits{1,2} (B x (C+1) x S/4 x S/4), iou_predictions{1,2} (B x C),
@@ -566,20 +608,75 @@ def _lora_rank(key: str, value: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------
 
 
+class ModelInputError(ValueError):
+    """A file or module the model is built from cannot be used. ``source`` says which input: "model_cfg",
+    "checkpoint" (the SAM2 weights), "lora_ckpt", "weights" (a trained full state_dict) or "module"; each command
+    line names its own flag for it."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(message)
+        self.source = source
+
+
 def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
                 num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
                 device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
-                seed: int = 0) -> nn.Module:
-    """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` from ``module``, on ``device``.
+                seed: int = 0, weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
+    """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` from ``module``, on ``device``: the one model factory.
 
     ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``); ``seed`` also fixes the LoRA A
-    matrices. ``lora_ckpt`` (``save_lora_parameters`` format) is loaded on top. Errors: ``build_sam``'s
-    ``ConfigNotFoundError``/``CheckpointError``, ``safe_io.CheckpointFileError``, ``ValueError`` (LoRA file).
+    matrices. ``lora_ckpt`` (``save_lora_parameters`` format) is loaded on top; ``weights`` (a full
+    ``LoRA_Sam.state_dict()`` such as best_model_dice*.pth) replaces every weight. Every problem with an input is
+    a ``ModelInputError`` naming its source.
     """
     torch.manual_seed(seed)
-    sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
-    lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
+    try:
+        lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
+    except (ImportError, AttributeError) as err:
+        raise ModelInputError("module", f"{module} cannot provide LoRA_Sam ({err})") from None
+    try:
+        sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
+    except ConfigNotFoundError as err:
+        raise ModelInputError("model_cfg", str(err)) from None
+    except CheckpointFileError as err:
+        raise ModelInputError("checkpoint", str(err)) from None
+    except CheckpointError as err:
+        raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
     net = lora_sam_class(sam, r=rank, num_classes=num_classes).to(device)
     if lora_ckpt:
-        net.load_lora_parameters(lora_ckpt)
+        try:
+            net.load_lora_parameters(lora_ckpt)
+        except (CheckpointFileError, ValueError) as err:
+            raise ModelInputError("lora_ckpt", str(err)) from None
+    if weights is not None:
+        _load_full_weights(net, weights, device)
     return net
+
+
+def _load_full_weights(net: nn.Module, path: Union[str, os.PathLike], device: Union[torch.device, str]) -> None:
+    try:
+        state = load_torch_file(path, map_location=device)
+    except CheckpointFileError as err:
+        raise ModelInputError("weights", str(err)) from None
+    if not isinstance(state, dict):
+        raise ModelInputError("weights", f"{path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ModelInputError("weights", f"{path} does not fit this model (model config, LoRA rank, number of "
+                                         f"classes): {str(err).splitlines()[0]}") from None
+
+
+def build_model_from_settings(settings: Dict[str, object], device: Union[torch.device, str] = "cpu",
+                              weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
+    """The model a run's settings describe (trainer flags, or config.txt's text): model_cfg, checkpoint ("none" =
+    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed. With ``weights`` (a trained full
+    state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
+    def text(key: str, default: Optional[str] = None) -> Optional[str]:
+        value = settings.get(key, default)
+        return None if value is None or str(value) in ("None", "none") else str(value)
+
+    return build_model(text("model_cfg"), None if weights is not None else text("checkpoint"),
+                       int(settings["img_size"]), int(settings.get("rank", 4)), int(settings.get("num_classes", 1)),
+                       text("module", __name__), device, None if weights is not None else text("lora_ckpt"),
+                       int(settings.get("seed", 0)), weights)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 from datasets_skin import MASK_SUFFIX, SPLIT_FOLDERS, PathLike
-from safe_io import atomic_path
+from safe_io import atomic_folder, atomic_path, remove_stale_temps
 from utils import crash_point
 
 
@@ -191,3 +191,16 @@ def make_synthetic_isic(
             crash_point("synthetic_data", first_id + i + 1)  # test hook: a kill after this many pairs
         first_id += count
     return root
+
+
+def ensure_synthetic_isic(root: PathLike, **kwargs) -> bool:
+    """``make_synthetic_isic(root, **kwargs)`` unless ``root`` holds a data set already, written into a temporary
+    folder renamed to ``root`` when complete, so that a process killed meanwhile leaves no half data set (the
+    temporary folder such a kill left is removed here). Returns whether it wrote one; OSError when it cannot."""
+    root = Path(root)
+    remove_stale_temps(root.parent, root.name)
+    if (root / "Training_Data").is_dir():
+        return False
+    with atomic_folder(root) as tmp:
+        make_synthetic_isic(tmp, **kwargs)
+    return True

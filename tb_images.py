@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
-from active_learning_strategies import ComparedPredictions
 from datasets_skin import PIXEL_MEAN, PIXEL_STD
 
 
@@ -47,19 +47,49 @@ def captioned(tile: torch.Tensor, caption: str, point: Optional[torch.Tensor] = 
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
 
 
-def why_selected_image(images: torch.Tensor, compared: ComparedPredictions, scores: Sequence[float],
+def why_selected_image(images: torch.Tensor, no_prompt: torch.Tensor, center: torch.Tensor, random: torch.Tensor,
+                       center_points: torch.Tensor, random_points: torch.Tensor, scores: Sequence[float],
                        threshold: float) -> torch.Tensor:
     """One row per selected image: the image and its score, then the three masks mask_difference compared
-    (decoder 1 unprompted; decoder 2 at the centre point; decoder 1 at the random point), tinted red over the
-    image, each with its prompt point."""
+    (probabilities B x K x h x w of decoder 1 unprompted; decoder 2 at the centre point; decoder 1 at the random
+    point; a pixel is in a mask where some channel exceeds ``threshold``), tinted red over the image, each with its
+    prompt point (B x 2, x/y in input pixels)."""
     rows = []
     for i, image in enumerate(images):
         tiles = [captioned(overlay(image, None, None), f"score {scores[i]:.3f}")]
-        for name, probs, point in (("no prompt", compared.no_prompt, None),
-                                   ("centre point", compared.center, compared.center_points[i]),
-                                   ("random point", compared.random, compared.random_points[i])):
-            mask = F.interpolate(probs[i:i + 1], size=image.shape[-2:], mode="bilinear",
+        for name, probs, point in (("no prompt", no_prompt, None), ("centre point", center, center_points[i]),
+                                   ("random point", random, random_points[i])):
+            mask = F.interpolate(probs[i:i + 1].float(), size=image.shape[-2:], mode="bilinear",
                                  align_corners=False)[0].amax(0) > threshold
             tiles.append(captioned(overlay(image, None, mask), name, point))
         rows.append(torch.cat(tiles, dim=2))
     return torch.cat(rows, dim=1)
+
+
+def image_grid(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tiles of one size (3 x H x W) side by side in one row."""
+    return make_grid(list(tiles), nrow=len(tiles))
+
+
+def selected_grid(samples: Sequence[dict]) -> torch.Tensor:
+    """The selected images (dataset samples) with their masks' outlines."""
+    return image_grid([overlay(s["image"], s["label"], None) for s in samples])
+
+
+def prediction_grid(samples: Sequence[dict], logits: torch.Tensor) -> torch.Tensor:
+    """Validation images with the prediction (B x (C+1) x h x w logits, upsampled; argmax) tinted over the
+    ground-truth outline."""
+    images = torch.stack([s["image"] for s in samples])
+    pred = F.interpolate(logits.float().cpu(), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False).argmax(1) > 0
+    return image_grid([overlay(s["image"], s["label"] > 0, p) for s, p in zip(samples, pred)])
+
+
+def to_png_array(picture: torch.Tensor) -> np.ndarray:
+    """3 x H x W in [0, 1] -> H x W x 3 uint8 (to keep a picture as a PNG)."""
+    return (picture.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def from_png_array(array: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x H x W in [0, 1]."""
+    return torch.from_numpy(np.asarray(array, np.uint8)).permute(2, 0, 1).float() / 255

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,6 +74,29 @@ def segmentation_loss(
     return total, ce, dice
 
 
+def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
+                      dice_weight: float) -> Dict[str, torch.Tensor]:
+    """Mean of both decoders' (1-w)*CE + w*Dice (logits B x (C+1) x S/4 x S/4 upsampled to the
+    B x S x S labels), under "loss", plus every part for logging."""
+    parts: Dict[str, torch.Tensor] = {}
+    for d in (1, 2):
+        logits = F.interpolate(outputs[f"low_res_logits{d}"].float(), size=labels.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        parts[f"loss_dec{d}"], parts[f"ce_dec{d}"], parts[f"dice_dec{d}"] = segmentation_loss(
+            logits, labels, dice_weight=dice_weight)
+    parts["loss"] = 0.5 * (parts["loss_dec1"] + parts["loss_dec2"])
+    return parts
+
+
+def nonfinite_names(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors that hold NaN or inf (one device sync for all of them)."""
+    floats = {name: t for name, t in tensors.items() if torch.is_floating_point(t)}
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in floats.values()]).tolist()
+    return [name for name, ok in zip(floats, finite) if not ok]
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (all devices). ``deterministic`` also asks torch for deterministic kernels."""
     random.seed(seed)
@@ -130,9 +153,9 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """Mixed precision on CUDA, a disabled autocast (plain float32) elsewhere."""
-    dtype = amp_dtype(device)
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """Mixed precision on CUDA (``amp_dtype``) when ``enabled``; otherwise, and off CUDA, plain float32."""
+    dtype = amp_dtype(device) if enabled else None
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -34,13 +34,18 @@ from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader
 
 from datasets_skin import DatasetError, ValSkinDataset, collate_val, decode_mask, discover_samples, find_split
-from safe_io import CheckpointFileError, atomic_path, load_torch_file
-from sam2.build_sam import CheckpointError, ConfigNotFoundError
-from sam_lora_image_encoder_prompt import build_model
+from safe_io import atomic_path
+from sam_lora_image_encoder_prompt import ModelInputError, build_model
 from utils import DeviceError, select_device
 
 METRIC_NAMES = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95")
 JACCARD_THRESHOLD = 0.65
+
+
+def is_metric_column(name: str) -> bool:
+    """Whether a column of a metrics table holds a metric: a name of METRIC_NAMES, or ``<metric>_c<k>`` (class k)."""
+    metric, _, cls = name.rpartition("_c")
+    return name in METRIC_NAMES or (metric in METRIC_NAMES and cls.isdigit())
 
 Spacing = Union[None, float, Sequence[float]]
 
@@ -444,49 +449,28 @@ class EvalError(RuntimeError):
     """A user-facing problem with the CLI's inputs (message names the flag or file)."""
 
 
-def load_model_for_eval(
-    checkpoint: Union[str, os.PathLike],
-    model_cfg: str,
-    sam_ckpt: Optional[str],
-    img_size: int,
-    num_classes: int,
-    rank: int,
-    device: torch.device,
-    decoder: int = 1,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build SAM2 + LoRA_Sam, load a ``best_model_dice*.pth`` state dict and return ``predict_fn`` for ``validate``.
+MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--sam_ckpt", weights="--checkpoint", module="--module",
+                   lora_ckpt="--checkpoint")
 
-    Every problem with the inputs is an ``EvalError`` naming the flag.
-    """
+
+def load_model_for_eval(checkpoint: Union[str, os.PathLike], model_cfg: str, sam_ckpt: Optional[str], img_size: int,
+                        num_classes: int, rank: int, device: torch.device, decoder: int = 1,
+                        module: str = "sam_lora_image_encoder_prompt") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trained model of ``checkpoint`` (a ``best_model_dice*.pth`` full state_dict; ``build_model``, the one
+    loader) as ``predict_fn`` for ``validate``: decoder ``decoder``, no prompt, float32. Every problem with the
+    inputs is an ``EvalError`` naming the flag."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise EvalError(f"--checkpoint {str(checkpoint)!r} does not exist.")
     if sam_ckpt is not None and not Path(sam_ckpt).is_file():
         raise EvalError(f"--sam_ckpt {sam_ckpt!r} does not exist; place the official SAM2.1 checkpoint there.")
-    try:
-        net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, device=device)
-    except ConfigNotFoundError as err:
-        raise EvalError(f"--model_cfg {model_cfg}: {err}") from None
-    except (CheckpointError, CheckpointFileError) as err:
-        raise EvalError(f"--sam_ckpt {sam_ckpt}: {err}") from None
-    try:
-        state = load_torch_file(checkpoint, map_location=device)
-    except CheckpointFileError as err:
-        raise EvalError(f"--checkpoint: {err}") from None
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise EvalError(
-            f"--checkpoint {str(checkpoint)!r} does not fit this model (check --model_cfg, --rank, --img_size, "
-            f"--num_classes): {err}"
-        ) from err
-    net.eval()
-
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        features = net.encode(images)
-        return net.decode(features, decoder)["low_res_logits"].float()
-
-    return predict
+    try:  # the full state_dict holds every weight: the SAM2 checkpoint is only read when given
+        net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, module=module,
+                          device=device, weights=checkpoint).eval()
+    except ModelInputError as err:
+        hint = " (check --model_cfg, --rank, --img_size, --num_classes)" if err.source == "weights" else ""
+        raise EvalError(f"{MODEL_FLAGS[err.source]}: {err}{hint}") from None
+    return torch.no_grad()(lambda images: net.predict_logits(images, decoder))
 
 
 def score_prediction_dir(
@@ -552,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img_size", type=int, default=512)
     parser.add_argument("--num_classes", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank the checkpoint was trained with")
+    parser.add_argument("--module", default="sam_lora_image_encoder_prompt",
+                        help="Python module defining the LoRA_Sam the checkpoint was trained with")
     parser.add_argument("--decoder", type=int, default=1, choices=(1, 2), help="which decoder's masks to score")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--num_workers", type=int, default=0)
@@ -585,7 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise EvalError(f"--gpu {args.gpu}: {err}") from None
             predict_fn = load_model_for_eval(
                 args.checkpoint, args.model_cfg, args.sam_ckpt, args.img_size, args.num_classes, args.rank,
-                device, args.decoder,
+                device, args.decoder, args.module,
             )
             dataset = ValSkinDataset(image_dir, mask_dir, args.img_size)
             loader = DataLoader(

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402
 import val  # noqa: E402
-from active_learning_strategies import MaskDifferenceStrategy  # noqa: E402
+from active_learning_strategies import MaskDifferenceStrategy, SelectionContext  # noqa: E402
 from datasets_skin import PIXEL_MEAN, PIXEL_STD  # noqa: E402
 from sam_lora_image_encoder_prompt import build_model  # noqa: E402  (the one model factory)
 
@@ -145,16 +145,22 @@ def encoder_seconds(net, images, batch, device, repeats) -> float:
 def scoring_seconds(net, images, batch, device, repeats):
     """Per image: MaskDifferenceStrategy.select over the pool (images come from the host, as from a dataset);
     and the peak memory of it."""
-    dataset = [{"image": image} for image in images]
-    pool = list(range(len(images)))
+    context = SelectionContext(net, [{"image": image} for image in images], list(range(len(images))), batch, device,
+                               batch_size=batch, seed=0)
     strategy = MaskDifferenceStrategy()
     utils.reset_peak_memory(device)
-    seconds = median_seconds(lambda: strategy.select(net, dataset, pool, batch, device, batch, seed=0), device, repeats)
+    seconds = median_seconds(lambda: strategy.select(context), device, repeats)
     return seconds / len(images), utils.peak_memory_gb(device)
 
 
+def mixed_precision(device: torch.device):
+    """Mixed precision as the trainer uses it (utils.autocast) on CUDA; bf16 autocast on the CPU, so that --dry-run
+    compares real reduced-precision scores with float32 ones."""
+    return utils.autocast(device) if device.type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def score_fidelity(net, images, batch, device):
-    """bf16-autocast vs float32 mask-difference scores of the same images: (max |difference|, Spearman rho)."""
+    """Mixed-precision vs float32 mask-difference scores of the same images: (max |difference|, Spearman rho)."""
     from scipy.stats import spearmanr
 
     strategy = MaskDifferenceStrategy()
@@ -162,7 +168,7 @@ def score_fidelity(net, images, batch, device):
 
     def scores(cast: bool) -> np.ndarray:
         out = []
-        with torch.inference_mode(), (utils.autocast(device) if cast else contextlib.nullcontext()):
+        with torch.inference_mode(), (mixed_precision(device) if cast else contextlib.nullcontext()):
             for start, chunk in zip(range(0, len(images), batch), batches(images.to(device), batch)):
                 indices = list(range(start, start + len(chunk)))
                 out.append(strategy.score_batch(net, chunk, indices, seed=0).float().cpu())
@@ -211,7 +217,7 @@ def validation_seconds(net, images, params, batch, device, repeats, full_size) -
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with utils.autocast(device):
-            return net.decode(net.encode(x), 1)["low_res_logits"].float()
+            return net.predict_logits(x, 1)
 
     net.eval()
     return median_seconds(lambda: val.validate(predict, loader, 1, device, truths=truths), device, repeats) / len(gts)

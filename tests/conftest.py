@@ -1,16 +1,24 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures and helpers (test modules never import each other; what they share is here).
 
-* ``report_figure``: tests record measured figures (e.g. parity errors); they are printed in a
-  "measured figures" section at the end of the run.
-* ``sam2_oracle``: the official-SAM2 oracle helpers (``tests/sam2_oracle.py``), with the
-  official sdist fetched; a failed download fails the test with the reason.
+* ``report_figure``: tests record measured figures (e.g. parity errors), printed in a "measured figures" section
+  at the end of the run.
+* ``sam2_oracle``: the official-SAM2 oracle helpers (``tests/sam2_oracle.py``), with the official sdist fetched.
+* ``synthetic_root`` / ``synthetic_copy``: small synthetic data sets (read-only / one a test may change);
+  ``isic_sample``: the six real ISIC-2017 pairs beside the repository (the test is skipped without them).
+* ``tensorboard``: what a run's TensorBoard event files hold, read with TensorBoard's own reader.
+* ``selection_rows`` / ``metrics_rows``: a run folder's al_selection.csv and metrics.csv.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+import csv
+from pathlib import Path
+from typing import Callable, Dict, List
 
 import pytest
 
+from synthetic_isic import make_synthetic_isic
+
+REPO = Path(__file__).resolve().parents[1]
 _FIGURES: List[str] = []
 
 
@@ -41,3 +49,70 @@ def sam2_oracle():
     if problem:  # failed outside the except block: the reason is shown once
         pytest.fail(problem, pytrace=False)
     return sam2_oracle
+
+
+# ----------------------------------------------------------------------------- data
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset (README layout, 10 train / 5 val / 3 test, 128 px wide). Read-only for tests."""
+    return make_synthetic_isic(tmp_path_factory.mktemp("synthetic"), 10, 5, 3, size=128, seed=7)
+
+
+@pytest.fixture
+def synthetic_copy(tmp_path) -> Path:
+    """A fresh small dataset a test may modify (6 train / 3 val, 96 px wide)."""
+    return make_synthetic_isic(tmp_path / "data", 6, 3, 0, size=96, seed=3)
+
+
+@pytest.fixture(scope="session")
+def isic_sample() -> Path:
+    """The six real ISIC-2017 pairs (images/, masks/) beside the repository; skips the test without them."""
+    sample = REPO.parent / "shared" / "isic-sample"
+    if not (sample / "images").is_dir():
+        pytest.skip(f"real ISIC sample not present at {sample}")
+    return sample
+
+
+# ----------------------------------------------------------------------------- what a run wrote
+
+def _read_tensorboard(log_dir: Path) -> Dict[str, Dict[str, list]]:
+    """dict(scalars={tag: [(step, value)]}, images={tag: [step]}, histograms={tag: [step]}) of a run's log
+    folder, as TensorBoard shows it (a resumed run's restart drops the steps it redid)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert sorted(Path(log_dir).glob("events.out.tfevents.*")), f"no TensorBoard event file in {log_dir}"
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()  # every event file of the folder, oldest first; a restart marker purges the steps it redoes
+    tags = events.Tags()
+    found: Dict[str, Dict[str, list]] = dict(
+        scalars={tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]},
+        images={tag: [e.step for e in events.Images(tag)] for tag in tags["images"]},
+        histograms={tag: [e.step for e in events.Histograms(tag)] for tag in tags["histograms"]})
+    return found
+
+
+@pytest.fixture(scope="session")
+def tensorboard() -> Callable[[Path], Dict[str, Dict[str, list]]]:
+    """``tensorboard(log_dir)`` -> dict(scalars={tag: [(step, value)]}, images={tag: [step]}, histograms=...)."""
+    return _read_tensorboard
+
+
+@pytest.fixture(scope="session")
+def selection_rows() -> Callable[[Path], List[dict]]:
+    """``selection_rows(run_dir)`` -> the rows of its al_selection.csv (dicts of text)."""
+    def read(run_dir: Path) -> List[dict]:
+        with open(Path(run_dir) / "al_selection.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    return read
+
+
+@pytest.fixture(scope="session")
+def metrics_rows() -> Callable[[Path], List[dict]]:
+    """``metrics_rows(run_dir)`` -> the rows of its metrics.csv (epoch and labeled as ints, the rest floats or
+    None where empty), read here with the csv module, not with the product's reader."""
+    def read(run_dir: Path) -> List[dict]:
+        with open(Path(run_dir) / "metrics.csv", newline="") as f:
+            return [{k: (int(v) if k in ("epoch", "labeled") else (None if v == "" else float(v)))
+                     for k, v in row.items()} for row in csv.DictReader(f)]
+    return read

@@ -19,7 +19,6 @@ import trainer
 import val
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
-from test_trainer_e2e import read_events
 
 SIZE, ROUNDS = 64, 2
 COMMON = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--max_epochs", str(ROUNDS), "--save_from_epoch", "1",
@@ -127,7 +126,8 @@ def test_round_one_proposals_are_the_untrained_models_masks(waiting_round):
     covered = []
     for name in result["requested"]:
         sample = train_set[train_set.names.index(name)]
-        logits = trainer.predict_logits(model, torch.device("cpu"), sample["image"][None])[0]
+        with torch.no_grad():
+            logits = model.predict_logits(sample["image"][None], 1)[0]
         want = val.logits_to_label_map(logits, sample["orig_size"]) > 0
         got = np.asarray(Image.open(out / f"Skin_{SIZE}/annotate/round_001/{name}_proposal.png")) > 0
         np.testing.assert_array_equal(got, want)
@@ -166,7 +166,7 @@ def play_annotator(data: Path, answers: Path, out: Path, extra):
 
 
 @pytest.mark.parametrize("promptmode", ["none", "point"])
-def test_annotator_in_the_loop_gives_exactly_the_simulation(promptmode, ground_truth_data, tmp_path):
+def test_annotator_in_the_loop_gives_exactly_the_simulation(promptmode, ground_truth_data, tmp_path, metrics_rows):
     extra = LOOP + ["--promptmode", promptmode]
     simulated = trainer.main(COMMON + extra + ["--data_root", str(ground_truth_data), "--output", str(tmp_path / "sim")])
     data, answers = unlabeled_copy(ground_truth_data, tmp_path)
@@ -175,7 +175,7 @@ def test_annotator_in_the_loop_gives_exactly_the_simulation(promptmode, ground_t
     assert len(results) == ROUNDS + 1 and results[-1]["epochs"] == ROUNDS
     sim_dir, run_dir = simulated["run_dir"], results[-1]["run_dir"]
     assert (run_dir / "al_selection.csv").read_text() == (sim_dir / "al_selection.csv").read_text()
-    dice = [[v for _, _, v in sorted(read_events(d / "log")["val/dice"])] for d in (sim_dir, run_dir)]
+    dice = [[r["dice"] for r in metrics_rows(d) if r["dice"] is not None] for d in (sim_dir, run_dir)]
     assert dice[1] == dice[0] and len(dice[0]) == 1
     want, got = (torch.load(d / "last_model.pth", weights_only=True) for d in (sim_dir, run_dir))
     for key in want:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import compare_strategies as cs
-from test_trainer_e2e import read_events
+import epoch_steps
 
 STRATEGIES, SEEDS, EPOCHS, BATCH, POOL, BUDGET = ("mask_difference", "random"), (1, 2), 2, 2, 4, 3
 N_TRAIN, N_VAL, N_TEST = 8, 4, 3
@@ -65,7 +65,7 @@ def comparison(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_every_artefact_is_written(comparison):
+def test_every_artefact_is_written(comparison, tensorboard):
     from PIL import Image
 
     with Image.open(comparison / "learning_curves.png") as im:
@@ -82,9 +82,9 @@ def test_every_artefact_is_written(comparison):
             run_dir = comparison / strategy / f"seed{seed}" / "Skin_64"
             assert (run_dir / "last_model.pth").is_file()
             assert len(read_csv(run_dir / "test_metrics.csv")) == N_TEST
-            events = read_events(run_dir / "log")  # under OUTPUT: `tensorboard --logdir OUTPUT` shows them all
-            why = sorted((step, kind) for step, kind, _ in events.get("al/why_selected", []))
-            assert why == ([(e, "image") for e in range(1, EPOCHS + 1)] if strategy == "mask_difference" else [])
+            events = tensorboard(run_dir / "log")  # under OUTPUT: `tensorboard --logdir OUTPUT` shows them all
+            why = events["images"].get("al/why_selected", [])
+            assert why == (list(range(1, EPOCHS + 1)) if strategy == "mask_difference" else [])
     assert len(read_csv(comparison / "zero_shot" / "val_metrics.csv")) == N_VAL
     assert len(read_csv(comparison / "zero_shot" / "test_metrics.csv")) == N_TEST
     summary = (comparison / "summary.md").read_text()
@@ -135,7 +135,6 @@ def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
     """Epoch 1 scores the same pool for every strategy of a seed; later pools are drawn by the same
     (seed, epoch) generator from each run's own unlabeled set."""
     import datasets_skin
-    import trainer
 
     names = datasets_skin.SemiSupervisedSkinDataset(*datasets_skin.find_split(data, "Training"), img_size=64).names
     for seed in SEEDS:
@@ -144,13 +143,13 @@ def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
             labeled = set()
             for epoch in range(1, EPOCHS + 1):
                 unlabeled = [i for i in range(len(names)) if i not in labeled]
-                pool = {names[i] for i in trainer.draw_pool(unlabeled, POOL, seed, epoch)}
+                pool = {names[i] for i in epoch_steps.draw_pool(unlabeled, POOL, seed, epoch)}
                 chosen = {r["image"] for r in rows if int(r["epoch"]) == epoch}
                 assert len(chosen) == labeled_after(epoch) - len(labeled) and chosen <= pool, (strategy, seed, epoch)
                 labeled |= {names.index(n) for n in chosen}
 
 
-def test_two_strategies_that_label_the_same_images_train_the_same_model(data, tmp_path):
+def test_two_strategies_that_label_the_same_images_train_the_same_model(data, tmp_path, metrics_rows):
     """pool == batch: every strategy labels the same images in epoch 1, so with training draws seeded per
     (seed, epoch) the trained models must be identical although the strategies ran different scoring."""
     import trainer
@@ -163,9 +162,9 @@ def test_two_strategies_that_label_the_same_images_train_the_same_model(data, tm
                                      "1", "--val_limit", "1", "--promptmode", "point", "--seed", "3",
                                      "--strategy", strategy]))
     assert sorted(results[0]["labeled"]) == sorted(results[1]["labeled"])
-    scalars = [cs.read_scalars(r["run_dir"] / "log") for r in results]
-    for tag in ("train/loss", "train/loss_dec2", "val/dice"):
-        assert scalars[0][tag] == scalars[1][tag], tag
+    epochs = [metrics_rows(r["run_dir"]) for r in results]
+    for key in ("loss", "loss_dec2", "dice"):
+        assert [e[key] for e in epochs[0]] == [e[key] for e in epochs[1]], key
     models = [torch.load(r["run_dir"] / "last_model.pth", weights_only=True) for r in results]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
@@ -249,20 +248,6 @@ def test_output_holding_runs_of_other_settings_is_refused_untouched(comparison, 
     err = capsys.readouterr().err
     assert "holds runs made with other settings" in err and "mask_difference/seed1/Skin_64: max_epochs was 2, now 3" in err
     assert snapshot(comparison) == before
-
-
-def test_read_scalars_takes_a_resumed_log_as_tensorboard_shows_it(tmp_path):
-    """A run killed after step 2 and resumed from step 2 (purge_step): steps >= 2 come from the resumed run."""
-    from tensorboardX import SummaryWriter
-
-    first = SummaryWriter(str(tmp_path), filename_suffix=".a")
-    for step in (1, 2, 3):
-        first.add_scalar("val/dice", 0.1 * step, step)
-    first.close()
-    second = SummaryWriter(str(tmp_path), purge_step=2, filename_suffix=".b")
-    second.add_scalar("val/dice", 0.5, 2)
-    second.close()
-    assert cs.read_scalars(tmp_path) == {"val/dice": {1: pytest.approx(0.1), 2: 0.5}}
 
 
 def test_checkpoint_choice_and_curve_statistics(tmp_path):

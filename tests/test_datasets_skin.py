@@ -13,8 +13,6 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader
 
-from data_fixtures import ISIC_SAMPLE, needs_isic_sample, synthetic_copy, synthetic_root  # noqa: F401
-
 import datasets_skin as ds
 import synthetic_isic
 from datasets_skin import DatasetError
@@ -453,9 +451,8 @@ def test_synthetic_lesions_are_varied(tmp_path):
 # ---------------------------------------------------------------------------------------------- real ISIC sample
 
 
-@needs_isic_sample
-def test_real_isic_sample_loads():
-    images, masks = ISIC_SAMPLE / "images", ISIC_SAMPLE / "masks"
+def test_real_isic_sample_loads(isic_sample):
+    images, masks = isic_sample / "images", isic_sample / "masks"
     dataset = ds.ValSkinDataset(images, masks, 256)
     assert len(dataset) == 6 and dataset.names[0] == "ISIC_0003805"
     for i in range(len(dataset)):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import trainer
+import utils
 import val
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
@@ -51,7 +52,7 @@ def test_one_training_step_reaches_every_trained_decoder_parameter(promptmode, n
     labels[:, :4] = 255
     prompt_idx = -1 if promptmode == "none" else 0  # as trainer.main maps --promptmode
     outputs = net(images, num_classes > 1, SIZE, prompt_idx, promptmode, generator=np.random.default_rng(0))
-    trainer.dual_decoder_loss(outputs, labels, dice_weight=0.8)["loss"].backward()
+    utils.dual_decoder_loss(outputs, labels, dice_weight=0.8)["loss"].backward()
 
     for prefix in DECODERS:
         params = {n[len(prefix):]: p for n, p in net.named_parameters() if n.startswith(prefix)}

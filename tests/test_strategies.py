@@ -2,16 +2,19 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import tb_images
 from active_learning_strategies import (
     ActiveLearningStrategyFactory,
     EntropyStrategy,
     MaskDifferenceStrategy,
     RandomStrategy,
+    Selection,
+    SelectionContext,
+    Strategy,
     dice_difference,
     mask_difference_scores,
     mean_entropy,
@@ -24,6 +27,13 @@ BIG = 30.0  # a logit whose sigmoid is 1 to ~1e-13
 
 def probs(rows):
     return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+def select(strategy, model, dataset, pool, k, batch_size=8, seed=0, **context):
+    """(chosen, scores) of one selection; the Selection itself is ``select.last``."""
+    select.last = strategy.select(SelectionContext(model, dataset, pool, k, torch.device("cpu"),
+                                                   batch_size=batch_size, seed=seed, **context))
+    return select.last.chosen, select.last.scores
 
 
 def test_mask_difference_formula_by_hand():
@@ -102,6 +112,10 @@ class StubSam(nn.Module):
             logits[b, 1] = fg.view(LOW_RES, LOW_RES)
         return {"low_res_logits": logits, "iou_predictions": torch.zeros(len(features["ids"]), 1)}
 
+    def predict_logits(self, images, decoder_idx=1, points=None, boxes=None, features=None):
+        features = self.encode(images) if features is None else features
+        return self.decode(features, decoder_idx, points, boxes)["low_res_logits"]
+
 
 def stub_dataset(n):
     return [{"image": torch.full((3, IMAGE_SIZE, IMAGE_SIZE), float(i)), "index": i, "name": f"img{i}"} for i in range(n)]
@@ -121,7 +135,7 @@ def expected_stub_score(n_cells):
 def test_mask_difference_selects_top_k_in_score_order():
     model = StubSam(COVERAGE)
     pool = [5, 0, 3, 2, 4]
-    chosen, scores = MaskDifferenceStrategy().select(model, stub_dataset(6), pool, 3, "cpu", batch_size=2)
+    chosen, scores = select(MaskDifferenceStrategy(), model, stub_dataset(6), pool, 3, batch_size=2)
     assert chosen == [5, 2, 0]
     assert sorted(scores) == sorted(pool)
     for index in pool:
@@ -136,7 +150,7 @@ def test_mask_difference_selects_top_k_in_score_order():
 
 def test_empty_mask_prompts_fall_back_to_image_centre():
     model = StubSam(COVERAGE)
-    MaskDifferenceStrategy().select(model, stub_dataset(6), [4, 5], 1, "cpu", batch_size=2)
+    select(MaskDifferenceStrategy(), model, stub_dataset(6), [4, 5], 1, batch_size=2)
     points = {(d, i): p for d, i, p in model.calls if p is not None}
     centre = [[IMAGE_SIZE / 2 - 0.5, IMAGE_SIZE / 2 - 0.5]]
     assert points[(2, 4)] == centre and points[(1, 4)] == centre
@@ -148,7 +162,7 @@ def test_empty_mask_prompts_fall_back_to_image_centre():
 def test_random_points_are_seeded_per_image_and_inside_the_mask():
     def random_points(pool, seed, batch_size):
         model = StubSam(COVERAGE)
-        MaskDifferenceStrategy().select(model, stub_dataset(6), pool, 2, "cpu", batch_size=batch_size, seed=seed)
+        select(MaskDifferenceStrategy(), model, stub_dataset(6), pool, 2, batch_size=batch_size, seed=seed)
         return {i: p for d, i, p in model.calls if d == 1 and p is not None}
 
     first = random_points([1, 2, 5], seed=3, batch_size=3)
@@ -164,18 +178,18 @@ def test_random_points_are_seeded_per_image_and_inside_the_mask():
 def test_select_restores_mode_and_scores_without_grad():
     model = StubSam(COVERAGE)
     model.train()
-    MaskDifferenceStrategy().select(model, stub_dataset(6), [0, 1], 1, "cpu")
+    select(MaskDifferenceStrategy(), model, stub_dataset(6), [0, 1], 1)
     assert model.training
     assert model.modes == [(False, False)]
     model.eval()
-    EntropyStrategy().select(model, stub_dataset(6), [0, 1], 1, "cpu")
+    select(EntropyStrategy(), model, stub_dataset(6), [0, 1], 1)
     assert not model.training
 
 
 def test_scores_do_not_depend_on_batch_size():
     pool = [0, 1, 2, 3, 5]
-    _, one = MaskDifferenceStrategy().select(StubSam(COVERAGE), stub_dataset(6), pool, 2, "cpu", batch_size=1)
-    _, four = MaskDifferenceStrategy().select(StubSam(COVERAGE), stub_dataset(6), pool, 2, "cpu", batch_size=4)
+    _, one = select(MaskDifferenceStrategy(), StubSam(COVERAGE), stub_dataset(6), pool, 2, batch_size=1)
+    _, four = select(MaskDifferenceStrategy(), StubSam(COVERAGE), stub_dataset(6), pool, 2, batch_size=4)
     assert one == pytest.approx(four)
 
 
@@ -188,7 +202,7 @@ def test_entropy_strategy_prefers_uncertain_images():
             out["low_res_logits"][torch.tensor(features["ids"]) == 1] = 0.0
             return out
 
-    chosen, scores = EntropyStrategy().select(Flat(COVERAGE), stub_dataset(6), [0, 1], 1, "cpu")
+    chosen, scores = select(EntropyStrategy(), Flat(COVERAGE), stub_dataset(6), [0, 1], 1)
     assert chosen == [1]
     assert scores[1] == pytest.approx(math.log(2), abs=1e-6)
     assert scores[0] < 1e-9
@@ -196,20 +210,20 @@ def test_entropy_strategy_prefers_uncertain_images():
 
 def test_random_strategy_is_seeded_and_distinct():
     pool = list(range(10, 30))
-    chosen_a, scores_a = RandomStrategy().select(None, None, pool, 5, "cpu", seed=7)
-    chosen_b, _ = RandomStrategy().select(None, None, pool, 5, "cpu", seed=7)
-    chosen_c, _ = RandomStrategy().select(None, None, pool, 5, "cpu", seed=8)
+    chosen_a, scores_a = select(RandomStrategy(), None, None, pool, 5, seed=7)
+    chosen_b, _ = select(RandomStrategy(), None, None, pool, 5, seed=7)
+    chosen_c, _ = select(RandomStrategy(), None, None, pool, 5, seed=8)
     assert chosen_a == chosen_b and chosen_a != chosen_c
     assert len(set(chosen_a)) == 5 and set(chosen_a) <= set(pool) and sorted(scores_a) == pool
     assert [scores_a[i] for i in chosen_a] == sorted((scores_a[i] for i in chosen_a), reverse=True)
 
 
 def test_k_larger_than_pool_and_bad_arguments():
-    chosen, _ = RandomStrategy().select(None, None, [3, 1], 5, "cpu")
+    chosen, _ = select(RandomStrategy(), None, None, [3, 1], 5)
     assert sorted(chosen) == [1, 3]
     with pytest.raises(ValueError, match="duplicates"):
-        RandomStrategy().select(None, None, [3, 3], 1, "cpu")
-    assert RandomStrategy().select(None, None, [], 2, "cpu") == ([], {})
+        select(RandomStrategy(), None, None, [3, 3], 1)
+    assert select(RandomStrategy(), None, None, [], 2) == ([], {})
 
 
 def test_non_finite_scores_are_an_error():
@@ -220,10 +234,18 @@ def test_non_finite_scores_are_an_error():
             return out
 
     with pytest.raises(RuntimeError, match="non-finite"):
-        EntropyStrategy().select(Broken(COVERAGE), stub_dataset(6), [0, 2], 1, "cpu")
+        select(EntropyStrategy(), Broken(COVERAGE), stub_dataset(6), [0, 2], 1)
 
 
 def test_factory_names_and_unknown_name():
+    """The registry gives every command line its strategy names (trainer --strategy, compare_strategies)."""
+    import compare_strategies
+    import trainer
+
+    names = ActiveLearningStrategyFactory.available_strategies()
+    strategy_flag = next(a for a in trainer.build_parser()._actions if a.dest == "strategy")
+    strategies_flag = next(a for a in compare_strategies.build_parser()._actions if a.dest == "strategies")
+    assert list(strategy_flag.choices) == names and list(strategies_flag.choices) == names
     assert ActiveLearningStrategyFactory.available_strategies() == ["entropy", "mask_difference", "random"]
     assert isinstance(ActiveLearningStrategyFactory.create_strategy("mask_difference"), MaskDifferenceStrategy)
     assert isinstance(ActiveLearningStrategyFactory.create_strategy("entropy"), EntropyStrategy)
@@ -262,8 +284,8 @@ def test_real_model_runs_the_encoder_once_per_image(real_net, name):
     hook = real_net.sam.image_encoder.trunk.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
         pool = [4, 0, 2, 1, 3]
-        chosen, scores = ActiveLearningStrategyFactory.create_strategy(name).select(
-            real_net, real_dataset(5), pool, 3, "cpu", batch_size=2, seed=11)
+        chosen, scores = select(ActiveLearningStrategyFactory.create_strategy(name), real_net, real_dataset(5), pool,
+                                3, batch_size=2, seed=11)
     finally:
         hook.remove()
     assert calls == [2, 2, 1]  # three mini-batches, every image through the encoder once
@@ -275,10 +297,10 @@ def test_real_model_runs_the_encoder_once_per_image(real_net, name):
 
 def test_real_model_mask_difference_uses_the_designed_decoders(real_net):
     from active_learning_strategies import point_generator
-    from sam_lora_image_encoder_prompt import foreground_probabilities, prompts_from_logits
+    from sam_lora_image_encoder_prompt import class_probabilities, prompts_from_logits
 
     data = real_dataset(3)
-    _, scores = MaskDifferenceStrategy().select(real_net, data, [0, 1, 2], 1, "cpu", batch_size=3, seed=4)
+    _, scores = select(MaskDifferenceStrategy(), real_net, data, [0, 1, 2], 1, batch_size=3, seed=4)
     x = torch.stack([d["image"] for d in data])
     real_net.eval()
     with torch.no_grad():
@@ -288,27 +310,102 @@ def test_real_model_mask_difference_uses_the_designed_decoders(real_net):
         p_center = real_net.decode(features, 2, points=prompts.center_points)["low_res_logits"]
         p_rand = real_net.decode(features, 1, points=prompts.random_points)["low_res_logits"]
         swapped = real_net.decode(features, 1, points=prompts.center_points)["low_res_logits"]
-    fg = foreground_probabilities
+    fg = class_probabilities
     expected = mask_difference_scores(fg(p_no), fg(p_center), fg(p_rand))
     assert [scores[i] for i in range(3)] == pytest.approx(expected.tolist(), abs=1e-5)
     # decoder 2 really differs from decoder 1 here, so a swapped assignment would be caught
     assert not torch.allclose(fg(swapped), fg(p_center), atol=1e-3)
 
 
-def test_compared_predictions_are_what_the_selection_scored():
-    """What the trainer shows for the selected images (TensorBoard al/why_selected) is what their scores compared:
-    the same three masks (the score recomputed from them matches) and the same prompt points."""
+def test_why_selected_picture_shows_what_the_scores_compared_without_another_model_pass():
+    """The TensorBoard picture of why the chosen images were chosen (al/why_selected) is made from the predictions
+    scoring made: no encoder or decoder call after scoring, and it equals the picture drawn from those very
+    predictions (recomputed here from the stub's recorded points and masks)."""
     model = StubSam(COVERAGE)
     strategy = MaskDifferenceStrategy()
-    chosen, scores = strategy.select(model, stub_dataset(6), [5, 0, 3, 2], 2, "cpu", batch_size=2, seed=7)
-    scored_points = {(d, i): p for d, i, p in model.calls if p is not None}
-    model.train()
-    images = torch.stack([stub_dataset(6)[i]["image"] for i in chosen])
-    compared = strategy.compared_predictions(model, images, chosen, "cpu", seed=7)
-    assert model.training, "the model's training mode is restored"
-    assert compared.no_prompt.shape == (2, 1, LOW_RES, LOW_RES) and compared.center_points.shape == (2, 2)
-    recomputed = mask_difference_scores(compared.no_prompt, compared.center, compared.random)
-    assert recomputed.tolist() == pytest.approx([scores[i] for i in chosen], abs=1e-6)
-    for b, index in enumerate(chosen):
-        assert compared.center_points[b].tolist() == scored_points[(2, index)][0]
-        assert compared.random_points[b].tolist() == scored_points[(1, index)][0]
+    data = stub_dataset(6)
+    chosen, scores = select(strategy, model, data, [5, 0, 3, 2], 2, batch_size=1, seed=7)
+    assert chosen == [5, 2] and model.encodes == 4, "one encoder pass per pool image, none for the picture"
+    figure = select.last.figure
+    assert figure is not None and figure.shape[0] == 3
+    points = {(d, i): p for d, i, p in model.calls if p is not None}
+    images = torch.stack([data[i]["image"] for i in chosen])
+    with torch.no_grad():
+        features = model.encode(images)
+        p_no = strategy_probs(model.decode(features, 1))
+        p_center = strategy_probs(model.decode(features, 2, points=torch.tensor([points[(2, i)] for i in chosen])))
+        p_rand = strategy_probs(model.decode(features, 1, points=torch.tensor([points[(1, i)] for i in chosen])))
+    expected = tb_images.why_selected_image(images, p_no, p_center, p_rand,
+                                            torch.tensor([points[(2, i)][0] for i in chosen]),
+                                            torch.tensor([points[(1, i)][0] for i in chosen]),
+                                            [scores[i] for i in chosen], strategy.threshold)
+    torch.testing.assert_close(figure, expected, rtol=0, atol=0)
+    assert mask_difference_scores(p_no, p_center, p_rand).tolist() == pytest.approx([scores[i] for i in chosen])
+
+
+def strategy_probs(out):
+    """softmax foreground probability, written out: exp(l1) / (exp(l0) + exp(l1))."""
+    logits = out["low_res_logits"]
+    return (logits[:, 1:].exp() / logits.exp().sum(dim=1, keepdim=True)).float()
+
+
+def test_score_channels_all_is_the_reference_formula():
+    """score_channels "all": sigmoid of every one of the C+1 channels, masks and means over all of them. With the
+    constant-zero background logit (sigmoid 0.5, below the 0.6 threshold) the Dice terms are those of the
+    foreground alone and the three probability terms are halved."""
+    model = StubSam(COVERAGE)
+    pool = [0, 1, 2, 5]
+    _, fg = select(MaskDifferenceStrategy(score_channels="foreground"), model, stub_dataset(6), pool, 2)
+    _, every = select(MaskDifferenceStrategy(score_channels="all"), StubSam(COVERAGE), stub_dataset(6), pool, 2)
+    for index in pool:
+        n = COVERAGE[index]  # stub: p_no covers n of 16 cells, the prompted predictions are empty
+        dice_terms = 0.25 + 0.20 if n else 0.0
+        assert fg[index] == pytest.approx(dice_terms + 0.10 * 2 * n / 16, abs=1e-6)
+        assert every[index] == pytest.approx(dice_terms + 0.10 * 2 * n / 16 / 2, abs=1e-6)
+
+
+class PickEveryOther(Strategy):
+    """A set strategy: chooses without scoring per image (every other pool image, in reverse)."""
+
+    name = "every_other"
+
+    def choose(self, context):
+        pool = sorted(context.pool)
+        chosen = pool[::-2][:context.k]
+        return Selection(chosen, {i: 0.0 for i in pool}, ranking=chosen + [i for i in pool if i not in chosen])
+
+
+def test_a_strategy_may_choose_a_set_and_rank_the_pool_its_own_way():
+    selection = PickEveryOther().select(SelectionContext(None, None, [3, 1, 4, 2, 5], 2, torch.device("cpu")))
+    assert selection.chosen == [5, 3]
+    assert selection.ranks() == {5: 1, 3: 2, 1: 3, 2: 4, 4: 5}
+    by_score = Selection([2], {1: 0.5, 2: 0.9, 3: 0.5})
+    assert by_score.ranks() == {2: 1, 1: 2, 3: 3}, "default: by score, ties by index"
+
+
+def test_strategy_context_sees_labeled_and_unlabeled_images():
+    seen = {}
+
+    class Spy(Strategy):
+        name = "spy"
+
+        def choose(self, context):
+            seen.update(labeled=list(context.labeled), unlabeled=list(context.unlabeled), pool=list(context.pool))
+            return Selection(list(context.pool)[:context.k], {i: 1.0 for i in context.pool})
+
+    Spy().select(SelectionContext(None, None, [4, 6], 1, torch.device("cpu"), unlabeled=[4, 5, 6], labeled=[0, 1]))
+    assert seen == dict(labeled=[0, 1], unlabeled=[4, 5, 6], pool=[4, 6])
+
+
+def test_strategy_parameters_have_one_way_in():
+    """A strategy's parameter is a trainer flag (from the registry), reaches the strategy through the factory,
+    and is a setting a resumed run must repeat."""
+    import trainer
+
+    parameters = ActiveLearningStrategyFactory.parameters_of("mask_difference")
+    assert [p.name for p in parameters] == ["score_channels"]
+    args = trainer.build_parser().parse_args(["--score_channels", "all"])
+    assert ActiveLearningStrategyFactory.from_settings("mask_difference", vars(args)).score_channels == "all"
+    assert "score_channels" in trainer.resume_keys("mask_difference")
+    assert "score_channels" not in trainer.resume_keys("random")
+    assert trainer.LEGACY["score_channels"] == "foreground", "runs made before the parameter scored foreground"

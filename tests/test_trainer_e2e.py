@@ -1,11 +1,12 @@
 """End to end: the --demo pipeline at a tiny size (synthetic data, sam2.1_hiera_t, CPU).
 
-One uninterrupted 2-epoch run is shared by the tests; a second run is stopped after epoch 1 and
-resumed, and must select exactly what the uninterrupted run selected.
+One uninterrupted 2-epoch run is shared by the tests. It learns something (validation Dice 0 after epoch 1's
+single step, 0.28 after epoch 2), so a bug in a metric, the prediction or the loss changes its pinned values;
+it passes every setting it relies on, so that a change of a default does not change it. A second run is stopped
+after epoch 1 and resumed, and must select exactly what the uninterrupted run selected.
 """
 import csv
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +16,16 @@ import torch
 import trainer
 from synthetic_isic import make_synthetic_isic
 
-EPOCHS, BATCH, POOL, SIZE = 2, 2, 4, 64
+EPOCHS, BATCH, POOL, SIZE = 2, 4, 6, 64
 TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
-        "--save_from_epoch", "1", "--val_limit", "4"]
+        "--save_from_epoch", "1", "--val_limit", "4", "--base_lr", "1e-2", "--train_on", "labeled",
+        "--precision", "float32", "--decode", "draft", "--strategy", "mask_difference",
+        "--score_channels", "foreground", "--promptmode", "none"]
 
 
 def read_selection(run_dir: Path):
     with open(run_dir / "al_selection.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def read_events(log_dir: Path) -> dict:
-    """tag -> [(step, kind, simple_value)] from tensorboardX event files (TFRecord frames of Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    found: dict = {}
-    files = sorted(log_dir.glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard event file in {log_dir}"
-    for path in files:
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4  # length, its crc, payload, payload crc
-            for value in event.summary.value:
-                kind = value.WhichOneof("value")
-                found.setdefault(value.tag, []).append(
-                    (event.step, kind, value.simple_value if kind == "simple_value" else None))
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +108,35 @@ def test_best_checkpoint_reloads_as_in_the_readme_and_reproduces_its_dice(demo_r
     assert abs(dice - dice_in_name) <= 5e-5 + 1e-6
 
 
-def test_tensorboard_holds_validation_and_training_scalars(demo_run):
+def test_tensorboard_holds_validation_and_training_scalars(demo_run, tensorboard):
     _, result = demo_run
-    events = read_events(result["run_dir"] / "log")
+    events = tensorboard(result["run_dir"] / "log")
+    scalars = events["scalars"]
     for tag in ("val/dice", "val/hd95", "val/jaccard", "train/loss", "train/loss_dec1", "train/loss_dec2",
                 "train/ce_dec1", "train/dice_dec2", "train/lr", "al/labeled", "time/scoring_s", "time/train_s",
                 "time/val_s"):
-        assert tag in events, f"{tag} missing from TensorBoard"
-        assert sorted(step for step, _, _ in events[tag]) == list(range(1, EPOCHS + 1)), tag
-    assert [v for _, _, v in sorted(events["al/labeled"])] == [BATCH * e for e in range(1, EPOCHS + 1)]
-    assert abs(max(v for _, _, v in events["val/dice"]) - result["best_dice"]) < 1e-6
-    kinds = {kind for tag in ("al/pool_scores", "al/selected", "val/prediction_over_gt")
-             for _, kind, _ in events.get(tag, [])}
-    assert kinds == {"histo", "image"}
+        assert tag in scalars, f"{tag} missing from TensorBoard"
+        assert sorted(step for step, _ in scalars[tag]) == list(range(1, EPOCHS + 1)), tag
+    assert [v for _, v in sorted(scalars["al/labeled"])] == [BATCH * e for e in range(1, EPOCHS + 1)]
+    assert abs(max(v for _, v in scalars["val/dice"]) - result["best_dice"]) < 1e-6
+    for tag in ("al/selected", "al/why_selected", "val/prediction_over_gt"):
+        assert events["images"][tag] == list(range(1, EPOCHS + 1)), tag
+    assert events["histograms"]["al/pool_scores"] == list(range(1, EPOCHS + 1))
+
+
+def test_metrics_csv_holds_every_epoch_as_tensorboard_does(demo_run, tensorboard, metrics_rows):
+    """metrics.csv: one row per epoch with the labeled count, every loss part, every validation metric and the
+    time split; the same numbers TensorBoard shows."""
+    _, result = demo_run
+    rows = metrics_rows(result["run_dir"])
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert [r["labeled"] for r in rows] == [BATCH * e for e in range(1, EPOCHS + 1)]
+    scalars = tensorboard(result["run_dir"] / "log")["scalars"]
+    for column, tag in (("loss", "train/loss"), ("ce_dec2", "train/ce_dec2"), ("dice_dec1", "train/dice_dec1"),
+                        ("dice", "val/dice"), ("hd95", "val/hd95"), ("specificity", "val/specificity"),
+                        ("threshold_jaccard", "val/threshold_jaccard"), ("scoring_s", "time/scoring_s"),
+                        ("val_s", "time/val_s")):
+        assert [r[column] for r in rows] == pytest.approx([v for _, v in sorted(scalars[tag])], rel=1e-6), column
 
 
 def test_existing_run_is_not_overwritten(demo_run, capsys):
@@ -151,15 +150,19 @@ def test_existing_run_is_not_overwritten(demo_run, capsys):
     assert after == before
 
 
-def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path):
+def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path, metrics_rows):
     out, full = demo_run
     data = ["--data_root", str(out / "demo_data")]
-    first = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", "1"])
+    # --save_from_epoch 2: epoch 1 saves no best checkpoint, epoch 2 (after the resume) does
+    first = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", "1", "--save_from_epoch", "2"])
     run_dir = first["run_dir"]
     assert len(read_selection(run_dir)) == BATCH
+    assert first["best_path"] is None and not list(run_dir.glob("best_model_dice*.pth"))
     # What a kill during epoch 2 leaves behind: its selection rows and a best checkpoint, but no new state.
     with open(run_dir / "al_selection.csv", "a") as f:
         f.write("2,ISIC_9999999,0.5,1\n")
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("2" + ",0.5" * (len(metrics_rows(run_dir)[0]) - 1) + "\n")
     (run_dir / "best_model_dice0.9999.pth").write_bytes(b"unfinished epoch")
     resumed = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", str(EPOCHS), "--resume"])
     assert resumed["epochs"] == EPOCHS
@@ -172,9 +175,14 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path):
     assert [p.name for p in run_dir.glob("best_model_dice*.pth")] == [full["best_path"].name]
     assert resumed["labeled"] == full["labeled"]
     assert "resumed at epoch 2" in (resumed["run_dir"] / "config.txt").read_text()
+    # metrics.csv: the redone epoch's row replaces the unfinished one; the same numbers as uninterrupted
+    got, want = metrics_rows(run_dir), metrics_rows(full["run_dir"])
+    assert [r["epoch"] for r in got] == [1, 2]
+    for key in ("labeled", "loss", "dice_dec2", "dice", "hd95"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=1e-5), key
 
 
-def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path):
+def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path, metrics_rows):
     """--promptmode point-box trains decoder 2 on prompts from decoder 1; 5 images run out in epoch 3."""
     data = make_synthetic_isic(tmp_path / "data", n_train=5, n_val=2, size=96, seed=3)
     result = trainer.main(["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", "2",
@@ -185,9 +193,9 @@ def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path
     assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2, 3]
     assert len({r["image"] for r in rows}) == 5
     assert "all 5 training images are labeled" in (result["run_dir"] / "log.txt").read_text()
-    events = read_events(result["run_dir"] / "log")
-    dec1 = dict((step, v) for step, _, v in events["train/loss_dec1"])
-    dec2 = dict((step, v) for step, _, v in events["train/loss_dec2"])
+    rows = metrics_rows(result["run_dir"])
+    dec1 = {r["epoch"]: r["loss_dec1"] for r in rows}
+    dec2 = {r["epoch"]: r["loss_dec2"] for r in rows}
     assert sorted(dec1) == [1, 2, 3]
     assert any(abs(dec1[e] - dec2[e]) > 1e-4 for e in dec1), "decoder 2 saw no prompts"
 
@@ -195,51 +203,70 @@ def test_prompted_decoder2_and_a_clean_stop_when_every_image_is_labeled(tmp_path
 def test_resume_with_other_settings_is_refused(demo_run, capsys):
     out, result = demo_run
     with pytest.raises(SystemExit):
-        trainer.main(TINY + ["--pool_size", "6", "--output", str(out), "--max_epochs", "3", "--resume"])
+        trainer.main(TINY + ["--pool_size", "8", "--output", str(out), "--max_epochs", "3", "--resume"])
     err = capsys.readouterr().err
-    assert f"--pool_size was {POOL}, now 6" in err
+    assert f"--pool_size was {POOL}, now 8" in err
 
 
 # Recorded from this tiny run: the same seed must give the same selections exactly, and the same losses and
 # Dice within 1e-4. Re-record only for a change that is meant to change what is learned or selected, and say
-# why in the commit. First recorded before the restructure (issue 7, unchanged by it); re-recorded for the
-# method-fidelity fixes (issue 8: reference Dice loss, decoder 2's own projections, no stability fallback).
+# why in the commit. Recorded for issue 15 (a run that learns: batch 4, lr 1e-2, every setting explicit) with the
+# code as it was before the restructure (commit 3cf75a1), which the restructured code reproduces.
 BEFORE = dict(
-    selection=[("1", "ISIC_0000007", "1"), ("1", "ISIC_0000037", "2"),
-               ("2", "ISIC_0000024", "1"), ("2", "ISIC_0000022", "2")],
-    scores=[0.002089, 0.002013, 0.000773, 0.000733],
-    loss=[0.5901069641113281, 0.48030078411102295],
-    loss_dec1=[0.5901069641113281, 0.48030078411102295],
-    dice=[0.0, 0.0],
+    selection=[("1", "ISIC_0000035", "1"), ("1", "ISIC_0000007", "2"), ("1", "ISIC_0000006", "3"),
+               ("1", "ISIC_0000037", "4"), ("2", "ISIC_0000003", "1"), ("2", "ISIC_0000021", "2"),
+               ("2", "ISIC_0000020", "3"), ("2", "ISIC_0000033", "4")],
+    scores=[0.002462, 0.002089, 0.002033, 0.002013, 0.000009, 0.000008, 0.000002, 0.000002],
+    loss=[0.6181650161743164, 0.4367433786392212],
+    loss_dec1=[0.6181650161743164, 0.4367433786392212],
+    ce_dec1=[0.7119359970092773, 0.9623886942863464],
+    dice_dec1=[0.5947222709655762, 0.3053320646286011],
+    dice=[0.0, 0.27593013644218445],
+    jaccard=[0.0, 0.19421589374542236],
+    sensitivity=[0.0, 0.3900057077407837],
+    specificity=[1.0, 0.902611494064331],
+    accuracy=[0.9501811861991882, 0.891840934753418],
+    hd95=[240.68031311035156, 116.63481903076172],
 )
 
 
-def test_same_seed_same_selections_losses_and_dice_as_recorded(demo_run):
+def test_same_seed_same_selections_losses_and_dice_as_recorded(demo_run, metrics_rows):
     _, result = demo_run
     rows = read_selection(result["run_dir"])
     assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in rows] == BEFORE["selection"]
     assert [float(r["score"]) for r in rows] == pytest.approx(BEFORE["scores"], abs=2e-6)
-    events = read_events(result["run_dir"] / "log")
-    for tag, key in (("train/loss", "loss"), ("train/loss_dec1", "loss_dec1"), ("val/dice", "dice")):
-        got = [v for _, _, v in sorted(events[tag])]
-        assert got == pytest.approx(BEFORE[key], abs=1e-4), tag
+    epochs = metrics_rows(result["run_dir"])
+    for key in ("loss", "loss_dec1", "ce_dec1", "dice_dec1", "dice", "jaccard", "sensitivity", "specificity",
+                "accuracy", "hd95"):
+        assert [r[key] for r in epochs] == pytest.approx(BEFORE[key], abs=1e-4), key
 
 
-def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run, tmp_path):
-    """--label_budget 3 with 2 images per epoch: epoch 2 selects only its best image, is trained on and
+def test_the_pinned_run_learns_something(demo_run, metrics_rows):
+    """What makes the pinned values able to catch a metric or prediction bug: the validated model predicts some
+    lesion pixels right (Dice > 0.1 at epoch 2) and its metrics change from epoch to epoch."""
+    _, result = demo_run
+    epochs = metrics_rows(result["run_dir"])
+    assert epochs[-1]["dice"] > 0.1 and epochs[-1]["sensitivity"] > 0.1
+    for key in ("dice", "jaccard", "hd95", "accuracy", "loss"):
+        assert len({round(r[key], 6) for r in epochs}) == EPOCHS, key
+
+
+def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run, tmp_path, metrics_rows):
+    """--label_budget 6 with 4 images per epoch: epoch 2 selects only its best two, is trained on and
     validated (even with --val_every 5), and the run stops there; last_model.pth holds the final model."""
     from sam2.build_sam import build_sam2
     from sam_lora_image_encoder_prompt import LoRA_Sam
 
     out, _ = demo_run
     result = trainer.main(TINY + ["--data_root", str(out / "demo_data"), "--output", str(tmp_path),
-                                  "--max_epochs", "5", "--label_budget", "3", "--val_every", "5"])
+                                  "--max_epochs", "5", "--label_budget", "6", "--val_every", "5"])
     rows = read_selection(result["run_dir"])
-    assert [(r["epoch"], r["rank_in_pool"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1")]
-    assert result["epochs"] == 2 and len(result["labeled"]) == 3
-    assert "label budget of 3 images is reached" in (result["run_dir"] / "log.txt").read_text()
-    events = read_events(result["run_dir"] / "log")
-    assert sorted(step for step, _, _ in events["val/dice"]) == [2], "the last selection is validated"
+    assert [(r["epoch"], r["rank_in_pool"]) for r in rows] == [("1", "1"), ("1", "2"), ("1", "3"), ("1", "4"),
+                                                               ("2", "1"), ("2", "2")]
+    assert result["epochs"] == 2 and len(result["labeled"]) == 6
+    assert "label budget of 6 images is reached" in (result["run_dir"] / "log.txt").read_text()
+    assert [r["dice"] is not None for r in metrics_rows(result["run_dir"])] == [False, True], \
+        "the last selection is validated"
     state = torch.load(result["run_dir"] / "last_model.pth", weights_only=True)
     net = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE), r=4)
     net.load_state_dict(state)  # strict: the full state_dict
@@ -248,7 +275,7 @@ def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
 
 
-def test_training_draws_do_not_depend_on_what_scoring_drew(demo_run, tmp_path, monkeypatch):
+def test_training_draws_do_not_depend_on_what_scoring_drew(demo_run, tmp_path, monkeypatch, metrics_rows):
     """Prompt points and batch order come from generators seeded by (seed, epoch): extra draws from the
     global RNGs between selection and training change nothing."""
     out, _ = demo_run
@@ -263,13 +290,13 @@ def test_training_draws_do_not_depend_on_what_scoring_drew(demo_run, tmp_path, m
 
     monkeypatch.setattr(trainer, "select_batch", select_then_draw)
     disturbed = trainer.main(argv + ["--output", str(tmp_path / "disturbed")])
-    for tag in ("train/loss_dec1", "train/loss_dec2", "val/dice"):
-        a = [v for _, _, v in sorted(read_events(plain["run_dir"] / "log")[tag])]
-        b = [v for _, _, v in sorted(read_events(disturbed["run_dir"] / "log")[tag])]
-        assert a == b, tag
+    for key in ("loss_dec1", "loss_dec2", "dice"):
+        a = [r[key] for r in metrics_rows(plain["run_dir"])]
+        b = [r[key] for r in metrics_rows(disturbed["run_dir"])]
+        assert a == b, key
 
 
-def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_path):
+def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_path, metrics_rows):
     """--grad_ckpt and --score_batch_size are about speed and memory only: the pinned run's selections, losses
     and Dice come out the same; and they are not settings a --resume must repeat."""
     out, _ = demo_run
@@ -278,8 +305,7 @@ def test_speed_flags_change_nothing_that_is_selected_or_learned(demo_run, tmp_pa
     result = trainer.main(argv[:-1] + [str(EPOCHS), "--resume"])  # resumed without the speed flags
     rows = read_selection(result["run_dir"])
     assert [(r["epoch"], r["image"], r["rank_in_pool"]) for r in rows] == BEFORE["selection"]
-    events = read_events(result["run_dir"] / "log")
-    assert [v for _, _, v in sorted(events["train/loss"])] == pytest.approx(BEFORE["loss"], abs=1e-4)
+    assert [r["loss"] for r in metrics_rows(result["run_dir"])] == pytest.approx(BEFORE["loss"], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- issue 9: kills, dead runs, bad files

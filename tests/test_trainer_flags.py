@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import epoch_steps
 import trainer
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
@@ -74,7 +75,7 @@ def test_data_root_without_splits_names_the_folder(capsys, tmp_path):
 
 def test_unknown_strategy_lists_the_choices(capsys, tmp_path):
     err = run_main_expecting_error(["--demo", "--strategy", "magic", "--output", str(tmp_path)], capsys)
-    assert "--strategy magic" in err and "mask_difference" in err and "entropy" in err
+    assert "--strategy: invalid choice: 'magic'" in err and "mask_difference" in err and "entropy" in err
 
 
 def test_resume_without_a_run(capsys, tmp_path):
@@ -102,25 +103,38 @@ def test_missing_cuda_index_lists_devices(capsys, tmp_path, monkeypatch):
     assert "Fake GPU 0" in err and "Fake GPU 1" in err
 
 
-def test_demo_settings_yield_to_explicit_flags():
+def test_demo_settings_yield_to_explicit_flags(tmp_path):
     parser = trainer.build_parser()
-    argv = ["--demo", "--img_size", "64", "--max_epochs", "50"]
-    args = parser.parse_args(argv)
-    trainer.apply_demo_settings(args, trainer.explicit_flags(parser, argv))
+    argv = ["--demo", "--img_size", "64", "--max_epochs", "50", "--output", str(tmp_path)]
+    args = trainer.prepare_args(parser, parser.parse_args(argv), argv)
     assert args.img_size == 64 and args.max_epochs == 50  # given explicitly (50 is also the default)
     assert args.model_cfg == "sam2.1_hiera_t"
     assert args.pool_size == trainer.DEMO_SETTINGS["pool_size"]
     assert args.batch_size == trainer.DEMO_SETTINGS["batch_size"]
+    assert args.data_root == str(tmp_path / "demo_data")
+
+
+def test_settings_are_read_only_after_preparation(tmp_path):
+    """No step can change a setting behind the others' back: prepared settings refuse assignment, and the paths
+    resolved in preparation come back as values (the parsed namespace is left as parsed)."""
+    parser = trainer.build_parser()
+    argv = ["--demo", "--output", str(tmp_path), "--model_cfg", "sam2/configs/sam2.1/sam2.1_hiera_t.yaml"]
+    parsed = parser.parse_args(argv)
+    args = trainer.prepare_args(parser, parsed, argv)
+    with pytest.raises(AttributeError, match="read-only"):
+        args.checkpoint = "other.pt"
+    assert Path(args.model_cfg).is_file() and args.data_root == str(tmp_path / "demo_data")
+    assert parsed.model_cfg == "sam2/configs/sam2.1/sam2.1_hiera_t.yaml" and parsed.data_root is None
 
 
 def test_pool_is_reproducible_per_epoch_and_drawn_from_the_unlabeled():
     unlabeled = list(range(0, 40, 3))
-    first = trainer.draw_pool(unlabeled, 5, seed=1, epoch=3)
-    assert first == trainer.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    first = epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    assert first == epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=3)
     assert len(set(first)) == 5 and set(first) <= set(unlabeled)
-    others = {tuple(trainer.draw_pool(unlabeled, 5, seed=1, epoch=e)) for e in range(1, 8)}
+    others = {tuple(epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=e)) for e in range(1, 8)}
     assert len(others) > 1, "pools of different epochs should differ"
-    assert trainer.draw_pool(unlabeled[:3], 5, seed=1, epoch=3) == unlabeled[:3]
+    assert epoch_steps.draw_pool(unlabeled[:3], 5, seed=1, epoch=3) == unlabeled[:3]
 
 
 def test_cli_prints_help_and_flag_errors():
@@ -175,7 +189,7 @@ def test_unknown_model_cfg_and_mismatched_checkpoint_name_the_flags(capsys, tmp_
     torch.save({"model": {"image_encoder.bogus": torch.zeros(1)}}, bad)
     err = run_main_expecting_error(common + ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", str(bad),
                                              "--output", str(tmp_path / "b")], capsys)
-    assert f"--checkpoint {bad} does not fit --model_cfg sam2.1_hiera_t" in err
+    assert f"--checkpoint {bad}: does not fit the model config sam2.1_hiera_t" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -4,6 +4,7 @@ and empty masks are each said once per run. (Kills, dead runs and damaged files:
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import epoch_steps
 import trainer
+from run_folder import RunFolder
 from synthetic_isic import make_synthetic_isic
 
 SMALL = ["--demo", "--gpu", "cpu", "--img_size", "64", "--batch_size", "2", "--pool_size", "2", "--val_limit", "1",
@@ -56,13 +59,13 @@ def test_diverged_run_stops_in_its_epoch_and_keeps_the_last_good_checkpoints(sma
                     "--base_lr", "1e3"]
     run_dir = tmp_path / "Skin_64"
     saved = {}
-    log_epoch = trainer.log_epoch
+    save_checkpoints = trainer.save_checkpoints
 
     def remember_what_epoch_1_saved(run, epoch, *args):
-        log_epoch(run, epoch, *args)
+        save_checkpoints(run, epoch, *args)
         saved.update({p.name: p.read_bytes() for p in run_dir.glob("*.pth")})
 
-    monkeypatch.setattr(trainer, "log_epoch", remember_what_epoch_1_saved)
+    monkeypatch.setattr(trainer, "save_checkpoints", remember_what_epoch_1_saved)
     err = refused(argv, capsys)
     assert "training diverged in epoch 2" in err and "lower --base_lr" in err
     assert len(saved) == 2 and "last_state.pth" in saved, "epoch 1 saved its best and its state"
@@ -81,7 +84,7 @@ def test_resume_after_divergence_may_lower_base_lr_and_uses_it(small_data, tmp_p
     argv = SMALL + ["--data_root", str(small_data), "--output", str(tmp_path), "--max_epochs", "2",
                     "--save_from_epoch", "10"]
     run_dir = tmp_path / "Skin_64"
-    train_step = trainer.train_step
+    train_step = epoch_steps.train_step
 
     def nan_from_epoch_2(run, batch, rng):
         parts = train_step(run, batch, rng)
@@ -89,10 +92,10 @@ def test_resume_after_divergence_may_lower_base_lr_and_uses_it(small_data, tmp_p
             parts["loss"] = torch.tensor(float("nan"))
         return parts
 
-    monkeypatch.setattr(trainer, "train_step", nan_from_epoch_2)
+    monkeypatch.setattr(epoch_steps, "train_step", nan_from_epoch_2)
     err = refused(argv, capsys)
     assert "training diverged in epoch 2 (training step 1): NaN or inf in loss" in err
-    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(epoch_steps, "train_step", train_step)
 
     result = trainer.main(argv + ["--resume", "--base_lr", "5e-4"])
     assert result["epochs"] == 2
@@ -122,18 +125,21 @@ def test_step_skipped_by_the_fp16_gradient_scaler_is_not_divergence(tmp_path):
     finite and training goes on. A non-finite loss is divergence: recorded, and the run stops naming the epoch."""
     model = _Tiny()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = types.SimpleNamespace(promptmode="none", num_classes=1, img_size=16, dice_weight=0.8, base_lr=1e-3)
     run = types.SimpleNamespace(
-        args=types.SimpleNamespace(promptmode="none", num_classes=1, img_size=16, dice_weight=0.8, base_lr=1e-3),
-        device=torch.device("cpu"), model=model, optimizer=optimizer, run_dir=tmp_path,
+        args=args, device=torch.device("cpu"), model=model, optimizer=optimizer, folder=RunFolder(tmp_path),
+        autocast=lambda: torch.autocast("cpu", enabled=False),
         scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))  # so large that the scaled gradients overflow
     batch = dict(image=1e3 * torch.randn(2, 3, 16, 16), label=(torch.rand(2, 16, 16) > 0.5).long())
-    parts = trainer.train_step(run, batch, np.random.default_rng(0))
+    parts = epoch_steps.train_step(run, batch, np.random.default_rng(0))
     assert run.scaler.get_scale() == 2.0 ** 126, "the scaler saw inf gradients, skipped the step, lowered its scale"
     assert float(model.w.detach()) == 1.0 and bool(torch.isfinite(parts["loss"]))
-    trainer.check_finite(run, 1, "training step 1", {"loss": parts["loss"], "w": model.w})  # no stop
+    epoch_steps.check_finite(run, 1, "training step 1", {"loss": parts["loss"], "w": model.w})  # no stop
     assert not (tmp_path / trainer.DIVERGED_FILE).exists()
-    with pytest.raises(trainer.DivergenceError, match=r"diverged in epoch 3 .*lower --base_lr \(e\.g\. 0\.0001\)"):
-        trainer.check_finite(run, 3, "training step 1", {"loss": torch.tensor(float("inf")), "w": model.w})
+    with pytest.raises(epoch_steps.RunStopped) as stop:
+        epoch_steps.check_finite(run, 3, "training step 1", {"loss": torch.tensor(float("inf")), "w": model.w})
+    message = str(trainer.stopped(args, stop.value))
+    assert re.search(r"diverged in epoch 3 .*lower --base_lr \(e\.g\. 0\.0001\)", message), message
     assert json.loads((tmp_path / trainer.DIVERGED_FILE).read_text())["tensors"] == ["loss"]
 
 
@@ -165,21 +171,23 @@ def test_run_that_diverged_in_epoch_1_may_be_rerun_with_a_lower_base_lr(tmp_path
 
     def args_of(*argv):
         argv = ["--demo", "--output", str(tmp_path), *argv]
-        args = parser.parse_args(argv)
-        trainer.prepare_args(parser, args, argv)
-        return args
+        return trainer.prepare_args(parser, parser.parse_args(argv), argv)
+
+    def dead_run(args, run_dir):
+        return trainer.open_run_folder(args, RunFolder(run_dir))[0]
 
     run_dir = tmp_path / "Skin_128"
     run_dir.mkdir()
     first = args_of("--base_lr", "1e3")
     (run_dir / "config.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(vars(first).items())))
     (run_dir / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,ISIC_0000001,0.5,1\n")
-    assert trainer.dead_run(first, run_dir)
+    assert dead_run(first, run_dir)
     with pytest.raises(trainer.UsageError, match=r"other settings \(--base_lr was 1000.0, now 0.001\)"):
-        trainer.dead_run(args_of("--base_lr", "1e-3"), run_dir)
+        dead_run(args_of("--base_lr", "1e-3"), run_dir)
     (run_dir / trainer.DIVERGED_FILE).write_text('{"epoch": 1}\n')
-    assert trainer.dead_run(args_of("--base_lr", "1e-3"), run_dir)
+    assert dead_run(args_of("--base_lr", "1e-3"), run_dir)
     with pytest.raises(trainer.UsageError, match=r"--pool_size was 6, now 8"):
-        trainer.dead_run(args_of("--base_lr", "1e-3", "--pool_size", "8"), run_dir)
+        dead_run(args_of("--base_lr", "1e-3", "--pool_size", "8"), run_dir)
     (run_dir / trainer.AWAITING_FILE).write_text("{}\n")
-    assert not trainer.dead_run(first, run_dir), "a round waiting for a person's masks is a live run"
+    with pytest.raises(trainer.UsageError, match="already holds a run"):  # a round waiting for masks: live
+        dead_run(first, run_dir)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import data_fixtures  # noqa: F401  (puts the repository root on sys.path)
 import utils
 
 

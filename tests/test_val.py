@@ -12,8 +12,6 @@ from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 from torch.utils.data import DataLoader
 
-from data_fixtures import synthetic_root  # noqa: F401
-
 import datasets_skin as ds
 import val
 from sam_lora_image_encoder_prompt import build_model

@@ -1,0 +1,357 @@
+"""The steps of one active-learning epoch, each a function of the ``Run`` that trainer.start_run builds:
+
+    select_batch -> (the oracle) -> annotate -> train_one_epoch -> validate_epoch -> record_epoch
+        -> save_checkpoints        ... and at the end finish_run, or write_round_for_person to stop for masks
+
+trainer.main's loop calls them in that order. A step that cannot go on raises ``RunStopped`` (the trainer says
+what to do); nothing here reads command-line flags (``run.args`` are the prepared, read-only settings).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+import annotation_rounds
+import datasets_skin
+import tb_images
+import utils
+import val
+from active_learning_strategies import Selection, SelectionContext, Strategy, default_score_batch_size
+from run_folder import ResumeState, RunFolder, best_checkpoint_name
+from safe_io import atomic_torch_save
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class Run:
+    """Everything one active-learning run works with (built by ``trainer.start_run``)."""
+
+    args: object  # trainer.Settings (read-only)
+    folder: RunFolder
+    device: torch.device
+    strategy: Strategy
+    train_set: datasets_skin.SemiSupervisedSkinDataset
+    val_set: Optional[Dataset]  # None: no Validation split (--oracle folder only)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    oracle: annotation_rounds.GroundTruthOracle
+    resume_keys: Sequence[str]  # the settings last_state.pth records (a resume must repeat them)
+    writer: Optional[SummaryWriter] = None
+    truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
+    start_epoch: int = 1
+    best_dice: float = -1.0
+    best_path: Optional[Path] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def labeled_names(self) -> List[str]:
+        return [self.train_set.names[i] for i in self.train_set.labeled_indices]
+
+    def autocast(self):
+        """Training and validation precision (--precision); scoring keeps its own autocast."""
+        return utils.autocast(self.device, enabled=self.args.precision == "mixed")
+
+
+
+# ----------------------------------------------------------------------------- stopping mid-epoch
+
+class RunStopped(Exception):
+    """The run stopped in ``epoch``; nothing of that epoch is saved, the last finished epoch stays as it was.
+
+    reason "diverged": NaN or inf in ``names`` (``where`` says at which step; diverged.json records it, so that
+    a resume may lower the learning rate); reason "bad_file": a file whose header is fine but whose data is not
+    (found only when it is first decoded, mid-run); ``where`` names it."""
+
+    def __init__(self, epoch: int, reason: str, where: str, names: Sequence[str] = ()) -> None:
+        super().__init__(f"epoch {epoch}: {reason} ({where})")
+        self.epoch, self.reason, self.where, self.names = epoch, reason, where, list(names)
+
+
+def check_finite(run: Run, epoch: int, what: str, tensors: Dict[str, torch.Tensor]) -> None:
+    """Stop the run where NaN or inf first shows in ``tensors`` (``what`` says where): diverged.json records it
+    and nothing else is written. Everything saved passes through here first, so no checkpoint holds a
+    non-finite tensor."""
+    bad = utils.nonfinite_names(tensors)
+    if bad:
+        run.folder.write_diverged(dict(epoch=epoch, where=what, tensors=bad[:20], base_lr=run.args.base_lr))
+        raise RunStopped(epoch, "diverged", what, bad)
+
+
+def stops_on_bad_file(step):
+    """Decorates an epoch step ``step(run, epoch, ...)``: a DatasetError (a damaged file, found when first decoded)
+    stops the run as RunStopped naming the file."""
+    @wraps(step)
+    def checked(run: Run, epoch: int, *args, **kwargs):
+        try:
+            return step(run, epoch, *args, **kwargs)
+        except datasets_skin.DatasetError as err:  # from a DataLoader worker its text ends with the original line
+            text = str(err).strip().splitlines()[-1].split("DatasetError: ", 1)[-1].rstrip(". ")
+            raise RunStopped(epoch, "bad_file", text) from None
+    return checked
+
+
+# ----------------------------------------------------------------------------- the steps
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch, independent of what ran before it (so --resume repeats it exactly)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def draw_pool(unlabeled: Sequence[int], pool_size: int, seed: int, epoch: int) -> List[int]:
+    rng = np.random.default_rng([seed, epoch])
+    size = min(pool_size, len(unlabeled))
+    return sorted(int(i) for i in rng.choice(np.asarray(unlabeled), size=size, replace=False))
+
+
+def labels_wanted(run: Run) -> int:
+    """How many images this epoch selects: --batch_size, fewer to end exactly at --label_budget or when the
+    unlabeled images run out; 0 = the run is over."""
+    wanted = min(run.args.batch_size, len(run.train_set.unlabeled_indices))
+    if run.args.label_budget is not None:
+        wanted = min(wanted, run.args.label_budget - len(run.train_set.labeled_indices))
+    return max(wanted, 0)
+
+
+@stops_on_bad_file
+def select_batch(run: Run, epoch: int, k: int) -> Selection:
+    """The strategy's choice of k images from a fresh random pool of unlabeled images."""
+    args, unlabeled = run.args, run.train_set.unlabeled_indices
+    context = SelectionContext(
+        run.model, run.train_set, draw_pool(unlabeled, args.pool_size, args.seed, epoch), k, run.device,
+        unlabeled=unlabeled, labeled=run.train_set.labeled_indices, seed=epoch_seed(args.seed, epoch),
+        batch_size=args.score_batch_size or default_score_batch_size(run.device, args.batch_size),
+        num_workers=args.num_workers, run_dir=run.run_dir, progress=True)
+    selection = run.strategy.select(context)
+    check_finite(run, epoch, "scoring the pool",
+                 {run.train_set.names[i]: torch.tensor(float(s)) for i, s in selection.scores.items()})
+    return selection
+
+
+def earlier_selection(run: Run, epoch: int) -> Optional[Selection]:
+    """The selection of a round accepted at --resume (made before the run stopped for its masks), if any."""
+    accepted = run.oracle.earlier_selection(epoch)
+    if accepted is None:
+        return None
+    figure = None if accepted.figure is None else tb_images.from_png_array(accepted.figure)
+    return Selection(list(accepted.chosen), dict(accepted.scores), figure=figure)
+
+
+@stops_on_bad_file
+def annotate(run: Run, epoch: int, selection: Selection) -> None:
+    """Mark the chosen images labeled (their masks are read only from now on) and log the selection."""
+    train_set, writer, chosen = run.train_set, run.writer, selection.chosen
+    train_set.mark_labeled(chosen)
+    rank, scores = selection.ranks(), selection.scores
+    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i]] for i in chosen])
+    writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
+    writer.add_scalar("al/labeled", len(train_set.labeled_indices), epoch)
+    writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)
+    writer.add_image("al/selected", tb_images.selected_grid([train_set[i] for i in chosen]), epoch)
+    if selection.figure is not None:  # the strategy's picture of why these images (e.g. the masks compared)
+        writer.add_image("al/why_selected", selection.figure, epoch)
+
+
+def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """One optimiser step on one mini-batch (prompt points drawn from ``prompt_rng``); the loss parts, detached."""
+    args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
+    images = batch["image"].to(run.device, non_blocking=True)
+    labels = batch["label"].to(run.device, non_blocking=True)
+    prompt_idx = -1 if args.promptmode == "none" else 0
+    with run.autocast():
+        outputs = model(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode, prompt_rng)
+    parts = utils.dual_decoder_loss(outputs, labels, args.dice_weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(parts["loss"]).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm=1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return {name: value.detach() for name, value in parts.items()}
+
+
+@stops_on_bad_file
+def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
+    """Train on the labeled set (--train_on labeled) or this epoch's selection (selected); image-weighted
+    mean of every loss part. Batch order and prompt points come from generators seeded by (seed, epoch), never
+    from what scoring drew, so a restarted process or another strategy trains with the same draws."""
+    args = run.args
+    train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else chosen
+    if args.num_workers:
+        run.train_set.preload(train_idx)
+    order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    prompt_rng = np.random.default_rng([args.seed, epoch, 1])
+    loader = DataLoader(Subset(run.train_set, train_idx), batch_size=args.batch_size, shuffle=True,
+                        generator=order, num_workers=args.num_workers)
+    run.model.train()
+    sums: Dict[str, float] = {}
+    trainable = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True), 1):
+        parts = train_step(run, batch, prompt_rng)
+        # A step skipped by the fp16 gradient scaler (inf gradients) leaves the weights as they were: not divergence.
+        check_finite(run, epoch, f"training step {step}", {"loss": parts["loss"], **trainable})
+        utils.crash_point("train_batch", epoch)
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
+    return {k: v / len(train_idx) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """How the model is used after training: decoder 1, no prompt, eval mode. B x 3 x S x S -> B x (C+1) x S/4 x S/4."""
+    run.model.eval()
+    with run.autocast():
+        return run.model.predict_logits(images.to(run.device), 1)
+
+
+@stops_on_bad_file
+def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
+    """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture; {} without
+    a Validation split."""
+    if run.val_set is None:
+        return {}
+
+    def checked_predict(images: torch.Tensor) -> torch.Tensor:
+        logits = predict(run, images)
+        check_finite(run, epoch, "validation", {"predicted logits": logits})
+        return logits
+
+    loader = DataLoader(run.val_set, batch_size=run.args.batch_size, shuffle=False, num_workers=run.args.num_workers,
+                        collate_fn=datasets_skin.collate_val)
+    result = val.validate(checked_predict, tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True),
+                          run.args.num_classes, run.device, truths=run.truths)
+    shown = [run.val_set[i] for i in range(min(4, len(run.val_set)))]
+    run.writer.add_image("val/prediction_over_gt", tb_images.prediction_grid(
+        shown, checked_predict(torch.stack([s["image"] for s in shown]))), epoch)
+    return {k: float(v) for k, v in result["mean"].items()}
+
+
+def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def resume_state(run: Run, epoch: int) -> ResumeState:
+    """The state at the end of ``epoch``: what --resume continues from."""
+    return ResumeState(
+        epoch, {k: getattr(run.args, k) for k in run.resume_keys},
+        {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad},
+        run.optimizer.state_dict(), run.scaler.state_dict(), run.labeled_names, run.best_dice,
+        str(run.best_path) if run.best_path else "")
+
+
+def save_state(run: Run, epoch: int) -> None:
+    """last_state.pth (the crash point ``checkpoint_write`` lies between writing it and renaming it into place)."""
+    state = resume_state(run, epoch)
+    optimizer_tensors = {f"optimizer {key} of {i}": value for i, per in state.optimizer["state"].items()
+                         for key, value in per.items() if torch.is_tensor(value)}
+    check_finite(run, epoch, "saving last_state.pth", {**state.trainable, **optimizer_tensors})
+    run.folder.save_state(state, before_rename=lambda: utils.crash_point("checkpoint_write", epoch))
+
+
+def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
+    """The full state_dict as best_model_dice*.pth when validation Dice improves (from --save_from_epoch on),
+    then last_state.pth; the older best is removed only after both are written."""
+    dice, old_best = metrics.get("dice", float("nan")), None
+    if metrics and epoch >= run.args.save_from_epoch and dice > run.best_dice:
+        full = cpu_state_dict(run.model)
+        check_finite(run, epoch, "saving the best model", full)
+        old_best, run.best_dice = run.best_path, dice
+        run.best_path = run.run_dir / best_checkpoint_name(dice)
+        atomic_torch_save(full, run.best_path)
+        log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, run.best_path)
+    save_state(run, epoch)
+    run.folder.epoch_saved()
+    if old_best is not None and old_best != run.best_path and old_best.exists():
+        old_best.unlink()
+
+
+def record_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str, float],
+                 times: Dict[str, float]) -> None:
+    """metrics.csv's row of the epoch (written before its state, so a saved epoch always has its row), TensorBoard
+    and the log line."""
+    for level, line in run.train_set.mask_notes.news():  # 0/1 masks, other values, empty masks: once each
+        log.log(level, line)
+    peak = utils.peak_memory_gb(run.device)  # None off CUDA
+    row = {"epoch": epoch, "labeled": len(run.labeled_names), **losses, **dict.fromkeys(val.METRIC_NAMES),
+           **metrics, **times, "peak_memory_gb": peak}
+    run.folder.write_metrics_row(row)
+    for group, values in (("train", losses), ("val", metrics), ("time", times)):
+        for name, value in values.items():
+            run.writer.add_scalar(f"{group}/{name}", value, epoch)
+    run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], epoch)
+    if peak is not None:
+        run.writer.add_scalar("memory/peak_gb", peak, epoch)
+    run.writer.flush()
+    val_text = f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
+    log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s | time scoring %.1fs train %.1fs "
+             "val %.1fs%s", epoch, run.args.max_epochs, len(run.labeled_names), losses["loss"], losses["loss_dec1"],
+             losses["loss_dec2"], val_text, times["scoring_s"], times["train_s"], times["val_s"],
+             "" if peak is None else f" | peak memory {peak:.2f} GiB")
+
+
+@contextmanager
+def timed(times: Dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - start
+
+
+def stop_reason(run: Run) -> str:
+    if run.args.label_budget is not None and len(run.labeled_names) >= run.args.label_budget:
+        return f"the label budget of {run.args.label_budget} images is reached"
+    return f"all {len(run.train_set)} training images are labeled: nothing left to select"
+
+
+def result(run: Run, epochs: int, **extra) -> dict:
+    return dict(run_dir=run.run_dir, best_path=run.best_path, best_dice=run.best_dice, epochs=epochs,
+                labeled=run.labeled_names, **extra)
+
+
+def finish_run(run: Run, epochs: int) -> dict:
+    """Write last_model.pth (the full state_dict at the end of the run) and say where everything is."""
+    final = cpu_state_dict(run.model)
+    check_finite(run, epochs, "saving last_model.pth", final)
+    atomic_torch_save(final, run.folder.file("last_model.pth"))
+    no_best = "n/a (no Validation split)" if run.val_set is None else \
+        "n/a (no checkpoint: none saved before --save_from_epoch)"
+    log.info("done: %d epochs, %d labeled images; best Dice %s", epochs, len(run.labeled_names),
+             f"{run.best_dice:.4f}" if run.best_path else no_best)
+    log.info("TensorBoard logs: %s   (view: tensorboard --logdir %s)", run.run_dir / "log", run.run_dir / "log")
+    log.info("selection log:    %s", run.folder.file("al_selection.csv"))
+    log.info("metrics per epoch: %s", run.folder.file("metrics.csv"))
+    log.info("final model:      %s", run.folder.file("last_model.pth"))
+    if run.best_path:
+        log.info("best checkpoint:  %s", run.best_path)
+    return result(run, epochs)
+
+
+def write_round_for_person(run: Run, epoch: int, selection: Selection) -> Path:
+    """--oracle folder: the round of ``epoch`` for a person (annotation_rounds.write_round_for_person).
+    last_state.pth holds the model and optimiser that made this selection (the end of epoch - 1); the round's
+    marker holds the selection and the pool's scores, so that a resume continues this epoch exactly as an
+    uninterrupted run would. Returns the round folder."""
+    if not run.folder.file("last_state.pth").is_file():  # else it holds the end of epoch - 1 already
+        save_state(run, epoch - 1)
+    samples, ranks, chosen = run.train_set.samples, selection.ranks(), selection.chosen
+    logits = predict(run, torch.stack([run.train_set[i]["image"] for i in chosen]))
+    items = [annotation_rounds.RoundItem(samples[i], selection.scores[i], ranks[i],
+                                         val.logits_to_label_map(one, samples[i].orig_size) > 0)
+             for i, one in zip(chosen, logits)]
+    figure = None if selection.figure is None else tb_images.to_png_array(selection.figure)
+    return annotation_rounds.write_round_for_person(
+        run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()}, figure)

@@ -1,0 +1,374 @@
+"""The run folder: what one trainer run writes to ``OUTPUT/Skin_{img_size}/``, and the rules for reading it back.
+
+    config.txt            every setting, ``key: value`` lines (``#`` lines: notes such as "resumed at epoch 3")
+    al_selection.csv      epoch, image, score, rank_in_pool: one row per selected image
+    metrics.csv           one row per finished epoch: labeled count, loss parts, validation metrics, time split
+    last_state.pth        the resume state at the end of the last finished epoch (``ResumeState``)
+    last_model.pth        the full state_dict of the final model (when the run ends)
+    best_model_dice*.pth  the full state_dict of the best validated epoch
+    log.txt, log/         the log and the TensorBoard event files
+    awaiting_masks.json   only while a round waits for a person's masks (``--oracle folder``): a live run
+    diverged.json         only after training diverged: the resume may change the learning rate
+
+Every file is written atomically (``safe_io``), so a killed run leaves the old file or the new one. A folder's
+state follows from which files exist (``RunFolder.status``): the trainer and the comparison runner both ask here.
+Problems are ``RunFolderError``s naming the file; the trainer adds the flags.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from safe_io import CheckpointFileError, atomic_path, atomic_write_text, load_torch_file, remove_stale_temps
+
+CONFIG = "config.txt"
+SELECTION = "al_selection.csv"
+METRICS = "metrics.csv"
+STATE = "last_state.pth"
+LAST_MODEL = "last_model.pth"
+AWAITING = "awaiting_masks.json"
+DIVERGED = "diverged.json"
+LOG = "log.txt"
+EVENTS = "log"
+BEST_PATTERN = "best_model_dice*.pth"
+SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool"]
+# What a run that died before finishing its first epoch may have written (log.txt stays: the log goes on).
+DEAD_RUN_FILES = (CONFIG, SELECTION, METRICS, DIVERGED)
+STATE_KEYS = ("epoch", "args", "trainable", "optimizer", "scaler", "labeled_names", "best_dice", "best_path")
+
+
+class RunFolderError(Exception):
+    """A file of the run folder cannot be used as it is; the message names it and says what to do."""
+
+
+class FolderInUse(RunFolderError):
+    """A new run was asked for in a folder that holds one (``existing``: the file that shows it)."""
+
+    def __init__(self, folder: Path, existing: Path) -> None:
+        super().__init__(f"{folder} already holds a run ({existing})")
+        self.existing = existing
+
+
+class SettingsDiffer(RunFolderError):
+    """The folder's run was made with other settings: ``changes`` lists (key, recorded, now). ``dead``: that run
+    stopped before its first epoch ended (rerunning it with its settings starts it afresh)."""
+
+    def __init__(self, folder: Path, changes: List[Tuple[str, str, str]], dead: bool) -> None:
+        what = "a run that stopped before finishing its first epoch" if dead else "a run"
+        super().__init__(f"{folder} holds {what}, made with other settings")
+        self.changes, self.dead = changes, dead
+
+
+def run_dir_of(output: Path, img_size: int) -> Path:
+    return Path(output) / f"Skin_{img_size}"
+
+
+def best_checkpoint_name(dice: float) -> str:
+    return f"best_model_dice{dice:.4f}.pth"
+
+
+# ----------------------------------------------------------------------------- the resume state
+
+@dataclass
+class ResumeState:
+    """What ``--resume`` continues from: the state at the end of ``epoch``.
+
+    settings: the run's settings a resume must repeat (the trainer's RESUME_KEYS); trainable: the tensors training
+    changes (LoRA, prompt encoder, decoders); optimizer / scaler: their state_dicts; labeled_names: the labeled
+    images in labeling order; best_dice / best_path: the best validated checkpoint so far ("" = none).
+    """
+
+    epoch: int
+    settings: Dict[str, object]
+    trainable: Dict[str, torch.Tensor]
+    optimizer: dict
+    scaler: dict
+    labeled_names: List[str]
+    best_dice: float
+    best_path: str
+
+    def to_dict(self) -> dict:
+        """The file's layout (``args`` is the settings' key in every last_state.pth written so far)."""
+        return dict(epoch=self.epoch, args=dict(self.settings), trainable=self.trainable, optimizer=self.optimizer,
+                    scaler=self.scaler, labeled_names=list(self.labeled_names), best_dice=self.best_dice,
+                    best_path=self.best_path)
+
+    @classmethod
+    def from_dict(cls, data: object, path: Path) -> "ResumeState":
+        if not isinstance(data, dict) or not set(STATE_KEYS) <= set(data):
+            what = f"a dict with keys {sorted(data)[:5]}" if isinstance(data, dict) else f"a {type(data).__name__}"
+            raise RunFolderError(f"{path} is not a resume state written by this trainer (it holds {what}); "
+                                 "it is written at the end of every epoch")
+        return cls(int(data["epoch"]), dict(data["args"]), data["trainable"], data["optimizer"], data["scaler"],
+                   list(data["labeled_names"]), float(data["best_dice"]), str(data["best_path"] or ""))
+
+
+# ----------------------------------------------------------------------------- CSV helpers
+
+def csv_text(rows: Sequence[Sequence]) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
+
+
+def selection_row_ok(row: List[str]) -> bool:
+    try:
+        return len(row) == len(SELECTION_HEADER) and bool(row[1]) and int(row[0]) >= 1 \
+            and math.isfinite(float(row[2])) and int(row[3]) >= 1
+    except ValueError:
+        return False
+
+
+def _number(text: str) -> Optional[float]:
+    return None if text == "" else float(text)
+
+
+def changed_settings(recorded: Mapping[str, object], current: Mapping[str, object], keys: Sequence[str]
+                     ) -> List[Tuple[str, str, str]]:
+    """(key, recorded value, current value) for every key whose text differs; values of string settings (by the
+    current value's type) are shown quoted."""
+    def shown(key: str, value: object) -> str:
+        return repr(None if value is None else str(value)) if isinstance(current.get(key), str) else str(value)
+
+    return [(k, shown(k, recorded.get(k)), shown(k, current.get(k))) for k in keys
+            if str(recorded.get(k)) != str(current.get(k))]
+
+
+# ----------------------------------------------------------------------------- the folder
+
+class RunFolder:
+    """One run folder (``OUTPUT/Skin_{img_size}``) and its files; creates nothing until something is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- what the folder holds
+
+    def in_use(self) -> Optional[Path]:
+        """The first file showing that a run was started here, or None."""
+        return next((self.file(n) for n in (AWAITING, CONFIG, SELECTION, STATE) if self.file(n).exists()), None)
+
+    def status(self) -> str:
+        """new | dead (stopped before its first epoch ended, nothing to continue) | waiting (a round waits for a
+        person's masks) | interrupted (stopped after a finished epoch) | finished (last_model.pth written)."""
+        if self.file(LAST_MODEL).is_file() and not self.file(AWAITING).exists():
+            return "finished"
+        if self.file(AWAITING).exists():
+            return "waiting"
+        if self.file(STATE).is_file():
+            return "interrupted"
+        return "dead" if self.in_use() else "new"
+
+    def best_checkpoints(self) -> List[Path]:
+        return sorted(self.path.glob(BEST_PATTERN))
+
+    # ---- config.txt
+
+    def write_config(self, settings: Mapping[str, object]) -> None:
+        """config.txt: every setting, one ``key: value`` line each (``read_config`` reads it back)."""
+        atomic_write_text(self.file(CONFIG), "".join(f"{k}: {v}\n" for k, v in sorted(settings.items())))
+
+    def read_config(self) -> Dict[str, str]:
+        """config.txt's settings as text ({} when absent); ``#`` lines are notes."""
+        path = self.file(CONFIG)
+        if not path.is_file():
+            return {}
+        pairs = (line.split(": ", 1) for line in path.read_text(errors="replace").splitlines() if ": " in line)
+        return {key: value for key, value in pairs if not key.startswith("#")}
+
+    def add_config_note(self, note: str) -> None:
+        path = self.file(CONFIG)
+        atomic_write_text(path, (path.read_text() if path.is_file() else "") + f"# {note}\n")
+
+    # ---- al_selection.csv
+
+    def read_selection(self) -> List[List[str]]:
+        """The rows after the header ([] when absent); a blank, partial or unreadable line is a RunFolderError
+        naming the file and the line."""
+        path = self.file(SELECTION)
+        if not path.exists():
+            return []
+        try:
+            with open(path, newline="") as f:
+                lines = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise RunFolderError(f"cannot read {path} ({err})") from None
+        if not lines or lines[0] != SELECTION_HEADER:
+            raise RunFolderError(f"{path} does not start with the line {','.join(SELECTION_HEADER)}; it is not a "
+                                 "selection log of this trainer")
+        for number, row in enumerate(lines[1:], start=2):
+            if not selection_row_ok(row):
+                what = "blank" if not row else f"incomplete or damaged ({','.join(row)!r})"
+                raise RunFolderError(f"{path} line {number} is {what}; every line must be "
+                                     f"{','.join(SELECTION_HEADER)}: repair or delete that line, then rerun")
+        return lines[1:]
+
+    def append_selection(self, rows: Sequence[Sequence]) -> None:
+        """Add rows by rewriting the file atomically: a kill leaves the old file or the new one, never a partial
+        line (so a partial line found later is damage, not something this trainer wrote)."""
+        path = self.file(SELECTION)
+        old = path.read_text() if path.exists() else csv_text([SELECTION_HEADER])
+        atomic_write_text(path, old + csv_text(rows))
+
+    def labeled_per_epoch(self) -> Dict[int, int]:
+        """epoch -> images labeled at its end (al_selection.csv holds one row per selected image)."""
+        epochs = [int(row[0]) for row in self.read_selection()]
+        return {e: sum(1 for x in epochs if x <= e) for e in sorted(set(epochs))}
+
+    # ---- metrics.csv
+
+    def read_metrics(self) -> List[Dict[str, Optional[float]]]:
+        """One dict per epoch row (``epoch`` and ``labeled`` as ints, the rest floats, None where empty)."""
+        path = self.file(METRICS)
+        if not path.is_file():
+            return []
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return [{k: (int(v) if k in ("epoch", "labeled") else _number(v)) for k, v in row.items()}
+                    for row in rows]
+        except (OSError, ValueError, TypeError, csv.Error) as err:
+            raise RunFolderError(f"cannot read {path} ({err}); it is rewritten at the end of every epoch") from None
+
+    def write_metrics_row(self, row: Mapping[str, Optional[float]]) -> None:
+        """Add (or replace) the row of ``row["epoch"]``; the file is rewritten atomically, its columns the union
+        of every row's, in the order first seen."""
+        rows = [r for r in self.read_metrics() if r["epoch"] != row["epoch"]] + [dict(row)]
+        self._write_metrics(sorted(rows, key=lambda r: r["epoch"]))
+
+    def _write_metrics(self, rows: Sequence[Mapping[str, Optional[float]]]) -> None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        body = [[("" if r.get(c) is None else r[c]) for c in columns] for r in rows]
+        atomic_write_text(self.file(METRICS), csv_text([columns] + body) if rows else "")
+
+    # ---- the resume state
+
+    def save_state(self, state: ResumeState, before_rename=None) -> None:
+        """last_state.pth, atomically; ``before_rename()`` runs between writing and renaming (a crash point)."""
+        with atomic_path(self.file(STATE)) as tmp:
+            torch.save(state.to_dict(), tmp)
+            if before_rename is not None:
+                before_rename()
+
+    def load_state(self) -> ResumeState:
+        path = self.file(STATE)
+        if not path.is_file():
+            raise RunFolderError(f"{path} does not exist, so there is no run to continue (it is written at the end "
+                                 "of every epoch)")
+        try:
+            return ResumeState.from_dict(load_torch_file(path), path)
+        except CheckpointFileError as err:
+            raise RunFolderError(f"cannot read {err}") from None
+
+    def forget_after(self, epoch: int) -> None:
+        """Drop what epochs after ``epoch`` wrote to the records (a run killed mid-epoch redoes them)."""
+        if self.file(SELECTION).exists():
+            kept = [r for r in self.read_selection() if int(r[0]) <= epoch]
+            atomic_write_text(self.file(SELECTION), csv_text([SELECTION_HEADER] + kept))
+        if self.file(METRICS).exists():
+            self._write_metrics([r for r in self.read_metrics() if r["epoch"] <= epoch])
+
+    # ---- markers: a round waiting for masks, a divergence
+
+    def read_awaiting(self) -> Optional[dict]:
+        """The round that waits for masks, or None: dict(epoch, round_dir, images, pool_scores)."""
+        path = self.file(AWAITING)
+        if not path.is_file():
+            return None
+        try:
+            waiting = json.loads(path.read_text())
+            if not isinstance(waiting["epoch"], int) or not isinstance(waiting["pool_scores"], dict):
+                raise ValueError("epoch or pool_scores malformed")
+            list(waiting["images"]), str(waiting["round_dir"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunFolderError(f"{path} is unreadable ({type(err).__name__}: {err}); it is written by this "
+                                 "program when a round waits for masks: restore it, nothing was changed") from None
+        return waiting
+
+    def write_awaiting(self, waiting: Mapping[str, object]) -> None:
+        atomic_write_text(self.file(AWAITING), json.dumps(dict(waiting), indent=1) + "\n")
+
+    def diverged(self) -> bool:
+        return self.file(DIVERGED).is_file()
+
+    def write_diverged(self, record: Mapping[str, object]) -> None:
+        atomic_write_text(self.file(DIVERGED), json.dumps(dict(record), indent=1) + "\n")
+
+    def epoch_saved(self) -> None:
+        """A finished epoch is in last_state.pth: the round it trained on waits no more, and the state now records
+        settings that worked."""
+        self.file(AWAITING).unlink(missing_ok=True)
+        self.file(DIVERGED).unlink(missing_ok=True)
+
+    # ---- opening it for a run
+
+    def open_for_run(self, settings: Mapping[str, object], keys: Sequence[str], legacy: Mapping[str, object],
+                     resume: bool) -> Tuple[bool, Optional[ResumeState]]:
+        """Check the folder before a run (new, or ``resume``) with ``settings`` writes anything: (whether it holds
+        a dead run to clear, the state to continue from). ``keys``: the settings a run must keep; ``legacy``: what
+        a key absent from an older folder means. A dead run (see ``is_dead``) is started afresh with its own
+        settings, with or without ``resume``. Raises FolderInUse, SettingsDiffer, RunFolderError."""
+        keys = [k for k in keys if not (k == "base_lr" and self.diverged())]  # a divergence lets the rate change
+        required = [k for k in keys if k not in legacy]
+        if self.is_dead(required):
+            changes = changed_settings({**legacy, **self.read_config()}, settings, keys)
+            if changes:
+                raise SettingsDiffer(self.path, changes, dead=True)
+            return True, None
+        in_use = self.in_use()
+        if in_use and not resume:
+            raise FolderInUse(self.path, in_use)
+        if not resume:
+            return False, None
+        state = self.load_state()
+        self.read_selection()
+        changes = changed_settings({**legacy, **state.settings}, settings, keys)
+        if changes:
+            raise SettingsDiffer(self.path, changes, dead=False)
+        return False, state
+
+    def reopen(self, state: ResumeState, note: str) -> List[Path]:
+        """Continue after ``state``: drop what an unfinished epoch wrote (its records' rows, a best checkpoint it
+        saved, returned) and note the resume in config.txt."""
+        self.forget_after(state.epoch)
+        keep = Path(state.best_path).name if state.best_path else None
+        stale = [p for p in self.best_checkpoints() if p.name != keep]
+        for path in stale:
+            path.unlink()
+        self.add_config_note(note)
+        return stale
+
+    # ---- tidying
+
+    def is_dead(self, keys: Sequence[str]) -> bool:
+        """Whether the folder holds a run that stopped before finishing its first epoch (killed, a bad file, a
+        divergence): its config.txt recording ``keys``, but no last_state.pth and no round waiting for a person's
+        masks (that run is live). It holds nothing to continue; nothing is removed here."""
+        if self.status() != "dead":
+            return False
+        return set(keys) <= set(self.read_config())
+
+    def clear_dead_run(self) -> List[Path]:
+        """Remove what a dead run wrote, except log.txt; returns what was removed."""
+        removed = [self.file(n) for n in DEAD_RUN_FILES if self.file(n).is_file()]
+        removed += self.best_checkpoints() + sorted(self.file(EVENTS).glob("events.out.tfevents.*"))
+        for path in removed:
+            path.unlink()
+        return removed
+
+    def remove_stale_temps(self) -> List[Path]:
+        """Temporary files that killed writes left here (call only while no other process writes here)."""
+        return remove_stale_temps(self.path)
