@@ -365,7 +365,8 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
 
 
 class SkinValGenerator:
-    """Cached uint8 image/mask at ``img_size`` -> (normalised image 3 x S x S, label S x S int64)."""
+    """The transform (the reference code's name for it): cached uint8 image/mask at ``img_size`` -> (normalised
+    image 3 x S x S, label S x S int64). No augmentation: the reference trains without any."""
 
     def __init__(self, img_size: int) -> None:
         self.img_size = img_size
@@ -375,27 +376,7 @@ class SkinValGenerator:
         return normalize_image(image), torch.from_numpy(label)
 
 
-class SkinTrainGenerator(SkinValGenerator):
-    """As ``SkinValGenerator``, plus (when ``augment``) random flips and 90-degree rotations.
-
-    Randomness comes from torch's global generator, so ``utils.seed_everything`` makes it repeatable and
-    DataLoader workers get distinct streams.
-    """
-
-    def __init__(self, img_size: int, augment: bool = False) -> None:
-        super().__init__(img_size)
-        self.augment = augment
-
-    def __call__(self, image: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.augment:
-            flip, quarter_turns = torch.randint(0, 2, ()).item(), torch.randint(0, 4, ()).item()
-            arrays = [image] if mask is None else [image, mask]
-            if flip:
-                arrays = [a[:, ::-1] for a in arrays]
-            arrays = [np.rot90(a, quarter_turns) for a in arrays]
-            image = arrays[0]
-            mask = arrays[1] if mask is not None else None
-        return super().__call__(image, mask)
+SkinTrainGenerator = SkinValGenerator  # the reference's training transform: the same resize and normalisation
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -415,7 +396,6 @@ class SkinLesionDataset(Dataset):
         image_dir: PathLike,
         mask_dir: PathLike,
         img_size: int,
-        augment: bool = False,
         cache: bool = True,
         check_files: bool = True,
         use_draft: bool = True,
@@ -427,7 +407,7 @@ class SkinLesionDataset(Dataset):
         self.img_size = int(img_size)
         self.samples = discover_samples(image_dir, mask_dir, check_files=check_files, unlabeled_ok=unlabeled_ok)
         self.names: List[str] = [s.name for s in self.samples]
-        self.transform = SkinTrainGenerator(self.img_size, augment)
+        self.transform = SkinValGenerator(self.img_size)
         self.cache_enabled = cache
         self.use_draft = use_draft
         self.mask_notes = MaskNotes() if mask_notes is None else mask_notes  # may be shared by several datasets
@@ -497,7 +477,8 @@ class SkinLesionDataset(Dataset):
 
 
 class SemiSupervisedSkinDataset(SkinLesionDataset):
-    """Training split with a labeled subset; an unlabeled sample never opens its mask (label is all zeros).
+    """The training split of active learning (the name is the reference's; nothing here is semi-supervised): the
+    labeled subset grows as images are annotated; an unlabeled sample never opens its mask (label is all zeros).
 
     ``mark_labeled(indices)`` simulates the expert annotating those images. Arguments as ``SkinLesionDataset``;
     nothing is labeled at first (cold start).
@@ -539,7 +520,7 @@ class ValSkinDataset(SkinLesionDataset):
         use_draft: bool = True,
         mask_notes: Optional[MaskNotes] = None,
     ) -> None:
-        super().__init__(image_dir, mask_dir, img_size, False, cache, check_files, use_draft, mask_notes=mask_notes)
+        super().__init__(image_dir, mask_dir, img_size, cache, check_files, use_draft, mask_notes=mask_notes)
         self._orig_masks: Dict[int, Tuple[np.ndarray, Tuple[int, int]]] = {}
 
     def original_mask(self, index: int) -> np.ndarray:
