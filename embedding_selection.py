@@ -274,12 +274,14 @@ def probcover(pool: np.ndarray, labeled: Optional[np.ndarray], k: int, delta: Op
     as the official code's graph). delta, unless given: `purity_delta` against a k-means partition
     (seeded) of labeled + pool into M + k clusters. Greedy maximum coverage: the labeled vectors' balls
     count as covered; each step picks the pool vector whose ball holds the most vectors not yet
-    covered (ties: lowest position) and covers them. The ball graph is sparse, built in row blocks.
+    covered (ties: lowest position) and covers them. The ball graph is sparse, built in row blocks; it
+    holds one entry per pair closer than delta, so its size is the data's: about N^2 / (M + k) entries
+    if the balls grew to fill their clusters.
 
     Fallback, when nothing more can be covered before k picks (every vector lies in a chosen or
     labeled ball): the remaining picks are k-center greedy (`farthest_first`) from the labeled and
-    chosen vectors: the worst-covered vector next, which is what coverage with a smaller delta would
-    take first. (The official code would take argmax of all-zero degrees, vector 0, again.) A partition
+    chosen vectors, i.e. next the vector farthest from all of them, the one the balls cover worst.
+    (The official code would take the argmax of all-zero degrees: vector 0, again.) A partition
     into one cluster (k = 1, nothing labeled, or one distinct vector) makes every ball pure at any
     delta, so delta is infinite and the whole selection is that fallback, starting at the vector
     nearest the mean.
