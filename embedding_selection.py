@@ -27,7 +27,7 @@ the pool, a negative `k`, arrays that are not N x D, non-finite values and label
 dimension raise `EmbeddingSelectionError`. When the pool has fewer distinct vectors than the
 clusters asked for, k-means makes one cluster per distinct vector and the cluster rule continues
 round-robin (see `round_robin`). No step holds an n x n matrix: pairwise distances over all vectors are
-computed in row blocks (`CHUNK_MEMORY_MB`), and ProbCover's ball graph is sparse.
+computed in row blocks, each pair once (`pair_blocks`), and ProbCover's ball graph is sparse.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from sklearn.neighbors import NearestNeighbors
 
 TYPICALITY_NEIGHBOURS = 20  # TypiClust's K: typicality from the 20 nearest neighbours in the cluster
 PURITY = 0.95  # ProbCover's alpha: the fraction of pure balls delta must keep
-CHUNK_MEMORY_MB = 64  # row blocks of all-pairs distances are kept under this size
+CHUNK_BYTES = 64 << 20  # a block of pairwise distances holds at most this much
 T = TypeVar("T")
 
 
@@ -143,27 +143,29 @@ def ranked(candidates: np.ndarray, badness: np.ndarray) -> np.ndarray:
     return candidates[np.lexsort((candidates, badness))]
 
 
-def blocked_distances(vectors: np.ndarray, reduce: Callable[[np.ndarray, int], T]) -> List[T]:
-    """All-pairs Euclidean distances of N x D vectors, one block of rows at a time.
+def pair_blocks(vectors: np.ndarray, reduce: Callable[[np.ndarray, int], T]) -> List[T]:
+    """Euclidean distances of every pair of N x D vectors, each pair once, one block of rows at a time.
 
-    reduce(block, start) gets a rows x N float32 distance block whose first row is vector `start`
-    (the diagonal exactly 0); its results come back in order. A block holds at most CHUNK_MEMORY_MB.
-    Computed as sqrt(|x|^2 + |y|^2 - 2 x.y) in float32: half the time of float64 at 25,000 x 256
-    (the two all-pairs passes are ProbCover's whole cost there), with an error of about 1e-5 on unit
-    vectors, far below any ball radius that matters; small integer coordinates are exact.
+    reduce(block, start) gets the float32 distances from vectors [start, start + rows) to vectors
+    [start, N): block[i, j] = |v[start + i] - v[start + j]|, so block[i, i] (exactly 0) is the vector
+    itself, and pairs below the diagonal are left to the earlier blocks (distance is symmetric: half
+    the work of full rows). Its results come back in order. A block holds at most CHUNK_BYTES.
+    Computed as sqrt(|x|^2 + |y|^2 - 2 x.y) in float32: half the time of float64 (these passes are
+    ProbCover's cost at 25,000 x 256), with an error of about 1e-5 on unit vectors, far below any
+    ball radius that matters; small integer coordinates are exact.
     """
     data = vectors.astype(np.float32)
     squared_norms = np.einsum("nd,nd->n", data, data)
-    rows = max(1, (CHUNK_MEMORY_MB << 20) // (4 * max(len(data), 1)))
+    rows = max(1, CHUNK_BYTES // (4 * max(len(data), 1)))
     results = []
     for start in range(0, len(data), rows):
         stop = min(start + rows, len(data))
-        block = data[start:stop] @ data.T
+        block = data[start:stop] @ data[start:].T
         block *= -2
         block += squared_norms[start:stop, None]
-        block += squared_norms[None, :]
+        block += squared_norms[None, start:]
         np.maximum(block, 0, out=block)
-        block[np.arange(stop - start), np.arange(start, stop)] = 0
+        block[np.arange(stop - start), np.arange(stop - start)] = 0
         results.append(reduce(np.sqrt(block, out=block), start))
     return results
 
@@ -305,11 +307,16 @@ def probcover(pool: np.ndarray, labeled: Optional[np.ndarray], k: int, delta: Op
 
 def nearest_in_other_cluster(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """N x D vectors, N cluster ids -> N distances to the nearest vector of another cluster (inf if none)."""
-    def reduce(block: np.ndarray, start: int) -> np.ndarray:
-        own = labels[start:start + len(block)]
-        return np.where(own[:, None] == labels[None, :], np.inf, block).min(axis=1)
+    nearest = np.full(len(vectors), np.inf, dtype=np.float32)
 
-    return np.concatenate(blocked_distances(vectors, reduce))
+    def reduce(block: np.ndarray, start: int) -> None:
+        stop = start + len(block)
+        block[labels[start:stop, None] == labels[None, start:]] = np.inf
+        nearest[start:stop] = np.minimum(nearest[start:stop], block.min(axis=1))
+        nearest[start:] = np.minimum(nearest[start:], block.min(axis=0))  # the same pairs seen from the columns
+
+    pair_blocks(vectors, reduce)
+    return nearest.astype(np.float64)
 
 
 def purity_delta(vectors: np.ndarray, labels: np.ndarray, purity: float = PURITY) -> float:
@@ -329,15 +336,15 @@ def purity_delta(vectors: np.ndarray, labels: np.ndarray, purity: float = PURITY
 
 def ball_graph(vectors: np.ndarray, delta: float) -> sparse.csr_matrix:
     """N x N sparse boolean matrix: row x holds the vectors y with |x - y| < delta (x itself included)."""
-    def reduce(block: np.ndarray, _start: int) -> Tuple[np.ndarray, np.ndarray]:
-        inside = block < delta
-        return inside.sum(axis=1), np.nonzero(inside)[1].astype(np.int32)
+    def reduce(block: np.ndarray, start: int) -> Tuple[np.ndarray, np.ndarray]:
+        rows, columns = np.nonzero(block < delta)
+        upper = columns >= rows  # the block's leading square holds its pairs both ways: keep one
+        return (rows[upper] + start).astype(np.int32), (columns[upper] + start).astype(np.int32)
 
-    counts, columns = zip(*blocked_distances(vectors, reduce))
-    row_starts = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
-    columns = np.concatenate(columns)
-    return sparse.csr_matrix((np.ones(len(columns), dtype=bool), columns, row_starts),
-                             shape=(len(vectors), len(vectors)))
+    rows, columns = (np.concatenate(part) for part in zip(*pair_blocks(vectors, reduce)))
+    mirrored = rows != columns
+    rows, columns = np.concatenate([rows, columns[mirrored]]), np.concatenate([columns, rows[mirrored]])
+    return sparse.csr_matrix((np.ones(len(rows), dtype=bool), (rows, columns)), shape=(len(vectors), len(vectors)))
 
 
 def greedy_coverage(graph: sparse.csr_matrix, n_labeled: int, k: int) -> List[int]:

@@ -83,7 +83,7 @@ def test_typiclust_typicality_uses_at_most_20_neighbours():
     # One cluster (k = 1, nothing labeled): 21 vectors at x = 0..20 and 10 at x = 1000..1009.
     # With 20 neighbours a vector of the first group sees only its own group: x = 10 has
     # 2 (1 + ... + 10) / 20 = 5.5, x = 9 has (45 + 66) / 20 = 5.55 -> x = 10 (position 10).
-    # With all 30 the far group pulls the winner towards it (x = 15 or so).
+    # With all 30 the far group pulls the winner towards it: x = 15 (mean (135 + 9895) / 30 = 334.3).
     line = np.concatenate([np.arange(21), 1000 + np.arange(10)]).astype(float)
     pool = np.stack([line, np.zeros_like(line)], axis=1)
     assert es.typiclust(pool, None, 1, seed=0).tolist() == [10]
@@ -260,7 +260,8 @@ def test_other_bad_parameters():
 # --------------------------------------------------------------------------------------
 
 
-def test_row_blocks_give_the_direct_distances(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_row_blocks_give_the_direct_distances(monkeypatch, rows):
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(40, 5))
     labels = rng.integers(0, 3, size=40)
@@ -268,10 +269,11 @@ def test_row_blocks_give_the_direct_distances(monkeypatch):
     # r(x) = min over vectors of another cluster of |x - y|
     expected_r = np.where(labels[:, None] == labels[None, :], np.inf, direct).min(axis=1)
     delta = float(np.median(direct))
-    monkeypatch.setattr(es, "CHUNK_MEMORY_MB", 0)  # one row per block
-    rows_seen = []
-    es.blocked_distances(vectors, lambda block, start: rows_seen.append(len(block)))
-    assert rows_seen == [1] * 40
+    monkeypatch.setattr(es, "CHUNK_BYTES", 4 * 40 * rows)  # blocks of `rows` rows: rows s.. against vectors s..39
+    blocks = es.pair_blocks(vectors, lambda block, start: (start, block.copy()))
+    assert [start for start, _ in blocks] == list(range(0, 40, rows))
+    for start, block in blocks:
+        np.testing.assert_allclose(block, direct[start:start + rows, start:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(es.nearest_in_other_cluster(vectors, labels), expected_r, rtol=1e-5)
     graph = es.ball_graph(vectors, delta).toarray()
     clear = np.abs(direct - delta) > 1e-4  # float32 blocks: pairs this close to delta may fall either side
