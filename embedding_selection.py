@@ -16,9 +16,9 @@ the vector independent of where the lesion sits and of the image size. `no_mem_e
 vector added at every position for every image: it carries nothing about the image, so it is left out.
 L2 normalisation is what TypiClust and ProbCover do to their self-supervised features (their code
 normalises features before k-means, k-NN and balls): on the unit sphere ||a - b||^2 = 2 - 2 cos(a, b),
-so every Euclidean rule below compares the direction of two vectors, not their length, which in SAM2's
-features follows contrast and brightness more than content; and a ball radius or a distance then has
-the same scale for every dataset. (MedCAL-Bench feeds its means unnormalised; that is the one difference.)
+so every Euclidean rule below compares the directions of two vectors, not a per-image scale that would
+otherwise weigh in every distance, and distances lie in [0, 2] whatever the dataset, so a ball radius
+means the same everywhere. (MedCAL-Bench feeds its means unnormalised; that is the one difference.)
 
 Common rules. Distances are Euclidean. Every function is seeded (k-means: scikit-learn, k-means++
 initialisation, `random_state=seed`, one initialisation) and deterministic for the same input, seed
@@ -104,9 +104,11 @@ def no_selection() -> np.ndarray:
 def cluster_labels(vectors: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     """N x D -> N k-means cluster ids (scikit-learn KMeans, k-means++, one initialisation, random_state=seed).
 
-    Plain (Lloyd) k-means, as the papers: measured at 25,000 x 256 with 204-240 clusters (benchmarks/
-    bench_embedding_selection.py), MiniBatchKMeans saved about 20 % of ~10 s at a worse inertia, so it
-    is not used (TypiClust's code switches to it above 50 clusters; here it is not needed for speed).
+    Plain (Lloyd) k-means, as the papers. Measured on 25,200 x 256 synthetic embeddings, 2 cores
+    (`benchmarks/bench_embedding_selection.py --compare-kmeans`, load average 2.2): KMeans 0.26 / 2.4
+    / 7.1 s for 4 / 204 / 240 clusters, MiniBatchKMeans 0.38 / 1.1 / 4.0 s with a 5 / 0.5 / 0.7 %
+    higher inertia. Every strategy stays far under its 60 s target with plain k-means, so the
+    mini-batch approximation (which TypiClust's code switches to above 50 clusters) is not used.
     With fewer distinct vectors than `n_clusters` there is one cluster per distinct vector.
     """
     distinct = len(np.unique(vectors, axis=0))
@@ -221,9 +223,10 @@ def typiclust(pool: np.ndarray, labeled: Optional[np.ndarray], k: int, seed: int
        first), then by their lowest pool position: with at least k clusters free of labeled vectors,
        the k largest of those are visited, largest first, one pick each.
     3. From each, its most typical pool vector: typicality(x) = 1 / mean distance from x to its
-       min(20, cluster size - 1) nearest neighbours in the cluster (labeled members count, as data),
-       i.e. the smallest mean distance wins; ties go to the lowest position; a one-vector cluster's
-       only vector is its pick.
+       min(20, n - 1) nearest neighbours among the cluster's n pool vectors (labeled members are left
+       out, as in the official code; this only matters for round-robin picks from clusters holding
+       labeled vectors), i.e. the smallest mean distance wins; ties go to the lowest position; a
+       cluster with one pool vector gives that one.
     If fewer clusters than k hold a pool vector, picks continue round-robin in the same order with each
     cluster's next most typical vector, as the official code cycles through its clusters.
 
@@ -254,13 +257,13 @@ def typiclust_visit_order(clusters: List[np.ndarray], n_labeled: int) -> List[np
 
 def most_typical_first(vectors: np.ndarray, members: np.ndarray, n_labeled: int) -> np.ndarray:
     """The cluster's pool vectors (as pool positions), most typical first (see `typiclust`)."""
-    neighbours = min(TYPICALITY_NEIGHBOURS, len(members) - 1)
+    in_pool = members[members >= n_labeled]
+    neighbours = min(TYPICALITY_NEIGHBOURS, len(in_pool) - 1)
     if neighbours == 0:
-        return members - n_labeled
-    search = NearestNeighbors(n_neighbors=neighbours).fit(vectors[members])
+        return in_pool - n_labeled
+    search = NearestNeighbors(n_neighbors=neighbours).fit(vectors[in_pool])
     mean_distance = search.kneighbors()[0].mean(axis=1)  # no query given: a vector is not its own neighbour
-    in_pool = members >= n_labeled
-    return ranked(members[in_pool] - n_labeled, mean_distance[in_pool])
+    return ranked(in_pool - n_labeled, mean_distance)
 
 
 # --------------------------------------------------------------------------------------
@@ -283,14 +286,14 @@ def probcover(pool: np.ndarray, labeled: Optional[np.ndarray], k: int, delta: Op
     Fallback, when nothing more can be covered before k picks (every vector lies in a chosen or
     labeled ball): the remaining picks are k-center greedy (`farthest_first`) from the labeled and
     chosen vectors, i.e. next the vector farthest from all of them, the one the balls cover worst.
-    (The official code would take the argmax of all-zero degrees: vector 0, again.) A partition
-    into one cluster (k = 1, nothing labeled, or one distinct vector) makes every ball pure at any
-    delta, so delta is infinite and the whole selection is that fallback, starting at the vector
-    nearest the mean.
+    (The official code would take the argmax of all-zero degrees: vector 0, a labeled or chosen one.)
+    A partition into one cluster (k = 1 with nothing labeled, or one distinct vector) makes every ball
+    pure at any delta, so delta is infinite and the whole selection is that fallback, starting at the
+    vector nearest the mean.
     """
     pool, labeled, k = checked_inputs(pool, labeled, k)
-    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating, np.integer))
-                              or not delta > 0):
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.number))
+                              or not delta > 0):  # also catches NaN
         raise EmbeddingSelectionError(f"delta must be a positive number, got {delta!r}")
     if k == 0:
         return no_selection()
