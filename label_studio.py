@@ -134,22 +134,35 @@ def brush_result(mask: np.ndarray) -> dict:
                 value=dict(format="rle", rle=[int(v) for v in rle], brushlabels=[LESION_LABEL]))
 
 
-def round_task(item: RoundItem, image_url: str, run_id: str, round_number: int) -> dict:
-    """The task of one selected image: its data (URL, run, round, name, rank, score) and the proposal.
+def prediction_scores(items: Sequence[RoundItem]) -> List[float]:
+    """Each item's prediction score: one minus its normalised uncertainty, normalised by its place in the round's
+    selection order (``rank_in_pool``, 1 = the pool's most uncertain image): k images get 0, 1/k, ..., (k-1)/k.
 
-    The prediction's ``score`` is the image's ``rank_in_pool`` (1 = the pool's most uncertain image). Label Studio
-    reads a prediction score as confidence and lists low scores first in its ascending "prediction score" order and
-    its uncertainty sampling, so the round is shown in selection order. The rank, not one minus a normalised
-    uncertainty, because it is exact whatever the strategy's score range (mask difference, entropy, random) and
-    needs no normalisation over a handful of images; the raw score is in the data as ``uncertainty``."""
+    Label Studio reads a prediction score as the model's confidence: it shows it as a percentage and lists low
+    scores first in its ascending "prediction score" order and its uncertainty sampling, so the round is shown most
+    uncertain first, in selection order. The place, not the raw score, because it is exact whatever the strategy's
+    score range (mask difference, entropy, random) and needs no min-max over a handful of images (which would say
+    100 % for the round's last image); the rank itself would show as "300 %". The raw score is the task's
+    ``uncertainty``, its rank ``rank_in_pool``."""
+    order = sorted(range(len(items)), key=lambda i: items[i].rank_in_pool)
+    scores = [0.0] * len(items)
+    for place, index in enumerate(order):
+        scores[index] = place / len(items)
+    return scores
+
+
+def round_task(item: RoundItem, image_url: str, run_id: str, round_number: int, score: float) -> dict:
+    """The task of one selected image: its data (URL, run, round, name, rank, uncertainty) and the proposal as a
+    prediction (``score``: see ``prediction_scores``; an empty proposal is a prediction without a region)."""
     proposal = np.asarray(item.proposal, bool)
     if proposal.shape != tuple(item.sample.orig_size):
         raise ValueError(f"the proposal of {item.sample.image_path.name} is {proposal.shape} (H x W), its image "
                          f"{tuple(item.sample.orig_size)}")
     data = {IMAGE_TAG: image_url, RUN_KEY: run_id, ROUND_KEY: round_number, NAME_KEY: item.sample.image_path.name,
             "rank_in_pool": item.rank_in_pool, "uncertainty": float(item.score)}
-    prediction = dict(model_version=run_id, score=item.rank_in_pool,
-                      result=[brush_result(proposal)] if proposal.any() else [])
+    # one model_version per run: Label Studio shows only the predictions of the project's model version, which
+    # the first import sets; a version per round would hide every later round's proposals
+    prediction = dict(model_version=run_id, score=score, result=[brush_result(proposal)] if proposal.any() else [])
     return dict(data=data, predictions=[prediction])
 
 
@@ -163,7 +176,7 @@ def write_round_files(round_dir: PathLike, items: Sequence[RoundItem], run_id: s
     interface = labelling_interface(num_classes)
     local_files_url(round_dir, document_root)  # the storage's path must be below the root, not the root itself
     tasks = [round_task(item, local_files_url(round_dir / item.sample.image_path.name, document_root), run_id,
-                        round_number) for item in items]
+                        round_number, score) for item, score in zip(items, prediction_scores(items))]
     atomic_write_text(round_dir / INTERFACE_FILE, interface)
     atomic_write_text(round_dir / TASKS_FILE, json.dumps(tasks, indent=1) + "\n")
     return round_dir / INTERFACE_FILE, round_dir / TASKS_FILE

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import numpy as np
@@ -107,18 +108,26 @@ def test_each_selected_image_is_a_task_with_its_proposal_and_selection_order(mad
         assert data["image"].startswith("/data/local-files/?d=")
         served = made.document_root / unquote(data["image"].split("?d=", 1)[1])
         assert served == made.round_dir / name and served.read_bytes() == item.sample.image_path.read_bytes()
-        assert prediction["model_version"] == RUN_ID and prediction["score"] == item.rank_in_pool
+        assert prediction["model_version"] == RUN_ID
         if item.proposal.any():
             (region,) = prediction["result"]
             np.testing.assert_array_equal(label_studio.region_mask(region, item.sample.orig_size, name),
                                           item.proposal)
         else:
             assert prediction["result"] == []  # an empty proposal is no region to delete
-    # Label Studio lists low scores first ("prediction score" ascending): the most uncertain image first
+    # Label Studio lists low scores first ("prediction score" ascending): the most uncertain image first; it shows
+    # a score as a percentage of confidence: k images get 0, 1/k, ..., (k - 1)/k in selection order
     by_score = sorted(tasks, key=lambda t: t["predictions"][0]["score"])
     uncertainties = [t["data"]["uncertainty"] for t in by_score]
     assert uncertainties == sorted(uncertainties, reverse=True) and len(set(uncertainties)) == 4
+    assert [t["predictions"][0]["score"] for t in by_score] == [0, 0.25, 0.5, 0.75]
     assert not safe_io.stale_temp_files(made.round_dir)
+
+
+def test_prediction_scores_follow_the_rank_not_the_list_order():
+    """score = place / k, the place in the rank order (a set selection may list a round in any order)."""
+    items = [SimpleNamespace(rank_in_pool=rank) for rank in (3, 1, 7, 2)]
+    assert label_studio.prediction_scores(items) == [2 / 4, 0 / 4, 3 / 4, 1 / 4]
 
 
 def test_the_round_folder_must_be_below_the_document_root(made, tmp_path):
