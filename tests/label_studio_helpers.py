@@ -141,7 +141,7 @@ class LabelStudioServer:
             [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
              "--data-dir", str(where / "data"), "--username", self.EMAIL, "--password", self.PASSWORD],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.api = None
+        self.api = self.refresh_token = None
 
     def log_tail(self) -> str:
         return (self.where / "server.log").read_text(errors="replace")[-3000:]
@@ -182,13 +182,23 @@ class LabelStudioServer:
         made = session.post(f"{self.url}/api/token/", timeout=30,
                             headers={"X-CSRFToken": session.cookies.get("csrftoken"), "Referer": f"{self.url}/"})
         made.raise_for_status()
-        access = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": made.json()["token"]}, timeout=30)
-        access.raise_for_status()
+        self.refresh_token = made.json()["token"]
         self.api = requests.Session()
+        self.refresh_access()
+
+    def refresh_access(self) -> None:
+        """A new access token from the refresh token (an access token lives 5 minutes)."""
+        import requests
+
+        access = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.refresh_token}, timeout=30)
+        access.raise_for_status()
         self.api.headers["Authorization"] = f"Bearer {access.json()['access']}"
 
     def call(self, method: str, path: str, **kwargs):
         response = self.api.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+        if response.status_code == 401:  # the access token expired
+            self.refresh_access()
+            response = self.api.request(method, f"{self.url}{path}", timeout=120, **kwargs)
         assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:500]}"
         return response
 

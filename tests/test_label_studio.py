@@ -17,13 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import annotation_rounds
 import label_studio
 import safe_io
-from label_studio_helpers import ROUND, RUN_ID, annotation, brush_region, export_of, make_round, shifted
+from datasets_skin import discover_samples
+from label_studio_helpers import ROUND, RUN_ID, annotation, brush_region, export_of, make_round
+from synthetic_isic import make_synthetic_isic
 
 brush = pytest.importorskip("label_studio_sdk.converter.brush")
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZE_MASKS = REPO.parent / "shared" / "isic-sample-full" / "masks"  # 3024 x 2016 ISIC masks, when present
+FRONTEND_EXPORT = Path(__file__).parent / "data" / "label_studio_1.23_frontend_export.json"
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +180,31 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
         f"{second},annotated,{names[1].name},5,2.000,101,12",
         f"{third},skipped,,,,,"]
     assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
+
+
+def test_strokes_drawn_in_label_studios_own_editor_come_back_as_their_union(tmp_path):
+    """A JSON export written by Label Studio 1.23.2 (captured once, tests/data): in task 3 an annotator kept the
+    proposal's region and drew one brush stroke with the mouse in the labelling view (headless Chromium; the editor
+    anti-aliases a stroke's edge, alpha 8-255); task 1 was annotated and task 2 skipped through the REST API. Its
+    round (run-A, round 1: three synthetic images, seed 1, 300 px) is made again here."""
+    data = make_synthetic_isic(tmp_path / "data", n_train=3, n_val=1, size=300, seed=1)
+    annotation_rounds.hide_masks(data / "Training_GroundTruth", tmp_path / "answers")
+    samples = discover_samples(data / "Training_Data", data / "Training_GroundTruth", unlabeled_ok=True)
+    round_dir = tmp_path / "root" / "run" / "annotate" / "round_001"
+    items = [annotation_rounds.RoundItem(s, 1.0, rank + 1, np.zeros(s.orig_size, bool))
+             for rank, s in enumerate(samples)]
+    annotation_rounds.write_round(round_dir, items)
+    label_studio.write_round_files(round_dir, items, "run-A", 1, tmp_path / "root")
+    result = label_studio.import_export(FRONTEND_EXPORT, round_dir)
+    assert result.not_returned == {"ISIC_0000001.jpg": "skipped"} and len(result.written) == 2
+    drawn = json.loads(FRONTEND_EXPORT.read_text())[2]["annotations"][0]["result"]
+    alphas = [brush.decode_rle(r["value"]["rle"]).reshape(204, 300, 4)[..., 3] for r in drawn]
+    assert len(alphas) == 2 and ((alphas[1] > 0) & (alphas[1] <= 127)).any()  # the proposal, a soft-edged stroke
+    want = (alphas[0] > 127) | (alphas[1] > 127)
+    np.testing.assert_array_equal(np.asarray(Image.open(round_dir / "ISIC_0000002_segmentation.png")) > 0, want)
+    api_made = np.zeros((219, 300), bool)
+    api_made[50:120, 60:200] = True
+    np.testing.assert_array_equal(np.asarray(Image.open(round_dir / "ISIC_0000000_segmentation.png")) > 0, api_made)
 
 
 def test_unannotated_images_are_not_returned_and_earlier_rounds_are_left_aside(fresh, tmp_path):
