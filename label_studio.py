@@ -238,13 +238,15 @@ def read_expectation(round_dir: PathLike) -> RoundExpectation:
         raise RoundFolderError(f"{round_dir} has no {TASKS_FILE}: not a round folder written for Label Studio "
                                "(give the round folder whose tasks were imported into Label Studio)")
     try:
-        tasks = json.loads(tasks_path.read_text())
-        datas = [task["data"] for task in tasks]
-        run_id, round_number = datas[0][RUN_KEY], int(datas[0][ROUND_KEY])
-        sizes = {data[NAME_KEY]: read_image_size(round_dir / data[NAME_KEY], check_end=False) for data in datas}
+        datas = [task["data"] for task in json.loads(tasks_path.read_text())]
+        run_id, round_number, names = datas[0][RUN_KEY], int(datas[0][ROUND_KEY]), [d[NAME_KEY] for d in datas]
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise RoundFolderError(f"{tasks_path}: not a tasks file of a round ({type(err).__name__}: {err}); it is "
                                "written by the trainer, restore it") from None
+    try:
+        sizes = {name: read_image_size(round_dir / name, check_end=False) for name in names}
+    except DatasetError as err:
+        raise RoundFolderError(f"an image of the round is missing or unreadable: {err}") from None
     return RoundExpectation(round_dir, str(run_id), round_number, sizes)
 
 
@@ -270,7 +272,9 @@ def task_round(task: dict, expected: RoundExpectation, where: str) -> int:
     if str(data[RUN_KEY]) != expected.run_id:
         raise ExportError(f"{where}: a task of another run ({data[RUN_KEY]!r}; this round belongs to run "
                           f"{expected.run_id!r}); export the project of this run")
-    round_number = int(data[ROUND_KEY])
+    round_number = data[ROUND_KEY]
+    if not isinstance(round_number, int):
+        raise ExportError(f"{where}: its {ROUND_KEY} is {round_number!r}, not a round number")
     if round_number > expected.round_number:
         raise ExportError(f"{where}: a task of round {round_number}, after this round {expected.round_number}; "
                           f"give the round folder of round {round_number}")
@@ -283,6 +287,8 @@ def task_round(task: dict, expected: RoundExpectation, where: str) -> int:
 def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
     """The H x W bool lesion pixels of one brush region (alpha > ALPHA_THRESHOLD), after checking that it belongs
     to this interface and to an image of ``size`` (H, W)."""
+    if not isinstance(region, dict):
+        raise ExportError(f"{where}: a region that is not a JSON object ({type(region).__name__})")
     kind, tags = str(region.get("type", "")).lower(), (region.get("from_name"), region.get("to_name"))
     value = region.get("value") or {}
     if kind != "brushlabels" or tags != (BRUSH_TAG, IMAGE_TAG) or value.get("brushlabels") != [LESION_LABEL]:
@@ -316,8 +322,8 @@ def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, wh
     if isinstance(who, dict):  # some exports expand the user
         who = who.get("email") or who.get("id")
     lead_time = annotation.get("lead_time")
-    return ReturnedMask(name, mask, "" if who is None else str(who), None if lead_time is None else float(lead_time),
-                        task.get("id"), annotation.get("id"))
+    lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None  # seconds; absent in old exports
+    return ReturnedMask(name, mask, "" if who is None else str(who), lead_time, task.get("id"), annotation.get("id"))
 
 
 def export_content(tasks: List[dict], expected: RoundExpectation, export_path: Path) -> ExportContent:
@@ -347,8 +353,9 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
                                                                             f"{submitted[0].get('id')}")
         content.not_returned.pop(name, None)
     if not content.masks and not content.not_returned:
-        raise ExportError(f"{export_path}: no task of round {expected.round_number} (only {len(tasks)} of earlier "
-                          f"rounds); import the round's {TASKS_FILE} into the project, annotate, and export again")
+        raise ExportError(f"{export_path}: no task of round {expected.round_number} ({content.earlier_round_tasks} "
+                          f"of earlier rounds); import the round's {TASKS_FILE} into the project, annotate, and "
+                          "export again")
     for name in expected.sizes:  # Label Studio leaves tasks without any annotation out of its exports
         if name not in content.masks:
             content.not_returned.setdefault(name, NOT_ANNOTATED)

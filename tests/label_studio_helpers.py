@@ -8,6 +8,7 @@ in a temporary folder, and runs with Sentry, analytics and the PyPI version chec
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -128,7 +129,7 @@ class LabelStudioServer:
     EMAIL, PASSWORD = "annotator@example.org", "round-trip-Passw0rd"
 
     def __init__(self, executable: str, where: Path, document_root: Path) -> None:
-        self.where, self.port = where, free_port()
+        self.where, self.document_root, self.port = where, document_root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HOME": str(where / "home"), "LABEL_STUDIO_BASE_DATA_DIR": str(where / "data"),
                     "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
@@ -211,3 +212,57 @@ class LabelStudioServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def hand_over(server: LabelStudioServer, round_dir: Path, project_id: Optional[int] = None) -> int:
+    """What the README has a person do for a round: a project with the round's interface (unless ``project_id``,
+    the run's project, is given), a Local Files storage on the round folder, the round's tasks imported."""
+    if project_id is None:
+        interface = (round_dir / label_studio.INTERFACE_FILE).read_text()
+        project_id = server.call("POST", "/api/projects/", json=dict(title=round_dir.name, label_config=interface)
+                                 ).json()["id"]
+    server.call("POST", "/api/storages/localfiles/",
+                json=dict(project=project_id, path=str(round_dir), title=round_dir.name, use_blob_urls=True))
+    tasks = json.loads((round_dir / label_studio.TASKS_FILE).read_text())
+    server.call("POST", f"/api/projects/{project_id}/import", json=tasks)
+    return project_id
+
+
+@dataclass
+class AnnotatedRound:
+    """A round annotated in Label Studio: its project, the masks submitted (image -> H x W bool; None: skipped),
+    the export written, and the seconds each annotation is said to have taken."""
+
+    project_id: int
+    submitted: Dict[str, Optional[np.ndarray]]
+    lead_times: Dict[str, float]
+    export_path: Path
+
+
+def annotate_in_label_studio(server: LabelStudioServer, round_dir: Path, submitted: Dict[str, Optional[np.ndarray]],
+                             export_path: Path, project_id: Optional[int] = None) -> AnnotatedRound:
+    """The hand-over of any round folder with Label Studio files (this test's, or one the trainer wrote): a
+    project with the round's interface (or ``project_id``, the run's project), a Local Files storage on the round
+    folder, its tasks imported, each image's ``submitted`` mask posted as an annotation (None: skipped), and the
+    project's JSON export written to ``export_path``. Then ``label_studio.py import`` and ``trainer.py --resume``."""
+    from label_studio_sdk.converter import brush
+
+    project_id = hand_over(server, round_dir, project_id)
+    lead_times = {}
+    for task in server.call("GET", "/api/tasks/", params=dict(project=project_id, page_size=1000)).json()["tasks"]:
+        name, full = task["data"]["mdsam_image"], server.call("GET", f"/api/tasks/{task['id']}/").json()
+        mask, lead_times[name] = submitted[name], 5.0 + len(lead_times)
+        if mask is None:
+            body = dict(result=[], was_cancelled=True, lead_time=lead_times[name])
+        else:
+            height, width = mask.shape
+            region = dict(id="stroke", type="brushlabels", from_name=label_studio.BRUSH_TAG,
+                          to_name=label_studio.IMAGE_TAG, original_width=width, original_height=height,
+                          image_rotation=0, origin="manual",
+                          value=dict(format="rle", rle=brush.mask2rle(mask.astype(np.uint8) * 255),
+                                     brushlabels=[label_studio.LESION_LABEL]))
+            body = dict(result=[region], lead_time=lead_times[name], parent_prediction=full["predictions"][0]["id"])
+        server.call("POST", f"/api/tasks/{task['id']}/annotations/", json=body)
+    export = server.call("GET", f"/api/projects/{project_id}/export", params=dict(exportType="JSON"))
+    export_path.write_bytes(export.content)
+    return AnnotatedRound(project_id, submitted, lead_times, export_path)

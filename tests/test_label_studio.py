@@ -234,6 +234,7 @@ BAD_EXPORTS = {
     "another image": (lambda t: edited(t, mdsam_image="ISIC_7777777.jpg"), "ISIC_7777777.jpg is not one of round 3"),
     "another run": (lambda t: edited(t, mdsam_run="run-B"), "a task of another run \\('run-B'"),
     "a later round": (lambda t: edited(t, mdsam_round=ROUND + 1), "a task of round 4, after this round 3"),
+    "no round number": (lambda t: edited(t, mdsam_round="3"), "its mdsam_round is '3', not a round number"),
     "not our task": (lambda t: {**t, "data": {"image": t["data"]["image"]}}, "not a task of a trainer round"),
     "another size": (lambda t: {**t, "annotations": [annotation([brush_region(np.ones((9, 7), bool))])]},
                      "drawn on a 7x9 image, but the round's image is 160x"),
@@ -284,6 +285,9 @@ def test_a_target_inside_the_data_sets_mask_folder_is_refused(fresh, tmp_path):
         assert not list(folder.glob("*_segmentation.png"))
     with pytest.raises(label_studio.RoundFolderError, match="has no label_studio_tasks.json"):
         label_studio.import_export(export, tmp_path)
+    (fresh.round_dir / fresh.items[1].sample.image_path.name).unlink()
+    with pytest.raises(label_studio.RoundFolderError, match="an image of the round is missing or unreadable"):
+        label_studio.import_export(export, fresh.round_dir)
 
 
 def test_existing_masks_are_never_overwritten_one_error_lists_them(fresh, tmp_path):

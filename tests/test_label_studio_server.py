@@ -12,21 +12,18 @@ disabled and Sentry, analytics and the PyPI version check off. Its first start m
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import label_studio
-from label_studio_helpers import RUN_ID, LabelStudioServer, MadeRound, listening_addresses, make_round
+from label_studio_helpers import (RUN_ID, LabelStudioServer, MadeRound, annotate_in_label_studio, listening_addresses,
+                                  make_round)
 
 EXECUTABLE = os.environ.get("MDSAM_LABEL_STUDIO", "")
 pytestmark = pytest.mark.skipif(not EXECUTABLE, reason="set MDSAM_LABEL_STUDIO to a label-studio executable")
@@ -53,57 +50,15 @@ def server(where, report_figure):
         report_figure(f"label studio: server tests took {time.monotonic() - started:.0f} s in all")
 
 
+# Part 2 (the trainer's --oracle folder writes these files each round): a run whose --output is below
+# server.document_root stops at a round; annotate_in_label_studio(server, round_dir, masks, export_path), then
+# `label_studio.py import` and `trainer.py --resume`: the masks trained on must equal the submitted ones.
+
+
 @pytest.fixture(scope="module")
 def made(where) -> MadeRound:
     """Two synthetic ISIC-format images (320 px) and one real ISIC photo (1024 x 683) when the sample is there."""
     return make_round(where / "round", n_synthetic=2, size=320, real_photos=REAL_PHOTOS)
-
-
-@dataclass
-class AnnotatedRound:
-    """A round annotated in Label Studio: its project, the masks submitted (image -> H x W bool; None: skipped),
-    the export written, and the seconds each annotation is said to have taken."""
-
-    project_id: int
-    submitted: Dict[str, Optional[np.ndarray]]
-    lead_times: Dict[str, float]
-    export_path: Path
-
-
-def annotate_in_label_studio(server: LabelStudioServer, round_dir: Path, submitted: Dict[str, Optional[np.ndarray]],
-                             export_path: Path, project_id: Optional[int] = None) -> AnnotatedRound:
-    """The hand-over of any round folder with Label Studio files (this test's, or one the trainer wrote): a
-    project with the round's interface (or ``project_id``, the run's project), a Local Files storage on the round
-    folder, its tasks imported, each image's ``submitted`` mask posted as an annotation (None: skipped), and the
-    project's JSON export written to ``export_path``. Then ``label_studio.py import`` and ``trainer.py --resume``."""
-    from label_studio_sdk.converter import brush
-
-    if project_id is None:
-        interface = (round_dir / label_studio.INTERFACE_FILE).read_text()
-        project_id = server.call("POST", "/api/projects/", json=dict(title=round_dir.name, label_config=interface)
-                                 ).json()["id"]
-    server.call("POST", "/api/storages/localfiles/",
-                json=dict(project=project_id, path=str(round_dir), title=round_dir.name, use_blob_urls=True))
-    tasks = json.loads((round_dir / label_studio.TASKS_FILE).read_text())
-    server.call("POST", f"/api/projects/{project_id}/import", json=tasks)
-    lead_times = {}
-    for task in server.call("GET", "/api/tasks/", params=dict(project=project_id, page_size=1000)).json()["tasks"]:
-        name, full = task["data"]["mdsam_image"], server.call("GET", f"/api/tasks/{task['id']}/").json()
-        mask, lead_times[name] = submitted[name], 5.0 + len(lead_times)
-        if mask is None:
-            body = dict(result=[], was_cancelled=True, lead_time=lead_times[name])
-        else:
-            height, width = mask.shape
-            region = dict(id="stroke", type="brushlabels", from_name=label_studio.BRUSH_TAG,
-                          to_name=label_studio.IMAGE_TAG, original_width=width, original_height=height,
-                          image_rotation=0, origin="manual",
-                          value=dict(format="rle", rle=brush.mask2rle(mask.astype(np.uint8) * 255),
-                                     brushlabels=[label_studio.LESION_LABEL]))
-            body = dict(result=[region], lead_time=lead_times[name], parent_prediction=full["predictions"][0]["id"])
-        server.call("POST", f"/api/tasks/{task['id']}/annotations/", json=body)
-    export = server.call("GET", f"/api/projects/{project_id}/export", params=dict(exportType="JSON"))
-    export_path.write_bytes(export.content)
-    return AnnotatedRound(project_id, submitted, lead_times, export_path)
 
 
 def test_the_server_listens_on_loopback_only_and_refuses_sign_up(server):
