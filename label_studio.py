@@ -390,7 +390,8 @@ def same_mask(path: Path, mask: np.ndarray) -> bool:
         return False
 
 
-def existing_masks(content: ExportContent, round_dir: Path, in_dataset: Dict[str, Path]) -> Tuple[List[str], List[Path]]:
+def existing_masks(content: ExportContent, round_dir: Path,
+                   in_dataset: Dict[str, Path]) -> Tuple[List[str], List[Path]]:
     """(clashes, one line each naming the file; masks already in the round folder equal to the export's)."""
     clashes, unchanged = [], []
     for name, returned in content.masks.items():
@@ -484,7 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     back = commands.add_parser("import", help="a Label Studio JSON export -> <name>_segmentation.png masks in "
                                               "the round folder (never over an existing mask) and annotations.csv")
     back.add_argument("--export", required=True, type=Path, help="the project's export (Export -> JSON)")
-    back.add_argument("--round_dir", required=True, type=Path, help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
+    back.add_argument("--round_dir", required=True, type=Path,
+                      help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
     args = parser.parse_args(argv)
     try:
         result = import_export(args.export, args.round_dir)

@@ -56,7 +56,8 @@ def make_round(where: Path, n_synthetic: int = 3, size: int = 300, real_photos: 
     image_dir, mask_dir = find_split(data, "Training")
     for photo in real_photos:
         shutil.copyfile(photo, image_dir / photo.name)
-        shutil.copyfile(photo.parent.parent / "masks" / f"{photo.stem}{MASK_SUFFIX}", mask_dir / f"{photo.stem}{MASK_SUFFIX}")
+        mask_name = f"{photo.stem}{MASK_SUFFIX}"
+        shutil.copyfile(photo.parent.parent / "masks" / mask_name, mask_dir / mask_name)
     hidden = annotation_rounds.hide_masks(mask_dir, where / "answers")
     samples = discover_samples(image_dir, mask_dir, unlabeled_ok=True)
     answers = {s.image_path.name: decode_mask(hidden / s.mask_path.name, None).astype(bool) for s in samples}
