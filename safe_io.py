@@ -3,7 +3,8 @@
 * ``atomic_path(path)``: a context manager giving a temporary path beside ``path``; when the block ends
   without an error the temporary file is renamed onto ``path`` (``os.replace``: readers see the old file or
   the new one, never half of one), otherwise it is removed. Every file the program writes goes through it
-  (``atomic_write_text``, ``atomic_torch_save``, images, CSVs).
+  (``atomic_write_text``, ``atomic_torch_save``, images, CSVs). ``replace=False`` never puts it onto an existing
+  file (masks made from a person's annotation: nothing a person wrote is overwritten).
 * ``atomic_folder(path)``: the same for a whole folder (the demo's synthetic data set): filled under a temporary
   name, renamed into place when complete.
 * ``load_torch_file(path)``: ``torch.load(..., weights_only=True)``; any failure is one ``CheckpointFileError``
@@ -35,26 +36,38 @@ class CheckpointFileError(ValueError):
 
 
 @contextmanager
-def _renamed_into_place(tmp: Path, path: Path, remove: Callable[[Path], None]) -> Iterator[Path]:
-    """Yield ``tmp``; rename it onto ``path`` when the block succeeds, else ``remove`` it and re-raise."""
+def _renamed_into_place(tmp: Path, path: Path, remove: Callable[[Path], None],
+                        place: Callable[[Path, Path], None] = os.replace) -> Iterator[Path]:
+    """Yield ``tmp``; ``place`` it at ``path`` when the block succeeds, else ``remove`` it and re-raise."""
     try:
         yield tmp
-        os.replace(tmp, path)
+        place(tmp, path)
     except BaseException:
         remove(tmp)
         raise
 
 
+def _link_if_new(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` only if nothing has it: a hard link fails on an existing name
+    (FileExistsError), where a rename would replace it."""
+    os.link(tmp, path)
+    tmp.unlink()
+
+
 @contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (same suffix, so writers can infer the format); on success
-    it replaces ``path``, on any error (or KeyboardInterrupt) it is removed and ``path`` is left as it was."""
+    it replaces ``path``, on any error (or KeyboardInterrupt) it is removed and ``path`` is left as it was.
+
+    ``replace=False`` (what a person wrote, e.g. a mask): an existing ``path`` is never replaced, not even one that
+    appeared while the block ran; the block's end then raises FileExistsError and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
-    with _renamed_into_place(Path(tmp), path, lambda t: t.unlink(missing_ok=True)) as written:
+    place = os.replace if replace else _link_if_new
+    with _renamed_into_place(Path(tmp), path, lambda t: t.unlink(missing_ok=True), place) as written:
         yield written
 
 

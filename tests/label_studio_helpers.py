@@ -1,0 +1,269 @@
+"""Helpers of the Label Studio tests: a round made from real-format data, Label Studio's export format (as a
+1.23 server writes it), and a real Label Studio server on 127.0.0.1 with its REST API.
+
+The server (``LabelStudioServer``) is started only by tests/test_label_studio_server.py, and only when
+MDSAM_LABEL_STUDIO names a ``label-studio`` executable (a virtualenv of its own: it pins old requests/pytz and
+pulls Django). Nothing it does leaves the machine: it listens on 127.0.0.1, keeps its data (SQLite) and its HOME
+in a temporary folder, and runs with Sentry, analytics and the PyPI version check off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import annotation_rounds
+import label_studio
+from datasets_skin import MASK_SUFFIX, decode_mask, discover_samples, find_split
+from synthetic_isic import make_synthetic_isic
+
+RUN_ID, ROUND = "run-under-test", 3
+
+
+# ----------------------------------------------------------------------------- a round
+
+@dataclass
+class MadeRound:
+    """A round folder with the Label Studio files; ``answers``: image file name -> its true mask (H x W bool),
+    hidden from the data set as for a person to annotate; ``items`` as the trainer would give them."""
+
+    data_root: Path
+    round_dir: Path
+    document_root: Path
+    items: List[annotation_rounds.RoundItem]
+    answers: Dict[str, np.ndarray]
+
+
+def shifted(mask: np.ndarray) -> np.ndarray:
+    """A proposal that is wrong in a way a person corrects: the mask moved right by a tenth of its width."""
+    return np.roll(mask, max(1, mask.shape[1] // 10), axis=1)
+
+
+def make_round(where: Path, n_synthetic: int = 3, size: int = 300, real_photos: List[Path] = (),
+               empty_proposal: Optional[int] = None) -> MadeRound:
+    """Synthetic ISIC-format images (``size`` px wide JPEGs) plus copies of ``real_photos`` (with their masks from
+    the sibling ``masks`` folder) as an unlabeled data set under ``where/data``; a round of all of them (ranks in
+    name order, scores decreasing) under ``where/root`` (the document root), written as the trainer does."""
+    data = make_synthetic_isic(where / "data", n_train=n_synthetic, n_val=1, size=size, seed=11)
+    image_dir, mask_dir = find_split(data, "Training")
+    for photo in real_photos:
+        shutil.copyfile(photo, image_dir / photo.name)
+        mask_name = f"{photo.stem}{MASK_SUFFIX}"
+        shutil.copyfile(photo.parent.parent / "masks" / mask_name, mask_dir / mask_name)
+    hidden = annotation_rounds.hide_masks(mask_dir, where / "answers")
+    samples = discover_samples(image_dir, mask_dir, unlabeled_ok=True)
+    answers = {s.image_path.name: decode_mask(hidden / s.mask_path.name, None).astype(bool) for s in samples}
+    items = [annotation_rounds.RoundItem(s, 1.0 - 0.125 * rank, rank + 1,
+                                         np.zeros(s.orig_size, bool) if rank == empty_proposal
+                                         else shifted(answers[s.image_path.name]))
+             for rank, s in enumerate(samples)]
+    root = where / "root"
+    round_dir = root / "out" / "Skin_512" / "annotate" / f"round_{ROUND:03d}"
+    annotation_rounds.write_round(round_dir, items)
+    label_studio.write_round_files(round_dir, items, RUN_ID, ROUND, root)
+    return MadeRound(data, round_dir, root, items, answers)
+
+
+# ----------------------------------------------------------------------------- Label Studio's formats
+
+def brush_region(mask: np.ndarray, alpha: int = 255, size: Optional[tuple] = None, label: str = "lesion") -> dict:
+    """A brush region as Label Studio stores it: RGBA pixels (cyan, ``alpha`` on the mask) RLE-encoded by the
+    SDK; ``size`` (H, W) overrides the declared image size."""
+    from label_studio_sdk.converter import brush
+
+    height, width = size or mask.shape
+    rgba = np.zeros(mask.shape + (4,), np.uint8)
+    rgba[mask] = (0, 255, 255, alpha)
+    return dict(id=f"r{int(mask.sum())}", type="brushlabels", from_name="lesion_mask", to_name="image",
+                original_width=width, original_height=height, image_rotation=0, origin="manual",
+                value=dict(format="rle", rle=brush.encode_rle(rgba.ravel()), brushlabels=[label]))
+
+
+def annotation(regions: List[dict], annotation_id: int = 1, completed_by: int = 1, lead_time: float = 7.25,
+               cancelled: bool = False) -> dict:
+    """One annotation in a JSON export (the fields a 1.23 export holds that the import reads)."""
+    return dict(id=annotation_id, completed_by=completed_by, was_cancelled=cancelled, ground_truth=False,
+                lead_time=lead_time, result=regions)
+
+
+def export_of(round_dir: Path, annotations: Dict[str, List[dict]]) -> List[dict]:
+    """A JSON export of the round's tasks: those with annotations (image file name -> its annotations), as a
+    server exports them (tasks without any annotation are left out)."""
+    tasks = label_studio.read_export(round_dir / label_studio.TASKS_FILE)
+    return [dict(id=100 + number, data=task["data"], predictions=task["predictions"], drafts=[],
+                 annotations=annotations[task["data"]["mdsam_image"]])
+            for number, task in enumerate(tasks) if task["data"]["mdsam_image"] in annotations]
+
+
+# ----------------------------------------------------------------------------- a real server
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening_addresses(port: int) -> List[str]:
+    """The local addresses (hex, as /proc/net/tcp* write them) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+class LabelStudioServer:
+    """``label-studio start`` on 127.0.0.1 with its own data folder, SQLite, telemetry off and sign-up disabled;
+    ``api`` is a requests session authenticated by a personal access token (refresh token -> access token)."""
+
+    EMAIL, PASSWORD = "annotator@example.org", "round-trip-Passw0rd"
+
+    def __init__(self, executable: str, where: Path, document_root: Path) -> None:
+        self.where, self.document_root, self.port = where, document_root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HOME": str(where / "home"), "LABEL_STUDIO_BASE_DATA_DIR": str(where / "data"),
+                    "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+                    "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+                    "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "0",
+                    "LATEST_VERSION_CHECK": "0", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
+        (where / "home").mkdir(parents=True, exist_ok=True)
+        self.log = open(where / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
+             "--data-dir", str(where / "data"), "--username", self.EMAIL, "--password", self.PASSWORD],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.api = self.refresh_token = None
+
+    def log_tail(self) -> str:
+        return (self.where / "server.log").read_text(errors="replace")[-3000:]
+
+    def wait_until_up(self, timeout_s: float) -> float:
+        """Seconds until /health answered (the first start migrates a new SQLite database)."""
+        import requests
+
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"label-studio exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return time.monotonic() - start
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"label-studio did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def login(self, email: str, password: str):
+        """A browser-like session logged in through the login form (with its CSRF token)."""
+        import requests
+
+        session = requests.Session()
+        session.get(f"{self.url}/user/login/", timeout=30)
+        session.post(f"{self.url}/user/login/", allow_redirects=False, timeout=30,
+                     data=dict(email=email, password=password, csrfmiddlewaretoken=session.cookies.get("csrftoken")),
+                     headers={"Referer": f"{self.url}/user/login/"})
+        return session
+
+    def authenticate(self) -> None:
+        """Personal access token: created once by the logged-in user (POST /api/token/, the refresh token),
+        exchanged for a short-lived access token (POST /api/token/refresh/), sent as 'Authorization: Bearer'."""
+        import requests
+
+        session = self.login(self.EMAIL, self.PASSWORD)
+        made = session.post(f"{self.url}/api/token/", timeout=30,
+                            headers={"X-CSRFToken": session.cookies.get("csrftoken"), "Referer": f"{self.url}/"})
+        made.raise_for_status()
+        self.refresh_token = made.json()["token"]
+        self.api = requests.Session()
+        self.refresh_access()
+
+    def refresh_access(self) -> None:
+        """A new access token from the refresh token (an access token lives 5 minutes)."""
+        import requests
+
+        access = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.refresh_token}, timeout=30)
+        access.raise_for_status()
+        self.api.headers["Authorization"] = f"Bearer {access.json()['access']}"
+
+    def call(self, method: str, path: str, **kwargs):
+        response = self.api.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+        if response.status_code == 401:  # the access token expired
+            self.refresh_access()
+            response = self.api.request(method, f"{self.url}{path}", timeout=120, **kwargs)
+        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def hand_over(server: LabelStudioServer, round_dir: Path, project_id: Optional[int] = None) -> int:
+    """What the README has a person do for a round: a project with the round's interface (unless ``project_id``,
+    the run's project, is given), a Local Files storage on the round folder, the round's tasks imported."""
+    if project_id is None:
+        interface = (round_dir / label_studio.INTERFACE_FILE).read_text()
+        project_id = server.call("POST", "/api/projects/", json=dict(title=round_dir.name, label_config=interface)
+                                 ).json()["id"]
+    server.call("POST", "/api/storages/localfiles/",
+                json=dict(project=project_id, path=str(round_dir), title=round_dir.name, use_blob_urls=True))
+    tasks = json.loads((round_dir / label_studio.TASKS_FILE).read_text())
+    server.call("POST", f"/api/projects/{project_id}/import", json=tasks)
+    return project_id
+
+
+@dataclass
+class AnnotatedRound:
+    """A round annotated in Label Studio: its project, the masks submitted (image -> H x W bool; None: skipped),
+    the export written, and the seconds each annotation is said to have taken."""
+
+    project_id: int
+    submitted: Dict[str, Optional[np.ndarray]]
+    lead_times: Dict[str, float]
+    export_path: Path
+
+
+def annotate_in_label_studio(server: LabelStudioServer, round_dir: Path, submitted: Dict[str, Optional[np.ndarray]],
+                             export_path: Path, project_id: Optional[int] = None) -> AnnotatedRound:
+    """The hand-over of any round folder with Label Studio files (this test's, or one the trainer wrote): a
+    project with the round's interface (or ``project_id``, the run's project), a Local Files storage on the round
+    folder, its tasks imported, each image's ``submitted`` mask posted as an annotation (None: skipped), and the
+    project's JSON export written to ``export_path``. Then ``label_studio.py import`` and ``trainer.py --resume``."""
+    from label_studio_sdk.converter import brush
+
+    project_id = hand_over(server, round_dir, project_id)
+    lead_times = {}
+    for task in server.call("GET", "/api/tasks/", params=dict(project=project_id, page_size=1000)).json()["tasks"]:
+        name, full = task["data"]["mdsam_image"], server.call("GET", f"/api/tasks/{task['id']}/").json()
+        mask, lead_times[name] = submitted[name], 5.0 + len(lead_times)
+        if mask is None:
+            body = dict(result=[], was_cancelled=True, lead_time=lead_times[name])
+        else:
+            height, width = mask.shape
+            region = dict(id="stroke", type="brushlabels", from_name=label_studio.BRUSH_TAG,
+                          to_name=label_studio.IMAGE_TAG, original_width=width, original_height=height,
+                          image_rotation=0, origin="manual",
+                          value=dict(format="rle", rle=brush.mask2rle(mask.astype(np.uint8) * 255),
+                                     brushlabels=[label_studio.LESION_LABEL]))
+            body = dict(result=[region], lead_time=lead_times[name], parent_prediction=full["predictions"][0]["id"])
+        server.call("POST", f"/api/tasks/{task['id']}/annotations/", json=body)
+    export = server.call("GET", f"/api/projects/{project_id}/export", params=dict(exportType="JSON"))
+    export_path.write_bytes(export.content)
+    return AnnotatedRound(project_id, submitted, lead_times, export_path)

@@ -1,0 +1,337 @@
+"""label_studio.py: the Label Studio files of a round and the way back from a JSON export to masks (issue 19).
+
+The brush RLE is Label Studio's SDK's; these tests check what our code does with it (sizes, channels, the alpha
+threshold, merging), the tasks file's fields, and every refusal of the import, which leaves everything as it was.
+The export format is the one a 1.23 server writes (tests/test_label_studio_server.py checks it against a real one).
+"""
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import annotation_rounds
+import label_studio
+import safe_io
+from datasets_skin import discover_samples
+from label_studio_helpers import ROUND, RUN_ID, annotation, brush_region, export_of, make_round
+from synthetic_isic import make_synthetic_isic
+
+brush = pytest.importorskip("label_studio_sdk.converter.brush")
+REPO = Path(__file__).resolve().parents[1]
+FULL_SIZE_MASKS = REPO.parent / "shared" / "isic-sample-full" / "masks"  # 3024 x 2016 ISIC masks, when present
+FRONTEND_EXPORT = Path(__file__).parent / "data" / "label_studio_1.23_frontend_export.json"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A round of four synthetic images (300 px wide, ranks 1-4, the second with an empty proposal). Read-only."""
+    return make_round(tmp_path_factory.mktemp("round"), n_synthetic=4, empty_proposal=1)
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A round of three synthetic images for one test to import into."""
+    return make_round(tmp_path, n_synthetic=3, size=160)
+
+
+def write_export(path: Path, tasks) -> Path:
+    path.write_text(json.dumps(tasks))
+    return path
+
+
+def written_files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- the RLE, by the SDK
+
+def lesion_masks():
+    """Real-size masks: the full-resolution ISIC masks when present, and a synthetic one with holes and specks."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:683, :1024]
+    blob = ((yy - 300) ** 2 / 200 ** 2 + (xx - 500) ** 2 / 320 ** 2) < 1
+    blob &= rng.random(blob.shape) > 0.02  # holes of one pixel: runs of length 1
+    yield "synthetic 1024x683", blob
+    for path in sorted(FULL_SIZE_MASKS.glob("*.png"))[:1]:
+        yield path.name, np.asarray(Image.open(path).convert("L")) > 127
+
+
+@pytest.mark.parametrize("name,mask", list(lesion_masks()), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_proposal_survives_the_sdk_rle_both_ways_at_full_size(name, mask):
+    region = label_studio.brush_result(mask)
+    height, width = mask.shape
+    assert (region["original_width"], region["original_height"]) == (width, height)
+    assert region["value"]["brushlabels"] == ["lesion"] and region["value"]["format"] == "rle"
+    # Label Studio's layout: H x W x RGBA, row-major; our proposal is white and opaque (255 on all four channels)
+    rgba = brush.decode_rle(region["value"]["rle"]).reshape(height, width, 4)
+    np.testing.assert_array_equal(rgba, np.repeat(mask[..., None], 4, axis=2).astype(np.uint8) * 255)
+    np.testing.assert_array_equal(label_studio.region_mask(region, (height, width), name), mask)
+
+
+def test_lesion_is_alpha_above_127_and_regions_are_merged():
+    """A stroke's pixel is lesion when its alpha > 127 (ALPHA_THRESHOLD); two regions: their union."""
+    left, right = np.zeros((40, 50), bool), np.zeros((40, 50), bool)
+    left[5:30, 5:30], right[10:35, 20:45] = True, True  # overlapping
+    faint, firm = brush_region(left, alpha=127), brush_region(left, alpha=128)
+    assert not label_studio.region_mask(faint, (40, 50), "faint").any()
+    np.testing.assert_array_equal(label_studio.region_mask(firm, (40, 50), "firm"), left)
+    assert label_studio.ALPHA_THRESHOLD == 127
+
+
+# ----------------------------------------------------------------------------- out: interface and tasks
+
+def test_the_interface_is_one_lesion_brush_on_the_image():
+    view = ET.fromstring(label_studio.labelling_interface(1))
+    image, brushes = view.find("Image"), view.find("BrushLabels")
+    assert image.get("name") == "image" and image.get("value") == "$image"
+    assert brushes.get("name") == "lesion_mask" and brushes.get("toName") == "image"
+    assert [label.get("value") for label in brushes.findall("Label")] == ["lesion"]
+    for classes in (0, 2, 3):
+        with pytest.raises(label_studio.ClassCountError, match=f"one foreground class; got {classes}"):
+            label_studio.labelling_interface(classes)
+
+
+def test_each_selected_image_is_a_task_with_its_proposal_and_selection_order(made):
+    tasks = json.loads((made.round_dir / label_studio.TASKS_FILE).read_text())
+    assert (made.round_dir / label_studio.INTERFACE_FILE).read_text() == label_studio.labelling_interface(1)
+    assert len(tasks) == len(made.items) == 4
+    for task, item in zip(tasks, made.items):
+        data, (prediction,) = task["data"], task["predictions"]
+        name = item.sample.image_path.name
+        assert data["mdsam_run"] == RUN_ID and data["mdsam_round"] == ROUND and data["mdsam_image"] == name
+        assert data["rank_in_pool"] == item.rank_in_pool and data["uncertainty"] == pytest.approx(item.score)
+        # Local Files: /data/local-files/?d=<path below the document root> of the round folder's copy
+        assert data["image"].startswith("/data/local-files/?d=")
+        served = made.document_root / unquote(data["image"].split("?d=", 1)[1])
+        assert served == made.round_dir / name and served.read_bytes() == item.sample.image_path.read_bytes()
+        assert prediction["model_version"] == RUN_ID
+        if item.proposal.any():
+            (region,) = prediction["result"]
+            np.testing.assert_array_equal(label_studio.region_mask(region, item.sample.orig_size, name),
+                                          item.proposal)
+        else:
+            assert prediction["result"] == []  # an empty proposal is no region to delete
+    # Label Studio lists low scores first ("prediction score" ascending): the most uncertain image first; it shows
+    # a score as a percentage of confidence: k images get 0, 1/k, ..., (k - 1)/k in selection order
+    by_score = sorted(tasks, key=lambda t: t["predictions"][0]["score"])
+    uncertainties = [t["data"]["uncertainty"] for t in by_score]
+    assert uncertainties == sorted(uncertainties, reverse=True) and len(set(uncertainties)) == 4
+    assert [t["predictions"][0]["score"] for t in by_score] == [0, 0.25, 0.5, 0.75]
+    assert not safe_io.stale_temp_files(made.round_dir)
+
+
+def test_prediction_scores_follow_the_rank_not_the_list_order():
+    """score = place / k, the place in the rank order (a set selection may list a round in any order)."""
+    items = [SimpleNamespace(rank_in_pool=rank) for rank in (3, 1, 7, 2)]
+    assert label_studio.prediction_scores(items) == [2 / 4, 0 / 4, 3 / 4, 1 / 4]
+
+
+def test_the_round_folder_must_be_below_the_document_root(made, tmp_path):
+    for root in (tmp_path, made.round_dir):  # outside it; the root itself (Label Studio refuses that storage)
+        with pytest.raises(label_studio.RoundFolderError, match="not inside the Label Studio document root"):
+            label_studio.write_round_files(made.round_dir, made.items, RUN_ID, ROUND, root)
+    spaced = label_studio.local_files_url(made.document_root / "a b" / "c#1.jpg", made.document_root)
+    assert spaced == "/data/local-files/?d=a%20b/c%231.jpg"
+
+
+def test_without_the_sdk_the_module_imports_and_says_how_to_enable():
+    code = ("import sys, numpy, label_studio as ls\n"
+            "print('label_studio_sdk' in sys.modules)\n"  # imported on first use only (it takes seconds)
+            "sys.modules['label_studio_sdk'] = None\n"  # from here on, as if it were not installed
+            "print(ls.sdk_available())\n"
+            "try:\n    ls.brush_result(numpy.ones((2, 2), bool))\n"
+            "except ls.SdkMissingError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported_at_once, available, message = done.stdout.splitlines()
+    assert (imported_at_once, available) == ("False", "False")
+    assert "pip install -r requirements-labelstudio.txt" in message
+
+
+# ----------------------------------------------------------------------------- back: the export to masks
+
+def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
+    first, second, third = (item.sample.image_path.name for item in fresh.items)
+    truth = fresh.answers[first]
+    top, bottom = truth.copy(), truth.copy()
+    top[truth.shape[0] // 2:], bottom[:truth.shape[0] // 3] = False, False  # two overlapping strokes = the truth
+    export = write_export(tmp_path / "export.json", export_of(fresh.round_dir, {
+        first: [annotation([brush_region(top), brush_region(bottom)], 11, completed_by=4, lead_time=31.5)],
+        second: [annotation([], 12, completed_by=5, lead_time=2.0)],  # no stroke: the image has no lesion
+        third: [annotation([], 13, cancelled=True)]}))  # skipped
+    result = label_studio.import_export(export, fresh.round_dir)
+    names = [fresh.round_dir / f"{Path(n).stem}_segmentation.png" for n in (first, second)]
+    assert result.written == names and result.not_returned == {third: "skipped"}
+    np.testing.assert_array_equal(np.asarray(Image.open(names[0])), truth.astype(np.uint8) * 255)
+    lesion_free = np.asarray(Image.open(names[1]))
+    assert lesion_free.shape == fresh.answers[second].shape and not lesion_free.any()
+    assert not (fresh.round_dir / f"{Path(third).stem}_segmentation.png").exists()
+    assert (fresh.round_dir / "annotations.csv").read_text().splitlines() == [
+        "image,status,mask,completed_by,lead_time_s,task_id,annotation_id",
+        f"{first},annotated,{names[0].name},4,31.500,100,11",
+        f"{second},annotated,{names[1].name},5,2.000,101,12",
+        f"{third},skipped,,,,,"]
+    assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
+
+
+def test_strokes_drawn_in_label_studios_own_editor_come_back_as_their_union(tmp_path):
+    """A JSON export written by Label Studio 1.23.2 (captured once, tests/data): in task 3 an annotator kept the
+    proposal's region and drew one brush stroke with the mouse in the labelling view (headless Chromium; the editor
+    anti-aliases a stroke's edge, alpha 8-255); task 1 was annotated and task 2 skipped through the REST API. Its
+    round (run-A, round 1: three synthetic images, seed 1, 300 px) is made again here."""
+    data = make_synthetic_isic(tmp_path / "data", n_train=3, n_val=1, size=300, seed=1)
+    annotation_rounds.hide_masks(data / "Training_GroundTruth", tmp_path / "answers")
+    samples = discover_samples(data / "Training_Data", data / "Training_GroundTruth", unlabeled_ok=True)
+    round_dir = tmp_path / "root" / "run" / "annotate" / "round_001"
+    items = [annotation_rounds.RoundItem(s, 1.0, rank + 1, np.zeros(s.orig_size, bool))
+             for rank, s in enumerate(samples)]
+    annotation_rounds.write_round(round_dir, items)
+    label_studio.write_round_files(round_dir, items, "run-A", 1, tmp_path / "root")
+    result = label_studio.import_export(FRONTEND_EXPORT, round_dir)
+    assert result.not_returned == {"ISIC_0000001.jpg": "skipped"} and len(result.written) == 2
+    drawn = json.loads(FRONTEND_EXPORT.read_text())[2]["annotations"][0]["result"]
+    alphas = [brush.decode_rle(r["value"]["rle"]).reshape(204, 300, 4)[..., 3] for r in drawn]
+    assert len(alphas) == 2 and ((alphas[1] > 0) & (alphas[1] <= 127)).any()  # the proposal, a soft-edged stroke
+    want = (alphas[0] > 127) | (alphas[1] > 127)
+    np.testing.assert_array_equal(np.asarray(Image.open(round_dir / "ISIC_0000002_segmentation.png")) > 0, want)
+    api_made = np.zeros((219, 300), bool)
+    api_made[50:120, 60:200] = True
+    np.testing.assert_array_equal(np.asarray(Image.open(round_dir / "ISIC_0000000_segmentation.png")) > 0, api_made)
+
+
+def test_unannotated_images_are_not_returned_and_earlier_rounds_are_left_aside(fresh, tmp_path):
+    first = fresh.items[0].sample.image_path.name
+    tasks = export_of(fresh.round_dir, {first: [annotation([brush_region(fresh.answers[first])])]})
+    earlier = json.loads(json.dumps(tasks[0]))
+    earlier["data"].update(mdsam_round=ROUND - 1, mdsam_image="ISIC_9999999.jpg")  # the run's project, round 2
+    result = label_studio.import_export(write_export(tmp_path / "e.json", [earlier] + tasks), fresh.round_dir)
+    assert [p.name for p in result.written] == [f"{Path(first).stem}_segmentation.png"]
+    assert result.earlier_round_tasks == 1
+    assert result.not_returned == {item.sample.image_path.name: "not_annotated" for item in fresh.items[1:]}
+
+
+def good_task(fresh):
+    name = fresh.items[0].sample.image_path.name
+    return export_of(fresh.round_dir, {name: [annotation([brush_region(fresh.answers[name])], 21)]})[0]
+
+
+def edited(task, **data):
+    task = json.loads(json.dumps(task))
+    task["data"].update(data)
+    return task
+
+
+BAD_EXPORTS = {
+    "two annotations": (lambda t: {**t, "annotations": t["annotations"] * 2}, "2 annotations \\(ids 21, 21\\)"),
+    "another image": (lambda t: edited(t, mdsam_image="ISIC_7777777.jpg"), "ISIC_7777777.jpg is not one of round 3"),
+    "another run": (lambda t: edited(t, mdsam_run="run-B"), "a task of another run \\('run-B'"),
+    "a later round": (lambda t: edited(t, mdsam_round=ROUND + 1), "a task of round 4, after this round 3"),
+    "no round number": (lambda t: edited(t, mdsam_round="3"), "its mdsam_round is '3', not a round number"),
+    "not our task": (lambda t: {**t, "data": {"image": t["data"]["image"]}}, "not a task of a trainer round"),
+    "another size": (lambda t: {**t, "annotations": [annotation([brush_region(np.ones((9, 7), bool))])]},
+                     "drawn on a 7x9 image, but the round's image is 160x"),
+    "another tool": (lambda t: {**t, "annotations": [annotation([{**brush_region(np.ones((9, 7), bool)),
+                                                                  "type": "rectanglelabels"}])]},
+                     "a rectanglelabels region"),
+    "another label": (lambda t: {**t, "annotations": [annotation([brush_region(np.ones((9, 7), bool),
+                                                                               label="nevus")])]},
+                      "labelled \\['nevus'\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXPORTS))
+def test_an_export_that_does_not_fit_the_round_is_one_error_and_writes_nothing(fresh, tmp_path, case):
+    change, message = BAD_EXPORTS[case]
+    before = written_files(fresh.round_dir)
+    export = write_export(tmp_path / "export.json", [change(good_task(fresh))])
+    with pytest.raises(label_studio.ExportError, match=message):
+        label_studio.import_export(export, fresh.round_dir)
+    assert written_files(fresh.round_dir) == before
+
+
+def test_the_same_image_annotated_in_two_tasks_is_an_error(fresh, tmp_path):
+    task = good_task(fresh)
+    twice = [task, {**task, "id": 555, "annotations": [annotation([], 22)]}]
+    with pytest.raises(label_studio.ExportError, match="annotated in two tasks \\(100 and 555"):
+        label_studio.import_export(write_export(tmp_path / "e.json", twice), fresh.round_dir)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "cannot read it as a Label Studio JSON export"),
+    (json.dumps([{"image": "x.jpg", "lesion_mask": []}]), "not JSON_MIN, CSV or masks"),  # JSON_MIN's shape
+    (json.dumps([]), "no task of round 3"),
+])
+def test_a_file_that_is_not_a_json_export_of_this_round_is_refused(fresh, tmp_path, content, message):
+    (tmp_path / "export.json").write_text(content)
+    with pytest.raises(label_studio.ExportError, match=message):
+        label_studio.import_export(tmp_path / "export.json", fresh.round_dir)
+
+
+def test_a_target_inside_the_data_sets_mask_folder_is_refused(fresh, tmp_path):
+    inside = fresh.data_root / "Training_GroundTruth" / "round_003"
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    for folder in (inside, tmp_path / "ISIC-2017_Training_Part1_GroundTruth" / "r"):
+        shutil.copytree(fresh.round_dir, folder)
+        with pytest.raises(label_studio.RoundFolderError, match="inside the data set's mask folder"):
+            label_studio.import_export(export, folder)
+        assert not list(folder.glob("*_segmentation.png"))
+    with pytest.raises(label_studio.RoundFolderError, match="has no label_studio_tasks.json"):
+        label_studio.import_export(export, tmp_path)
+    (fresh.round_dir / fresh.items[1].sample.image_path.name).unlink()
+    with pytest.raises(label_studio.RoundFolderError, match="an image of the round is missing or unreadable"):
+        label_studio.import_export(export, fresh.round_dir)
+
+
+def test_existing_masks_are_never_overwritten_one_error_lists_them(fresh, tmp_path):
+    first, second, _ = (item.sample.image_path.name for item in fresh.items)
+    export = write_export(tmp_path / "e.json", export_of(fresh.round_dir, {
+        first: [annotation([brush_region(fresh.answers[first])], 31)],
+        second: [annotation([brush_region(fresh.answers[second])], 32)]}))
+    person_made = fresh.round_dir / f"{Path(first).stem}_segmentation.png"
+    Image.fromarray(np.full(fresh.answers[first].shape, 255, np.uint8)).save(person_made)
+    in_dataset = fresh.data_root / "Training_GroundTruth" / f"{Path(second).stem}_segmentation.png"
+    Image.fromarray(fresh.answers[second].astype(np.uint8) * 255).save(in_dataset)
+    before = written_files(fresh.round_dir)
+    with pytest.raises(label_studio.MaskClashError, match="2 mask file") as error:
+        label_studio.import_export(export, fresh.round_dir)
+    assert str(person_made) in str(error.value) and str(in_dataset) in str(error.value)
+    assert written_files(fresh.round_dir) == before
+    # the same export once the clashes are gone, then again: identical masks are left as they are
+    person_made.unlink()
+    in_dataset.unlink()
+    assert len(label_studio.import_export(export, fresh.round_dir).written) == 2
+    again = label_studio.import_export(export, fresh.round_dir)
+    assert again.written == [] and len(again.unchanged) == 2
+
+
+def test_a_mask_that_appears_during_the_write_is_kept(tmp_path):
+    target = tmp_path / "x_segmentation.png"
+    with pytest.raises(FileExistsError):
+        with safe_io.atomic_path(target, replace=False) as tmp:
+            tmp.write_bytes(b"ours")
+            target.write_bytes(b"the person's")
+    assert target.read_bytes() == b"the person's" and not safe_io.stale_temp_files(tmp_path)
+    with safe_io.atomic_path(tmp_path / "new.png", replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert (tmp_path / "new.png").read_bytes() == b"ours"
+
+
+def test_the_command_writes_masks_or_says_in_one_line_what_is_wrong(fresh, tmp_path, capsys):
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    assert label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)]) == 0
+    said = capsys.readouterr().out
+    assert f"mask(s) written to {fresh.round_dir}: 1" in said and "--accept_partial" in said
+    write_export(export, [edited(good_task(fresh), mdsam_run="run-B")])
+    with pytest.raises(SystemExit) as exit_info:
+        label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("label_studio.py import: --export: ") and "another run" in err
