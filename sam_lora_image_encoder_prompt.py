@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -531,16 +531,23 @@ class LoRA_Sam(nn.Module):
         self.load_state_dict(tensors, strict=False)
 
     def _lora_shape_hint(self, key: str, shape: Sequence[int]) -> str:
-        """Why a LoRA matrix of our format has another shape: rank, or the other `lora_width`."""
+        """Why a LoRA matrix of our format has another shape: the other `lora_width`, or the rank."""
         if ".lora_" not in key:
             return ""
-        file_rank = _lora_rank(key, shape)
-        if file_rank != self.r or ".lora_b_" not in key:
-            return f" (LoRA rank: file {file_rank}, model {self.r})"
-        module = self.get_submodule(key.rsplit(".", 2)[0])
-        saved = "input" if shape[0] == module.base.in_features else "output"
-        return (f" (LoRA width: the file's update is {shape[0]} wide, as with lora_width={saved!r}; this model has "
-                f"lora_width={self.lora_width!r}: build it with lora_width={saved!r})")
+        saved = self._other_lora_width(key, shape)
+        if saved is not None:
+            return (f" (LoRA width: the file's update is {shape[0]} wide, as with lora_width={saved!r}; this model "
+                    f"has lora_width={self.lora_width!r}: build it with lora_width={saved!r})")
+        return f" (LoRA rank: file {_lora_rank(key, shape)}, model {self.r})"
+
+    def _other_lora_width(self, key: str, shape: Sequence[int]) -> Optional[str]:
+        """The other `lora_width` when `shape` is what it gives the B matrix `key` (our format), else None."""
+        if ".lora_b_" not in key or _lora_rank(key, shape) != self.r:
+            return None
+        base = self.get_submodule(key.rsplit(".", 2)[0]).base
+        rows = {"input": base.in_features, "output": base.out_features // 3}
+        other = "output" if self.lora_width == "input" else "input"
+        return other if shape[0] == rows[other] != rows[self.lora_width] else None
 
     def _lora_paths(self) -> List[str]:
         """state_dict prefix of each adapted block's `LoRAQKV`, in block order."""
@@ -567,13 +574,14 @@ class LoRA_Sam(nn.Module):
             targets.update(_reference_lora_targets(self.get_submodule(path), f"{path}.", names))
         return targets
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """As `nn.Module.load_state_dict`; it also reads the reference code's full state_dict (its
         `best_model_dice*.pth`), rewritten by `_from_reference_layout`. (Not a load_state_dict pre-hook:
         torch calls those with strict=True whatever the caller asked for.)"""
         return super().load_state_dict(self._from_reference_layout(state_dict, strict), strict=strict, assign=assign)
 
-    def _from_reference_layout(self, state_dict: Dict[str, torch.Tensor], strict: bool) -> Dict[str, torch.Tensor]:
+    def _from_reference_layout(self, state_dict: Mapping[str, torch.Tensor], strict: bool
+                               ) -> Mapping[str, torch.Tensor]:
         """A reference full state_dict -> ours (see `_reference_full_targets`; video-only groups skipped with
         one log line; what fits nothing is one `LoRACheckpointError`). Our own layout is returned as it is,
         except that LoRA matrices of the other `lora_width` are refused with that hint instead of a bare
@@ -583,11 +591,9 @@ class LoRA_Sam(nn.Module):
                                    sam_prefix="sam.", strict=strict)
         own = self.state_dict()
         for name, value in state_dict.items():
-            if ".lora_b_" in name and name in own and tuple(value.shape) != tuple(own[name].shape):
-                hint = self._lora_shape_hint(name, value.shape)
-                if "width" in hint:
-                    raise LoRACheckpointError(f"{name}: checkpoint {tuple(value.shape)}, model "
-                                              f"{tuple(own[name].shape)}{hint}")
+            if name in own and self._other_lora_width(name, value.shape) is not None:
+                raise LoRACheckpointError(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(own[name].shape)}"
+                                          f"{self._lora_shape_hint(name, value.shape)}")
         return state_dict
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
