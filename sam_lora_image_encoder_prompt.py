@@ -11,14 +11,19 @@ always token c-1, the only heads the loss trains).
 The prompt helpers at the top of this module (largest component, EDT centre point,
 random point, box) are the one implementation of DESIGN decision 3; both the training
 forward and the active-learning strategies use them.
+
+`LoRA_Sam` also reads the reference implementation's checkpoints (its full state_dict through
+`load_state_dict`, its LoRA-only file through `load_lora_parameters`), reproducing its LoRA exactly.
 """
 
+import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +32,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
-from sam2.build_sam import CheckpointError, ConfigNotFoundError, build_sam2
+from sam2.build_sam import VIDEO_ONLY_STATE_GROUPS, CheckpointError, ConfigNotFoundError, build_sam2
+
+logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Point = Tuple[float, float]
@@ -38,6 +45,8 @@ PROMPT_MODES = ("none", "point", "box", "point-box")
 POSITIVE_LABEL = 1
 BOX_CORNER_LABELS = (2, 3)
 LORA_FILE_PREFIXES = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
+# "input": q/v updates as wide as the block's input, as the reference code; "output": as wide as q/v
+LORA_WIDTHS = ("input", "output")
 
 # 8-connectivity: pixels touching diagonally belong to the same component.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
@@ -223,23 +232,32 @@ def prompts_from_logits(
 class LoRAQKV(nn.Module):
     """A frozen q/k/v projection plus trainable rank-r updates of its q and v parts.
 
-    qkv(x) = W x + b with W stacking q, k, v (each `qkv.out_features // 3` wide, which is
-    the block's output width, not its input width, at Hiera stage transitions). This adds
-    B_q A_q x to the q slice and B_v A_v x to the v slice. B starts at zero, so the
-    wrapped projection initially computes exactly the original one.
+    qkv(x) = W x + b, W: 3*d_out x d_in stacking q, k and v (d_out = 2 d_in in the first block of
+    each Hiera stage after the first, else d_out = d_in). The updates are w outputs wide: B_q A_q x is
+    added to the first w outputs (the start of q) and B_v A_v x to the last w outputs (the end of v).
+      width "input": w = d_in, the reference code's layout: at a stage change the q update covers the
+        first half of q and the v update the second half of v.
+      width "output": w = d_out: the updates cover all of q and all of v.
+    B starts at zero, so the wrapped projection initially computes exactly the original one.
     """
 
-    def __init__(self, qkv: nn.Linear, r: int):
+    def __init__(self, qkv: nn.Linear, r: int, width: str = "input"):
         super().__init__()
         if qkv.out_features % 3 != 0:
             raise ValueError(f"qkv projection has {qkv.out_features} outputs, not a multiple of 3")
-        width = qkv.out_features // 3
+        if width not in LORA_WIDTHS:
+            raise ValueError(f"LoRA width must be one of {LORA_WIDTHS}, got {width!r}")
+        span = qkv.in_features if width == "input" else qkv.out_features // 3
+        if span > qkv.out_features // 3:
+            raise ValueError(f"width 'input' needs in_features <= out_features / 3, got {qkv.in_features} -> "
+                             f"{qkv.out_features}")
+        self.width = width
         self.base = qkv
         self.base.requires_grad_(False)
         self.lora_a_q = nn.Linear(qkv.in_features, r, bias=False)
-        self.lora_b_q = nn.Linear(r, width, bias=False)
+        self.lora_b_q = nn.Linear(r, span, bias=False)
         self.lora_a_v = nn.Linear(qkv.in_features, r, bias=False)
-        self.lora_b_v = nn.Linear(r, width, bias=False)
+        self.lora_b_v = nn.Linear(r, span, bias=False)
         self.enabled = True  # False: the frozen projection alone (LoRA_Sam.lora_disabled)
         self.reset_parameters()
 
@@ -250,13 +268,14 @@ class LoRAQKV(nn.Module):
             nn.init.zeros_(up.weight)
 
     def merged_weight(self) -> torch.Tensor:
-        """3*width x dim: the base weight with both low-rank updates folded in."""
+        """3*d_out x d_in: the base weight with both low-rank updates folded in."""
         delta_q = self.lora_b_q.weight @ self.lora_a_q.weight
         delta_v = self.lora_b_v.weight @ self.lora_a_v.weight
-        return self.base.weight + torch.cat([delta_q, torch.zeros_like(delta_q), delta_v], dim=0)
+        between = delta_q.new_zeros(self.base.out_features - 2 * self.lora_b_q.out_features, delta_q.shape[1])
+        return self.base.weight + torch.cat([delta_q, between, delta_v], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ... x dim -> ... x 3*width."""
+        """x: ... x d_in -> ... x 3*d_out."""
         if not self.enabled:
             return self.base(x)
         if not (torch.is_grad_enabled() and self.lora_a_q.weight.requires_grad):
@@ -266,10 +285,127 @@ class LoRAQKV(nn.Module):
         # Training: low-rank path, so gradients cost O(tokens * r), not a full weight gradient.
         # Linear's backward does not need its output, so updating it in place is safe.
         qkv = self.base(x)
-        width = self.lora_b_q.out_features
-        qkv[..., :width] += self.lora_b_q(self.lora_a_q(x))
-        qkv[..., 2 * width :] += self.lora_b_v(self.lora_a_v(x))
+        span = self.lora_b_q.out_features
+        qkv[..., :span] += self.lora_b_q(self.lora_a_q(x))
+        qkv[..., qkv.shape[-1] - span :] += self.lora_b_v(self.lora_a_v(x))
         return qkv
+
+    def up_from_reference(self, up: torch.Tensor, part: str) -> torch.Tensor:
+        """The reference code's B of the q or v update (d_in x r, added to the first / last d_in qkv outputs)
+        -> this module's lora_b_{part} weight that adds the same: itself at width "input"; at width "output"
+        placed in the first (q) or last (v) d_in rows, zeros elsewhere."""
+        if self.width == "input":
+            return up
+        own = up.new_zeros(self.lora_b_q.out_features, up.shape[1])
+        rows = slice(0, up.shape[0]) if part == "q" else slice(own.shape[0] - up.shape[0], own.shape[0])
+        own[rows] = up
+        return own
+
+
+# --------------------------------------------------------------------------------------
+# the reference code's checkpoints (Aileen0402/MD-SAM-AL, sam_lora_image_encoder_prompt.py)
+# --------------------------------------------------------------------------------------
+
+# Its full state_dict keeps each adapted block's frozen projection and updates inside attn.qkv:
+# sam.image_encoder.trunk.blocks.<i>.attn.qkv.qkv.{weight,bias} and ...attn.qkv.linear_{a,b}_{q,v}.weight.
+REFERENCE_QKV_KEY = re.compile(r"\.attn\.qkv\.(qkv\.(weight|bias)|linear_[ab]_[qv]\.weight)$")
+# Its LoRA-only file (save_lora_parameters): w_a_<i> / w_b_<i> (at least 3 digits) for update i = the q (even i)
+# and v (odd i) update of the adapted blocks in order, plus every SAM2 state_dict entry (no "sam." prefix) whose
+# name contains one of REFERENCE_LORA_FILE_WORDS.
+REFERENCE_LORA_KEY = re.compile(r"^w_[ab]_\d{3,}$")
+REFERENCE_LORA_FILE_WORDS = ("prompt_encoder", "mask_decoder", "no_mem", "memory", "obj")
+# The reference's dual-decoder SAM2 (sam2/modeling/sam2_base_1.py) is not published; we assume it names the
+# second decoder as ours does.
+ASSUMED_DECODER2 = "sam_mask_decoder2"
+
+
+class LoRACheckpointError(RuntimeError, ValueError):
+    """A checkpoint whose entries do not fit this LoRA_Sam: keys that fit nothing, missing keys, shapes."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one entry of a reference checkpoint goes: our key, the shape the file must have, and how its
+    tensor becomes ours (None: as it is)."""
+
+    key: str
+    shape: Tuple[int, ...]
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _reference_lora_targets(module: "LoRAQKV", own_prefix: str, names: Dict[str, str]) -> Dict[str, _Target]:
+    """The reference names of one block's four update matrices -> targets in `module` (at `own_prefix`).
+
+    names: {"a_q": reference key, "b_q": ..., "a_v": ..., "b_v": ...}. The reference's A is r x d_in like ours;
+    its B is d_in x r, placed by `LoRAQKV.up_from_reference`.
+    """
+    rank, dim = module.lora_a_q.weight.shape
+    targets = {}
+    for part, name in names.items():
+        down, which = part.split("_")
+        own = f"{own_prefix}lora_{part}.weight"
+        if down == "a":
+            targets[name] = _Target(own, (rank, dim))
+        else:
+            targets[name] = _Target(own, (dim, rank), lambda up, which=which: module.up_from_reference(up, which))
+    return targets
+
+
+def _without_video_groups(tensors: Dict[str, torch.Tensor], sam_prefix: str) -> Dict[str, torch.Tensor]:
+    """Drop the video-only groups of upstream SAM2 (memory attention/encoder, object pointers, ...; our
+    image-only SAM2 has none), with one log line."""
+
+    def group(key: str) -> str:
+        return key[len(sam_prefix):].split(".")[0] if key.startswith(sam_prefix) else ""
+
+    video = sorted({group(k) for k in tensors if group(k) in VIDEO_ONLY_STATE_GROUPS})
+    if video:
+        count = sum(group(k) in VIDEO_ONLY_STATE_GROUPS for k in tensors)
+        logger.info("reference checkpoint: skipping %d video-only tensors (%s)", count, ", ".join(video))
+    return {k: v for k, v in tensors.items() if group(k) not in VIDEO_ONLY_STATE_GROUPS}
+
+
+def _reference_misfits(tensors: Dict[str, torch.Tensor], targets: Dict[str, _Target]) -> List[str]:
+    """What keeps `tensors` (reference names) from filling `targets`: one line per kind of problem."""
+    unknown = sorted(k for k in tensors if k not in targets)
+    missing = sorted(k for k in targets if k not in tensors)
+    shapes = [f"{k}: file {tuple(v.shape)}, this model needs {targets[k].shape}"
+              for k, v in sorted(tensors.items()) if k in targets and tuple(v.shape) != targets[k].shape]
+    problems = []
+    if unknown:
+        problems.append(f"keys that fit nothing in this model ({len(unknown)}): {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if shapes:
+        problems.append(f"shape mismatches: {'; '.join(shapes)}")
+    return problems
+
+
+def _read_reference(tensors: Dict[str, torch.Tensor], targets: Dict[str, _Target], source: str,
+                    sam_prefix: str, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """A reference checkpoint's tensors -> ours, keyed by our names; all-or-nothing.
+
+    Video-only groups are skipped (one log line); everything else that does not fit is one
+    `LoRACheckpointError` (with strict=False only shape mismatches are; keys that fit nothing are then
+    returned under their own names, for load_state_dict to report).
+    """
+    tensors = _without_video_groups(tensors, sam_prefix)
+    problems = _reference_misfits(tensors, targets)
+    if problems and (strict or any(line.startswith("shape") for line in problems)):
+        raise LoRACheckpointError(
+            f"{source} does not fit this LoRA_Sam: " + "; ".join(problems) + f". (Decoder 2 is read from "
+            f"{sam_prefix}{ASSUMED_DECODER2}.*: the name the reference's unpublished dual-decoder SAM2 is assumed "
+            "to give it. The LoRA updates are read block by block, q then v: model size, LoRA rank and lora_layer "
+            "must be those the file was made with.)"
+        )
+    converted = {}
+    for key, value in tensors.items():
+        target = targets.get(key)
+        if target is None:
+            converted[key] = value
+        else:
+            converted[target.key] = value if target.convert is None else target.convert(value)
+    return converted
 
 
 # --------------------------------------------------------------------------------------
@@ -287,6 +423,10 @@ class LoRA_Sam(nn.Module):
         (the frozen projection moves to `...attn.qkv.base.{weight,bias}`).
       r: LoRA rank.
       lora_layer: indices of the Hiera blocks to adapt (None: all blocks).
+      lora_width: "input" (the reference code's): the q and v updates are as wide as the block's
+        input, added to the first d_in outputs of q and the last d_in outputs of v; "output": as wide
+        as q and v (twice as wide in the first block of a Hiera stage). See `LoRAQKV`. The B matrices'
+        shapes differ accordingly; the key names do not.
       num_classes: foreground classes, 1..4 (SAM2 has four mask tokens). Outputs have
         num_classes + 1 channels: channel 0 is a constant-zero background logit, channel
         c is the raw output of mask token c-1, in train and eval mode alike. SAM2's eval-time
@@ -302,12 +442,19 @@ class LoRA_Sam(nn.Module):
 
     Trainable: LoRA matrices, the prompt encoder and both mask decoders. Everything else
     in `sam_model` (image encoder weights, memory modules, no_mem_embed) is frozen.
+
+    `load_state_dict` also reads the reference code's full state_dict (its `best_model_dice*.pth`:
+    `...attn.qkv.qkv.*`, `...attn.qkv.linear_{a,b}_{q,v}.weight`), and `load_lora_parameters` its
+    LoRA-only file (`w_a_000`, `w_b_000`, ...): see `_from_reference_layout` and `load_lora_parameters`.
     """
 
-    def __init__(self, sam_model: nn.Module, r: int, lora_layer: Optional[Sequence[int]] = None, num_classes: int = 1):
+    def __init__(self, sam_model: nn.Module, r: int, lora_layer: Optional[Sequence[int]] = None, num_classes: int = 1,
+                 lora_width: str = "input"):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if lora_width not in LORA_WIDTHS:
+            raise ValueError(f"lora_width must be one of {LORA_WIDTHS}, got {lora_width!r}")
         for name in ("image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "sam_mask_decoder2"):
             if not hasattr(sam_model, name):
                 raise TypeError(f"sam_model has no `{name}`: build it with sam2.build_sam.build_sam2")
@@ -329,7 +476,7 @@ class LoRA_Sam(nn.Module):
             attn = blocks[i].attn
             if isinstance(attn.qkv, LoRAQKV):
                 raise ValueError(f"block {i} already carries LoRA: wrap a freshly built SAM2 model")
-            attn.qkv = LoRAQKV(attn.qkv, r)
+            attn.qkv = LoRAQKV(attn.qkv, r, lora_width)
         for trainable in (sam_model.sam_prompt_encoder, sam_model.sam_mask_decoder, sam_model.sam_mask_decoder2):
             trainable.requires_grad_(True)
 
@@ -337,6 +484,7 @@ class LoRA_Sam(nn.Module):
         self.r = r
         self.lora_layer = lora_layer
         self.num_classes = num_classes
+        self.lora_width = lora_width
 
     # ---- parameters ------------------------------------------------------------------
 
@@ -365,33 +513,109 @@ class LoRA_Sam(nn.Module):
         atomic_torch_save(tensors, path)
 
     def load_lora_parameters(self, path: Union[str, os.PathLike]) -> None:
-        """Load a file written by `save_lora_parameters` (weights_only; all keys must match)."""
+        """Load a LoRA-only file (weights_only; all keys must match, nothing is copied otherwise).
+
+        Two formats: ours (`save_lora_parameters`), and the reference code's (`w_a_<i>`, `w_b_<i>`: update i
+        is the q (even i) or v (odd i) update of the adapted blocks in order; the SAM2 entries whose names
+        contain prompt_encoder, mask_decoder, no_mem, memory or obj, without the "sam." prefix; video-only
+        groups are skipped with one log line). The reference's updates are reproduced exactly at either
+        `lora_width`. Errors: `LoRACheckpointError` (a ValueError) naming the keys, `CheckpointFileError`.
+        """
         tensors = load_torch_file(path)
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise CheckpointFileError(f"{path} does not hold a {{name: tensor}} dictionary")
+        if any(REFERENCE_LORA_KEY.match(k) for k in tensors):
+            converted = _read_reference(tensors, self._reference_lora_file_targets(), str(path), sam_prefix="")
+            self.load_state_dict(converted, strict=False)
+            return
         own = {k: v for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
         extra = sorted(set(tensors) - set(own))
         if extra:
             hint = (
                 " It looks like a full LoRA_Sam state_dict (e.g. best_model_dice*.pth): load it with "
                 "net.load_state_dict(torch.load(path, weights_only=True))."
-                if any(".attn.qkv.base." in k for k in extra)
+                if any(".attn.qkv.base." in k or REFERENCE_QKV_KEY.search(k) for k in extra)
                 else ""
             )
-            raise ValueError(f"{path}: unexpected keys for a LoRA file: {extra[:5]}{'...' if len(extra) > 5 else ''}.{hint}")
+            raise LoRACheckpointError(
+                f"{path}: unexpected keys for a LoRA file: {extra[:5]}{'...' if len(extra) > 5 else ''}.{hint}")
         missing = sorted(set(own) - set(tensors))
         if missing:
-            raise ValueError(
+            raise LoRACheckpointError(
                 f"{path}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''} "
                 f"(saved with other lora_layer / model config?)"
             )
         for key, value in tensors.items():
             if value.shape != own[key].shape:
-                hint = f" (LoRA rank: file {_lora_rank(key, value)}, model {self.r})" if ".lora_" in key else ""
-                raise ValueError(
-                    f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}{hint}"
-                )
+                raise LoRACheckpointError(f"{path}: shape mismatch for {key}: file {tuple(value.shape)}, "
+                                          f"model {tuple(own[key].shape)}{self._lora_shape_hint(key, value.shape)}")
         self.load_state_dict(tensors, strict=False)
+
+    def _lora_shape_hint(self, key: str, shape: Sequence[int]) -> str:
+        """Why a LoRA matrix of our format has another shape: the other `lora_width`, or the rank."""
+        if ".lora_" not in key:
+            return ""
+        saved = self._other_lora_width(key, shape)
+        if saved is not None:
+            return (f" (LoRA width: the file's update is {shape[0]} wide, as with lora_width={saved!r}; this model "
+                    f"has lora_width={self.lora_width!r}: build it with lora_width={saved!r})")
+        return f" (LoRA rank: file {_lora_rank(key, shape)}, model {self.r})"
+
+    def _other_lora_width(self, key: str, shape: Sequence[int]) -> Optional[str]:
+        """The other `lora_width` when `shape` is what it gives the B matrix `key` (our format), else None."""
+        if ".lora_b_" not in key or _lora_rank(key, shape) != self.r:
+            return None
+        base = self.get_submodule(key.rsplit(".", 2)[0]).base
+        rows = {"input": base.in_features, "output": base.out_features // 3}
+        other = "output" if self.lora_width == "input" else "input"
+        return other if shape[0] == rows[other] != rows[self.lora_width] else None
+
+    def _lora_paths(self) -> List[str]:
+        """state_dict prefix of each adapted block's `LoRAQKV`, in block order."""
+        return [f"sam.image_encoder.trunk.blocks.{i}.attn.qkv" for i in self.lora_layer]
+
+    def _reference_full_targets(self) -> Dict[str, _Target]:
+        """Reference full state_dict key -> target: LoRA renamed (linear_* -> lora_*, qkv -> base), B placed
+        by `LoRAQKV.up_from_reference`; every other SAM2 key by its own name."""
+        targets = {k: _Target(k, tuple(v.shape)) for k, v in self.state_dict().items() if ".lora_" not in k}
+        for path in self._lora_paths():
+            for param in ("weight", "bias"):
+                targets[f"{path}.qkv.{param}"] = targets.pop(f"{path}.base.{param}")
+            names = {part: f"{path}.linear_{part}.weight" for part in ("a_q", "b_q", "a_v", "b_v")}
+            targets.update(_reference_lora_targets(self.get_submodule(path), f"{path}.", names))
+        return targets
+
+    def _reference_lora_file_targets(self) -> Dict[str, _Target]:
+        """Reference LoRA-file key -> target: update 2j / 2j+1 = the q / v update of the j-th adapted block;
+        the SAM2 entries the reference saves (names containing REFERENCE_LORA_FILE_WORDS) by name."""
+        targets = {k[len("sam."):]: _Target(k, tuple(v.shape)) for k, v in self.state_dict().items()
+                   if ".lora_" not in k and any(word in k[len("sam."):] for word in REFERENCE_LORA_FILE_WORDS)}
+        for j, path in enumerate(self._lora_paths()):
+            names = {f"{ab}_{part}": f"w_{ab}_{2 * j + i:03d}" for i, part in enumerate("qv") for ab in "ab"}
+            targets.update(_reference_lora_targets(self.get_submodule(path), f"{path}.", names))
+        return targets
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """As `nn.Module.load_state_dict`; it also reads the reference code's full state_dict (its
+        `best_model_dice*.pth`), rewritten by `_from_reference_layout`. (Not a load_state_dict pre-hook:
+        torch calls those with strict=True whatever the caller asked for.)"""
+        return super().load_state_dict(self._from_reference_layout(state_dict, strict), strict=strict, assign=assign)
+
+    def _from_reference_layout(self, state_dict: Mapping[str, torch.Tensor], strict: bool
+                               ) -> Mapping[str, torch.Tensor]:
+        """A reference full state_dict -> ours (see `_reference_full_targets`; video-only groups skipped with
+        one log line; what fits nothing is one `LoRACheckpointError`). Our own layout is returned as it is,
+        except that LoRA matrices of the other `lora_width` are refused with that hint instead of a bare
+        size mismatch."""
+        if any(REFERENCE_QKV_KEY.search(name) for name in state_dict):
+            return _read_reference(dict(state_dict), self._reference_full_targets(), "reference-layout state_dict",
+                                   sam_prefix="sam.", strict=strict)
+        own = self.state_dict()
+        for name, value in state_dict.items():
+            if name in own and self._other_lora_width(name, value.shape) is not None:
+                raise LoRACheckpointError(f"{name}: checkpoint {tuple(value.shape)}, model {tuple(own[name].shape)}"
+                                          f"{self._lora_shape_hint(name, value.shape)}")
+        return state_dict
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Activation checkpointing of the Hiera blocks while training (``--grad_ckpt``).
@@ -599,8 +823,8 @@ def _merge_points_and_boxes(
     return torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1].int()], dim=1)
 
 
-def _lora_rank(key: str, value: torch.Tensor) -> int:
-    return value.shape[0] if ".lora_a_" in key else value.shape[-1]
+def _lora_rank(key: str, shape: Sequence[int]) -> int:
+    return shape[0] if ".lora_a_" in key else shape[-1]
 
 
 # --------------------------------------------------------------------------------------
@@ -621,13 +845,15 @@ class ModelInputError(ValueError):
 def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
                 num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
                 device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
-                seed: int = 0, weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
+                seed: int = 0, weights: Optional[Union[str, os.PathLike]] = None,
+                lora_width: str = "input") -> nn.Module:
     """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` from ``module``, on ``device``: the one model factory.
 
     ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``); ``seed`` also fixes the LoRA A
-    matrices. ``lora_ckpt`` (``save_lora_parameters`` format) is loaded on top; ``weights`` (a full
-    ``LoRA_Sam.state_dict()`` such as best_model_dice*.pth) replaces every weight. Every problem with an input is
-    a ``ModelInputError`` naming its source.
+    matrices. ``lora_width``: see ``LoRA_Sam`` ("input" = the reference code's). ``lora_ckpt`` (ours or the
+    reference's LoRA-only format, see ``LoRA_Sam.load_lora_parameters``) is loaded on top; ``weights`` (a full
+    ``LoRA_Sam.state_dict()`` such as best_model_dice*.pth, ours or the reference's) replaces every weight. Every
+    problem with an input is a ``ModelInputError`` naming its source.
     """
     torch.manual_seed(seed)
     try:
@@ -642,7 +868,7 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("checkpoint", str(err)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
-    net = lora_sam_class(sam, r=rank, num_classes=num_classes).to(device)
+    net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width).to(device)
     if lora_ckpt:
         try:
             net.load_lora_parameters(lora_ckpt)
@@ -679,4 +905,4 @@ def build_model_from_settings(settings: Dict[str, object], device: Union[torch.d
     return build_model(text("model_cfg"), None if weights is not None else text("checkpoint"),
                        int(settings["img_size"]), int(settings.get("rank", 4)), int(settings.get("num_classes", 1)),
                        text("module", __name__), device, None if weights is not None else text("lora_ckpt"),
-                       int(settings.get("seed", 0)), weights)
+                       int(settings.get("seed", 0)), weights, text("lora_width", "input"))

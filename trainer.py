@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="official SAM2.1 checkpoint; 'none' = seeded random weights")
     model.add_argument("--module", default="sam_lora_image_encoder_prompt", help="Python module defining LoRA_Sam")
     model.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    model.add_argument("--lora_width", default="input", choices=["input", "output"], help="LoRA q/v updates at Hiera "
+                       "stage changes: input = as wide as the block's input (the reference code); output = all of q/v")
     model.add_argument("--lora_ckpt", default=None, help="LoRA-only weights to start from (save_lora_parameters)")
     model.add_argument("--img_size", type=int, default=512, help="training/validation resolution (multiple of 32)")
     model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
@@ -148,8 +150,9 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 # Settings a resumed run must share with the run it continues (else selections would differ), besides the
 # strategy's own parameters. LEGACY: what a setting absent from an older run folder means (how it was made).
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
-                    "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode")
-LEGACY = dict(precision="mixed", decode="draft",
+                    "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
+                    "lora_width")
+LEGACY = dict(precision="mixed", decode="draft", lora_width="output",
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 log = logging.getLogger("trainer")

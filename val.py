@@ -455,7 +455,8 @@ MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--sam_ckpt", weights="--
 
 def load_model_for_eval(checkpoint: Union[str, os.PathLike], model_cfg: str, sam_ckpt: Optional[str], img_size: int,
                         num_classes: int, rank: int, device: torch.device, decoder: int = 1,
-                        module: str = "sam_lora_image_encoder_prompt") -> Callable[[torch.Tensor], torch.Tensor]:
+                        module: str = "sam_lora_image_encoder_prompt", lora_width: str = "input"
+                        ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The trained model of ``checkpoint`` (a ``best_model_dice*.pth`` full state_dict; ``build_model``, the one
     loader) as ``predict_fn`` for ``validate``: decoder ``decoder``, no prompt, float32. Every problem with the
     inputs is an ``EvalError`` naming the flag."""
@@ -466,7 +467,7 @@ def load_model_for_eval(checkpoint: Union[str, os.PathLike], model_cfg: str, sam
         raise EvalError(f"--sam_ckpt {sam_ckpt!r} does not exist; place the official SAM2.1 checkpoint there.")
     try:  # the full state_dict holds every weight: the SAM2 checkpoint is only read when given
         net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, module=module,
-                          device=device, weights=checkpoint).eval()
+                          device=device, weights=checkpoint, lora_width=lora_width).eval()
     except ModelInputError as err:
         hint = " (check --model_cfg, --rank, --img_size, --num_classes)" if err.source == "weights" else ""
         raise EvalError(f"{MODEL_FLAGS[err.source]}: {err}{hint}") from None
@@ -536,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img_size", type=int, default=512)
     parser.add_argument("--num_classes", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank the checkpoint was trained with")
+    parser.add_argument("--lora_width", default="input", choices=("input", "output"),
+                        help="the LoRA width the checkpoint was trained with (trainer.py --lora_width)")
     parser.add_argument("--module", default="sam_lora_image_encoder_prompt",
                         help="Python module defining the LoRA_Sam the checkpoint was trained with")
     parser.add_argument("--decoder", type=int, default=1, choices=(1, 2), help="which decoder's masks to score")
@@ -571,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise EvalError(f"--gpu {args.gpu}: {err}") from None
             predict_fn = load_model_for_eval(
                 args.checkpoint, args.model_cfg, args.sam_ckpt, args.img_size, args.num_classes, args.rank,
-                device, args.decoder, args.module,
+                device, args.decoder, args.module, args.lora_width,
             )
             dataset = ValSkinDataset(image_dir, mask_dir, args.img_size)
             loader = DataLoader(

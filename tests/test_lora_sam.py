@@ -130,11 +130,15 @@ def test_lora_widths_init_and_frozen_parameters(shared_net):
     widths = [block.attn.qkv.base.out_features // 3 for block in blocks]
     assert len(set(widths)) > 1  # stage transitions change the width
     assert any(block.dim != width for block, width in zip(blocks, widths))
-    for block, width in zip(blocks, widths):
+    assert shared_net.lora_width == "input"  # the reference code's width is the default
+    output_blocks = LoRA_Sam(tiny_sam(), r=4, lora_width="output").sam.image_encoder.trunk.blocks
+    for block, width, output_block in zip(blocks, widths, output_blocks):
         qkv = block.attn.qkv
         assert isinstance(qkv, LoRAQKV)
         assert qkv.lora_a_q.weight.shape == (4, block.dim) == qkv.lora_a_v.weight.shape
-        assert qkv.lora_b_q.weight.shape == (width, 4) == qkv.lora_b_v.weight.shape
+        assert qkv.lora_b_q.weight.shape == (block.dim, 4) == qkv.lora_b_v.weight.shape  # the block's input width
+        out_qkv = output_block.attn.qkv
+        assert out_qkv.lora_b_q.weight.shape == (width, 4) == out_qkv.lora_b_v.weight.shape  # q/v's width
         assert qkv.lora_a_q.weight.abs().sum() > 0 and qkv.lora_b_q.weight.abs().sum() == 0
     trainable = {name for name, p in shared_net.named_parameters() if p.requires_grad}
     allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
@@ -162,21 +166,27 @@ def test_lora_layer_choice_and_bad_arguments():
         LoRA_Sam(sam, r=2)
 
 
-def test_lora_updates_only_q_and_v():
+@pytest.mark.parametrize("width", ["input", "output"])
+def test_lora_updates_only_q_and_v(width):
+    """A stage change (input 6, q/k/v 12 wide each): "output" updates all of q and v; "input" (the reference's)
+    adds its 6-wide updates to the first 6 outputs of q and the last 6 of v."""
     torch.manual_seed(0)
-    base = torch.nn.Linear(6, 3 * 4)
-    lora = LoRAQKV(base, r=2)
+    base = torch.nn.Linear(6, 3 * 12)
+    lora = LoRAQKV(base, r=2, width=width)
     x = torch.randn(2, 3, 5, 6)
     assert torch.equal(lora(x), base(x))  # B = 0: exactly the original projection
     torch.nn.init.normal_(lora.lora_b_q.weight)
     torch.nn.init.normal_(lora.lora_b_v.weight)
-    q, k, v = lora(x).detach().split(4, dim=-1)
-    q0, k0, v0 = base(x).detach().split(4, dim=-1)
+    q, k, v = lora(x).detach().split(12, dim=-1)
+    q0, k0, v0 = base(x).detach().split(12, dim=-1)
     a_q, b_q = lora.lora_a_q.weight.detach(), lora.lora_b_q.weight.detach()
     a_v, b_v = lora.lora_a_v.weight.detach(), lora.lora_b_v.weight.detach()
-    torch.testing.assert_close(q, q0 + x @ a_q.T @ b_q.T)
+    span = 6 if width == "input" else 12
+    assert b_q.shape == (span, 2) == b_v.shape
+    zeros = torch.zeros(2, 3, 5, 12 - span)
+    torch.testing.assert_close(q, q0 + torch.cat([x @ a_q.T @ b_q.T, zeros], dim=-1))
     assert torch.equal(k, k0)
-    torch.testing.assert_close(v, v0 + x @ a_v.T @ b_v.T)
+    torch.testing.assert_close(v, v0 + torch.cat([zeros, x @ a_v.T @ b_v.T], dim=-1))
     # inference folds the updates into the weight: same numbers as the low-rank training path
     with torch.no_grad():
         torch.testing.assert_close(lora(x), torch.cat([q, k, v], dim=-1))
