@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
-from sam2.build_sam import build_sam2
+from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
+from sam2.build_sam import CheckpointReadError, build_sam2, state_mismatch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Point = Tuple[float, float]
@@ -574,12 +574,69 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
 
     ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``); ``seed`` also fixes the LoRA A
     matrices. ``lora_ckpt`` (``save_lora_parameters`` format) is loaded on top. Errors: ``build_sam``'s
-    ``ConfigNotFoundError``/``CheckpointError``, ``safe_io.CheckpointFileError``, ``ValueError`` (LoRA file).
+    ``ConfigError``/``CheckpointError``, ``safe_io.CheckpointFileError`` (a file torch cannot load, with the
+    message of every other load: build_sam's ``CheckpointReadError`` is mapped to it), ``ValueError`` (LoRA file).
     """
     torch.manual_seed(seed)
-    sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
+    try:
+        sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
+    except CheckpointReadError as err:
+        raise CheckpointFileError(unloadable_file_message(err.path, err.cause)) from None
     lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
     net = lora_sam_class(sam, r=rank, num_classes=num_classes).to(device)
     if lora_ckpt:
         net.load_lora_parameters(lora_ckpt)
     return net
+
+
+# --------------------------------------------------------------------------------------
+# trained-model files (best_model_dice*.pth: the full LoRA_Sam state dict)
+# --------------------------------------------------------------------------------------
+
+
+class ModelFileError(CheckpointFileError):
+    """A file given as a trained model holds something else. ``holds`` says what: "resume_state" (the trainer's
+    last_state.pth), "sam2_weights" (official SAM2 weights), "lora_file" (``save_lora_parameters``),
+    "other_model" (a LoRA_Sam of another size, rank or class count) or "no_state_dict"."""
+
+    def __init__(self, message: str, holds: str) -> None:
+        super().__init__(message)
+        self.holds = holds
+
+
+TRAINED_MODEL_HINT = "a trained model is a best_model_dice*.pth the trainer saved"
+
+
+def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """The LoRA_Sam state dict in ``path`` (weights_only). ``CheckpointFileError`` when torch cannot load it,
+    ``ModelFileError`` saying what it is when it is no LoRA_Sam state dict."""
+    obj = load_torch_file(path, map_location=map_location)
+    if isinstance(obj, dict) and {"args", "trainable"} <= set(obj):
+        raise ModelFileError(f"{path} is a trainer resume state (last_state.pth: settings, trainable weights, "
+                             f"optimiser), not a model; {TRAINED_MODEL_HINT} in the same run folder", "resume_state")
+    tensors = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(tensors, dict) or not tensors or not all(torch.is_tensor(v) for v in tensors.values()):
+        what = f"a {type(obj).__name__}" + (f" with keys {', '.join(map(str, list(obj)[:4]))}" if isinstance(obj, dict)
+                                             else "")
+        raise ModelFileError(f"{path} holds {what}, not a model state dict; {TRAINED_MODEL_HINT}", "no_state_dict")
+    if not any(str(k).startswith("sam.") for k in tensors):
+        raise ModelFileError(f"{path} holds SAM2 weights (an official SAM2 checkpoint?), not a trained LoRA_Sam; "
+                             f"{TRAINED_MODEL_HINT}", "sam2_weights")
+    if not any(".attn.qkv.base." in k for k in tensors):
+        raise ModelFileError(f"{path} is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a "
+                             f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
+    return tensors
+
+
+def load_model_state(net: LoRA_Sam, state: Dict[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    """Load a state dict read from ``path`` (``read_model_file``) into ``net``; ``ModelFileError("other_model")``
+    with one short summary (``build_sam.state_mismatch``, plus the LoRA ranks when they differ) when it does not
+    fit, before anything is copied."""
+    found = {k: v.shape for k, v in state.items()}
+    mismatch = state_mismatch(found, {k: v.shape for k, v in net.state_dict().items()})
+    if mismatch:
+        lora_key = next((k for k in sorted(state) if ".lora_a_q" in k), None)
+        file_rank = _lora_rank(lora_key, state[lora_key]) if lora_key else None
+        rank = f"; LoRA rank: file {file_rank}, model {net.r}" if file_rank not in (None, net.r) else ""
+        raise ModelFileError(f"{path} is another model than the one built here: {mismatch}{rank}", "other_model")
+    net.load_state_dict(state)

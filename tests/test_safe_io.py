@@ -1,5 +1,5 @@
 """safe_io.load_torch_file: pickled code is told apart from damage by what the file holds (its pickle's opcodes, read
-with pickletools, never run), for zip checkpoints and plain pickles."""
+with pickletools, never run), for zip checkpoints and plain pickles, and sam2's own load error gets the same message."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ import torch
 
 import safe_io
 from safe_io import CheckpointFileError, load_torch_file, pickled_code
+from sam_lora_image_encoder_prompt import build_model
 
 SYSTEM = f"{os.system.__module__}.system"  # posix.system here
 
@@ -96,3 +97,14 @@ def test_damage_and_text_keep_their_messages(tmp_path):
     (tmp_path / "config.pt").write_text("# @package _global_\n\nmodel:\n  _target_: x.Y\n")
     with pytest.raises(CheckpointFileError, match=r"a YAML config\? were a config and a checkpoint swapped\?"):
         load_torch_file(tmp_path / "config.pt")
+
+
+def test_sam2s_own_load_error_gets_the_message_of_every_other_load(tmp_path):
+    """Issue 15 item 6: sam2 raises its own CheckpointReadError; the model factory maps it to load_torch_file's text."""
+    path = payload_checkpoint(tmp_path)
+    with pytest.raises(CheckpointFileError) as direct:
+        load_torch_file(path)
+    with pytest.raises(CheckpointFileError) as via_factory:
+        build_model("sam2.1_hiera_t", str(path), 64, device="cpu")
+    assert str(via_factory.value) == str(direct.value)
+    assert not (tmp_path / "ran").exists()
