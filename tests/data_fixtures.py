@@ -1,6 +1,7 @@
 """Data fixtures shared by the data/metric tests (import the fixture names into a test module to use them)."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,12 @@ def synthetic_root(tmp_path_factory) -> Path:
 def synthetic_copy(tmp_path) -> Path:
     """A fresh small dataset a test may modify (6 train / 3 val, 96 px wide)."""
     return make_synthetic_isic(tmp_path / "data", 6, 3, 0, size=96, seed=3)
+
+
+def claim_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a PNG's header (IHDR) to claim ``width x height``; the pixel data stays that of the small image."""
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 from torch.utils.data import DataLoader
 
-from data_fixtures import ISIC_SAMPLE, needs_isic_sample, synthetic_copy, synthetic_root  # noqa: F401
+from data_fixtures import ISIC_SAMPLE, claim_size, needs_isic_sample, synthetic_copy, synthetic_root  # noqa: F401
 
 import datasets_skin as ds
 import synthetic_isic
@@ -314,15 +313,6 @@ def test_validation_set_of_empty_masks_is_refused(synthetic_copy):
     assert len(fresh._orig_masks) == 1, "stops at the first mask with a lesion"
     with pytest.raises(ds.NoLesionError, match="all 2 ground-truth masks"):
         fresh.require_a_lesion([1, 2])
-
-
-def claim_size(path: Path, width: int, height: int) -> None:
-    """Rewrite a PNG's header (IHDR) to claim ``width x height``; the pixel data stays that of the small image."""
-    data = bytearray(path.read_bytes())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    path.write_bytes(bytes(data))
 
 
 def test_image_header_claiming_200_megapixels_names_file_and_limit(tmp_path, monkeypatch):
