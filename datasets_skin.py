@@ -12,12 +12,17 @@ Layouts understood under a dataset root (split = Training | Validation | Test):
 
 Images are ``.jpg/.jpeg/.png``; the mask of ``X.<ext>`` is ``X_segmentation.png`` (0 = skin, 255 = lesion;
 anything > 127 counts as lesion; a mask whose maximum is 1 is read as 0/1; ``MaskNotes`` records which kinds were
-seen, for one log line each). ``*_superpixels.*``, hidden files and non-image files (e.g. the official
-metadata CSVs) are ignored. Order is sorted by image name, so indices are stable across runs.
+seen, for one log line each). A mask is read by its own mode (``read_mask``): grey as it is; RGB/RGBA by the
+largest colour channel (fully transparent pixels are skin); a palette PNG as lesion wherever its colour is not
+black; other modes are refused. A mask with non-zero pixels of which none reads as lesion is an error (it would
+silently count as all skin), and so is a validation set whose masks are all empty (``require_a_lesion``).
+``*_superpixels.*``, hidden files and non-image files (e.g. the official metadata CSVs) are ignored; image links
+that point nowhere are left out with a warning. Order is sorted by image name, so indices are stable across runs.
 
 Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
-truncation; no full decode), so a bad file stops the run before any training with a message naming it. Images
-without a mask are listed once in a warning and left out, except with ``unlabeled_ok`` (images a person is to
+truncation; no full decode), so a bad file stops the run before any training with a message naming it. A
+header claiming more than ``max_image_pixels`` pixels is refused (``ImageTooLargeError``, see
+``DEFAULT_MAX_IMAGE_PIXELS``). Images without a mask are listed once in a warning and left out, except with ``unlabeled_ok`` (images a person is to
 annotate: they are kept, and their masks are checked by whoever reads them).
 
 Decode once: each image is decoded and resized to ``img_size`` once per run and kept in memory as uint8
@@ -69,8 +74,38 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
+# PIL warns about images above Image.MAX_IMAGE_PIXELS (89,478,485) and refuses those above twice that, as possible
+# decompression bombs (a small file that unpacks into gigabytes). The datasets apply their own limit to every header,
+# naming the file: by default PIL's refusal point, so that every image PIL reads by default is read. Since they check
+# every header themselves, they raise PIL's process-wide guard to their limit (``_let_pil_open``).
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+GREY_MASK_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+COLOUR_MASK_MODES = ("RGB", "RGBA")
+PALETTE_MASK_MODE = "P"
+
+
 class DatasetError(ValueError):
     """A problem with the dataset on disk; the message names the file or folder and what to do."""
+
+
+class ImageTooLargeError(DatasetError):
+    """An image header claims more pixels than the limit (``max_image_pixels``); ``pixels`` is None when PIL refused
+    to open it at all. ``describe(how)`` words the message with another way to raise the limit (a CLI's flag)."""
+
+    def __init__(self, path: PathLike, pixels: Optional[int], limit: int) -> None:
+        self.path, self.pixels, self.limit = Path(path), pixels, limit
+        super().__init__(self.describe("pass a larger max_image_pixels"))
+
+    def describe(self, how_to_raise: str) -> str:
+        claims = f"{self.pixels:,} pixels" if self.pixels is not None else "more pixels than PIL opens"
+        return (f"{str(self.path)!r} claims {claims} in its header, more than the limit of {self.limit:,} (a guard "
+                "against decompression bombs: small files that unpack into gigabytes). If the image is genuine, "
+                f"{how_to_raise}; otherwise replace or remove it.")
+
+
+class NoLesionError(DatasetError):
+    """Every ground-truth mask of a set is empty: any model, even one predicting nothing, would score Dice 1.0."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -120,14 +155,32 @@ class SampleFiles:
     orig_size: Tuple[int, int]  # (H, W)
 
 
-def _is_image_file(path: Path) -> bool:
+def _has_image_name(path: Path) -> bool:
     return (
-        path.is_file()
-        and path.suffix.lower() in IMAGE_EXTENSIONS
+        path.suffix.lower() in IMAGE_EXTENSIONS
         and not path.name.startswith(".")
         and not path.stem.endswith("_superpixels")
         and not path.stem.endswith("_segmentation")
     )
+
+
+def _list_images(image_dir: Path) -> Dict[str, Path]:
+    """name -> image file of ``image_dir``, sorted by file name; image links that point nowhere are left out with
+    one warning listing them; two images of one name are an error."""
+    named = sorted((p for p in image_dir.iterdir() if _has_image_name(p)), key=lambda p: p.name)
+    dangling = [p for p in named if p.is_symlink() and not p.exists()]
+    if dangling:
+        shown = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in dangling[:10]) + (" ..." if len(dangling) > 10 else "")
+        warnings.warn(f"left out {len(dangling)} image link(s) in {str(image_dir)!r} that point to missing files: "
+                      f"{shown}", stacklevel=3)
+    by_name: Dict[str, Path] = {}
+    for path in (p for p in named if p.is_file()):
+        if path.stem in by_name:
+            raise DatasetError(f"Two images share the name {path.stem!r}: {by_name[path.stem].name} and {path.name}.")
+        by_name[path.stem] = path
+    if not by_name:
+        raise DatasetError(f"The image folder {str(image_dir)!r} contains no .jpg/.jpeg/.png images.")
+    return by_name
 
 
 def _check_not_truncated(path: Path, fmt: str) -> None:
@@ -141,15 +194,30 @@ def _check_not_truncated(path: Path, fmt: str) -> None:
         raise DatasetError(f"{str(path)!r} looks truncated (no end-of-file marker); re-download or replace it.")
 
 
-def read_image_size(path: Path, check_end: bool = True) -> Tuple[int, int]:
+def _let_pil_open(max_pixels: int) -> None:
+    """Raise PIL's process-wide guard (``Image.MAX_IMAGE_PIXELS``) to ``max_pixels`` when it is lower, so that PIL
+    neither warns about nor refuses an image the header check let through."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def read_image_size(path: Path, check_end: bool = True,
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Tuple[int, int]:
     """(H, W) from the file header, after checking the file is a readable (and, with ``check_end``, complete)
-    JPEG/PNG."""
+    JPEG/PNG of at most ``max_pixels`` pixels (``ImageTooLargeError``)."""
+    _let_pil_open(max_pixels)
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            fmt = im.format
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: the limit is checked below, naming the file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                fmt = im.format
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(path, None, max_pixels) from None
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"Cannot read image file {str(path)!r}: {err}. Replace or remove it.") from err
+    if width * height > max_pixels:
+        raise ImageTooLargeError(path, width * height, max_pixels)
     if fmt not in ("JPEG", "PNG"):
         raise DatasetError(f"{str(path)!r} is a {fmt} file despite its extension; convert it to JPEG or PNG.")
     if width == 0 or height == 0:
@@ -160,12 +228,13 @@ def read_image_size(path: Path, check_end: bool = True) -> Tuple[int, int]:
 
 
 def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True,
-                     unlabeled_ok: bool = False) -> List[SampleFiles]:
+                     unlabeled_ok: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> List[SampleFiles]:
     """Pair every image in ``image_dir`` with its mask in ``mask_dir`` (sorted by name).
 
-    Images without a mask are left out with one warning that lists them all. With ``check_files`` every image
-    and mask header is read: unreadable/truncated files and image/mask size mismatches raise ``DatasetError``.
-    Without it only the image headers are read (for the original sizes).
+    Images without a mask are left out with one warning that lists them all; so are image links that point nowhere
+    (another warning). With ``check_files`` every image and mask header is read: unreadable/truncated files and
+    image/mask size mismatches raise ``DatasetError``. Without it only the image headers are read (for the original
+    sizes). Either way a header above ``max_image_pixels`` raises ``ImageTooLargeError``.
 
     ``unlabeled_ok`` (a person annotates the images): every image is kept, with ``mask_path`` where its mask is
     or is to be saved; the mask folder may be missing, and masks are not read here (whoever uses them checks them).
@@ -176,35 +245,28 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
             continue
         if not folder.is_dir():
             raise DatasetError(f"The {what} folder {str(folder)!r} does not exist.")
-    images = sorted((p for p in image_dir.iterdir() if _is_image_file(p)), key=lambda p: p.name)
-    if not images:
-        raise DatasetError(f"The image folder {str(image_dir)!r} contains no .jpg/.jpeg/.png images.")
-    by_name: Dict[str, Path] = {}
-    for path in images:
-        if path.stem in by_name:
-            raise DatasetError(f"Two images share the name {path.stem!r}: {by_name[path.stem].name} and {path.name}.")
-        by_name[path.stem] = path
-
+    by_name = _list_images(image_dir)
     samples: List[SampleFiles] = []
     missing: List[str] = []
     for name, image_path in by_name.items():
         mask_path = mask_dir / f"{name}{MASK_SUFFIX}"
         if unlabeled_ok:
-            samples.append(SampleFiles(name, image_path, mask_path, read_image_size(image_path, check_files)))
+            samples.append(SampleFiles(name, image_path, mask_path,
+                                       read_image_size(image_path, check_files, max_image_pixels)))
             continue
         if not mask_path.is_file():
             missing.append(image_path.name)
             continue
         if check_files:
-            size = read_image_size(image_path)
-            mask_size = read_image_size(mask_path)
+            size = read_image_size(image_path, max_pixels=max_image_pixels)
+            mask_size = read_image_size(mask_path, max_pixels=max_image_pixels)
             if mask_size != size:
                 raise DatasetError(
                     f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image {image_path.name} is "
                     f"{size[1]}x{size[0]} (W x H); masks must match their image's size."
                 )
         else:  # sizes are still needed (original-size metrics); one header read, errors name the file
-            size = read_image_size(image_path, check_end=False)
+            size = read_image_size(image_path, check_end=False, max_pixels=max_image_pixels)
         samples.append(SampleFiles(name, image_path, mask_path, size))
     if missing:
         warnings.warn(
@@ -265,42 +327,141 @@ def decode_image(path: Path, size: Optional[int], use_draft: bool = True) -> np.
             if size is not None:
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"Cannot decode image {str(path)!r}: {err}. Replace or remove it.") from err
 
 
 def mask_kind(levels: np.ndarray) -> str:
     """The grey levels present in a mask, ascending -> "0/1" (maximum 1: stored as 0/1), "0/255" (only 0 and
-    255, or one of them) or "other" (any other value, e.g. {0, 128, 255} or a palette PNG)."""
+    255, or one of them) or "other" (any other value, e.g. {0, 128, 255})."""
     if levels[-1] == 1:
         return "0/1"
     return "other" if np.setdiff1d(levels, (0, 255)).size else "0/255"
+
+
+def lesion_threshold(levels: np.ndarray) -> int:
+    """Lesion = a level above this: 0 for a 0/1 mask, else 127."""
+    return 0 if mask_kind(levels) == "0/1" else 127
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+
+
+@dataclass(frozen=True)
+class MaskContent:
+    """What one mask file holds, read by its own mode (``read_mask``): the one rule for every reader of masks.
+
+    ``values``: H x W uint8, the level each pixel is judged by: a grey mask's grey level (16-bit scaled to 8);
+    for RGB/RGBA its largest colour channel (0 where fully transparent); for a palette PNG 255 where its colour is
+    not black, else 0. ``levels``: the values present, ascending (so ``kind`` = ``mask_kind(levels)``).
+    ``nonzero``: whether any pixel holds anything but black (colour channels only, not alpha).
+    """
+
+    path: Path
+    mode: str
+    values: np.ndarray
+    levels: np.ndarray
+    nonzero: bool
+
+    @property
+    def kind(self) -> str:
+        return mask_kind(self.levels)
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(H, W)."""
+        return self.values.shape
+
+    @property
+    def faint(self) -> bool:
+        """Non-zero pixels, none of which reads as lesion: read as it is, the mask would be all skin."""
+        return self.nonzero and self.levels[-1] <= lesion_threshold(self.levels)
+
+    def lesion(self) -> np.ndarray:
+        """H x W uint8 {0, 1}."""
+        return (self.values > lesion_threshold(self.levels)).astype(np.uint8)
+
+    def faint_message(self) -> str:
+        shown = ", ".join(str(v) for v in self.levels[:6]) + (", ..." if len(self.levels) > 6 else "")
+        return (f"Mask {str(self.path)!r} has non-zero pixels ({self.mode} levels {shown}) but none reads as lesion "
+                "(lesion is a level above 127, or 1 in a 0/1 mask), so it would count as all skin; save the lesion "
+                "as 255 (or the mask as 0/1).")
+
+
+def _palette_values(im: Image.Image, path: Path) -> np.ndarray:
+    """255 where a palette image's colour is not black, 0 where it is (entries past the palette's end are black)."""
+    colours = np.asarray(im.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
+    black = ~colours.any(axis=1)
+    if not black.any():
+        raise DatasetError(f"Mask {str(path)!r} is a palette image without a black colour, so its background "
+                           "cannot be told; save it with black (0, 0, 0) as skin, or as 8-bit grey (0/255).")
+    table = np.zeros(256, np.uint8)
+    table[: len(colours)] = np.where(black, 0, 255)
+    return table[np.asarray(im)]
+
+
+def _mask_values(im: Image.Image, path: Path) -> Tuple[np.ndarray, bool]:
+    """(values, nonzero) of ``MaskContent`` for an open mask image."""
+    if im.mode in GREY_MASK_MODES:
+        grey = np.asarray(to_grey(im))
+        return grey, bool(grey.any())
+    if im.mode in COLOUR_MASK_MODES:
+        pixels = np.asarray(im)
+        colour = pixels[..., :3]
+        values = colour.max(axis=2)
+        if im.mode == "RGBA":
+            values = np.where(pixels[..., 3] == 0, 0, values).astype(np.uint8)
+        return values, bool(colour.any())
+    if im.mode == PALETTE_MASK_MODE:
+        values = _palette_values(im, path)
+        return values, bool(values.any())
+    raise DatasetError(f"Mask {str(path)!r} is a {im.mode} image; save masks as 8-bit grey (0 = skin, 255 = lesion), "
+                       "RGB(A) or a palette PNG.")
+
+
+def read_mask(path: PathLike) -> MaskContent:
+    """What the mask file ``path`` holds (``MaskContent``), read by its mode. ``DatasetError`` naming the file
+    when it cannot be decoded, is of an unsupported mode, or is a palette without black."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            values, nonzero = _mask_values(im, path)
+    except DatasetError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"Cannot decode mask {str(path)!r}: {err}. Replace or remove it.") from err
+    return MaskContent(path, mode, values, _levels(values), nonzero)
 
 
 class MaskNotes:
     """What the masks decoded so far looked like, so that a run says each thing once, not once per image.
 
     ``zero_one``: masks stored as 0/1 (maximum 1), read as 0 = skin, 1 = lesion. ``other_values``: masks with
-    values other than 0 and 255 (e.g. {0, 128, 255}, or a palette PNG), thresholded at > 127. ``empty``: masks
-    without a lesion pixel (allowed: a lesion-free image). Sets of file names, so a mask decoded twice counts once.
-    ``news()`` returns the (logging level, line) pairs not reported before: the first two once, the count of empty
-    masks whenever it has grown.
+    values other than 0 and 255 (e.g. {0, 128, 255}), thresholded at > 127. ``colour``: RGB(A) and palette masks
+    (read by their mode, see ``MaskContent``). ``empty``: masks without a lesion pixel (allowed: a lesion-free
+    image). Sets of file names, so a mask decoded twice counts once. ``news()`` returns the (logging level, line)
+    pairs not reported before: the first three once, the count of empty masks whenever it has grown.
     """
 
     def __init__(self) -> None:
         self.zero_one: set = set()
         self.other_values: set = set()
+        self.colour: set = set()
         self.empty: set = set()
-        self._told_zero_one = self._told_other_values = False
+        self._told_zero_one = self._told_other_values = self._told_colour = False
         self._told_empty = 0
 
-    def record(self, path: Path, levels: np.ndarray, empty: bool) -> None:
-        """``levels``: the grey levels present in ``path``, ascending."""
+    def record(self, path: Path, levels: np.ndarray, empty: bool, mode: str = "L") -> None:
+        """``levels``: the levels present in ``path``, ascending (``MaskContent.levels``); ``mode``: its PIL mode."""
         kind = mask_kind(levels)
         if kind == "0/1":
             self.zero_one.add(path.name)
         elif kind == "other":
             self.other_values.add(path.name)
+        if mode in COLOUR_MASK_MODES or mode == PALETTE_MASK_MODE:
+            self.colour.add(path.name)
         if empty:
             self.empty.add(path.name)
 
@@ -314,6 +475,10 @@ class MaskNotes:
             self._told_other_values = True
             lines.append((logging.WARNING, f"mask {min(self.other_values)} holds values other than 0 and 255: "
                                            "thresholded at 127 (lesion = above 127); check how the masks were written"))
+        if self.colour and not self._told_colour:
+            self._told_colour = True
+            lines.append((logging.INFO, f"colour masks (e.g. {min(self.colour)}) are read as lesion where the largest "
+                                        "colour channel is above 127, palette masks where the colour is not black"))
         if len(self.empty) > self._told_empty:
             self._told_empty = len(self.empty)
             lines.append((logging.INFO, f"{len(self.empty)} of the masks read so far are empty (no lesion; allowed), "
@@ -321,29 +486,45 @@ class MaskNotes:
         return lines
 
 
+def _binarised(content: MaskContent, notes: Optional[MaskNotes]) -> np.ndarray:
+    """``content``'s lesion map; what it looked like goes into ``notes`` when given."""
+    mask = content.lesion()
+    if notes is not None:
+        notes.record(content.path, content.levels, empty=not mask.any(), mode=content.mode)
+    return mask
+
+
 def binarise_mask(grey: np.ndarray, path: Path, notes: Optional[MaskNotes] = None) -> np.ndarray:
     """uint8 grey levels -> uint8 {0, 1}: a mask whose maximum is 1 is taken as stored 0/1; any other is
     thresholded at > 127 (0/255 as the ISIC masks; other values too, which ``notes`` records with empty masks)."""
-    levels = np.flatnonzero(np.bincount(grey.ravel(), minlength=256))
-    mask = (grey > (0 if mask_kind(levels) == "0/1" else 127)).astype(np.uint8)
-    if notes is not None:
-        notes.record(path, levels, empty=not mask.any())
-    return mask
+    return _binarised(MaskContent(Path(path), "L", grey, _levels(grey), bool(grey.any())), notes)
 
 
 def decode_mask(path: Path, size: Optional[int], notes: Optional[MaskNotes] = None) -> np.ndarray:
-    """Decode a mask to uint8 {0, 1} (H x W; see ``binarise_mask``), resized nearest-neighbour to ``size x size``
-    when given. What it looked like (0/1, other values, empty) is recorded in ``notes`` when given."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            grey = np.asarray(to_grey(im))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"Cannot decode mask {str(path)!r}: {err}. Replace or remove it.") from err
-    mask = binarise_mask(grey, path, notes)
+    """Decode a mask to uint8 {0, 1} (H x W), read by its mode (``read_mask``) and thresholded as ``binarise_mask``
+    does, resized nearest-neighbour to ``size x size`` when given. A mask with non-zero pixels none of which reads
+    as lesion is a ``DatasetError`` (``MaskContent.faint``). What it looked like (0/1, other values, colour,
+    empty) is recorded in ``notes`` when given."""
+    content = read_mask(path)
+    if content.faint:
+        raise DatasetError(content.faint_message())
+    mask = _binarised(content, notes)
     if size is not None:
         mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
     return mask
+
+
+def require_a_lesion(masks: Iterable[np.ndarray], where: str) -> None:
+    """``NoLesionError`` when none of ``masks`` (ground truths, read lazily up to the first with a lesion) has a
+    lesion pixel: a model that predicts nothing would score Dice 1.0 on them. ``where``: what they are, for the
+    message (e.g. their folder)."""
+    count = 0
+    for count, mask in enumerate(masks, start=1):
+        if mask.any():
+            return
+    raise NoLesionError(
+        f"all {count} ground-truth masks of {where} are empty (no lesion pixel): any model, even one that predicts "
+        "nothing, would score Dice 1.0 on them. Check that these are the right masks (lesion = 255, or 1 in 0/1 masks).")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,7 +569,7 @@ class SkinLesionDataset(Dataset):
     """All images of one split with their masks, resized to ``img_size x img_size``; decoded once and cached.
 
     Sample: dict(image=3 x S x S float32, label=S x S int64 in {0, 1}, is_labeled=True, name, index,
-    orig_size=(H, W)).
+    orig_size=(H, W)). ``max_image_pixels``: the largest image header accepted (``ImageTooLargeError`` above).
     """
 
     def __init__(
@@ -401,11 +582,13 @@ class SkinLesionDataset(Dataset):
         use_draft: bool = True,
         unlabeled_ok: bool = False,
         mask_notes: Optional[MaskNotes] = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if int(img_size) <= 0:
             raise DatasetError(f"img_size must be a positive integer, got {img_size!r}.")
         self.img_size = int(img_size)
-        self.samples = discover_samples(image_dir, mask_dir, check_files=check_files, unlabeled_ok=unlabeled_ok)
+        self.samples = discover_samples(image_dir, mask_dir, check_files=check_files, unlabeled_ok=unlabeled_ok,
+                                        max_image_pixels=max_image_pixels)
         self.names: List[str] = [s.name for s in self.samples]
         self.transform = SkinValGenerator(self.img_size)
         self.cache_enabled = cache
@@ -519,9 +702,18 @@ class ValSkinDataset(SkinLesionDataset):
         check_files: bool = True,
         use_draft: bool = True,
         mask_notes: Optional[MaskNotes] = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(image_dir, mask_dir, img_size, cache, check_files, use_draft, mask_notes=mask_notes)
+        super().__init__(image_dir, mask_dir, img_size, cache, check_files, use_draft, mask_notes=mask_notes,
+                         max_image_pixels=max_image_pixels)
         self._orig_masks: Dict[int, Tuple[np.ndarray, Tuple[int, int]]] = {}
+
+    def require_a_lesion(self, indices: Optional[Iterable[int]] = None) -> None:
+        """``NoLesionError`` when no mask of ``indices`` (default all) holds a lesion pixel; reads (and caches)
+        the masks up to the first that does, usually one."""
+        todo = range(len(self)) if indices is None else indices
+        folder = self.samples[0].mask_path.parent
+        require_a_lesion((self.original_mask(self._check_index(i)) for i in todo), repr(str(folder)))
 
     def original_mask(self, index: int) -> np.ndarray:
         packed = self._orig_masks.get(index)

@@ -7,21 +7,29 @@
   file (masks made from a person's annotation: nothing a person wrote is overwritten).
 * ``atomic_folder(path)``: the same for a whole folder (the demo's synthetic data set): filled under a temporary
   name, renamed into place when complete.
+* ``probe_writable(path)``: the error writing ``path`` would raise, before any work is done for it.
 * ``load_torch_file(path)``: ``torch.load(..., weights_only=True)``; any failure is one ``CheckpointFileError``
-  that names the file and says what is wrong with it.
+  that names the file and says what is wrong with it (``unloadable_file_message``: pickled code, told apart from
+  damage by reading the pickle's opcodes with ``pickled_code``, never by running it).
 
 Temporary files are named ``.tmp-<name>-<random><suffix>`` (folders ``.tmp-<name>-<random>``) so that a process
 killed mid-write leaves something recognisable (``stale_temp_files``), which ``remove_stale_temps`` removes.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import pickletools
 import shutil
 import tempfile
+import warnings
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names in protocol-2 pickles
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, Iterator, List, Optional, Union
 
 import torch
 
@@ -71,6 +79,19 @@ def atomic_path(path: PathLike, replace: bool = True) -> Iterator[Path]:
         yield written
 
 
+def probe_writable(path: PathLike) -> None:
+    """Raise the ``OSError`` that writing ``path`` with ``atomic_path`` would raise (folder not creatable, not
+    writable, read-only, ``path`` a folder) by doing its first steps: the folder is created and an empty
+    temporary file made beside ``path`` and removed at once; ``path`` itself is not touched."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    os.unlink(tmp)
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -117,32 +138,157 @@ def remove_stale_temps(folder: PathLike, name: str = "") -> List[Path]:
 def load_torch_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> object:
     """``torch.load(path, weights_only=True)``: tensors, containers and plain values only, never code.
 
-    Raises ``CheckpointFileError`` naming ``path`` when it does not exist, is not a PyTorch file, or holds
-    pickled code (refused for safety: such a file could run anything when loaded).
+    Raises ``CheckpointFileError`` naming ``path`` when it does not exist or cannot be loaded (the message is
+    ``unloadable_file_message``'s: pickled code, not a PyTorch file, or a damaged one).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointFileError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err):  # a class or function to import: pickled code
-            raise CheckpointFileError(
-                f"{path} holds pickled Python objects (code), not only tensors; it is refused for safety. "
-                "Load only checkpoints written by this repository or the official SAM2 releases") from None
-        raise CheckpointFileError(_unreadable(path, "it cannot be unpickled")) from None
+        with warnings.catch_warnings():  # a plain pickle of protocol > 2 makes torch warn before it refuses it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - garbage makes the unpickler fail in many ways (IndexError, ...)
-        detail = str(err).split(". ")[0][:120]
-        raise CheckpointFileError(_unreadable(path, f"{type(err).__name__}: {detail}" if len(detail) > 8
-                                              else type(err).__name__)) from None
+        raise CheckpointFileError(unloadable_file_message(path, err)) from None
+
+
+def unloadable_file_message(path: PathLike, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed with ``err``, in one sentence naming ``path``: it holds
+    pickled code (the names it would import, found by ``pickled_code``), it is no file written by torch.save at
+    all, or it is truncated or damaged. torch raises the same ``UnpicklingError`` for code and for damage, so the
+    file's content decides, not the wording of torch's message. The one text of every failed checkpoint load
+    (``load_torch_file``, and whoever maps another loader's error, e.g. ``sam2.build_sam``'s)."""
+    path = Path(path)
+    code = pickled_code(path)
+    if code:
+        shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
+        return (f"{path} holds pickled Python objects (code), not only tensors: loading it would call {shown}; "
+                "it is refused for safety. Load only checkpoints written by this repository or the official SAM2 "
+                "releases")
+    if isinstance(err, pickle.UnpicklingError):
+        return _unreadable(path, "it cannot be unpickled")
+    detail = str(err).split(". ")[0][:120]
+    return _unreadable(path, f"{type(err).__name__}: {detail}" if len(detail) > 8 else type(err).__name__)
 
 
 def _unreadable(path: Path, reason: str) -> str:
     """Why ``path`` cannot be loaded: not written by torch.save at all (a zip archive, or a pickle for the legacy
     format), or a damaged one."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        head = f.read(256)
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        looks_like = ("a YAML config? were a config and a checkpoint swapped?" if _looks_like_yaml_config(head)
+                      else "a text file?")
         return (f"{path} is not a readable PyTorch checkpoint: it is not a file written by torch.save at all "
-                f"(it starts with {head!r}; a text file?)")
+                f"(it starts with {head[:4]!r}; {looks_like})")
     return f"{path} is not a readable PyTorch checkpoint: it is truncated or damaged ({reason})"
+
+
+def _looks_like_yaml_config(head: bytes) -> bool:
+    """Whether a file's first bytes read as a YAML mapping with a top-level ``model:`` (or any ``_target_``)."""
+    text = head.decode("utf-8", errors="replace")
+    return "_target_:" in text or any(line.startswith("model:") for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a pickle would import (read, never run)
+# --------------------------------------------------------------------------------------------------------------
+
+ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"
+# torch.save's legacy (non-zip) format is five pickles back to back (magic number, protocol, system info, the
+# object, storage keys), then raw tensor bytes that must not be read as opcodes
+_LEGACY_PICKLES = 5
+_STRING_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                             "SHORT_BINSTRING"})
+_MEMO_READS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MEMO_WRITES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+
+
+def allowed_pickle_globals() -> FrozenSet[str]:
+    """``module.name`` of every global torch's ``weights_only`` unpickler accepts: its tensor-rebuild table
+    (rebuild functions, storages, dtypes, OrderedDict, ...) plus what ``torch.serialization.add_safe_globals``
+    added. The table is private to torch; should it move, the names of ``_FALLBACK_MODULES`` count instead."""
+    table = getattr(torch, "_weights_only_unpickler", None)
+    try:
+        return frozenset(table._get_allowed_globals()) | frozenset(table._get_user_allowed_globals())
+    except AttributeError:
+        return frozenset()
+
+
+_FALLBACK_MODULES = ("torch", "torch._utils", "torch._tensor", "torch.nn.parameter", "collections")
+
+
+def _is_allowed(name: str, allowed: FrozenSet[str]) -> bool:
+    return name in allowed if allowed else name.rpartition(".")[0] in _FALLBACK_MODULES
+
+
+def pickled_code(path: PathLike) -> List[str]:
+    """Globals (``module.name``) the pickle in ``path`` would import or call beyond ``allowed_pickle_globals`` —
+    empty for a file of tensors, or for one that is no pickle at all. Read with ``pickletools``, never unpickled.
+
+    The pickle is a zip checkpoint's ``*.pkl`` members (``data.pkl``), or the file itself (the legacy format, a
+    plain pickle). GLOBAL, INST and STACK_GLOBAL name what REDUCE / NEWOBJ / BUILD then call; a STACK_GLOBAL whose
+    name cannot be followed, and a copyreg extension code (EXT1/2/4), count as code too.
+    """
+    allowed = allowed_pickle_globals()
+    found: List[str] = []
+    for stream in _pickle_streams(Path(path)):
+        for name in _referenced_globals(stream):
+            if not _is_allowed(name, allowed) and name not in found:
+                found.append(name)
+    return found
+
+
+def _pickle_streams(path: Path) -> Iterator[BinaryIO]:
+    """Each pickle-holding part of ``path``, as a binary stream at its first opcode (nothing when unreadable)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        yield io.BytesIO(archive.read(member))
+        else:
+            with open(path, "rb") as stream:
+                yield stream
+    except (OSError, zipfile.BadZipFile, RuntimeError):  # a damaged archive: damage, not code
+        return
+
+
+def _referenced_globals(stream: BinaryIO) -> Iterator[str]:
+    """``module.name`` of every global the pickles in ``stream`` refer to (up to ``_LEGACY_PICKLES`` back to back).
+    Only pickles read through to their STOP count: bytes that merely start like one (text, tensor data) do not."""
+    for _ in range(_LEGACY_PICKLES):
+        try:
+            names = list(_globals_of_one_pickle(stream))
+        except Exception:  # noqa: BLE001 - truncated or garbage opcodes: nothing more to read
+            return
+        yield from names
+
+
+def _python3_name(module: str, name: str) -> str:
+    """``module.name`` as Python 3 (and torch's unpickler) reads it: protocol-2 pickles say ``__builtin__``."""
+    module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+    return f"{module}.{name}"
+
+
+def _globals_of_one_pickle(stream: io.BytesIO) -> Iterator[str]:
+    """Follow one pickle's opcodes up to its STOP. ``pushed`` holds what the last opcodes put on the stack as far
+    as strings go (None for anything else), enough to name the module and attribute STACK_GLOBAL pops."""
+    pushed: List[Optional[str]] = []
+    memo: Dict[object, Optional[str]] = {}
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in ("GLOBAL", "INST"):
+            yield _python3_name(*str(arg).split(" ", 1))
+        elif name == "STACK_GLOBAL":
+            module, attribute = (pushed[-2:] if len(pushed) >= 2 else [None, None])
+            yield _python3_name(module, attribute) if module and attribute else "a STACK_GLOBAL of unknown name"
+        elif name.startswith("EXT"):
+            yield f"copyreg extension {arg}"
+        if name in _MEMO_WRITES:
+            memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+        elif name in _MEMO_READS:
+            pushed.append(memo.get(arg))
+        elif opcode.stack_after:
+            pushed.append(str(arg) if name in _STRING_OPCODES else None)
+        del pushed[:-2]

@@ -31,8 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
-from sam2.build_sam import VIDEO_ONLY_STATE_GROUPS, CheckpointError, ConfigNotFoundError, build_sam2
+from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
+from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
+                            state_mismatch)
 
 logger = logging.getLogger(__name__)
 
@@ -835,11 +836,18 @@ def _lora_rank(key: str, shape: Sequence[int]) -> int:
 class ModelInputError(ValueError):
     """A file or module the model is built from cannot be used. ``source`` says which input: "model_cfg",
     "checkpoint" (the SAM2 weights), "lora_ckpt", "weights" (a trained full state_dict) or "module"; each command
-    line names its own flag for it."""
+    line names its own flag for it. ``holds``: for "weights", what the file holds instead of a trained model
+    (``ModelFileError.holds``), so that a command line can say which of its flags takes such a file."""
 
-    def __init__(self, source: str, message: str) -> None:
+    def __init__(self, source: str, message: str, holds: Optional[str] = None) -> None:
         super().__init__(message)
-        self.source = source
+        self.source, self.holds = source, holds
+
+    def after_flag(self, flag: str, value: object) -> str:
+        """"<flag> <value>: <message>" for the command line's flag of this input (the value once: left out when
+        the message starts with it)."""
+        shown = "" if value is None or str(self).startswith(str(value)) else f" {value}"
+        return f"{flag}{shown}: {self}"
 
 
 def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
@@ -855,6 +863,7 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
     ``LoRA_Sam.state_dict()`` such as best_model_dice*.pth, ours or the reference's) replaces every weight. Every
     problem with an input is a ``ModelInputError`` naming its source.
     """
+    state = _read_full_weights(weights, device) if weights is not None else None  # a bad file fails before building
     torch.manual_seed(seed)
     try:
         lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
@@ -862,10 +871,10 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("module", f"{module} cannot provide LoRA_Sam ({err})") from None
     try:
         sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
-    except ConfigNotFoundError as err:
+    except ConfigError as err:
         raise ModelInputError("model_cfg", str(err)) from None
-    except CheckpointFileError as err:
-        raise ModelInputError("checkpoint", str(err)) from None
+    except CheckpointReadError as err:  # sam2's own load: the message of every other load
+        raise ModelInputError("checkpoint", unloadable_file_message(err.path, err.cause)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
     net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width).to(device)
@@ -874,30 +883,85 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
             net.load_lora_parameters(lora_ckpt)
         except (CheckpointFileError, ValueError) as err:
             raise ModelInputError("lora_ckpt", str(err)) from None
-    if weights is not None:
-        _load_full_weights(net, weights, device)
+    if state is not None:
+        try:
+            load_model_state(net, state, weights)
+        except ModelFileError as err:
+            raise ModelInputError("weights", str(err), holds=err.holds) from None
     return net
 
 
-def _load_full_weights(net: nn.Module, path: Union[str, os.PathLike], device: Union[torch.device, str]) -> None:
+# --------------------------------------------------------------------------------------
+# trained-model files (best_model_dice*.pth: the full LoRA_Sam state dict, ours or the reference's)
+# --------------------------------------------------------------------------------------
+
+
+class ModelFileError(CheckpointFileError):
+    """A file given as a trained model holds something else. ``holds`` says what: "resume_state" (the trainer's
+    last_state.pth), "sam2_weights" (official SAM2 weights), "lora_file" (``save_lora_parameters``),
+    "other_model" (a LoRA_Sam of another size, rank or class count) or "no_state_dict"."""
+
+    def __init__(self, message: str, holds: str) -> None:
+        super().__init__(message)
+        self.holds = holds
+
+
+TRAINED_MODEL_HINT = "a trained model is a best_model_dice*.pth the trainer saved"
+
+
+def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """The LoRA_Sam state dict in ``path`` (weights_only). ``CheckpointFileError`` when torch cannot load it,
+    ``ModelFileError`` saying what it is when it is no LoRA_Sam state dict."""
+    obj = load_torch_file(path, map_location=map_location)
+    if isinstance(obj, dict) and {"args", "trainable"} <= set(obj):
+        raise ModelFileError(f"{path} is a trainer resume state (last_state.pth: settings, trainable weights, "
+                             f"optimiser), not a model; {TRAINED_MODEL_HINT} in the same run folder", "resume_state")
+    tensors = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(tensors, dict) or not tensors or not all(torch.is_tensor(v) for v in tensors.values()):
+        what = f"a {type(obj).__name__}" + (f" with keys {', '.join(map(str, list(obj)[:4]))}" if isinstance(obj, dict)
+                                             else "")
+        raise ModelFileError(f"{path} holds {what}, not a model state dict; {TRAINED_MODEL_HINT}", "no_state_dict")
+    if not any(str(k).startswith("sam.") for k in tensors):
+        raise ModelFileError(f"{path} holds SAM2 weights (an official SAM2 checkpoint?), not a trained LoRA_Sam; "
+                             f"{TRAINED_MODEL_HINT}", "sam2_weights")
+    if not any(".attn.qkv.base." in k or REFERENCE_QKV_KEY.search(k) for k in tensors):
+        raise ModelFileError(f"{path} is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a "
+                             f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
+    return tensors
+
+
+def load_model_state(net: LoRA_Sam, state: Dict[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    """Load a state dict read from ``path`` (``read_model_file``) into ``net``; ``ModelFileError("other_model")``
+    with one short summary (``build_sam.state_mismatch``, plus the LoRA ranks when they differ) when it does not
+    fit, before anything is copied."""
+    if any(REFERENCE_QKV_KEY.search(k) for k in state):  # the reference's layout: mapped, misfits in one error
+        try:
+            net.load_state_dict(state)
+        except LoRACheckpointError as err:
+            raise ModelFileError(f"{path}: {err}", "other_model") from None
+        return
+    found = {k: v.shape for k, v in state.items()}
+    mismatch = state_mismatch(found, {k: v.shape for k, v in net.state_dict().items()})
+    if mismatch:
+        lora_key = next((k for k in sorted(state) if ".lora_a_q" in k), None)
+        file_rank = _lora_rank(lora_key, state[lora_key].shape) if lora_key else None
+        rank = f"; LoRA rank: file {file_rank}, model {net.r}" if file_rank not in (None, net.r) else ""
+        raise ModelFileError(f"{path} is another model than the one built here: {mismatch}{rank}", "other_model")
+    net.load_state_dict(state)
+
+
+def _read_full_weights(path: Union[str, os.PathLike], device: Union[torch.device, str]) -> Dict[str, torch.Tensor]:
     try:
-        state = load_torch_file(path, map_location=device)
+        return read_model_file(path, map_location=device)
     except CheckpointFileError as err:
-        raise ModelInputError("weights", str(err)) from None
-    if not isinstance(state, dict):
-        raise ModelInputError("weights", f"{path} holds a {type(state).__name__}, not a state_dict")
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise ModelInputError("weights", f"{path} does not fit this model (model config, LoRA rank, number of "
-                                         f"classes): {str(err).splitlines()[0]}") from None
+        raise ModelInputError("weights", str(err), holds=getattr(err, "holds", None)) from None
 
 
 def build_model_from_settings(settings: Dict[str, object], device: Union[torch.device, str] = "cpu",
                               weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
     """The model a run's settings describe (trainer flags, or config.txt's text): model_cfg, checkpoint ("none" =
-    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed. With ``weights`` (a trained full
-    state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
+    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed, lora_width. With ``weights`` (a
+    trained full state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
     def text(key: str, default: Optional[str] = None) -> Optional[str]:
         value = settings.get(key, default)
         return None if value is None or str(value) in ("None", "none") else str(value)

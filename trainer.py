@@ -316,9 +316,7 @@ def make_model(args: Settings, device: torch.device) -> torch.nn.Module:
     try:
         return build_model_from_settings(vars(args), device)
     except ModelInputError as err:
-        value = str(getattr(args, err.source))  # named once: the message may start with the file's name
-        raise UsageError(f"{MODEL_FLAGS[err.source]}{'' if str(err).startswith(value) else ' ' + value}: {err}") \
-            from None
+        raise UsageError(err.after_flag(MODEL_FLAGS[err.source], getattr(args, err.source))) from None
 
 
 def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:

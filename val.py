@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader
 
-from datasets_skin import DatasetError, ValSkinDataset, collate_val, decode_mask, discover_samples, find_split
-from safe_io import atomic_path
-from sam_lora_image_encoder_prompt import ModelInputError, build_model
+from datasets_skin import (DEFAULT_MAX_IMAGE_PIXELS, DatasetError, ImageTooLargeError, ValSkinDataset, collate_val,
+                           decode_mask, discover_samples, find_split, require_a_lesion)
+from safe_io import atomic_path, probe_writable
+from sam_lora_image_encoder_prompt import SIZE_MULTIPLE, ModelInputError, build_model
 from utils import DeviceError, select_device
 
 METRIC_NAMES = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95")
@@ -451,15 +452,20 @@ class EvalError(RuntimeError):
 
 MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--sam_ckpt", weights="--checkpoint", module="--module",
                    lora_ckpt="--checkpoint")
+# what to pass instead, by what a --checkpoint file holds (sam_lora_image_encoder_prompt.ModelFileError.holds)
+CHECKPOINT_HINTS = {
+    "sam2_weights": " (pass it as --sam_ckpt, and the trained model as --checkpoint)",
+    "other_model": "; pass the --model_cfg, --rank, --num_classes and --lora_width it was trained with",
+}
 
 
 def load_model_for_eval(checkpoint: Union[str, os.PathLike], model_cfg: str, sam_ckpt: Optional[str], img_size: int,
                         num_classes: int, rank: int, device: torch.device, decoder: int = 1,
                         module: str = "sam_lora_image_encoder_prompt", lora_width: str = "input"
                         ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trained model of ``checkpoint`` (a ``best_model_dice*.pth`` full state_dict; ``build_model``, the one
-    loader) as ``predict_fn`` for ``validate``: decoder ``decoder``, no prompt, float32. Every problem with the
-    inputs is an ``EvalError`` naming the flag."""
+    """The trained model of ``checkpoint`` (a ``best_model_dice*.pth`` full state_dict, read and checked before the
+    model is built; ``build_model``, the one loader) as ``predict_fn`` for ``validate``: decoder ``decoder``, no
+    prompt, float32. Every problem with the inputs is an ``EvalError`` naming the flag."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise EvalError(f"--checkpoint {str(checkpoint)!r} does not exist.")
@@ -469,19 +475,27 @@ def load_model_for_eval(checkpoint: Union[str, os.PathLike], model_cfg: str, sam
         net = build_model(model_cfg, sam_ckpt, img_size, rank=rank, num_classes=num_classes, module=module,
                           device=device, weights=checkpoint, lora_width=lora_width).eval()
     except ModelInputError as err:
-        hint = " (check --model_cfg, --rank, --img_size, --num_classes)" if err.source == "weights" else ""
-        raise EvalError(f"{MODEL_FLAGS[err.source]}: {err}{hint}") from None
+        if err.holds == "other_model":
+            raise EvalError(f"--checkpoint does not fit --model_cfg {model_cfg} --rank {rank} --num_classes "
+                            f"{num_classes} --lora_width {lora_width}: {err}{CHECKPOINT_HINTS[err.holds]}") from None
+        given = dict(model_cfg=model_cfg, checkpoint=sam_ckpt, weights=checkpoint, module=module)
+        raise EvalError(err.after_flag(MODEL_FLAGS[err.source], given.get(err.source))
+                        + CHECKPOINT_HINTS.get(err.holds, "")) from None
     return torch.no_grad()(lambda images: net.predict_logits(images, decoder))
 
 
 def score_prediction_dir(
-    pred_dir: Union[str, os.PathLike], image_dir: Path, mask_dir: Path, spacing: Spacing = None
+    pred_dir: Union[str, os.PathLike], image_dir: Path, mask_dir: Path, spacing: Spacing = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
-    """Score PNG predictions (``<name>_segmentation.png`` or ``<name>.png``, > 127 = lesion) against a split."""
+    """Score PNG predictions (``<name>_segmentation.png`` or ``<name>.png``, read as masks are) against a split.
+
+    A split whose ground truths are all empty is refused (``datasets_skin.NoLesionError``) before any scoring."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise EvalError(f"--pred_dir {str(pred_dir)!r} is not a folder.")
-    samples = discover_samples(image_dir, mask_dir, check_files=False)
+    samples = discover_samples(image_dir, mask_dir, check_files=False, max_image_pixels=max_image_pixels)
+    require_a_lesion((decode_mask(s.mask_path, None) for s in samples), repr(str(mask_dir)))
     missing, rows = [], []
     for sample in samples:
         candidates = [pred_dir / f"{sample.name}_segmentation.png", pred_dir / f"{sample.name}.png"]
@@ -490,7 +504,10 @@ def score_prediction_dir(
             missing.append(sample.name)
             continue
         gt = decode_mask(sample.mask_path, None)
-        pred = decode_mask(found, None)
+        try:
+            pred = decode_mask(found, None)
+        except DatasetError as err:
+            raise EvalError(f"--pred_dir {str(pred_dir)!r}: {err}") from None
         if pred.shape != gt.shape:
             raise EvalError(
                 f"Prediction {str(found)!r} is {pred.shape[1]}x{pred.shape[0]} but the ground truth "
@@ -534,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(YAML path, packaged name or short name such as sam2.1_hiera_t)")
     parser.add_argument("--sam_ckpt", default=None, help="official SAM2.1 weights; optional, since the checkpoint "
                         "already holds the full model")
-    parser.add_argument("--img_size", type=int, default=512)
+    parser.add_argument("--img_size", type=int, default=512, help=f"model input size, a multiple of {SIZE_MULTIPLE}")
     parser.add_argument("--num_classes", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank the checkpoint was trained with")
     parser.add_argument("--lora_width", default="input", choices=("input", "output"),
@@ -546,52 +563,99 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--gpu", default="0")
     parser.add_argument("--spacing", type=float, default=None, help="pixel size (e.g. mm) for hd95; default pixels")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="largest image (width x height) read; larger headers are refused as possible "
+                        "decompression bombs (default: where PIL refuses, %(default)s)")
     parser.add_argument("--output_csv", default=None, help="per-image CSV (default: metrics_<split>.csv beside the "
-                        "checkpoint or prediction folder)")
+                        "checkpoint, or inside the prediction folder)")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    problem = next((f"--{flag} must be positive, got {getattr(args, flag)}"
-                    for flag in ("img_size", "num_classes", "batch_size", "rank") if getattr(args, flag) <= 0), None)
+def flag_problem(args: argparse.Namespace) -> Optional[str]:
+    """The first flag value that cannot work, as a line naming the flag; None when all can."""
+    problem = next((f"--{flag} must be positive, got {getattr(args, flag)}" for flag in
+                    ("img_size", "num_classes", "batch_size", "rank", "max_image_pixels") if getattr(args, flag) <= 0),
+                   None)
+    if problem is None and args.img_size % SIZE_MULTIPLE:
+        problem = f"--img_size must be a multiple of {SIZE_MULTIPLE} (e.g. 512), got {args.img_size}"
+    if args.num_workers < 0:
+        problem = f"--num_workers must be 0 (load in this process) or more, got {args.num_workers}"
     if args.num_classes > 4:
         problem = f"--num_classes must be 1..4 (one SAM2 mask token per class), got {args.num_classes}"
     if args.spacing is not None and not args.spacing > 0:
         problem = f"--spacing must be a positive pixel size, got {args.spacing}"
+    return problem
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--output_csv, or metrics_<split>.csv beside the checkpoint / inside the prediction folder (so that two
+    prediction folders side by side keep one CSV each)."""
+    if args.output_csv:
+        return Path(args.output_csv)
+    folder = Path(args.pred_dir) if args.pred_dir is not None else Path(args.checkpoint).resolve().parent
+    return folder / f"metrics_{args.split}.csv"
+
+
+def check_output(args: argparse.Namespace, output_csv: Path) -> None:
+    """Refuse an output CSV that cannot be written, before anything is computed for it."""
+    if args.pred_dir is not None and not Path(args.pred_dir).is_dir():
+        raise EvalError(f"--pred_dir {args.pred_dir!r} is not a folder.")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise EvalError(f"--checkpoint {args.checkpoint!r} does not exist.")
+    try:
+        probe_writable(output_csv)
+    except OSError as err:
+        raise EvalError(f"--output_csv {output_csv}: cannot write there ({err.strerror or err}); choose another "
+                        "--output_csv (nothing was evaluated)") from None
+
+
+def evaluate(args: argparse.Namespace, image_dir: Path, mask_dir: Path) -> dict:
+    """The CLI's evaluation: PNG predictions (--pred_dir) or a checkpoint run on the split."""
+    if args.pred_dir is not None:
+        return score_prediction_dir(args.pred_dir, image_dir, mask_dir, args.spacing, args.max_image_pixels)
+    try:
+        device = select_device(args.gpu)
+    except DeviceError as err:
+        raise EvalError(f"--gpu {args.gpu}: {err}") from None
+    dataset = ValSkinDataset(image_dir, mask_dir, args.img_size, max_image_pixels=args.max_image_pixels)
+    dataset.require_a_lesion()
+    predict_fn = load_model_for_eval(
+        args.checkpoint, args.model_cfg, args.sam_ckpt, args.img_size, args.num_classes, args.rank,
+        device, args.decoder, args.module, args.lora_width,
+    )
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        collate_fn=collate_val)
+    return validate(predict_fn, loader, args.num_classes, device, args.spacing)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = flag_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    output_csv = output_path(args)
     try:
         image_dir, mask_dir = find_split(args.data_root, args.split)
-        if args.pred_dir is not None:
-            result = score_prediction_dir(args.pred_dir, image_dir, mask_dir, args.spacing)
-            source = Path(args.pred_dir)
-        else:
-            try:
-                device = select_device(args.gpu)
-            except DeviceError as err:
-                raise EvalError(f"--gpu {args.gpu}: {err}") from None
-            predict_fn = load_model_for_eval(
-                args.checkpoint, args.model_cfg, args.sam_ckpt, args.img_size, args.num_classes, args.rank,
-                device, args.decoder, args.module, args.lora_width,
-            )
-            dataset = ValSkinDataset(image_dir, mask_dir, args.img_size)
-            loader = DataLoader(
-                dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                collate_fn=collate_val,
-            )
-            result = validate(predict_fn, loader, args.num_classes, device, args.spacing)
-            source = Path(args.checkpoint)
+        check_output(args, output_csv)
+        result = evaluate(args, image_dir, mask_dir)
+    except ImageTooLargeError as err:
+        how = f"pass --max_image_pixels {err.pixels or 2 * err.limit} (or more)"
+        print(f"error: --data_root {args.data_root}: {err.describe(how)}", file=sys.stderr)
+        return 2
     except DatasetError as err:
         print(f"error: --data_root {args.data_root}: {err}", file=sys.stderr)
         return 2
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output_csv = Path(args.output_csv) if args.output_csv else source.resolve().parent / f"metrics_{args.split}.csv"
-    write_csv(result["rows"], output_csv)
     print(format_summary(result))
+    try:
+        write_csv(result["rows"], output_csv)
+    except OSError as err:
+        print(f"error: --output_csv {output_csv}: cannot write there ({err.strerror or err}); the means above are "
+              "all that was kept", file=sys.stderr)
+        return 2
     print(f"per-image metrics written to {output_csv}")
     return 0
 

@@ -4,13 +4,15 @@
   at the end of the run.
 * ``sam2_oracle``: the official-SAM2 oracle helpers (``tests/sam2_oracle.py``), with the official sdist fetched.
 * ``synthetic_root`` / ``synthetic_copy``: small synthetic data sets (read-only / one a test may change);
-  ``isic_sample``: the six real ISIC-2017 pairs beside the repository (the test is skipped without them).
+  ``isic_sample``: the six real ISIC-2017 pairs beside the repository (the test is skipped without them);
+  ``claim_size``: a PNG whose header claims another size.
 * ``tensorboard``: what a run's TensorBoard event files hold, read with TensorBoard's own reader.
 * ``selection_rows`` / ``metrics_rows``: a run folder's al_selection.csv and metrics.csv.
 """
 from __future__ import annotations
 
 import csv
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -72,6 +74,19 @@ def isic_sample() -> Path:
     if not (sample / "images").is_dir():
         pytest.skip(f"real ISIC sample not present at {sample}")
     return sample
+
+
+@pytest.fixture(scope="session")
+def claim_size() -> Callable[[Path, int, int], None]:
+    """``claim_size(png, width, height)`` rewrites a PNG's header (IHDR) to claim that size; the pixel data stays
+    that of the small image (a decompression bomb's header, without the bomb)."""
+    def rewrite(path: Path, width: int, height: int) -> None:
+        data = bytearray(Path(path).read_bytes())
+        assert data[12:16] == b"IHDR"
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+        Path(path).write_bytes(bytes(data))
+    return rewrite
 
 
 # ----------------------------------------------------------------------------- what a run wrote

@@ -208,31 +208,146 @@ def test_mask_stored_as_zero_one_is_read_as_lesion_and_noted_once(tmp_path):
 
 
 def test_other_mask_values_thresholded_with_one_warning_and_empty_masks_counted(tmp_path):
-    """{0, 128, 255} and a palette PNG (here dark red on black: grey level 60) are thresholded at 127 as before, with
-    one warning naming a file; all-zero masks stay allowed and are counted."""
+    """{0, 128, 255} is thresholded at 127 as before, with one warning naming a file; all-zero masks stay allowed
+    and are counted."""
     three = np.zeros((8, 8), np.uint8)
     three[:4], three[:, :2] = 128, 255
     Image.fromarray(three).save(tmp_path / "b_segmentation.png")
-    palette = Image.frombytes("P", (8, 8), (three > 0).astype(np.uint8).tobytes())
-    palette.putpalette([0, 0, 0, 200, 0, 0])
-    palette.save(tmp_path / "c_segmentation.png")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d_segmentation.png")
     notes = ds.MaskNotes()
-    got = {name: ds.decode_mask(tmp_path / f"{name}_segmentation.png", None, notes) for name in "bcd"}
+    got = {name: ds.decode_mask(tmp_path / f"{name}_segmentation.png", None, notes) for name in "bd"}
     np.testing.assert_array_equal(got["b"], (three > 127).astype(np.uint8))
-    assert not got["c"].any() and not got["d"].any()
-    assert notes.other_values == {"b_segmentation.png", "c_segmentation.png"} and not notes.zero_one
-    assert notes.empty == {"c_segmentation.png", "d_segmentation.png"}
+    assert not got["d"].any()
+    assert notes.other_values == {"b_segmentation.png"} and not notes.zero_one and not notes.colour
+    assert notes.empty == {"d_segmentation.png"}
     news = notes.news()
     warnings_ = [line for level, line in news if level == logging.WARNING]
     assert len(warnings_) == 1 and "b_segmentation.png" in warnings_[0] and "thresholded at 127" in warnings_[0]
-    assert any("2 of the masks read so far are empty" in line for _, line in news)
+    assert any("1 of the masks read so far are empty" in line for _, line in news)
     ds.decode_mask(tmp_path / "d_segmentation.png", None, notes)
     assert notes.news() == [], "the same masks again: nothing new to say"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "e_segmentation.png")
     ds.decode_mask(tmp_path / "e_segmentation.png", None, notes)
-    assert [line for _, line in notes.news()] == ["3 of the masks read so far are empty (no lesion; allowed), "
-                                                   "e.g. c_segmentation.png"]
+    assert [line for _, line in notes.news()] == ["2 of the masks read so far are empty (no lesion; allowed), "
+                                                   "e.g. d_segmentation.png"]
+
+
+def lesion_square(shape=(20, 30)) -> np.ndarray:
+    lesion = np.zeros(shape, bool)
+    lesion[4:12, 6:20] = True
+    return lesion
+
+
+def test_colour_and_palette_masks_read_by_their_mode(tmp_path):
+    """Issue 18: a lesion stored as red (255, 0, 0) or as a palette colour (128, 0, 0) has a luminance below 127 and
+    was read as all skin (Dice 1.0 on empty masks). RGB(A): lesion where the largest colour channel is above 127
+    (fully transparent pixels are skin); palette: lesion where the colour is not the palette's black."""
+    lesion = lesion_square()
+    rgb = np.zeros(lesion.shape + (3,), np.uint8)
+    rgb[lesion] = (255, 0, 0)
+    rgb[0, 0], rgb[0, 1] = (100, 90, 0), (30, 200, 10)  # anti-aliasing: largest channel 100 (skin), 200 (lesion)
+    expected = rgb.max(axis=2) > 127
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    rgba = np.concatenate([rgb, np.full(lesion.shape + (1,), 255, np.uint8)], axis=-1)
+    rgba[~expected] = (255, 255, 255, 0)  # skin: transparent white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "red_on_clear.png")
+    palette = Image.fromarray(np.where(lesion, 0, 3).astype(np.uint8), "P")  # black is entry 3, not 0
+    palette.putpalette([128, 0, 0, 0, 255, 0, 9, 9, 9, 0, 0, 0])
+    palette.save(tmp_path / "palette.png")
+    notes = ds.MaskNotes()
+    np.testing.assert_array_equal(ds.decode_mask(tmp_path / "red.png", None, notes), expected)
+    np.testing.assert_array_equal(ds.decode_mask(tmp_path / "red_on_clear.png", None, notes), expected)
+    np.testing.assert_array_equal(ds.decode_mask(tmp_path / "palette.png", None, notes), lesion)
+    content = ds.read_mask(tmp_path / "palette.png")
+    assert (content.mode, content.kind, content.size, list(content.levels)) == ("P", "0/255", (20, 30), [0, 255])
+    colour = [line for _, line in notes.news() if "colour masks" in line]
+    assert len(colour) == 1 and "palette.png" in colour[0] and "largest colour channel is above 127" in colour[0]
+
+
+def test_unsupported_mask_modes_and_blackless_palettes_are_refused(tmp_path):
+    Image.new("LA", (8, 8)).save(tmp_path / "grey_alpha.png")
+    with pytest.raises(DatasetError, match=r"grey_alpha\.png' is a LA image; save masks as 8-bit grey"):
+        ds.decode_mask(tmp_path / "grey_alpha.png", None)
+    palette = Image.fromarray(np.zeros((8, 8), np.uint8), "P")
+    palette.putpalette([255, 255, 255, 200, 0, 0])
+    palette.save(tmp_path / "no_black.png")
+    with pytest.raises(DatasetError, match=r"no_black\.png' is a palette image without a black colour"):
+        ds.decode_mask(tmp_path / "no_black.png", None)
+
+
+def test_mask_with_pixels_none_of_which_is_lesion_is_an_error(tmp_path):
+    """Non-zero pixels that all read as skin (grey {0, 60}, dark red, colour under full transparency) would make
+    the mask silently empty; a mask that is really empty (all black, opaque or not) stays allowed."""
+    lesion = lesion_square()
+    grey = np.where(lesion, 60, 0).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "faint_grey.png")
+    Image.fromarray(np.stack([grey, grey * 0, grey * 0], axis=-1)).save(tmp_path / "dark_red.png")
+    clear = np.zeros(lesion.shape + (4,), np.uint8)
+    clear[lesion] = (255, 0, 0, 0)
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear_red.png")
+    for name, mode in (("faint_grey", "L"), ("dark_red", "RGB"), ("clear_red", "RGBA")):
+        with pytest.raises(DatasetError, match=rf"{name}\.png' has non-zero pixels \({mode} levels 0(, 60)?\) but "
+                                               "none reads as lesion"):
+            ds.decode_mask(tmp_path / f"{name}.png", None)
+        assert ds.read_mask(tmp_path / f"{name}.png").faint
+    black = np.zeros(lesion.shape + (4,), np.uint8)
+    black[..., 3] = 255
+    Image.fromarray(black, "RGBA").save(tmp_path / "empty_rgba.png")
+    assert not ds.decode_mask(tmp_path / "empty_rgba.png", None).any()
+
+
+def test_validation_set_of_empty_masks_is_refused(synthetic_copy):
+    """Issue 18: all-empty ground truth gives Dice 1.0 to a model predicting nothing; it is a typed error."""
+    images, masks = ds.find_split(synthetic_copy, "Validation")
+    paths = sorted(masks.iterdir())
+    for path in paths:
+        Image.fromarray(np.zeros(np.asarray(Image.open(path)).shape, np.uint8)).save(path)
+    dataset = ds.ValSkinDataset(images, masks, 32)
+    with pytest.raises(ds.NoLesionError, match=rf"all 3 ground-truth masks of '{masks}' are empty"):
+        dataset.require_a_lesion()
+    Image.fromarray(lesion_square(np.asarray(Image.open(paths[0])).shape).astype(np.uint8) * 255).save(paths[0])
+    fresh = ds.ValSkinDataset(images, masks, 32)
+    fresh.require_a_lesion()
+    assert len(fresh._orig_masks) == 1, "stops at the first mask with a lesion"
+    with pytest.raises(ds.NoLesionError, match="all 2 ground-truth masks"):
+        fresh.require_a_lesion([1, 2])
+
+
+def test_image_header_claiming_200_megapixels_names_file_and_limit(tmp_path, monkeypatch, claim_size):
+    """Issue 18: PIL's DecompressionBombError/Warning traceback; now the file, its size, the limit, how to raise it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    images, masks = tmp_path / "img", tmp_path / "gt"
+    write_pair(images, masks, "ISIC_0000001", ext=".png")
+    for path in (images / "ISIC_0000001.png", masks / "ISIC_0000001_segmentation.png"):
+        claim_size(path, 20_000, 10_000)
+    limit = ds.DEFAULT_MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ds.ImageTooLargeError, match=rf"ISIC_0000001\.png' claims 200,000,000 pixels in its header, "
+                                                        rf"more than the limit of {limit:,} \(a guard against decompression bombs: "
+                                                        r"small files that unpack into gigabytes\)\. If the image is "
+                                                        "genuine, pass a larger max_image_pixels"):
+            ds.SemiSupervisedSkinDataset(images, masks, 32)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 32, max_image_pixels=200_000_000)
+    assert dataset.samples[0].orig_size == (10_000, 20_000)
+    claim_size(images / "ISIC_0000001.png", 40_000, 40_000)  # beyond what PIL opens at all at that limit
+    with pytest.raises(ds.ImageTooLargeError, match="claims more pixels than PIL opens"):
+        ds.SemiSupervisedSkinDataset(images, masks, 32)
+
+
+def test_dangling_image_link_is_said_and_left_out(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "gt"
+    for name in ("ISIC_0000001", "ISIC_0000002"):
+        write_pair(images, masks, name)
+    (images / "ISIC_0000003.jpg").symlink_to(tmp_path / "gone" / "ISIC_0000003.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = ds.SkinLesionDataset(images, masks, 32)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and f"left out 1 image link(s) in '{images}' that point to missing files" in messages[0]
+    assert f"ISIC_0000003.jpg -> {tmp_path / 'gone' / 'ISIC_0000003.jpg'}" in messages[0]
+    assert dataset.names == ["ISIC_0000001", "ISIC_0000002"]
 
 
 def test_unlabeled_masks_are_never_decoded_so_never_noted(synthetic_copy):

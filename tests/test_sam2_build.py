@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from safe_io import CheckpointFileError
+import sam2.build_sam as build_sam
 from sam2.build_sam import (
     CheckpointError,
+    CheckpointReadError,
+    ConfigFileError,
     ConfigNotFoundError,
     build_sam2,
     load_checkpoint,
     resolve_config_path,
+    state_mismatch,
 )
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -184,7 +187,9 @@ def test_full_save_with_decoder2_loads_decoder2(tiny, tmp_path):
     assert not torch.equal(model.sam_mask_decoder2.iou_token.weight, model.sam_mask_decoder.iou_token.weight)
 
 
-def test_wrong_size_checkpoint_names_keys_and_cause(tiny, tmp_path):
+def test_wrong_size_checkpoint_is_one_short_summary(tiny, tmp_path):
+    """Issue 18: a checkpoint of another size is said in one short line (counts, a few names, the two sizes and the
+    config to use), not hundreds of key names."""
     path = tmp_path / "tiny_weights.pt"
     official_style_file(tiny, path)
     with pytest.raises(CheckpointError) as info:
@@ -192,8 +197,17 @@ def test_wrong_size_checkpoint_names_keys_and_cause(tiny, tmp_path):
     message = str(info.value)
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
     assert "image_encoder.trunk.blocks.12" in message  # hiera_s has 16 blocks, hiera_t 12
-    assert "hiera_t" in message and "hiera_s" in message and "different model sizes" in message
-    assert str(path) in message
+    assert "hiera_t (embed_dim 96, 12 blocks)" in message and "hiera_s (embed_dim 96, 16 blocks)" in message
+    assert "different model sizes" in message and "use the config of the file's size (sam2.1_hiera_t)" in message
+    assert str(path) in message and "\n" not in message and len(message) < 700, message
+
+
+def test_state_mismatch_counts_and_names_a_few():
+    expected = {f"sam.k{i}": (2,) for i in range(10)}
+    found = {**{f"sam.k{i}": (2,) for i in range(3, 10)}, "sam.k9": (3,), "sam.x": (1,), "sam.y": (1,)}
+    assert state_mismatch(expected, expected) is None
+    assert state_mismatch(found, expected) == ("3 keys missing (e.g. sam.k0, sam.k1, sam.k2); 2 unexpected (e.g. "
+                                               "sam.x, sam.y); 1 of another shape (e.g. sam.k9: file (3,), model (2,))")
 
 
 def test_stray_and_missing_keys_are_errors(tiny, tmp_path):
@@ -208,16 +222,75 @@ def test_stray_and_missing_keys_are_errors(tiny, tmp_path):
     assert "sam_prompt_encoder.no_mask_embed.weight" in str(info.value)
 
 
-def test_untrusted_or_foreign_file_is_a_clear_error(tiny, tmp_path):
+def test_untrusted_or_foreign_file_is_sam2s_own_error(tiny, tmp_path):
+    """sam2 loads with weights_only=True itself and raises its own typed error (it imports nothing of the
+    project); the project maps it to its message (tests/test_safe_io.py)."""
     torch.save({"model": {"a": object()}}, tmp_path / "pickle.pt")  # needs full unpickling
-    with pytest.raises(CheckpointFileError, match="pickle.pt holds pickled Python objects .*refused for safety"):
+    with pytest.raises(CheckpointReadError, match="pickle.pt.*weights_only=True.*UnpicklingError") as info:
         load_checkpoint(tiny, tmp_path / "pickle.pt")
+    assert isinstance(info.value, CheckpointError) and info.value.path == tmp_path / "pickle.pt"
+    assert type(info.value.cause).__name__ == "UnpicklingError" and info.value.__cause__ is info.value.cause
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-    with pytest.raises(CheckpointFileError, match="notes.pt is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointReadError, match="notes.pt"):
         load_checkpoint(tiny, tmp_path / "notes.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "pickle.pt").read_bytes()[:200])  # a zip without its directory
+    with pytest.raises(CheckpointReadError, match=r"cut\.pt.*\(RuntimeError\)"):
+        load_checkpoint(tiny, tmp_path / "cut.pt")
     torch.save({"epoch": 3}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="state dict"):
         load_checkpoint(tiny, tmp_path / "other.pt")
+
+
+def write_config(path: Path, edit=lambda text: text) -> Path:
+    path.write_text(edit(T_YAML.read_text()))
+    return path
+
+
+@pytest.mark.parametrize("case, match", [
+    ("checkpoint", r"bad\.yaml is a PyTorch checkpoint \(a zip archive\), not a YAML config; were the config and "
+                   r"the checkpoint swapped\? pass a SAM2 YAML config: a path, or one of sam2\.1_hiera_b\+"),
+    ("binary", r"bad\.yaml is not a YAML file \('utf-8' codec can't decode"),
+    ("no_model", r"bad\.yaml has no top-level 'model' node \(it holds keys trainer, epochs\), so it is no SAM2 config"),
+    ("list", r"bad\.yaml has no top-level 'model' node \(it holds a list\)"),
+])
+def test_config_that_is_no_sam2_config_says_what_it_is(case, match, tmp_path):
+    """Issue 18: --model_cfg naming a checkpoint, a binary file, or YAML of something else."""
+    path = tmp_path / "bad.yaml"
+    if case == "checkpoint":
+        torch.save({"model": {"w": torch.zeros(1)}}, path)
+    elif case == "binary":
+        path.write_bytes(b"\x00\x01\xfe\xff" * 20)
+    else:
+        path.write_text("trainer: 1\nepochs: 3\n" if case == "no_model" else "- 1\n- 2\n")
+    with pytest.raises(ConfigFileError, match=match):
+        build_sam2(str(path), device="cpu", image_size=64)
+
+
+@pytest.mark.parametrize("where", ["model", "nested"])
+def test_config_building_other_than_sam2_classes_is_refused_unbuilt(where, tmp_path, monkeypatch):
+    """Issue 18: a _target_ can name any callable (os.system ...); it is refused before Hydra is asked to build."""
+    def never(*args, **kwargs):
+        raise AssertionError("instantiate was called")
+
+    monkeypatch.setattr(build_sam, "instantiate", never)
+    if where == "model":
+        edit = lambda text: text.replace("_target_: sam2.modeling.sam2_base.SAM2Base",
+                                         "_target_: os.system\n  _args_: ['echo ran']", 1)
+    else:
+        edit = lambda text: text.replace("sam2.modeling.backbones.hieradet.Hiera", "builtins.print", 1)
+    path = write_config(tmp_path / "evil.yaml", edit)
+    expected = "builds 'os.system', not sam2.modeling.sam2_base.SAM2Base" if where == "model" else (
+        "asks to build builtins.print, which is no SAM2 image-model class; it is refused unbuilt")
+    with pytest.raises(ConfigFileError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+        build_sam2(str(path), device="cpu", image_size=64)
+    monkeypatch.undo()
+    assert "hieradet.Hiera" in build_sam.load_config("sam2.1_hiera_t").image_encoder.trunk._target_
+
+
+def test_config_with_options_our_classes_do_not_take(tmp_path):
+    path = write_config(tmp_path / "typo.yaml", lambda text: text.replace("embed_dim: 96", "embed_dimm: 96", 1))
+    with pytest.raises(ConfigFileError, match=r"typo\.yaml: the model cannot be built from it \(.*embed_dimm"):
+        build_sam2(str(path), device="cpu", image_size=64)
 
 
 def test_predictor_shapes_follow_image_size(tiny):

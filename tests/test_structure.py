@@ -159,3 +159,10 @@ def test_the_similarity_check_reports_six_repeated_lines(tmp_path):
 def test_no_logic_of_six_lines_or_more_is_written_twice():
     report = similar_lines_report([str(p.relative_to(REPO)) for p in product_files()], REPO)
     assert "R0801" not in report, report[-4000:]
+
+
+def test_sam2_imports_nothing_from_the_project():
+    """sam2/ stands alone, like upstream's package: no module under it imports a top-level module of this project."""
+    graph = import_graph()
+    assert "run_folder" in graph["trainer"], "graph not built"
+    assert graph["sam2"] == set(), f"sam2/ imports {sorted(graph['sam2'])}"

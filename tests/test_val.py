@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 from torch.utils.data import DataLoader
 
 import datasets_skin as ds
+import safe_io
 import val
 from sam_lora_image_encoder_prompt import build_model
 
@@ -345,6 +347,192 @@ def test_cli_input_errors(synthetic_root, tmp_path, capsys):
     assert "--img_size must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         val.main(["--data_root", str(synthetic_root)])  # neither --checkpoint nor --pred_dir
+
+
+def run_cli(argv, capsys) -> str:
+    """val.main(argv) must refuse with exit 2 and one line on stderr; that line."""
+    assert val.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--img_size", 100, "--img_size must be a multiple of 32 (e.g. 512), got 100"),
+    ("--num_workers", -1, "--num_workers must be 0 (load in this process) or more, got -1"),
+    ("--max_image_pixels", 0, "--max_image_pixels must be positive, got 0"),
+])
+def test_cli_flag_values_that_cannot_work(flag, value, said, synthetic_root, tmp_path, capsys):
+    """Issue 18: tracebacks (from the model build / the DataLoader) before."""
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", tmp_path / "best.pth", flag, value], capsys)
+    assert err == f"error: {said}\n"
+
+
+def test_cli_unwritable_output_is_refused_before_any_metric(synthetic_root, tmp_path, capsys, monkeypatch):
+    """Issue 18: an unwritable --output_csv was a traceback after every metric was computed. (CI runs as root, so the
+    read-only file system is injected where the file would be made.)"""
+    pred_dir = tmp_path / "preds"
+    write_predictions(synthetic_root, pred_dir)
+    scored = []
+    monkeypatch.setattr(val, "segmentation_metrics", lambda *a, **k: scored.append(1))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", read_only)
+    out = tmp_path / "out" / "m.csv"
+    err = run_cli(["--data_root", synthetic_root, "--pred_dir", pred_dir, "--output_csv", out], capsys)
+    assert err == (f"error: --output_csv {out}: cannot write there (Read-only file system); choose another "
+                   "--output_csv (nothing was evaluated)\n")
+    assert scored == [], "metrics were computed for an output that cannot be written"
+
+
+def test_cli_failed_write_keeps_the_means_on_screen(synthetic_root, tmp_path, capsys, monkeypatch):
+    pred_dir = tmp_path / "preds"
+    write_predictions(synthetic_root, pred_dir)
+
+    def disk_full(rows, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(val, "write_csv", disk_full)
+    assert val.main(["--data_root", str(synthetic_root), "--pred_dir", str(pred_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert "5 images" in out and "dice:" in out
+    assert "--output_csv" in err and "No space left on device" in err and "the means above" in err
+
+
+def test_cli_corrupt_prediction_names_pred_dir_and_file(synthetic_root, tmp_path, capsys):
+    pred_dir = tmp_path / "preds"
+    write_predictions(synthetic_root, pred_dir)
+    victim = sorted(pred_dir.iterdir())[2]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    err = run_cli(["--data_root", synthetic_root, "--pred_dir", pred_dir, "--output_csv", tmp_path / "m.csv"], capsys)
+    assert err.startswith(f"error: --pred_dir '{pred_dir}': Cannot decode mask '{victim}'"), err
+
+
+def test_cli_pred_dir_default_csv_goes_inside_each_prediction_folder(synthetic_root, tmp_path, capsys):
+    """Issue 18: it went to the parent folder, where a second prediction folder overwrote the first one's."""
+    first, second = tmp_path / "run_a", tmp_path / "run_b"
+    write_predictions(synthetic_root, first)
+    write_predictions(synthetic_root, second)
+    for path in second.iterdir():  # the second predicts nothing
+        Image.fromarray(np.zeros(np.asarray(Image.open(path)).shape, np.uint8)).save(path)
+    for folder in (first, second):
+        assert val.main(["--data_root", str(synthetic_root), "--pred_dir", str(folder)]) == 0
+    assert not (tmp_path / "metrics_Validation.csv").exists()
+    dice = {f: [float(r["dice"]) for r in read_csv(f / "metrics_Validation.csv")] for f in (first, second)}
+    assert max(dice[first]) > 0.5 and max(dice[second]) == 0.0
+    assert str(first / "metrics_Validation.csv") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["--pred_dir", "--checkpoint"])
+def test_cli_refuses_ground_truth_without_any_lesion(source, synthetic_copy, tmp_path, capsys):
+    """Issue 18: all-empty masks gave Dice 1.0 to any model that predicts nothing."""
+    _, masks = ds.find_split(synthetic_copy, "Validation")
+    for path in masks.iterdir():
+        Image.fromarray(np.zeros(np.asarray(Image.open(path)).shape, np.uint8)).save(path)
+    given = tmp_path / "given"
+    given.mkdir() if source == "--pred_dir" else given.write_bytes(b"never read")
+    err = run_cli(["--data_root", synthetic_copy, source, given, "--gpu", "cpu", "--output_csv", tmp_path / "m.csv"],
+                  capsys)
+    assert err.startswith(f"error: --data_root {synthetic_copy}: all 3 ground-truth masks of '{masks}' are empty "
+                          "(no lesion pixel): any model, even one that predicts nothing, would score Dice 1.0"), err
+
+
+def test_cli_image_header_over_the_limit_names_file_limit_and_flag(synthetic_copy, tmp_path, capsys, monkeypatch,
+                                                                  claim_size):
+    """Issue 18: an image header claiming 200 MP was PIL's DecompressionBombError traceback."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    images, _ = ds.find_split(synthetic_copy, "Validation")
+    jpeg = images / "ISIC_0000007.jpg"
+    victim = jpeg.with_suffix(".png")
+    Image.open(jpeg).save(victim)
+    jpeg.unlink()
+    claim_size(victim, 20_000, 10_000)
+    argv = ["--data_root", synthetic_copy, "--pred_dir", tmp_path, "--output_csv", tmp_path / "m.csv"]
+    err = run_cli(argv, capsys)
+    assert err == (f"error: --data_root {synthetic_copy}: '{victim}' claims 200,000,000 pixels in its header, more "
+                   f"than the limit of {ds.DEFAULT_MAX_IMAGE_PIXELS:,} (a guard against decompression bombs: small "
+                   "files that unpack into gigabytes). If the image is genuine, pass --max_image_pixels 200000000 (or "
+                   "more); otherwise replace or remove it.\n")
+    assert "--max_image_pixels" not in run_cli(argv + ["--max_image_pixels", 200_000_000], capsys)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """A hiera_t LoRA_Sam state dict (64 px, rank 4) whose tensors are expanded zeros: the right keys and shapes
+    in a small file."""
+    net = build_model("sam2.1_hiera_t", None, 64, rank=4, num_classes=1, device="cpu")
+    path = tmp_path_factory.mktemp("model") / "best_model_dice0.5000.pth"
+    torch.save({k: torch.zeros(()).expand(v.shape) for k, v in net.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("holds, said", [
+    ("resume_state", "is a trainer resume state (last_state.pth: settings, trainable weights, optimiser), not a "
+                     "model; a trained model is a best_model_dice*.pth the trainer saved in the same run folder"),
+    ("sam2_weights", "holds SAM2 weights (an official SAM2 checkpoint?), not a trained LoRA_Sam; a trained model is "
+                     "a best_model_dice*.pth the trainer saved (pass it as --sam_ckpt, and the trained model as "
+                     "--checkpoint)"),
+    ("no_state_dict", "holds a list, not a model state dict; a trained model is a best_model_dice*.pth the trainer "
+                      "saved"),
+    ("lora_file", "is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a whole model"),
+    ("config", "is not a readable PyTorch checkpoint: it is not a file written by torch.save at all (it starts with "
+               "b'# @p'; a YAML config? were a config and a checkpoint swapped?)"),
+])
+def test_cli_checkpoint_that_is_no_trained_model_says_what_it_is(holds, said, synthetic_root, tmp_path, capsys):
+    """Issue 18: val.py given last_state.pth printed 30 KB of key names; these are said before a model is built."""
+    path = tmp_path / "given.pth"
+    if holds == "resume_state":
+        torch.save({"args": {"img_size": 64}, "trainable": {"sam.x": torch.zeros(2)}, "optimizer": {}}, path)
+    elif holds == "sam2_weights":
+        torch.save({"model": {"image_encoder.trunk.pos_embed": torch.zeros(1, 96, 7, 7)}}, path)
+    elif holds == "no_state_dict":
+        torch.save([torch.zeros(2)], path)
+    elif holds == "lora_file":
+        torch.save({"sam.image_encoder.trunk.blocks.0.attn.qkv.lora_a_q.weight": torch.zeros(4, 96)}, path)
+    else:
+        path.write_text("# @package _global_\n\nmodel:\n  _target_: sam2.modeling.sam2_base.SAM2Base\n")
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", path, "--gpu", "cpu", "--model_cfg", "sam2.1_hiera_t",
+                   "--img_size", "64"], capsys)
+    assert err.startswith(f"error: --checkpoint: {path} {said}")
+
+
+def test_cli_config_and_checkpoint_swapped(tiny_model_file, synthetic_root, capsys):
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", tiny_model_file, "--model_cfg", tiny_model_file,
+                   "--gpu", "cpu", "--img_size", "64"], capsys)
+    assert err.startswith(f"error: --model_cfg {tiny_model_file}: SAM2 config {tiny_model_file} is a PyTorch "
+                          "checkpoint (a zip archive), not a YAML config; were the config and the checkpoint swapped?")
+
+
+def test_cli_model_of_another_size_is_one_short_line(tiny_model_file, synthetic_root, tmp_path, capsys):
+    """Issue 18: a model of another size printed 203 lines of keys (70 KB); now counts, a few names, the sizes."""
+    state = torch.load(tiny_model_file, weights_only=True)
+    prefix = "sam.image_encoder.trunk.blocks."
+    added = {k.replace(f"{prefix}11.", f"{prefix}{i}.", 1): v for i in range(12, 16)
+             for k, v in state.items() if k.startswith(f"{prefix}11.")}  # blocks 12-15: looks like hiera_s
+    state.update(added)
+    path = tmp_path / "hiera_s_like.pth"
+    torch.save(state, path)
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", path, "--model_cfg", "sam2.1_hiera_t", "--gpu", "cpu",
+                   "--img_size", "64"], capsys)
+    assert err.startswith(f"error: --checkpoint does not fit --model_cfg sam2.1_hiera_t --rank 4 --num_classes 1 "
+                          f"--lora_width input: {path} is another model than the one built here: {len(added)} "
+                          f"unexpected (e.g. {prefix}12.")
+    assert ("The file holds hiera_s (embed_dim 96, 16 blocks), the model is hiera_t (embed_dim 96, 12 blocks): "
+            "different model sizes; use the config of the file's size (sam2.1_hiera_s); pass the --model_cfg, --rank, "
+            "--num_classes and --lora_width it was trained with") in err
+    assert len(err) < 800, len(err)  # was 70 KB
+
+
+def test_model_state_of_another_lora_rank_says_both_ranks(tiny_model_file):
+    from sam_lora_image_encoder_prompt import ModelFileError, load_model_state
+
+    net = build_model("sam2.1_hiera_t", None, 64, rank=2, num_classes=1, device="cpu")
+    with pytest.raises(ModelFileError, match=r"of another shape \(e\.g\. .*lora_a_q\.weight: file \(4, 96\), model "
+                                             r"\(2, 96\)\); LoRA rank: file 4, model 2$") as info:
+        load_model_state(net, torch.load(tiny_model_file, weights_only=True), tiny_model_file)
+    assert info.value.holds == "other_model"
 
 
 @pytest.mark.slow

@@ -1,0 +1,111 @@
+"""safe_io.load_torch_file: pickled code is told apart from damage by what the file holds (its pickle's opcodes, read
+with pickletools, never run), for zip checkpoints and plain pickles, and sam2's own load error gets the same message."""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import safe_io
+from safe_io import CheckpointFileError, load_torch_file, pickled_code
+from sam_lora_image_encoder_prompt import ModelInputError, build_model
+
+SYSTEM = f"{os.system.__module__}.system"  # posix.system here
+
+
+class _SystemCall:
+    """Pickled, this is a call of os.system(...): code. Only its pickle is ever written; it is only ever loaded
+    through the safe loader, which must refuse it unrun."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def payload_checkpoint(tmp_path: Path) -> Path:
+    """A zip checkpoint (torch.save) whose data.pkl holds real tensors and an os.system call."""
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _SystemCall(tmp_path / "ran")}, path)
+    return path
+
+
+def test_os_system_in_a_zip_checkpoint_is_called_code_not_damage(tmp_path):
+    """Issue 18: torch says "unsupported GLOBAL ... is blocked" for os/posix payloads, which the old check (the word
+    "global" in torch's message) took for damage."""
+    path = payload_checkpoint(tmp_path)
+    assert pickled_code(path) == [SYSTEM]
+    with pytest.raises(CheckpointFileError) as info:
+        load_torch_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} holds pickled Python objects (code)") and SYSTEM in message
+    assert "refused for safety" in message and "damaged" not in message and "weights_only" not in message
+    assert not (tmp_path / "ran").exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_plain_pickle_payload_is_code_and_torch_warning_is_silenced(protocol, tmp_path):
+    """A raw (non-zip) pickle goes through torch's legacy path, which warns about protocols > 2 before refusing."""
+    path = tmp_path / "raw.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"x": _SystemCall(tmp_path / "ran")}, f, protocol=protocol)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointFileError, match=rf"raw\.pkl holds pickled Python objects \(code\).*{SYSTEM}"):
+            load_torch_file(path)
+    assert [str(w.message) for w in caught] == []
+    assert not (tmp_path / "ran").exists()
+
+
+def test_opcode_scan_follows_global_inst_and_stack_global(tmp_path):
+    """Hand-written pickles naming os.system through each opcode that imports: GLOBAL, INST (protocol 0) and
+    STACK_GLOBAL with memoised strings (protocol 4), each then called (REDUCE / INST itself)."""
+    pickles = {
+        "global": b"cos\nsystem\n(S'echo'\ntR.",
+        "inst": b"(S'echo'\nios\nsystem\n.",
+        "stack_global": b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x8c\x04echo\x94\x85R.",
+    }
+    for name, data in pickles.items():
+        (tmp_path / name).write_bytes(data)
+        assert pickled_code(tmp_path / name) == ["os.system"], name
+    assert "torch._utils._rebuild_tensor_v2" in safe_io.allowed_pickle_globals()
+    torch.save({"w": torch.zeros(3), "n": torch.nn.Parameter(torch.ones(1))}, tmp_path / "tensors.pt")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert pickled_code(tmp_path / "tensors.pt") == [] and pickled_code(tmp_path / "legacy.pt") == []
+
+
+def test_damage_and_text_keep_their_messages(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:300])
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(1000)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-100])
+    for name in ("truncated.pt", "legacy.pt"):
+        with pytest.raises(CheckpointFileError, match=rf"{name} is not a readable PyTorch checkpoint: it is truncated "
+                                                      "or damaged"):
+            load_torch_file(tmp_path / name)
+    (tmp_path / "notes.pt").write_text("cos\nsystem\nmy notes, not a checkpoint\n")  # starts like a GLOBAL opcode
+    with pytest.raises(CheckpointFileError, match=r"notes\.pt is not a readable PyTorch checkpoint: it is not a file "
+                                                  r"written by torch\.save at all \(it starts with b'cos\\n'; a text"):
+        load_torch_file(tmp_path / "notes.pt")
+    (tmp_path / "config.pt").write_text("# @package _global_\n\nmodel:\n  _target_: x.Y\n")
+    with pytest.raises(CheckpointFileError, match=r"a YAML config\? were a config and a checkpoint swapped\?"):
+        load_torch_file(tmp_path / "config.pt")
+
+
+def test_sam2s_own_load_error_gets_the_message_of_every_other_load(tmp_path):
+    """Issue 15 item 6: sam2 raises its own CheckpointReadError; the model factory maps it to load_torch_file's text."""
+    path = payload_checkpoint(tmp_path)
+    with pytest.raises(CheckpointFileError) as direct:
+        load_torch_file(path)
+    with pytest.raises(ModelInputError) as via_factory:
+        build_model("sam2.1_hiera_t", str(path), 64, device="cpu")
+    assert via_factory.value.source == "checkpoint"
+    assert str(via_factory.value) == str(direct.value)
+    assert not (tmp_path / "ran").exists()
