@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from active_learning_strategies import MaskDifferenceStrategy, mask_difference_scores  # noqa: E402
+from active_learning_strategies import MaskDifferenceStrategy, SelectionContext, mask_difference_scores  # noqa: E402
 from sam2.build_sam import build_sam2  # noqa: E402
-from sam_lora_image_encoder_prompt import LoRA_Sam, foreground_probabilities  # noqa: E402
+from sam_lora_image_encoder_prompt import LoRA_Sam, class_probabilities  # noqa: E402
 from utils import autocast  # noqa: E402
 
 CHECKPOINT_NAMES = {
@@ -80,7 +80,8 @@ def time_encoder(encode, batches, device):
 
 
 def time_scoring(net, dataset, device, batch_size):
-    MaskDifferenceStrategy().select(net, dataset, list(range(len(dataset))), batch_size, device, batch_size)
+    MaskDifferenceStrategy().select(SelectionContext(net, dataset, list(range(len(dataset))), batch_size, device,
+                                                     batch_size=batch_size))
 
 
 def time_naive(net, batches, device, size):
@@ -90,9 +91,9 @@ def time_naive(net, batches, device, size):
             out_center = net(images, True, size, 0, "point")
             out_rand = net(images, True, size, 1, "point")
             mask_difference_scores(
-                foreground_probabilities(out_no["low_res_logits1"]),
-                foreground_probabilities(out_center["low_res_logits2"]),
-                foreground_probabilities(out_rand["low_res_logits1"]),
+                class_probabilities(out_no["low_res_logits1"]),
+                class_probabilities(out_center["low_res_logits2"]),
+                class_probabilities(out_rand["low_res_logits1"]),
             ).cpu()
 
 
