@@ -294,3 +294,17 @@ def round_instructions(round_folder: Path, epoch: int) -> List[str]:
              f"overlays: {round_folder}",
              "save each mask (a 0/255 PNG of the image's size; correct the proposal rather than draw from scratch):"]
     return lines + [f"  {row['image']} -> {row['save_mask_as']}" for row in rows]
+
+
+def make_oracle(folder_oracle: bool, folder: RunFolder, state, dataset, accept_partial: bool) -> GroundTruthOracle:
+    """The oracle of a run (``folder_oracle``: a person's rounds; else the simulation), after every check of its
+    masks, nothing written before: a resumed run's waiting round is accepted (``state``: its ResumeState); a new
+    folder run's images that have masks are its initial labeled set (marked in ``dataset``). Raises RoundError."""
+    accepted, notes = (accept_round(folder, state.epoch, state.labeled_names, dataset.samples, folder_oracle,
+                                    accept_partial) if state is not None else (None, []))
+    if not folder_oracle:
+        return GroundTruthOracle()
+    if state is None:
+        labeled, notes = label_existing_masks(dataset.samples)
+        dataset.mark_labeled(labeled)
+    return FolderOracle(accepted, notes)

@@ -28,10 +28,11 @@ import tb_images
 import utils
 import val
 from active_learning_strategies import Selection, SelectionContext, Strategy, default_score_batch_size
-from run_folder import ResumeState, RunFolder, best_checkpoint_name
+from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name
 from safe_io import atomic_torch_save
 
 log = logging.getLogger("trainer")
+CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 
 
 @dataclass
@@ -67,6 +68,56 @@ class Run:
         """Training and validation precision (--precision); scoring keeps its own autocast."""
         return utils.autocast(self.device, enabled=self.args.precision == "mixed")
 
+
+
+# ----------------------------------------------------------------------------- starting
+
+def log_start(run: Run, argv: Sequence[str]) -> None:
+    args = run.args
+    log.info("command: trainer.py %s", " ".join(argv))
+    log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
+             run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set or ()))
+    if run.val_set is None:
+        log.info("no Validation split under %s: the run does not validate, and keeps only last_model.pth",
+                 args.data_root)
+    for note in run.oracle.notes:
+        log.info(note)
+    if args.checkpoint.lower() == "none":
+        log.warning("!" * 78)
+        log.warning("!! NO SAM2 CHECKPOINT: the model starts from SEEDED RANDOM WEIGHTS, not SAM2.1.")
+        log.warning("!! Scores and Dice show the pipeline works, not what SAM2 achieves; %s.", CHECKPOINT_HINT)
+        log.warning("!" * 78)
+    if run.device.type == "cpu" and not args.demo:
+        log.warning("training on the CPU: expect this to be very slow at --img_size %d", args.img_size)
+
+
+def restore(run: Run, state: ResumeState, note: str) -> None:
+    """Continue from ``last_state.pth``: trained weights, optimiser, labeled set, best so far; the folder drops what
+    an unfinished epoch wrote and notes the resume (``note``). RunFolderError when the state does not fit."""
+    # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
+    _, unexpected = run.model.load_state_dict(state.trainable, strict=False)
+    if unexpected:
+        raise RunFolderError(f"{run.folder.file('last_state.pth')} does not fit this model (unexpected keys "
+                             f"{unexpected[:3]})")
+    run.optimizer.load_state_dict(state.optimizer)
+    for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
+        group["lr"] = run.args.base_lr
+    log_base_lr_change(run, state.settings.get("base_lr"))
+    run.scaler.load_state_dict(state.scaler)
+    lost = sorted(set(state.labeled_names) - set(run.train_set.names))
+    if lost:
+        raise RunFolderError(f"{len(lost)} labeled images of the run are no longer in the data set (e.g. {lost[0]})")
+    run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
+    run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
+    run.best_path = Path(state.best_path) if state.best_path else None
+    run.folder.reopen(state, note)
+    log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
+             run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
+
+
+def log_base_lr_change(run: Run, old_lr: object) -> None:
+    if str(old_lr) != str(run.args.base_lr):
+        log.info("--base_lr is now %s (it was %s when the run stopped on divergence)", run.args.base_lr, old_lr)
 
 
 # ----------------------------------------------------------------------------- stopping mid-epoch

@@ -36,9 +36,9 @@ import annotation_rounds
 import datasets_skin
 import utils
 from active_learning_strategies import ActiveLearningStrategyFactory, Selection, Strategy
-from epoch_steps import (Run, RunStopped, annotate, earlier_selection, epoch_seed, finish_run, labels_wanted,
-                         record_epoch, result, save_checkpoints, select_batch, stop_reason, timed, train_one_epoch,
-                         validate_epoch, write_round_for_person)
+from epoch_steps import (CHECKPOINT_HINT, Run, RunStopped, annotate, earlier_selection, epoch_seed, finish_run, labels_wanted,
+                         log_base_lr_change, log_start, record_epoch, restore, result, save_checkpoints, select_batch,
+                         stop_reason, timed, train_one_epoch, validate_epoch, write_round_for_person)
 from run_folder import (AWAITING, DIVERGED, FolderInUse, ResumeState, RunFolder, RunFolderError, SettingsDiffer,
                         run_dir_of)
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
@@ -48,7 +48,6 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
 DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
-DOWNLOAD_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
 AWAITING_FILE, DIVERGED_FILE = AWAITING, DIVERGED
 
@@ -250,7 +249,7 @@ def check_paths(args: argparse.Namespace) -> None:
     if demo_data_root(args) is None and not Path(args.data_root).is_dir():
         raise UsageError(f"--data_root {args.data_root}: no such folder")
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: file not found; {DOWNLOAD_HINT} (or pass --demo to try "
+        raise UsageError(f"--checkpoint {args.checkpoint}: file not found; {CHECKPOINT_HINT} (or pass --demo to try "
                          "the pipeline without one)")
     if args.lora_ckpt is not None and not Path(args.lora_ckpt).is_file():
         raise UsageError(f"--lora_ckpt {args.lora_ckpt}: file not found")
@@ -358,49 +357,11 @@ def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> annotation_rounds.GroundTruthOracle:
     """The oracle of --oracle, after every check of its masks (nothing is written before)."""
     try:
-        accepted, notes = (annotation_rounds.accept_round(folder, state.epoch, state.labeled_names, train_set.samples,
-                                                          args.oracle == "folder", args.accept_partial)
-                           if state is not None else (None, []))
-        if args.oracle == "ground_truth":
-            return annotation_rounds.GroundTruthOracle()
-        if state is None:
-            labeled, notes = annotation_rounds.label_existing_masks(train_set.samples)
-            train_set.mark_labeled(labeled)
+        return annotation_rounds.make_oracle(args.oracle == "folder", folder, state, train_set, args.accept_partial)
     except annotation_rounds.RoundError as err:
         raise round_error(err) from None
     except RunFolderError as err:
         raise UsageError(f"--resume: {err}") from None
-    return annotation_rounds.FolderOracle(accepted, notes)
-
-
-def restore_state(run: Run, state: ResumeState, argv: Sequence[str]) -> None:
-    """Continue from ``last_state.pth``: trained weights, optimiser, labeled set, best so far (the folder drops
-    what an unfinished epoch wrote)."""
-    # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
-    _, unexpected = run.model.load_state_dict(state.trainable, strict=False)
-    if unexpected:
-        raise UsageError(f"--resume: {run.folder.file('last_state.pth')} does not fit this model (unexpected keys "
-                         f"{unexpected[:3]})")
-    run.optimizer.load_state_dict(state.optimizer)
-    for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
-        group["lr"] = run.args.base_lr
-    log_base_lr_change(run, state.settings.get("base_lr"))
-    run.scaler.load_state_dict(state.scaler)
-    lost = sorted(set(state.labeled_names) - set(run.train_set.names))
-    if lost:
-        raise UsageError(f"--resume: {len(lost)} labeled images of the run are no longer in --data_root "
-                         f"{run.args.data_root} (e.g. {lost[0]})")
-    run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
-    run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
-    run.best_path = Path(state.best_path) if state.best_path else None
-    run.folder.reopen(state, f"resumed at epoch {run.start_epoch}: {' '.join(argv)}")
-    log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
-             run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
-
-
-def log_base_lr_change(run: Run, old_lr: object) -> None:
-    if str(old_lr) != str(run.args.base_lr):
-        log.info("--base_lr is now %s (it was %s when the run stopped on divergence)", run.args.base_lr, old_lr)
 
 
 def tidy_run_folder(run: Run, dead: bool) -> None:
@@ -428,25 +389,6 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
-def log_start(run: Run, argv: Sequence[str]) -> None:
-    args = run.args
-    log.info("command: trainer.py %s", " ".join(argv))
-    log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
-             run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set or ()))
-    if run.val_set is None:
-        log.info("no Validation split under %s: the run does not validate, and keeps only last_model.pth",
-                 args.data_root)
-    for note in run.oracle.notes:
-        log.info(note)
-    if args.checkpoint.lower() == "none":
-        log.warning("!" * 78)
-        log.warning("!! NO SAM2 CHECKPOINT: the model starts from SEEDED RANDOM WEIGHTS, not SAM2.1.")
-        log.warning("!! Scores and Dice show the pipeline works, not what SAM2 achieves; %s.", DOWNLOAD_HINT)
-        log.warning("!" * 78)
-    if run.device.type == "cpu" and not args.demo:
-        log.warning("training on the CPU: expect this to be very slow at --img_size %d", args.img_size)
-
-
 def start_run(args: Settings, argv: Sequence[str]) -> Run:
     """Check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
     Everything that can fail on bad input fails before the folder is created."""
@@ -470,7 +412,10 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
     tidy_run_folder(run, dead)
     if state is not None:
-        restore_state(run, state, argv)
+        try:
+            restore(run, state, f"resumed at epoch {state.epoch + 1}: {' '.join(argv)}")
+        except RunFolderError as err:
+            raise UsageError(f"--resume: {err} (--data_root {args.data_root})") from None
     else:
         folder.write_config(vars(args))
     # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
