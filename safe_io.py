@@ -8,6 +8,8 @@
 * ``atomic_folder(path)``: the same for a whole folder (the demo's synthetic data set): filled under a temporary
   name, renamed into place when complete.
 * ``probe_writable(path)``: the error writing ``path`` would raise, before any work is done for it.
+* ``WriteError``: a write that failed for a reason of the disk (full, read-only, no permission), naming the path;
+  what was half-written is removed first.
 * ``load_torch_file(path)``: ``torch.load(..., weights_only=True)``; any failure is one ``CheckpointFileError``
   that names the file and says what is wrong with it (``unloadable_file_message``: pickled code, told apart from
   damage by reading the pickle's opcodes with ``pickled_code``, never by running it).
@@ -43,6 +45,36 @@ class CheckpointFileError(ValueError):
     """A file that should hold a checkpoint cannot be used; the message names it and says why."""
 
 
+# errno values that say the disk, not the data, stopped a write
+_DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+class WriteError(OSError):
+    """Writing ``path`` failed because of the disk: full (``full`` True) or not writable; nothing half-written is
+    left. The message names the path and says which (an ``OSError``, so callers that catch those still do)."""
+
+    def __init__(self, path: PathLike, err: OSError) -> None:
+        self.path, self.full = Path(path), err.errno in _DISK_FULL
+        named = Path(err.filename) if err.filename else None  # a folder on the way, or the file; not our temp name
+        where = named if named is not None and not named.name.startswith(TEMP_PREFIX) else self.path.parent
+        if self.full:
+            why = f"{_DISK_FULL[err.errno]} ({err.strerror})"
+        else:
+            why = ("" if where == self.path else f"{where} is ") + \
+                f"not writable ({_NOT_WRITABLE.get(err.errno, err.strerror)})"
+        super().__init__(err.errno, f"cannot write {self.path}: {why}; nothing half-written is left", str(self.path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    @staticmethod
+    def about_the_disk(err: BaseException) -> bool:
+        """Whether ``err`` is an OSError of a full or not writable disk (not, e.g., a missing file being read)."""
+        return isinstance(err, OSError) and (err.errno in _DISK_FULL or err.errno in _NOT_WRITABLE)
+
+
 @contextmanager
 def _renamed_into_place(tmp: Path, path: Path, remove: Callable[[Path], None],
                         place: Callable[[Path, Path], None] = os.replace) -> Iterator[Path]:
@@ -70,13 +102,21 @@ def atomic_path(path: PathLike, replace: bool = True) -> Iterator[Path]:
     ``replace=False`` (what a person wrote, e.g. a mask): an existing ``path`` is never replaced, not even one that
     appeared while the block ran; the block's end then raises FileExistsError and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
+        os.close(handle)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
+    except OSError as err:
+        raise WriteError(path, err) from err
     place = os.replace if replace else _link_if_new
-    with _renamed_into_place(Path(tmp), path, lambda t: t.unlink(missing_ok=True), place) as written:
-        yield written
+    try:
+        with _renamed_into_place(Path(tmp), path, lambda t: t.unlink(missing_ok=True), place) as written:
+            yield written
+    except OSError as err:  # the temporary file is gone already
+        if WriteError.about_the_disk(err) and not isinstance(err, WriteError):
+            raise WriteError(path, err) from err
+        raise
 
 
 def probe_writable(path: PathLike) -> None:
@@ -97,9 +137,20 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_torch_save(obj: object, path: PathLike) -> None:
+def atomic_torch_save(obj: object, path: PathLike, before_rename: Optional[Callable[[], None]] = None) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (``before_rename()``, if given, runs between writing and renaming).
+    torch writes through a file of ours, so that a full disk is the ``OSError`` saying so (``WriteError``), not
+    torch's "unexpected pos" from its own writer."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as stream:
+            try:
+                torch.save(obj, stream)
+            except RuntimeError as err:  # torch's writer reports the failed write(); the OSError is its context
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
+        if before_rename is not None:
+            before_rename()
 
 
 @contextmanager

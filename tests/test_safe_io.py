@@ -2,8 +2,11 @@
 with pickletools, never run), for zip checkpoints and plain pickles, and sam2's own load error gets the same message."""
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -109,3 +112,55 @@ def test_sam2s_own_load_error_gets_the_message_of_every_other_load(tmp_path):
     assert via_factory.value.source == "checkpoint"
     assert str(via_factory.value) == str(direct.value)
     assert not (tmp_path / "ran").exists()
+
+
+# ----------------------------------------------------------------------------- issue 18: a full or read-only disk
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up after ``room`` bytes: write() then fails as the kernel's would (ENOSPC)."""
+
+    room = 100
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_full_disk_while_torch_saves_is_said_and_leaves_the_old_file(tmp_path, monkeypatch):
+    """torch's own writer says "inline_container.cc ... unexpected pos" on a full disk; saved through our file, the
+    OSError says it: one WriteError naming the file, the temporary file removed, the old file untouched."""
+    path = tmp_path / "last_state.pth"
+    safe_io.atomic_torch_save({"epoch": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(safe_io, "open", lambda name, mode: _FullDisk(name, mode), raising=False)
+    with pytest.raises(safe_io.WriteError) as err:
+        safe_io.atomic_torch_save({"w": torch.zeros(1000)}, path)
+    assert str(err.value) == (f"cannot write {path}: the disk is full (No space left on device); nothing "
+                              "half-written is left")
+    assert err.value.full and isinstance(err.value, OSError) and "unexpected pos" not in str(err.value)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last_state.pth"]
+
+
+@pytest.mark.parametrize("code, said", [(errno.ENOSPC, "the disk is full"),
+                                        (errno.EROFS, "not writable (read-only file system)")])
+def test_text_write_on_a_full_or_read_only_disk_names_the_file(tmp_path, monkeypatch, code, said):
+    path = tmp_path / "metrics.csv"
+
+    def refused(self, text):
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    with pytest.raises(safe_io.WriteError, match=f"cannot write {path}: .*{re.escape(said)}"):
+        safe_io.atomic_write_text(path, "epoch\n1\n")
+    assert not list(tmp_path.iterdir()), "the temporary file is left"
+
+
+def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run"))
+
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", read_only)
+    with pytest.raises(safe_io.WriteError, match=rf"cannot write {tmp_path}/run/a.txt: {tmp_path}/run is not "
+                                                 r"writable \(read-only file system\)"):
+        safe_io.atomic_write_text(tmp_path / "run" / "a.txt", "x")
