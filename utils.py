@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -174,14 +176,24 @@ def peak_memory_gb(device: torch.device) -> Optional[float]:
 
 
 CRASH_ENV = "MDSAM_CRASH_AT"
+PAUSE_ENV = "MDSAM_PAUSE_AT"
 
 
 def crash_point(point: str, epoch: int) -> None:
     """Test hook: end the process at once (``os._exit(3)``, as a kill would) when the environment variable
-    ``MDSAM_CRASH_AT`` is ``<point>:<epoch>``. Makes the crash/resume tests deterministic instead of timed.
+    ``MDSAM_CRASH_AT`` is ``<point>:<epoch>``; or pause there while ``MDSAM_PAUSE_AT`` is ``<point>:<epoch>:<file>``:
+    write ``<file>.paused`` (holding the pid), then wait until ``<file>`` exists. Makes the crash/resume and
+    two-process tests deterministic instead of timed.
 
     Points: ``selected``, ``train_batch`` (after the first optimiser step), ``checkpoint_write`` (last_state.pth
     written to its temporary file, not yet renamed), ``epoch_end`` (trainer.py, per epoch) and ``synthetic_data``
     (synthetic_isic.py; there the number is how many image/mask pairs have been written)."""
     if os.environ.get(CRASH_ENV) == f"{point}:{epoch}":
         os._exit(3)
+    pause = os.environ.get(PAUSE_ENV, "").split(":", 2)
+    if pause[:2] == [point, str(epoch)] and len(pause) == 3:
+        go = Path(pause[2])
+        Path(f"{go}.paused.tmp").write_text(f"{os.getpid()}\n")
+        os.replace(f"{go}.paused.tmp", f"{go}.paused")
+        while not go.exists():
+            time.sleep(0.02)
