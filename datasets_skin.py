@@ -742,21 +742,25 @@ class ValSkinDataset(SkinLesionDataset):
 
 
 def training_and_validation(data_root: PathLike, img_size: int, masks_optional: bool = False,
-                            val_limit: Optional[int] = None, preload: bool = False, use_draft: bool = True
+                            val_limit: Optional[int] = None, preload: bool = False, use_draft: bool = True,
+                            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                             ) -> Tuple[SemiSupervisedSkinDataset, Optional[Subset]]:
     """The training split (all unlabeled at first) and the first ``val_limit`` validation images, every file's header
-    checked. ``masks_optional`` (a person annotates): every training image counts, without a mask it is one to
-    annotate, and the Validation split may be missing (None). Both share one MaskNotes (what the masks read looked
-    like, logged once per run). ``preload``: decode the validation images now (DataLoader workers then share them)."""
+    checked (``ImageTooLargeError`` above ``max_image_pixels``), and at least one of those validation masks holding
+    a lesion (``NoLesionError``: else any model scores Dice 1.0). ``masks_optional`` (a person annotates): every
+    training image counts, without a mask it is one to annotate, and the Validation split may be missing (None).
+    Both share one MaskNotes (what the masks read looked like, logged once per run). ``preload``: decode the
+    validation images now (DataLoader workers then share them)."""
     notes = MaskNotes()
     train_set = SemiSupervisedSkinDataset(*find_split(data_root, "Training", masks_optional=masks_optional),
                                           img_size=img_size, unlabeled_ok=masks_optional, mask_notes=notes,
-                                          use_draft=use_draft)
+                                          use_draft=use_draft, max_image_pixels=max_image_pixels)
     if masks_optional and not split_present(data_root, "Validation"):
         return train_set, None
     val_set = ValSkinDataset(*find_split(data_root, "Validation"), img_size=img_size, mask_notes=notes,
-                             use_draft=use_draft)
+                             use_draft=use_draft, max_image_pixels=max_image_pixels)
     val_idx = list(range(len(val_set) if val_limit is None else min(val_limit, len(val_set))))
+    val_set.require_a_lesion(val_idx)
     if preload:
         val_set.preload(val_idx)
     return train_set, Subset(val_set, val_idx)
