@@ -30,7 +30,7 @@ from scipy.ndimage import maximum_filter, minimum_filter
 from datasets_skin import (MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image, mask_kind, read_image_size,
                            to_grey)
 from run_folder import RunFolder
-from safe_io import atomic_path
+from safe_io import WriteError, atomic_path
 
 ROUND_CSV = "to_annotate.csv"
 WHY_SELECTED = "why_selected.png"  # the strategy's picture of why these images were chosen, when it made one
@@ -206,13 +206,21 @@ class RoundError(Exception):
         self.reason, self.problems, self.partial_helps = reason, list(problems), partial_helps
 
 
+def make_mask_folder(sample: SampleFiles) -> None:
+    """The dataset's mask folder, where the person saves the masks (``WriteError`` when it cannot be made)."""
+    try:
+        sample.mask_path.parent.mkdir(exist_ok=True)
+    except OSError as err:
+        raise WriteError(sample.mask_path.parent, err) from err
+
+
 def write_round_for_person(folder: RunFolder, epoch: int, items: Sequence[RoundItem], pool_scores: Dict[str, float],
                            figure: Optional[np.ndarray] = None) -> Path:
     """The round of ``epoch``: its files (``write_round``; the strategy's picture as why_selected.png), then the
     marker that the run waits for them (with the selection and the pool's scores, so that --resume continues this
     epoch exactly as an uninterrupted run would). Returns the round folder."""
     folder_path = round_dir(folder, epoch)
-    items[0].sample.mask_path.parent.mkdir(exist_ok=True)  # the dataset's mask folder, for the person's masks
+    make_mask_folder(items[0].sample)
     write_round(folder_path, items)
     if figure is not None:
         with atomic_path(folder_path / WHY_SELECTED) as tmp:
@@ -296,6 +304,18 @@ def round_instructions(round_folder: Path, epoch: int) -> List[str]:
     return lines + [f"  {row['image']} -> {row['save_mask_as']}" for row in rows]
 
 
+def masks_saved_early(samples: Sequence[SampleFiles], labeled_names: Sequence[str],
+                      accepted: Optional[AcceptedRound]) -> List[str]:
+    """A note on the masks already saved for images that no round has asked for (e.g. pool images annotated
+    ahead): they are not read now, and are taken (checked as a round's) when a round selects their image."""
+    if accepted is None:
+        return []
+    asked = set(labeled_names) | {samples[i].name for i in accepted.chosen}
+    early = [s.mask_path.name for s in samples if s.name not in asked and s.mask_path.is_file()]
+    return [f"{len(early)} masks are saved for images no round has selected yet; they are not used until a round "
+            f"selects their image: {', '.join(early)}"] if early else []
+
+
 def make_oracle(folder_oracle: bool, folder: RunFolder, state, dataset, accept_partial: bool) -> GroundTruthOracle:
     """The oracle of a run (``folder_oracle``: a person's rounds; else the simulation), after every check of its
     masks, nothing written before: a resumed run's waiting round is accepted (``state``: its ResumeState); a new
@@ -307,4 +327,6 @@ def make_oracle(folder_oracle: bool, folder: RunFolder, state, dataset, accept_p
     if state is None:
         labeled, notes = label_existing_masks(dataset.samples)
         dataset.mark_labeled(labeled)
+    else:
+        notes += masks_saved_early(dataset.samples, state.labeled_names, accepted)
     return FolderOracle(accepted, notes)

@@ -14,7 +14,8 @@ OUTPUT/summary.md; `tensorboard --logdir OUTPUT` shows every run's log side by s
 Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpus (CUDA_VISIBLE_DEVICES);
 --print_commands prints the command lines of the missing runs for another scheduler; --collect only writes
 the report. A rerun skips finished runs and resumes interrupted ones; runs made with other settings are an
-error, never reused or overwritten.
+error, never reused or overwritten. A run folder another process owns (folder_lock: another invocation's trainer
+or scoring) is skipped and named, and the command exits 1.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from folder_lock import FolderLocked
+
 REPO = Path(__file__).resolve().parent
 TRAINER = REPO / "trainer.py"
 BASELINE = "random"
@@ -47,7 +50,7 @@ DEMO_CPU_JOBS = 2
 TEST_CSV = "test_metrics.csv"
 ZERO_SHOT = "zero_shot"
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
-IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers"}
+IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images"}
 PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
 OWNED_TRAINER_FLAGS = {"--strategy": "--strategies", "--seed": "--seeds", "--gpu": "--gpus",
                        "--resume": "nothing (a rerun resumes interrupted runs by itself)"}
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = p.add_argument_group("what one job runs (printed by --print_commands)")
     worker.add_argument("--score_run", metavar="RUN_DIR", default=None,
                         help="score a finished trainer run on the Test split -> RUN_DIR/test_metrics.csv")
+    worker.add_argument("--set_aside", metavar="RUN_DIR", default=None,
+                        help="move a run that stopped in its first epoch to RUN_DIR.aborted<k> (owning it meanwhile)")
     worker.add_argument("--zero_shot", metavar="DIR", default=None,
                         help="validate the untrained model (trainer flags after --) -> DIR/val_metrics.csv, "
                              "DIR/test_metrics.csv")
@@ -112,8 +117,10 @@ def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
             raise CompareError(f"{flag} lists {', '.join(map(str, repeated))} more than once")
     for flag in trainer_flags:
         name = flag.split("=")[0]
-        if name in OWNED_TRAINER_FLAGS:
-            raise CompareError(f"{name} is set per run by compare_strategies.py; use {OWNED_TRAINER_FLAGS[name]}")
+        owned = next((f for f in OWNED_TRAINER_FLAGS if f == name or (len(name) > 3 and f.startswith(name))), None)
+        if owned:  # an abbreviation too: the trainer's parser refuses it, but it reads as that flag to a person
+            shown = name if name == owned else f"{name} ({owned} abbreviated)"
+            raise CompareError(f"{shown} is set per run by compare_strategies.py; use {OWNED_TRAINER_FLAGS[owned]}")
     if args.budgets is not None and min(args.budgets) < 1:
         raise CompareError(f"--budgets must be >= 1 (got {min(args.budgets)})")
     if args.jobs is not None and args.jobs < 1:
@@ -343,8 +350,30 @@ def set_aside_name(run_dir: Path) -> Path:
     return run_dir.with_name(f"{run_dir.name}.aborted{n}")
 
 
+def set_aside(run_dir: Path) -> Optional[Path]:
+    """Move a run that stopped in its first epoch (nothing to continue) to RUN_DIR.aborted<k>, owning it meanwhile
+    (``FolderLocked`` while another process does); None when RUN_DIR holds no run. A run in any other state is a
+    CompareError: nothing is moved."""
+    from run_folder import RunFolder
+
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        return None
+    with folder.lock:
+        status = folder.status()
+        if status == "new":
+            return None
+        if status != "dead":
+            raise CompareError(f"--set_aside {run_dir}: it holds a run that is {status}, not one that stopped in "
+                               "its first epoch; nothing was moved")
+        aside = set_aside_name(folder.path)
+        os.replace(folder.path, aside)
+    return aside
+
+
 def job_commands(run: Job, state: str, gpu: str) -> List[List[str]]:
-    """The processes of one job: trainer.py (fresh or --resume) and the Test scoring; or the zero-shot."""
+    """The processes of one job: trainer.py (fresh or --resume) and the Test scoring; or the zero-shot. An aborted
+    run is set aside first (``set_aside``)."""
     python, me = sys.executable, str(Path(__file__).resolve())
     if run.strategy == ZERO_SHOT:
         return [[python, me, "--zero_shot", str(run.run_dir), "--"] + run.argv]
@@ -352,7 +381,7 @@ def job_commands(run: Job, state: str, gpu: str) -> List[List[str]]:
     if state == "trained":
         return [score]
     train = [python, str(TRAINER)] + run.argv + ["--gpu", gpu] + (["--resume"] if state == "interrupted" else [])
-    return [train, score]
+    return ([[python, me, "--set_aside", str(run.run_dir)]] if state == "aborted" else []) + [train, score]
 
 
 def pending(plan: Plan) -> List[Tuple[Job, str]]:
@@ -361,13 +390,29 @@ def pending(plan: Plan) -> List[Tuple[Job, str]]:
     return [(run, state) for run, state in todo if state != "finished"]
 
 
-def print_commands(plan: Plan) -> None:
-    """One shell line per missing run (run anywhere, in any order; CUDA_VISIBLE_DEVICES picks the GPU)."""
+def owned_elsewhere(run: Job) -> Optional[str]:
+    """"<run> (pid N on host)" when another process owns the run's folder (another invocation's job), else None."""
+    from folder_lock import FolderLock
+
+    owner = FolderLock.owner_of(run.run_dir)
+    return None if owner is None else held_name(run, owner)
+
+
+def held_name(run: Job, owner) -> str:
+    return f"{run.name} ({owner.owner or 'by a process that has just started'})"
+
+
+def print_commands(plan: Plan) -> List[str]:
+    """One shell line per missing run (run anywhere, in any order; CUDA_VISIBLE_DEVICES picks the GPU), except
+    those another process owns now: returned, named."""
+    held = []
     for run, state in pending(plan):
-        line = " && ".join(shlex.join(cmd) for cmd in job_commands(run, state, "0"))
-        if state == "aborted":
-            line = f"mv {shlex.quote(str(run.run_dir))} {shlex.quote(str(set_aside_name(run.run_dir)))} && {line}"
-        print(line)
+        owner = owned_elsewhere(run)
+        if owner:
+            held.append(owner)
+        else:
+            print(" && ".join(shlex.join(cmd) for cmd in job_commands(run, state, "0")))
+    return held
 
 
 def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
@@ -379,12 +424,22 @@ def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
     return env
 
 
-def run_job(run: Job, state: str, device: Optional[str], slots: int, label: str) -> bool:
-    """Job one job's processes in order (output appended to its run.log); False if one of them failed."""
+def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
+    """Job one job's processes in order (output appended to its run.log), as the run's state is when it starts;
+    False if one of them failed. ``FolderLocked`` when another process owns the run's folder (nothing is run)."""
+    from folder_lock import FolderLock
+
+    owner = FolderLock.owner_of(run.run_dir)
+    if owner is not None:
+        raise owner
+    state = run_state(run)  # it may have changed while the job waited for a slot
+    if state == "finished":
+        print(f"{label} {run.name}: finished meanwhile (skipped)")
+        return True
     if state == "aborted":
-        aside = set_aside_name(run.run_dir)
-        os.replace(run.run_dir, aside)
-        print(f"{label} {run.name}: stopped in its first epoch; set aside as {aside.name}, starting afresh")
+        aside = set_aside(run.run_dir)
+        print(f"{label} {run.name}: stopped in its first epoch; set aside as {aside and aside.name}, starting afresh")
+        state = "new"
     where = "CPU" if device is None else f"GPU {device}"
     verb = {"interrupted": "resuming", "trained": "scoring on Test"}.get(state, "starting")
     print(f"{label} {run.name}: {verb} on {where} (log: {run.log_path})", flush=True)
@@ -403,8 +458,11 @@ def run_job(run: Job, state: str, device: Optional[str], slots: int, label: str)
     return True
 
 
-def execute(plan: Plan) -> List[str]:
-    """Every pending job, len(plan.devices) at once, each on a free device slot; the names of failed ones."""
+def execute(plan: Plan) -> Tuple[List[str], List[str]]:
+    """Every pending job, len(plan.devices) at once, each on a free device slot: (the names of failed ones, those of
+    runs skipped because another process owns their folder, with its pid)."""
+    from folder_lock import FolderLocked
+
     todo = pending(plan)
     finished = len(plan.runs) + 1 - len(todo)
     if finished:
@@ -413,17 +471,23 @@ def execute(plan: Plan) -> List[str]:
     for device in plan.devices:
         slots.put(device)
 
-    def work(item: Tuple[int, Tuple[Job, str]]) -> Optional[str]:
-        number, (run, state) = item
-        device = slots.get()
+    def work(item: Tuple[int, Tuple[Job, str]]) -> Tuple[Optional[str], Optional[str]]:
+        number, (run, _) = item
+        label, device = f"[{number}/{len(todo)}]", slots.get()
         try:
-            ok = run_job(run, state, device, len(plan.devices), f"[{number}/{len(todo)}]")
+            return (None if run_job(run, device, len(plan.devices), label) else run.name), None
+        except FolderLocked as owner:
+            print(f"{label} {run.name}: skipped: {owner}", flush=True)
+            return None, held_name(run, owner)
+        except CompareError as err:  # its state changed under it (another invocation)
+            print(f"{label} {run.name}: FAILED: {err}", flush=True)
+            return run.name, None
         finally:
             slots.put(device)
-        return None if ok else run.name
 
     with ThreadPoolExecutor(max_workers=len(plan.devices)) as pool:
-        return [name for name in pool.map(work, enumerate(todo, start=1)) if name]
+        outcomes = list(pool.map(work, enumerate(todo, start=1)))
+    return [f for f, _ in outcomes if f], [h for _, h in outcomes if h]
 
 
 # ----------------------------------------------------------------------------- scoring (one job's second step)
@@ -445,9 +509,10 @@ def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int]
     from torch.utils.data import DataLoader, Subset
 
     import val
-    from datasets_skin import ValSkinDataset, collate_val, find_split
+    from datasets_skin import DEFAULT_MAX_IMAGE_PIXELS, ValSkinDataset, collate_val, find_split
 
-    dataset = ValSkinDataset(*find_split(settings["data_root"], split), int(settings["img_size"]))
+    dataset = ValSkinDataset(*find_split(settings["data_root"], split), int(settings["img_size"]),
+                             max_image_pixels=int(settings.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=int(settings["batch_size"]), shuffle=False,
@@ -473,20 +538,23 @@ def load_run_model(settings: Dict[str, str], device, weights: Optional[Path] = N
 
 
 def score_run(run_dir: Path) -> None:
-    """RUN_DIR/test_metrics.csv: per-image val.py metrics of the run's checkpoint on the Test split."""
+    """RUN_DIR/test_metrics.csv: per-image val.py metrics of the run's checkpoint on the Test split, the run folder
+    owned meanwhile (``FolderLocked`` while another process owns it)."""
     import torch
 
     import val
+    from folder_lock import FolderLock
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.txt").is_file():
         raise CompareError(f"--score_run {run_dir}: no config.txt there (not a trainer.py run folder)")
-    settings = read_config(run_dir)
-    device = worker_device()
-    checkpoint = pick_checkpoint(run_dir)
-    model = load_run_model(settings, device, checkpoint)
-    result = evaluate(torch.no_grad()(model.predict_logits), settings, "Test", None, device)  # float32, as val.py
-    val.write_csv(result["rows"], run_dir / TEST_CSV)
+    with FolderLock(run_dir):
+        settings = read_config(run_dir)
+        device = worker_device()
+        checkpoint = pick_checkpoint(run_dir)
+        model = load_run_model(settings, device, checkpoint)
+        result = evaluate(torch.no_grad()(model.predict_logits), settings, "Test", None, device)  # float32, as val.py
+        val.write_csv(result["rows"], run_dir / TEST_CSV)
     print(f"{checkpoint.name} on Test: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
 
 
@@ -501,8 +569,10 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
     targs = resolve_trainer_args(trainer_argv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir)
+    folder.own()  # for the rest of this call (FolderLocked while another process owns it)
     if not (out_dir / "config.txt").is_file():
-        RunFolder(out_dir).write_config(vars(targs))
+        folder.write_config(vars(targs))
     settings = settings_of(targs)
     device = worker_device()
     model = load_run_model(settings, device)
@@ -775,28 +845,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, trainer_flags = build_parser().parse_known_args(argv[:cut])
+    from safe_io import WriteError  # after parsing: it imports torch
+
     try:
-        if args.score_run:
-            score_run(Path(args.score_run))
-            return 0
-        if args.zero_shot:
-            zero_shot(Path(args.zero_shot), argv[cut + 1:])
-            return 0
+        if args.score_run or args.zero_shot or args.set_aside:
+            return worker(args, argv[cut + 1:])
         plan = make_plan(args, trainer_flags)
+        failed, held = [], []
         if args.print_commands:
-            print_commands(plan)
-            return 0
-        if not args.collect:
-            failed = execute(plan)
-            if failed:
-                print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Job the same command again to resume "
-                      "them, or add --collect for a report of the finished runs.", file=sys.stderr)
-                return 1
-        write_report(plan)
+            held = print_commands(plan)
+        elif not args.collect:
+            failed, held = execute(plan)
+        if held:
+            print(f"{len(held)} run(s) skipped: another process owns their folder (another invocation's job, still "
+                  f"running): {', '.join(held)}. Job the same command again once it has ended.", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Job the same command again to resume "
+                  "them, or add --collect for a report of the finished runs.", file=sys.stderr)
+        if failed or held:
+            return 1
+        if not args.print_commands:
+            write_report(plan)
         return 0
-    except CompareError as err:
-        print(f"compare_strategies.py: error: {err}", file=sys.stderr)
+    except (CompareError, FolderLocked, WriteError) as err:
+        wait = "; wait until it ends" if isinstance(err, FolderLocked) else ""
+        print(f"compare_strategies.py: error: {err}{wait}", file=sys.stderr)
         return 2
+
+
+def worker(args: argparse.Namespace, trainer_argv: Sequence[str]) -> int:
+    """One job's step, as --print_commands prints them: --set_aside, --score_run or --zero_shot."""
+    if args.set_aside:
+        aside = set_aside(Path(args.set_aside))
+        print(f"{args.set_aside}: " + (f"set aside as {aside}" if aside else "holds no run; nothing to set aside"))
+    elif args.score_run:
+        score_run(Path(args.score_run))
+    else:
+        zero_shot(Path(args.zero_shot), trainer_argv)
+    return 0
 
 
 if __name__ == "__main__":

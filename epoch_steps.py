@@ -28,7 +28,8 @@ import tb_images
 import utils
 import val
 from active_learning_strategies import Selection, SelectionContext, Strategy, default_score_batch_size
-from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name
+from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
+from sam2.build_sam import state_mismatch
 from safe_io import atomic_torch_save
 
 log = logging.getLogger("trainer")
@@ -91,14 +92,33 @@ def log_start(run: Run, argv: Sequence[str]) -> None:
         log.warning("training on the CPU: expect this to be very slow at --img_size %d", args.img_size)
 
 
+def images_of(run: Run) -> Dict[str, Dict[str, int]]:
+    """The training and validation images the run uses (the whole Validation split), as images.json records them."""
+    splits = {"Training": [s.image_path for s in run.train_set.samples]}
+    if run.val_set is not None:
+        splits["Validation"] = [s.image_path for s in run.val_set.dataset.samples]
+    return image_record(splits)
+
+
+def start_afresh(run: Run) -> None:
+    """A new run's records: config.txt (every setting) and images.json (the images it uses)."""
+    run.folder.write_config(vars(run.args))
+    run.folder.write_images(images_of(run))
+
+
 def restore(run: Run, state: ResumeState, note: str) -> None:
     """Continue from ``last_state.pth``: trained weights, optimiser, labeled set, best so far; the folder drops what
-    an unfinished epoch wrote and notes the resume (``note``). RunFolderError when the state does not fit."""
+    an unfinished epoch wrote and notes the resume (``note``). RunFolderError (nothing written) when the images
+    are not those of the run (new training images pass with --accept_new_images) or the state does not fit."""
+    images = images_of(run)
+    added = run.folder.check_images(images, run.args.accept_new_images)
+    trainable = {name: p.shape for name, p in run.model.named_parameters() if p.requires_grad}
+    mismatch = state_mismatch({k: v.shape for k, v in state.trainable.items()}, trainable)
+    if mismatch:  # the settings are the run's (checked), so its model config file changed, or the state is another's
+        raise RunFolderError(f"{run.folder.file('last_state.pth')} holds the trained weights of another model than "
+                             f"the one built from {run.args.model_cfg}: {mismatch}")
     # Frozen weights come from --checkpoint as at the start; the state holds what training changed.
-    _, unexpected = run.model.load_state_dict(state.trainable, strict=False)
-    if unexpected:
-        raise RunFolderError(f"{run.folder.file('last_state.pth')} does not fit this model (unexpected keys "
-                             f"{unexpected[:3]})")
+    run.model.load_state_dict(state.trainable, strict=False)
     run.optimizer.load_state_dict(state.optimizer)
     for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
         group["lr"] = run.args.base_lr
@@ -106,11 +126,16 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     run.scaler.load_state_dict(state.scaler)
     lost = sorted(set(state.labeled_names) - set(run.train_set.names))
     if lost:
-        raise RunFolderError(f"{len(lost)} labeled images of the run are no longer in the data set (e.g. {lost[0]})")
+        raise RunFolderError(f"{len(lost)} labeled images of the run are no longer in {run.args.data_root} (e.g. "
+                             f"{lost[0]})")
     run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
     run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
     run.best_path = Path(state.best_path) if state.best_path else None
     run.folder.reopen(state, note)
+    run.folder.write_images(images)
+    if added:
+        log.info("--accept_new_images: %d new training images join the unlabeled pool: %s", len(added),
+                 ", ".join(added))
     log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
              run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
 
@@ -395,10 +420,12 @@ def write_round_for_person(run: Run, epoch: int, selection: Selection) -> Path:
     """--oracle folder: the round of ``epoch`` for a person (annotation_rounds.write_round_for_person).
     last_state.pth holds the model and optimiser that made this selection (the end of epoch - 1); the round's
     marker holds the selection and the pool's scores, so that a resume continues this epoch exactly as an
-    uninterrupted run would. Returns the round folder."""
+    uninterrupted run would. Returns the round folder. A mask folder that cannot be made (a read-only data
+    folder) stops it before anything is written."""
+    samples, ranks, chosen = run.train_set.samples, selection.ranks(), selection.chosen
+    annotation_rounds.make_mask_folder(samples[chosen[0]])
     if not run.folder.file("last_state.pth").is_file():  # else it holds the end of epoch - 1 already
         save_state(run, epoch - 1)
-    samples, ranks, chosen = run.train_set.samples, selection.ranks(), selection.chosen
     logits = predict(run, torch.stack([run.train_set[i]["image"] for i in chosen]))
     items = [annotation_rounds.RoundItem(samples[i], selection.scores[i], ranks[i],
                                          val.logits_to_label_map(one, samples[i].orig_size) > 0)

@@ -9,6 +9,10 @@
     log.txt, log/         the log and the TensorBoard event files
     awaiting_masks.json   only while a round waits for a person's masks (``--oracle folder``): a live run
     diverged.json         only after training diverged: the resume may change the learning rate
+    images.json           the training and validation images the run uses: name -> bytes (a resume must find them)
+    owner.lock            the lock of the process that owns the folder (``folder_lock``): one at a time
+
+A process owns the folder before it reads it for a run (``open_for_run``) and until it ends (``release``).
 
 Every file is written atomically (``safe_io``), so a killed run leaves the old file or the new one. A folder's
 state follows from which files exist (``RunFolder.status``): the trainer and the comparison runner both ask here.
@@ -26,7 +30,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from safe_io import CheckpointFileError, atomic_path, atomic_write_text, load_torch_file, remove_stale_temps
+from folder_lock import FolderLock, FolderLocked  # noqa: F401 - FolderLocked: open_for_run raises it
+from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
 
 CONFIG = "config.txt"
 SELECTION = "al_selection.csv"
@@ -35,12 +40,13 @@ STATE = "last_state.pth"
 LAST_MODEL = "last_model.pth"
 AWAITING = "awaiting_masks.json"
 DIVERGED = "diverged.json"
+IMAGES = "images.json"
 LOG = "log.txt"
 EVENTS = "log"
 BEST_PATTERN = "best_model_dice*.pth"
 SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool"]
 # What a run that died before finishing its first epoch may have written (log.txt stays: the log goes on).
-DEAD_RUN_FILES = (CONFIG, SELECTION, METRICS, DIVERGED)
+DEAD_RUN_FILES = (CONFIG, SELECTION, METRICS, DIVERGED, IMAGES)
 STATE_KEYS = ("epoch", "args", "trainable", "optimizer", "scaler", "labeled_names", "best_dice", "best_path")
 
 
@@ -64,6 +70,15 @@ class SettingsDiffer(RunFolderError):
         what = "a run that stopped before finishing its first epoch" if dead else "a run"
         super().__init__(f"{folder} holds {what}, made with other settings")
         self.changes, self.dead = changes, dead
+
+
+class DataChanged(RunFolderError):
+    """The images differ from those images.json records: ``changes`` (a phrase per split and kind: added, removed,
+    resized); ``only_added``: all of them are new training images (which a run may take into its unlabeled pool)."""
+
+    def __init__(self, path: Path, changes: List[str], only_added: bool) -> None:
+        super().__init__(f"the images are not those the run was made with ({path}): {'; '.join(changes)}")
+        self.changes, self.only_added = changes, only_added
 
 
 def run_dir_of(output: Path, img_size: int) -> Path:
@@ -103,11 +118,49 @@ class ResumeState:
     @classmethod
     def from_dict(cls, data: object, path: Path) -> "ResumeState":
         if not isinstance(data, dict) or not set(STATE_KEYS) <= set(data):
-            what = f"a dict with keys {sorted(data)[:5]}" if isinstance(data, dict) else f"a {type(data).__name__}"
-            raise RunFolderError(f"{path} is not a resume state written by this trainer (it holds {what}); "
-                                 "it is written at the end of every epoch")
+            raise RunFolderError(f"{path} is not a resume state written by this trainer: it holds {_held(data)}. "
+                                 "The trainer writes it at the end of every epoch: restore the run's own, or start "
+                                 "afresh in another output folder (a trained model is evaluated with val.py)")
         return cls(int(data["epoch"]), dict(data["args"]), data["trainable"], data["optimizer"], data["scaler"],
                    list(data["labeled_names"]), float(data["best_dice"]), str(data["best_path"] or ""))
+
+
+def _held(data: object) -> str:
+    """What a file that should be a resume state holds instead, in a few words."""
+    tensors = data.get("model", data) if isinstance(data, dict) else None
+    if isinstance(tensors, dict) and tensors and all(torch.is_tensor(v) for v in tensors.values()):
+        kind = "SAM2 weights ({'model': state dict})" if tensors is not data else "a model's weights (a state dict)"
+        return f"{kind} of {len(tensors)} tensors, e.g. {next(iter(tensors))}"
+    if isinstance(data, dict):
+        return f"a dict with the keys {', '.join(map(str, list(data)[:5]))}" + (", ..." if len(data) > 5 else "")
+    name = type(data).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" + (f" of {len(data)} items" if isinstance(data, (list, tuple))
+                                                             else "")
+
+
+# ----------------------------------------------------------------------------- the images a run uses
+
+def image_record(splits: Mapping[str, Sequence[Path]]) -> Dict[str, Dict[str, int]]:
+    """What images.json records: split -> {image file name: size in bytes}. Names and sizes only: a content hash
+    would read every photo at every start."""
+    return {split: {path.name: path.stat().st_size for path in paths} for split, paths in splits.items()}
+
+
+def _some(names: Sequence[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def image_changes(recorded: Mapping[str, Mapping[str, int]], current: Mapping[str, Mapping[str, int]]
+                  ) -> List[Tuple[str, str, List[str]]]:
+    """(split, "added" | "removed" | "resized", names) for every kind of difference, resized names with their
+    sizes ("a.jpg 1200 -> 1300 bytes")."""
+    found = []
+    for split in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(split, {}), current.get(split, {})
+        found += [(split, "added", sorted(set(now) - set(was))), (split, "removed", sorted(set(was) - set(now))),
+                  (split, "resized", [f"{n} {was[n]} -> {now[n]} bytes" for n in sorted(set(was) & set(now))
+                                      if was[n] != now[n]])]
+    return [change for change in found if change[2]]
 
 
 # ----------------------------------------------------------------------------- CSV helpers
@@ -141,6 +194,28 @@ def changed_settings(recorded: Mapping[str, object], current: Mapping[str, objec
             if str(recorded.get(k)) != str(current.get(k))]
 
 
+def awaiting_problem(waiting: object) -> Optional[str]:
+    """What is wrong with an awaiting_masks.json's content (e.g. edited by hand), or None: an object with epoch (a
+    round number), round_dir (text), images (a list of file names) and pool_scores (image name -> number)."""
+    if not isinstance(waiting, dict):
+        return f"it holds a JSON {type(waiting).__name__}, not an object"
+    missing = [key for key in ("epoch", "round_dir", "images", "pool_scores") if key not in waiting]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    epoch, images, scores = waiting["epoch"], waiting["images"], waiting["pool_scores"]
+    if type(epoch) is not int or epoch < 1:  # noqa: E721 - True is an int, not a round number
+        return f"epoch is {epoch!r}, not a round number"
+    if not isinstance(waiting["round_dir"], str):
+        return f"round_dir is {waiting['round_dir']!r}, not a folder name"
+    if not isinstance(images, list):
+        return f"images is a {type(images).__name__}, not a list of image file names"
+    if not all(isinstance(name, str) for name in images):
+        return f"images holds {next(n for n in images if not isinstance(n, str))!r}, not an image file name"
+    if not isinstance(scores, dict) or not all(type(v) in (int, float) for v in scores.values()):  # noqa: E721
+        return "pool_scores is not a mapping of image names to scores"
+    return None
+
+
 # ----------------------------------------------------------------------------- the folder
 
 class RunFolder:
@@ -148,6 +223,25 @@ class RunFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.lock = FolderLock(self.path)
+
+    # ---- its one owner
+
+    def own(self, create: bool = False) -> None:
+        """Make this process the folder's owner until it ends or ``release``s it (``FolderLocked`` while another
+        process is). A folder that does not exist yet is owned when ``create`` makes it; it must then still hold no
+        run (else ``FolderInUse``: another process started one after this one found the folder new)."""
+        if self.lock.held or not (create or self.path.is_dir()):
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        in_use = self.in_use() if create else None
+        if in_use:
+            self.release()
+            raise FolderInUse(self.path, in_use)
+
+    def release(self) -> None:
+        self.lock.release()
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -254,14 +348,45 @@ class RunFolder:
         body = [[("" if r.get(c) is None else r[c]) for c in columns] for r in rows]
         atomic_write_text(self.file(METRICS), csv_text([columns] + body) if rows else "")
 
+    # ---- images.json
+
+    def read_images(self) -> Optional[Dict[str, Dict[str, int]]]:
+        """The recorded images (``image_record``), or None when the folder has no images.json (an older trainer)."""
+        path = self.file(IMAGES)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if not all(isinstance(v, int) for split in record.values() for v in split.values()):
+                raise ValueError("sizes are not numbers")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+            raise RunFolderError(f"{path} is unreadable ({type(err).__name__}: {err}); it records the images the run "
+                                 "was made with: restore it, or delete it (the data are then recorded as they are "
+                                 "now); nothing was changed") from None
+        return record
+
+    def write_images(self, record: Mapping[str, Mapping[str, int]]) -> None:
+        atomic_write_text(self.file(IMAGES), json.dumps(record, indent=0, sort_keys=True) + "\n")
+
+    def check_images(self, current: Mapping[str, Mapping[str, int]], accept_added: bool) -> List[str]:
+        """Compare the images a resumed run finds (``image_record``) with images.json: the new training images it
+        takes into its unlabeled pool (``accept_added``); DataChanged for any other difference, and for new ones
+        not accepted. A folder without images.json (an older trainer's) has nothing to compare."""
+        recorded = self.read_images()
+        changes = image_changes(recorded, current) if recorded is not None else []
+        added = [names for split, kind, names in changes if (split, kind) == ("Training", "added")]
+        refused = [c for c in changes if not (accept_added and c[:2] == ("Training", "added"))]
+        if refused:
+            raise DataChanged(self.file(IMAGES), [f"{split}: {len(names)} {kind} ({_some(names)})"
+                                                  for split, kind, names in refused],
+                              only_added=all(c[:2] == ("Training", "added") for c in refused))
+        return added[0] if added else []
+
     # ---- the resume state
 
     def save_state(self, state: ResumeState, before_rename=None) -> None:
         """last_state.pth, atomically; ``before_rename()`` runs between writing and renaming (a crash point)."""
-        with atomic_path(self.file(STATE)) as tmp:
-            torch.save(state.to_dict(), tmp)
-            if before_rename is not None:
-                before_rename()
+        atomic_torch_save(state.to_dict(), self.file(STATE), before_rename)
 
     def load_state(self) -> ResumeState:
         path = self.file(STATE)
@@ -290,12 +415,14 @@ class RunFolder:
             return None
         try:
             waiting = json.loads(path.read_text())
-            if not isinstance(waiting["epoch"], int) or not isinstance(waiting["pool_scores"], dict):
-                raise ValueError("epoch or pool_scores malformed")
-            list(waiting["images"]), str(waiting["round_dir"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RunFolderError(f"{path} is unreadable ({type(err).__name__}: {err}); it is written by this "
-                                 "program when a round waits for masks: restore it, nothing was changed") from None
+            problem = awaiting_problem(waiting)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problem = f"unreadable: {type(err).__name__}: {err}"
+        if problem:
+            raise RunFolderError(f"{path} is not the marker this program writes when a round waits for masks "
+                                 f"({problem}): restore it; or delete it, and the resume selects that round again "
+                                 "from last_state.pth and writes it anew (masks saved meanwhile are kept); nothing "
+                                 "was changed")
         return waiting
 
     def write_awaiting(self, waiting: Mapping[str, object]) -> None:
@@ -317,10 +444,20 @@ class RunFolder:
 
     def open_for_run(self, settings: Mapping[str, object], keys: Sequence[str], legacy: Mapping[str, object],
                      resume: bool) -> Tuple[bool, Optional[ResumeState]]:
-        """Check the folder before a run (new, or ``resume``) with ``settings`` writes anything: (whether it holds
-        a dead run to clear, the state to continue from). ``keys``: the settings a run must keep; ``legacy``: what
-        a key absent from an older folder means. A dead run (see ``is_dead``) is started afresh with its own
-        settings, with or without ``resume``. Raises FolderInUse, SettingsDiffer, RunFolderError."""
+        """Own the folder (``own``), then check it before a run (new, or ``resume``) with ``settings`` writes
+        anything: (whether it holds a dead run to clear, the state to continue from). ``keys``: the settings a run
+        must keep; ``legacy``: what a key absent from an older folder means. A dead run (see ``is_dead``) is started
+        afresh with its own settings, with or without ``resume``. Raises FolderLocked (the folder is another
+        process's), FolderInUse, SettingsDiffer, RunFolderError; a refused folder is not kept owned."""
+        self.own()
+        try:
+            return self._checked_for_run(settings, keys, legacy, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _checked_for_run(self, settings: Mapping[str, object], keys: Sequence[str], legacy: Mapping[str, object],
+                         resume: bool) -> Tuple[bool, Optional[ResumeState]]:
         keys = [k for k in keys if not (k == "base_lr" and self.diverged())]  # a divergence lets the rate change
         required = [k for k in keys if k not in legacy]
         if self.is_dead(required):
@@ -338,7 +475,27 @@ class RunFolder:
         changes = changed_settings({**legacy, **state.settings}, settings, keys)
         if changes:
             raise SettingsDiffer(self.path, changes, dead=False)
+        self.check_records(state)
         return False, state
+
+    def check_records(self, state: ResumeState) -> None:
+        """The records a run continued from ``state`` extends: config.txt, and al_selection.csv and metrics.csv
+        with rows of every epoch up to ``state.epoch`` (none before epoch 1 is finished). A RunFolderError names
+        the first one missing or incomplete (a resume would leave it holding part of the run's history only)."""
+        finished = set(range(1, state.epoch + 1))
+        records = [(CONFIG, "when the run starts", None)]
+        if finished:
+            records += [(SELECTION, "at every selection", lambda: {int(row[0]) for row in self.read_selection()}),
+                        (METRICS, "at the end of every epoch", lambda: {row["epoch"] for row in self.read_metrics()})]
+        for name, written, epochs_in in records:
+            path = self.file(name)
+            lacking = sorted(finished - epochs_in()) if path.is_file() and epochs_in else []
+            what = "is missing" if not path.is_file() else \
+                f"lacks the rows of epoch {', '.join(map(str, lacking))}" if lacking else None
+            if what:
+                raise RunFolderError(f"{path} {what} (it is written {written} and kept), so the records of this run "
+                                     f"up to its last finished epoch ({state.epoch}) are incomplete: restore that "
+                                     "file, or start afresh in another output folder; nothing was changed")
 
     def reopen(self, state: ResumeState, note: str) -> List[Path]:
         """Continue after ``state``: drop what an unfinished epoch wrote (its records' rows, a best checkpoint it

@@ -38,9 +38,10 @@ import utils
 from active_learning_strategies import ActiveLearningStrategyFactory, Selection, Strategy
 from epoch_steps import (CHECKPOINT_HINT, Run, RunStopped, annotate, earlier_selection, epoch_seed, finish_run, labels_wanted,
                          log_base_lr_change, log_start, record_epoch, restore, result, save_checkpoints, select_batch,
-                         stop_reason, timed, train_one_epoch, validate_epoch, write_round_for_person)
-from run_folder import (AWAITING, DIVERGED, FolderInUse, ResumeState, RunFolder, RunFolderError, SettingsDiffer,
-                        run_dir_of)
+                         start_afresh, stop_reason, timed, train_one_epoch, validate_epoch, write_round_for_person)
+from run_folder import (AWAITING, DIVERGED, FolderInUse, FolderLocked, ResumeState, RunFolder, RunFolderError,
+                        SettingsDiffer, run_dir_of)
+from safe_io import WriteError
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
 from synthetic_isic import ensure_synthetic_isic
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--decode", default="draft", choices=["draft", "full"],
                       help="JPEG decoding before the resize to --img_size. full: decode at full size; draft: let "
                            "the decoder downscale by 1/2..1/8 while staying >= 2 x img_size (3-5x faster)")
+    data.add_argument("--max_image_pixels", type=int, default=datasets_skin.DEFAULT_MAX_IMAGE_PIXELS, help="largest "
+                      "image (width x height) read; larger headers are refused as possible decompression bombs")
     speed = p.add_argument_group("speed and memory only: none of these changes what is selected or learned")
     speed.add_argument("--score_batch_size", type=int, default=None,
                        help="images per pool-scoring batch (default: 16 on CUDA, --batch_size on the CPU)")
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save_from_epoch", type=int, default=10,
                      help="best_model_dice*.pth is saved from this (1-based) epoch on")
     run.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/Skin_{img_size}")
+    run.add_argument("--accept_new_images", action="store_true", help="--resume: new training images join the pool")
     run.add_argument("--demo", action="store_true",
                      help="synthetic data + sam2.1_hiera_t at a small size; no download, no GPU needed")
     return p
@@ -225,7 +229,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--img_size must be a positive multiple of 32 (got {args.img_size}); e.g. 256, 512 or 1024")
     if not 1 <= args.num_classes <= 4:
         raise UsageError(f"--num_classes must be 1..4 (one SAM2 mask token per class; got {args.num_classes})")
-    for flag in ("max_epochs", "rank", "val_every", "save_from_epoch"):
+    for flag in ("max_epochs", "rank", "val_every", "save_from_epoch", "max_image_pixels"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     for flag in ("val_limit", "label_budget", "score_batch_size"):
@@ -277,11 +281,16 @@ def check_output(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- set-up
 
-def open_run_folder(args: Settings, folder: RunFolder) -> Tuple[bool, Optional[ResumeState]]:
-    """(whether the folder holds a dead run to start afresh, the state to continue with --resume); every problem
-    as one line naming the flag (nothing is written)."""
+def open_run_folder(args: Settings, folder: RunFolder,
+                    create: bool = False) -> Optional[Tuple[bool, Optional[ResumeState]]]:
+    """Own the folder: (whether it holds a dead run to start afresh, the state to continue with --resume), or with
+    ``create`` make it (still new, if new when checked); every problem as one line naming the flag (nothing written)."""
     try:
+        if create:
+            return folder.own(create=True)
         return folder.open_for_run(vars(args), resume_keys(args.strategy), LEGACY, args.resume)
+    except FolderLocked as err:
+        raise UsageError(f"--output {args.output}: {err}; wait until it ends, or choose another --output") from None
     except FolderInUse as err:
         again = f" (to run the demo afresh: rm -r {args.output})" if args.demo else ""
         raise UsageError(f"--output {args.output}: {err}; pass --resume to continue it, or choose another "
@@ -308,6 +317,8 @@ def pick_device(args: Settings) -> torch.device:
         raise UsageError(f"--gpu {args.gpu}: {err}") from None
 
 
+AFTER_WRITE_ERROR = "; free space there (or make it writable), then run the same command with --resume"
+NEW_IMAGES_HINT = "; or pass --accept_new_images to take the new training images into the unlabeled pool"
 MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--checkpoint", lora_ckpt="--lora_ckpt", module="--module")
 
 
@@ -330,7 +341,10 @@ def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, 
                          "or choose another --output") from None
     try:
         return datasets_skin.training_and_validation(args.data_root, args.img_size, args.oracle == "folder",
-                                                     args.val_limit, args.num_workers > 0, args.decode == "draft")
+                                                     args.val_limit, args.num_workers > 0, args.decode == "draft",
+                                                     args.max_image_pixels)
+    except datasets_skin.ImageTooLargeError as err:
+        raise UsageError(f"--data_root {args.data_root}: {err.describe('pass a larger --max_image_pixels')}") from None
     except datasets_skin.DatasetError as err:
         raise UsageError(f"--data_root {args.data_root}: {err}") from None
 
@@ -390,7 +404,7 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
 
 
 def start_run(args: Settings, argv: Sequence[str]) -> Run:
-    """Check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
+    """Own and check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
     Everything that can fail on bad input fails before the folder is created."""
     folder = RunFolder(run_dir_of(args.output, args.img_size))
     dead, state = open_run_folder(args, folder)
@@ -408,16 +422,16 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
     run = Run(args, folder, device, strategy, train_set, val_set, model, optimizer,
               torch.amp.GradScaler("cuda", enabled=fp16), oracle, resume_keys(args.strategy))
 
-    folder.path.mkdir(parents=True, exist_ok=True)
+    open_run_folder(args, folder, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
     tidy_run_folder(run, dead)
     if state is not None:
         try:
             restore(run, state, f"resumed at epoch {state.epoch + 1}: {' '.join(argv)}")
         except RunFolderError as err:
-            raise UsageError(f"--resume: {err} (--data_root {args.data_root})") from None
+            raise UsageError(f"--resume: {err}{NEW_IMAGES_HINT if getattr(err, 'only_added', False) else ''}") from None
     else:
-        folder.write_config(vars(args))
+        start_afresh(run)
     # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
     run.writer = SummaryWriter(str(folder.file("log")), purge_step=run.start_epoch if args.resume else None,
                                filename_suffix=f".{os.getpid()}")
@@ -457,7 +471,8 @@ def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequen
     for line in annotation_rounds.round_instructions(folder, epoch):
         log.info(line)
     script = "trainer.py" if Path.cwd().resolve() == REPO else str(REPO / "trainer.py")
-    again = shlex.join(["python3", script, *argv, *([] if "--resume" in argv else ["--resume"])])
+    kept = [a for a in argv if a not in ("--accept_partial", "--accept_new_images")]  # answers to this round only
+    again = shlex.join(["python3", script, *kept, *([] if "--resume" in kept else ["--resume"])])
     log.info("then continue with:\n  %s", again)
     return result(run, epoch - 1, round_dir=folder, requested=[run.train_set.names[i] for i in selection.chosen])
 
@@ -512,8 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return finish_run(run, epoch)
     except RunStopped as err:
         parser.exit(2, f"{parser.prog}: error: {stopped(args, err)}\n")
-    except UsageError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")  # one line: the message names the flag or file
+    except (UsageError, WriteError) as err:  # one line: the message names the flag or file
+        parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
     finally:
         if run is not None and run.writer is not None:
             run.writer.close()

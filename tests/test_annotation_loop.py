@@ -68,9 +68,10 @@ def copy_waiting_round(waiting_round, where: Path):
 
 
 def snapshot(*folders: Path) -> dict:
-    """Every file under ``folders`` with its inode, size and mtime: any write, replacement or removal shows."""
+    """Every file under ``folders`` with its inode, size and mtime: any write, replacement or removal shows (the
+    run folder's owner lock aside: a refused run owns the folder while it checks it)."""
     return {p: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
-            for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+            for folder in folders for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "owner.lock"}
 
 
 def resume_fails(argv, capsys) -> str:
@@ -258,12 +259,16 @@ def test_a_waiting_round_is_a_live_run(how, waiting_round, tmp_path, capsys):
     assert snapshot(data, out) == before
 
 
-def test_accept_partial_sends_missing_images_back_and_no_validation_split_keeps_last_model(waiting_round, tmp_path):
+def test_accept_partial_sends_missing_images_back_and_no_validation_split_keeps_last_model(waiting_round, tmp_path,
+                                                                                           capsys):
     data, answers, out = copy_waiting_round(waiting_round, tmp_path)
     done, missing = waiting_round[3]["requested"]
     shutil.copy(answers / f"{done}_segmentation.png", mask_path(data, done))
     shutil.rmtree(data / "Validation_Data"), shutil.rmtree(data / "Validation_GroundTruth")
-    result = trainer.main(folder_argv(data, out, *WAITING, "--resume", "--accept_partial", "--max_epochs", "1"))
+    argv = folder_argv(data, out, *WAITING, "--resume", "--accept_partial", "--max_epochs", "1")
+    assert "Validation: 2 removed" in resume_fails(argv, capsys), "the run was made with a Validation split"
+    (out / f"Skin_{SIZE}" / "images.json").unlink()  # as a run folder of a trainer before images.json: it resumes
+    result = trainer.main(argv)
     run_dir = result["run_dir"]
     assert result["epochs"] == 1 and result["labeled"] == [done] and result["best_path"] is None
     assert [line.split(",")[1] for line in (run_dir / "al_selection.csv").read_text().splitlines()[1:]] == [done]
@@ -275,6 +280,23 @@ def test_accept_partial_sends_missing_images_back_and_no_validation_split_keeps_
     assert (run_dir / "last_model.pth").is_file() and not list(run_dir.glob("best_model_dice*.pth"))
     assert not (run_dir / trainer.AWAITING_FILE).exists()
     assert not mask_path(data, missing).exists()
+
+
+def test_next_round_command_leaves_accept_partial_out_and_masks_saved_early_are_said(waiting_round, tmp_path):
+    """Issue 18: --accept_partial answers the round it accepts; the command printed for the next round used to repeat
+    it. A mask saved ahead for an image no round asked for used to be waited for without a word."""
+    data, answers, out = copy_waiting_round(waiting_round, tmp_path)
+    requested = waiting_round[3]["requested"]
+    shutil.copy(answers / f"{requested[0]}_segmentation.png", mask_path(data, requested[0]))
+    early = next(p.name for p in sorted(answers.iterdir()) if p.name[:-len("_segmentation.png")] not in requested)
+    shutil.copy(answers / early, data / "Training_GroundTruth" / early)
+    result = trainer.main(folder_argv(data, out, *WAITING, "--resume", "--accept_partial"))
+    assert result["round_dir"].name == "round_002" and result["labeled"] == requested[:1]
+    said = (result["run_dir"] / "log.txt").read_text()
+    assert (f"1 masks are saved for images no round has selected yet; they are not used until a round selects their "
+            f"image: {early}\n") in said
+    command = said.split("then continue with:\n  ")[-1].splitlines()[0]
+    assert "--accept_partial" not in command and command.endswith(" --batch_size 2 --pool_size 2 --resume")
 
 
 def test_discovery_keeps_images_without_masks_for_annotation_and_0_1_masks_decode_as_lesion(tmp_path):

@@ -5,8 +5,11 @@ run at the end of its first epoch (MDSAM_CRASH_AT) and reruns the command: the f
 touched and the report must equal the uninterrupted one.
 """
 import csv
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,6 +230,7 @@ def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones
     (["--label_budget", "9"], "--label_budget 9 is larger than the training set (8 images"),
     (["--gpus", "7"], "--gpus 7: no device 7"),
     (["--seed", "3"], "--seed is set per run by compare_strategies.py; use --seeds"),
+    (["--resu"], "--resu (--resume abbreviated) is set per run by compare_strategies.py; use nothing"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_runs(data, tmp_path, capsys, extra, message):
     out = tmp_path / "new"
@@ -260,3 +264,52 @@ def test_checkpoint_choice_and_curve_statistics(tmp_path):
     assert cs.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
     assert cs.paired_test([0.1] * 5).startswith("too few seeds")
     assert cs.paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == "0.0312"  # 2 / 2^6: every difference positive
+
+
+# ----------------------------------------------------------------------------- issue 18: one owner per run folder
+
+HOLDER = ("import sys\nfrom pathlib import Path\nfrom folder_lock import FolderLock\n"
+          "lock = FolderLock(Path(sys.argv[1])).acquire()\nprint('owner', flush=True)\nsys.stdin.read()\n")
+
+
+def test_runs_another_process_owns_are_skipped_and_named_and_aborted_runs_are_set_aside_by_us(comparison, data,
+                                                                                              tmp_path, capsys):
+    """Another invocation (here a real process holding the folder's lock) owns random/seed2, which only needs its
+    Test scoring: the run is skipped, named with that process's pid, nothing is run, the exit code is 1; so with
+    --print_commands, --score_run and --set_aside. An aborted run's printed command sets it aside with --set_aside
+    (it was a bare mv)."""
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns(*REPORT),
+                    copy_function=lambda a, b: (os.link if a.endswith(".pth") else shutil.copy2)(a, b))
+    held = out / "random" / "seed2" / "Skin_64"
+    (held / "test_metrics.csv").unlink()
+    aborted = out / "mask_difference" / "seed2" / "Skin_64"
+    finished = ("last_state.pth", "last_model.pth", "test_metrics.csv")
+    for name in finished:
+        (aborted / name).unlink()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], cwd=cs.REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "owner"
+        assert cs.main(request(data, out, "--print_commands")) == 1
+        printed, err = capsys.readouterr()
+        assert f"random/seed2 (pid {holder.pid} on " in err and "another process owns their folder" in err
+        lines = printed.splitlines()
+        assert len(lines) == 1 and f"--score_run {held}" not in lines[0]
+        assert lines[0].startswith(f"{sys.executable} {cs.REPO / 'compare_strategies.py'} --set_aside {aborted} && ")
+        for worker in (["--score_run", str(held)], ["--set_aside", str(held)]):
+            assert cs.main(worker) == 2
+            assert f"{held} is in use by another process (pid {holder.pid} on " in capsys.readouterr().err
+        assert cs.main(["--set_aside", str(aborted)]) == 0
+        assert not aborted.exists() and (aborted.parent / "Skin_64.aborted1" / "config.txt").is_file()
+        shutil.move(aborted.parent / "Skin_64.aborted1", aborted)  # finished again: the held run is all there is to do
+        for name in finished:
+            shutil.copy(comparison / "mask_difference" / "seed2" / "Skin_64" / name, aborted / name)
+        assert cs.main(request(data, out)) == 1
+        printed, err = capsys.readouterr()
+        assert f"random/seed2: skipped: {held} is in use by another process (pid {holder.pid} on " in printed
+        assert f"1 run(s) skipped: another process owns their folder" in err and f"random/seed2 (pid {holder.pid}" \
+            in err
+        assert not (held / "test_metrics.csv").exists() and not any((out / name).exists() for name in REPORT)
+    finally:
+        holder.communicate("", timeout=60)

@@ -3,11 +3,17 @@ resume state's checks. The trainer's end-to-end use of it is in test_trainer_e2e
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from run_folder import FolderInUse, ResumeState, RunFolder, RunFolderError, SettingsDiffer
+from run_folder import DataChanged, FolderInUse, ResumeState, RunFolder, RunFolderError, SettingsDiffer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rows_of(path):
@@ -74,6 +80,8 @@ def test_opening_a_folder_for_a_run(tmp_path):
     assert differ.value.dead and differ.value.changes == [("precision", "'mixed'", "'float32'")]
     # a run with a finished epoch: refused without resume, checked against the state with it
     folder.save_state(state(img_size=64, pool_size=4))
+    folder.append_selection([[1, "a", "0.5", 1]])
+    folder.write_metrics_row(dict(epoch=1, labeled=1))
     with pytest.raises(FolderInUse):
         folder.open_for_run(dict(img_size=64, pool_size=4, precision="mixed"), keys, legacy, False)
     dead, resumed = folder.open_for_run(dict(img_size=64, pool_size=4, precision="mixed"), keys, legacy, True)
@@ -103,3 +111,92 @@ def test_reopening_drops_what_an_unfinished_epoch_wrote(tmp_path):
     assert [p.name for p in folder.best_checkpoints()] == ["best_model_dice0.5000.pth"]
     assert folder.read_selection() == [["1", "a", "0.5", "1"]] and [r["epoch"] for r in folder.read_metrics()] == [1]
     assert (tmp_path / "config.txt").read_text().endswith("# resumed at epoch 2\n")
+
+
+# ----------------------------------------------------------------------------- issue 18: one owner, complete records
+
+HOLDER = ("import sys\nfrom pathlib import Path\nfrom folder_lock import FolderLock, FolderLocked\n"
+          "try:\n    lock = FolderLock(Path(sys.argv[1])).acquire()\nexcept FolderLocked as err:\n"
+          "    print('refused', err.pid, flush=True)\n    sys.exit(0)\nprint('owner', flush=True)\nsys.stdin.read()\n")
+
+
+def another_process(folder) -> subprocess.Popen:
+    """A real second process trying to own ``folder`` (folder_lock only: no torch, fast); its first line says
+    "owner" (it then holds the folder until its stdin closes) or "refused <owner's pid>"."""
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_folder_has_one_owning_process_and_a_forked_child_takes_no_share(tmp_path):
+    """The lock is the process's (a second RunFolder of the same folder in this process shares it); another process
+    is refused, told this one's pid; a forked child (as a DataLoader worker) does not keep the folder owned once the
+    parent gives it up."""
+    folder, again = RunFolder(tmp_path), RunFolder(tmp_path)
+    folder.own()
+    again.own()
+    other = another_process(tmp_path)
+    assert other.stdout.readline().split() == ["refused", str(os.getpid())]
+    other.wait(timeout=60)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds the descriptors it inherited until the parent closes the pipe
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        folder.release()
+        again.release()
+        other = another_process(tmp_path)  # while the forked child lives
+        assert other.stdout.readline().strip() == "owner"
+        other.communicate("", timeout=60)
+    finally:
+        os.close(write_end)
+        os.waitpid(child, 0)
+
+
+def test_images_of_a_resumed_run_are_compared_with_the_record(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.check_images({"Training": {"a.jpg": 10}}, accept_added=False) == [], "no record: an older folder"
+    folder.write_images({"Training": {"a.jpg": 10, "b.jpg": 20, "c.jpg": 30}, "Validation": {"v.jpg": 5}})
+    now = {"Training": {"a.jpg": 10, "b.jpg": 21, "d.jpg": 1, "e.jpg": 2}, "Validation": {"v.jpg": 5, "w.jpg": 6}}
+    with pytest.raises(DataChanged) as changed:
+        folder.check_images(now, accept_added=True)
+    assert changed.value.changes == ["Training: 1 removed (c.jpg)", "Training: 1 resized (b.jpg 20 -> 21 bytes)",
+                                     "Validation: 1 added (w.jpg)"] and not changed.value.only_added
+    added = {"Training": {"a.jpg": 10, "b.jpg": 20, "c.jpg": 30, "d.jpg": 1}, "Validation": {"v.jpg": 5}}
+    with pytest.raises(DataChanged, match=r"images.json\): Training: 1 added \(d.jpg\)$") as changed:
+        folder.check_images(added, accept_added=False)
+    assert changed.value.only_added
+    assert folder.check_images(added, accept_added=True) == ["d.jpg"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "it holds a JSON list, not an object"),
+    ('{"epoch": 2, "round_dir": "annotate/round_002", "images": ["a.jpg"]}', "it has no pool_scores"),
+    ('{"epoch": "2", "round_dir": "r", "images": [], "pool_scores": {}}', "epoch is '2', not a round number"),
+    ('{"epoch": 2, "round_dir": 7, "images": [], "pool_scores": {}}', "round_dir is 7, not a folder name"),
+    ('{"epoch": 2, "round_dir": "r", "images": {"0": "a.jpg"}, "pool_scores": {}}', "images is a dict, not a list"),
+    ('{"epoch": 2, "round_dir": "r", "images": [0], "pool_scores": {}}', "images holds 0, not an image file name"),
+    ('{"epoch": 2, "round_dir": "r", "images": [], "pool_scores": {"a": "x"}}', "pool_scores is not a mapping"),
+    ('{"epoch": 2,', "unreadable: JSONDecodeError"),
+])
+def test_a_round_marker_edited_by_hand_is_named_with_what_is_wrong(tmp_path, content, problem):
+    (tmp_path / "awaiting_masks.json").write_text(content)
+    with pytest.raises(RunFolderError) as err:
+        RunFolder(tmp_path).read_awaiting()
+    assert str(err.value).startswith(f"{tmp_path / 'awaiting_masks.json'} is not the marker this program writes")
+    assert problem in str(err.value) and "restore it; or delete it" in str(err.value)
+
+
+def test_records_of_a_resumed_run_must_be_complete(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.write_config(dict(img_size=64))
+    folder.check_records(state(epoch=0))  # a round waiting before epoch 1: config.txt only
+    with pytest.raises(RunFolderError, match=r"al_selection.csv is missing \(it is written at every selection"):
+        folder.check_records(state(epoch=2))
+    folder.append_selection([[1, "a", "0.5", 1], [2, "b", "0.4", 1]])
+    folder.write_metrics_row(dict(epoch=2, labeled=2))
+    with pytest.raises(RunFolderError, match=r"metrics.csv lacks the rows of epoch 1 .*last finished epoch \(2\)"):
+        folder.check_records(state(epoch=2))
+    folder.write_metrics_row(dict(epoch=1, labeled=1))
+    folder.check_records(state(epoch=2))

@@ -90,7 +90,7 @@ def test_existing_run_folder_is_refused_without_resume(capsys, tmp_path):
     err = run_main_expecting_error(["--demo", "--img_size", "128", "--output", str(tmp_path)], capsys)
     assert "already holds a run" in err and "--resume" in err
     assert (run_dir / "config.txt").read_text() == "earlier run\n"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt", "owner.lock"], "only the lock it held meanwhile"
 
 
 def test_missing_cuda_index_lists_devices(capsys, tmp_path, monkeypatch):
