@@ -200,3 +200,19 @@ def test_records_of_a_resumed_run_must_be_complete(tmp_path):
         folder.check_records(state(epoch=2))
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     folder.check_records(state(epoch=2))
+
+
+def test_a_folder_found_new_must_still_be_new_when_it_is_created(tmp_path):
+    """Two processes find the folder new and load for a while; the second to create it finds the first's run there
+    (ended meanwhile, or it would be refused as owned): FolderInUse, not a second run writing into the first."""
+    mine, theirs = RunFolder(tmp_path / "Skin_64"), RunFolder(tmp_path / "Skin_64")
+    assert mine.open_for_run({}, (), {}, False) == (False, None) and not mine.lock.held  # nothing there to own yet
+    theirs.own(create=True)
+    theirs.write_config(dict(img_size=64))
+    theirs.release()
+    with pytest.raises(FolderInUse, match=r"already holds a run \(.*config.txt\)"):
+        mine.own(create=True)
+    assert not mine.lock.held
+    fresh = RunFolder(tmp_path / "Skin_128")
+    fresh.own(create=True)
+    assert fresh.lock.held and (tmp_path / "Skin_128" / "owner.lock").is_file()
