@@ -222,7 +222,8 @@ def test_max_image_pixels_reaches_the_datasets(data, tmp_path, capsys):
 def test_resume_with_other_images_is_refused_and_new_ones_are_taken_when_asked(one_epoch, data, tmp_path, capsys):
     """A --data_root whose training set grew used to continue silently with other selections: images added,
     removed or resized are named; --accept_new_images takes new training images into the unlabeled pool (logged,
-    recorded); a folder without images.json (an older trainer's) resumes as before."""
+    recorded); a folder without images.json (an older trainer's) resumes as before. (--max_epochs 1: the resumes
+    have no epoch left to train, the checks are all there is.)"""
     copy = Path(shutil.copytree(data, tmp_path / "data"))
     run_dir = copy_run(one_epoch, tmp_path)
     labeled = set(torch.load(run_dir / "last_state.pth", weights_only=True)["labeled_names"])
@@ -236,7 +237,7 @@ def test_resume_with_other_images_is_refused_and_new_ones_are_taken_when_asked(o
     resized.write_bytes(original + b"\0" * 7)  # after the JPEG's end: still the same picture, 7 bytes more
     gone = copy / "Validation_Data" / "ISIC_0000007.jpg"
     moved = shutil.move(gone, tmp_path / gone.name)
-    argv = argv_of(copy, run_dir.parent, "--max_epochs", "2", "--resume")
+    argv = argv_of(copy, run_dir.parent, "--max_epochs", "1", "--resume")  # no epoch left to train: only the checks
     before = snapshot(run_dir)
     line = refused(argv, capsys)
     assert (f"--resume: the images are not those the run was made with ({run_dir / 'images.json'}): Training: 2 "
@@ -273,7 +274,8 @@ class _FullDisk(io.FileIO):
 def test_disk_full_at_the_resume_state_is_one_line_and_resume_works_after(one_epoch, data, tmp_path, capsys,
                                                                           monkeypatch, selection_rows):
     """Disk full while epoch 2 writes last_state.pth (torch's "inline_container.cc ... unexpected pos" traceback):
-    one line naming the file, nothing half-written, epoch 1's state intact; with space again --resume finishes."""
+    one line naming the file, nothing half-written, epoch 1's state intact; with space again --resume continues from
+    it, dropping what epoch 2 had recorded (--max_epochs 1 there: the run ends at the state it continues from)."""
     run_dir = copy_run(one_epoch, tmp_path)
     open_file = open
 
@@ -290,9 +292,10 @@ def test_disk_full_at_the_resume_state_is_one_line_and_resume_works_after(one_ep
                     "same command with --resume")
     assert not list(run_dir.glob(".tmp-*"))
     assert torch.load(run_dir / "last_state.pth", weights_only=True)["epoch"] == 1
+    assert {r["epoch"] for r in selection_rows(run_dir)} == {"1", "2"}, "epoch 2 recorded its selection first"
     monkeypatch.undo()
-    assert trainer.main(argv)["epochs"] == 2
-    assert sorted({r["epoch"] for r in selection_rows(run_dir)}) == ["1", "2"] and len(selection_rows(run_dir)) == 4
+    assert trainer.main(argv_of(data, run_dir.parent, "--max_epochs", "1", "--resume"))["epochs"] == 1
+    assert {r["epoch"] for r in selection_rows(run_dir)} == {"1"} and len(selection_rows(run_dir)) == 2
 
 
 def test_read_only_data_folder_under_folder_oracle_stops_before_anything_is_written(data, tmp_path, capsys,
