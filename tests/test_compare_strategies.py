@@ -308,7 +308,7 @@ def test_runs_another_process_owns_are_skipped_and_named_and_aborted_runs_are_se
         assert cs.main(request(data, out)) == 1
         printed, err = capsys.readouterr()
         assert f"random/seed2: skipped: {held} is in use by another process (pid {holder.pid} on " in printed
-        assert f"1 run(s) skipped: another process owns their folder" in err and f"random/seed2 (pid {holder.pid}" \
+        assert "1 run(s) skipped: another process owns their folder" in err and f"random/seed2 (pid {holder.pid}" \
             in err
         assert not (held / "test_metrics.csv").exists() and not any((out / name).exists() for name in REPORT)
     finally:
