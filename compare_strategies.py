@@ -438,7 +438,8 @@ def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
         return True
     if state == "aborted":
         aside = set_aside(run.run_dir)
-        print(f"{label} {run.name}: stopped in its first epoch; set aside as {aside and aside.name}, starting afresh")
+        where = f"set aside as {aside.name}" if aside else "gone meanwhile"
+        print(f"{label} {run.name}: stopped in its first epoch; {where}, starting afresh")
         state = "new"
     where = "CPU" if device is None else f"GPU {device}"
     verb = {"interrupted": "resuming", "trained": "scoring on Test"}.get(state, "starting")
