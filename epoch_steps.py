@@ -298,13 +298,15 @@ def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def resume_state(run: Run, epoch: int) -> ResumeState:
-    """The state at the end of ``epoch``: what --resume continues from."""
+    """The state at the end of ``epoch``: what --resume continues from (with where the labeled images' masks were
+    accepted, when not in the mask folder)."""
+    labeled = run.labeled_names
     return ResumeState(
         epoch, {k: getattr(run.args, k) for k in run.resume_keys},
         {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad},
-        run.optimizer.state_dict(), run.scaler.state_dict(), run.labeled_names, run.best_dice,
+        run.optimizer.state_dict(), run.scaler.state_dict(), labeled, run.best_dice,
         str(run.best_path) if run.best_path else "",
-        {n: s for n, s in run.oracle.mask_sources.items() if n in set(run.labeled_names)})
+        {name: source for name, source in run.oracle.mask_sources.items() if name in labeled})
 
 
 def save_state(run: Run, epoch: int) -> None:
