@@ -11,9 +11,13 @@ A round folder (the trainer writes ``OUTPUT/Skin_{S}/annotate/round_{NNN}/``) ho
     <name>_proposal.png     the current model's mask at the image's original size, 0/255: a head start to correct
     <name>_overlay.jpg      the proposal's outline over the image
 
-and ``to_annotate.csv``: image, score, rank_in_pool, save_mask_as (where the mask must be saved: the dataset's
-own ``Training_GroundTruth/<name>_segmentation.png``). Nothing here writes into the mask folder; ``hide_masks``
-turns a dataset with ground truth into one to annotate, for a simulated annotator (the tests, the README picture).
+and ``to_annotate.csv``: image, score, rank_in_pool, save_mask_as (where a mask made in any tool is saved: the
+dataset's own ``Training_GroundTruth/<name>_segmentation.png``; ``label_studio.py import`` writes Label Studio's
+masks into the round folder as ``<name>_segmentation.png`` instead, and adds who annotated and how long to the
+CSV). At --resume a round's mask is taken from either place (both: an error naming both); where it was accepted
+is recorded (``ResumeState.mask_sources``), and every later read of it, and its check at each --resume, uses that
+file. Nothing here writes into the mask folder; ``hide_masks`` turns a dataset with ground truth into one to
+annotate, for a simulated annotator (the tests, the README picture).
 """
 from __future__ import annotations
 
@@ -21,15 +25,15 @@ import csv
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 
-from datasets_skin import (MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image, mask_kind, read_image_size,
-                           to_grey)
-from run_folder import RunFolder
+from datasets_skin import (GREY_MASK_MODES, MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image,
+                           read_image_size, read_mask)
+from run_folder import ResumeState, RunFolder
 from safe_io import WriteError, atomic_path
 
 ROUND_CSV = "to_annotate.csv"
@@ -42,6 +46,11 @@ OUTLINE_RGB = (0, 255, 255)  # cyan: visible on skin tones and on dark lesions
 
 def round_dir(folder: RunFolder, epoch: int) -> Path:
     return folder.path / "annotate" / f"round_{epoch:03d}"
+
+
+def round_mask_path(round_folder: PathLike, name: str) -> Path:
+    """Where the mask of image ``name`` (its file name's stem) lies in a round folder (label_studio.py writes it)."""
+    return Path(round_folder) / f"{name}{MASK_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -98,47 +107,87 @@ def read_round(round_dir: PathLike) -> List[dict]:
 @dataclass
 class MaskReport:
     """What ``check_masks`` found: images whose mask file is absent, problems (one line naming the file each),
-    and notes on masks that are accepted (e.g. 0/1 masks)."""
+    notes on masks that are accepted (e.g. 0/1 masks), and where each mask found is (image name -> file)."""
 
     missing: List[SampleFiles] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    found: Dict[str, Path] = field(default_factory=dict)
 
 
-def mask_problem(sample: SampleFiles) -> Tuple[Optional[str], Optional[str]]:
-    """(problem, note) of the existing mask file of ``sample``: readable, the image's size, binary."""
-    path = sample.mask_path
+def mask_problem(sample: SampleFiles, path: Optional[Path] = None) -> Tuple[Optional[str], Optional[str]]:
+    """(problem, note) of the existing mask file ``path`` (default: the sample's own) of ``sample``: readable by
+    its mode (``datasets_skin.read_mask``, the rule of every mask reader), the image's size, binary."""
+    path = sample.mask_path if path is None else Path(path)
     try:
         height, width = read_image_size(path)
-        with Image.open(path) as im:
-            levels = np.unique(np.asarray(to_grey(im)))
-    except (DatasetError, OSError) as err:
+        content = read_mask(path)
+    except DatasetError as err:
         return f"{path}: unreadable ({err})", None
     if (height, width) != tuple(sample.orig_size):
         return (f"{path}: {width}x{height} pixels, but its image {sample.image_path.name} is "
                 f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"), None
-    kind = mask_kind(levels)
-    if kind == "0/255":
+    if content.kind == "0/255":
         return None, None
-    if kind == "0/1":
+    if content.kind == "0/1":
         return None, f"{path}: a 0/1 mask, read as 0 = skin, 1 = lesion"
-    shown = ", ".join(str(v) for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
-    return f"{path}: not binary (grey levels {shown}; expected 0 and 255, or 0 and 1)", None
+    levels = "grey levels" if content.mode in GREY_MASK_MODES else f"{content.mode} levels (largest channel)"
+    shown = ", ".join(str(v) for v in content.levels[:6]) + (", ..." if len(content.levels) > 6 else "")
+    return f"{path}: not binary ({levels} {shown}; expected 0 and 255, or 0 and 1)", None
 
 
-def check_masks(samples: Iterable[SampleFiles]) -> MaskReport:
-    """Check the mask file of every sample (absent ones are listed apart: they may be accepted as not yet done)."""
+def returned_mask(sample: SampleFiles, round_folder: Optional[Path]) -> Tuple[Optional[Path], Optional[str]]:
+    """(the mask file a person saved for ``sample``, None if none; a problem): in ``round_folder`` (where
+    label_studio.py import writes) or in the data set's mask folder (any other tool); a mask in both is a problem
+    naming both. Without ``round_folder`` only the mask folder counts."""
+    places = [sample.mask_path] if round_folder is None else [round_mask_path(round_folder, sample.name),
+                                                               sample.mask_path]
+    found = [path for path in places if path.is_file()]
+    if len(found) > 1:
+        return None, (f"{found[0]} and {found[1]}: two masks of {sample.image_path.name}, one in the round folder, "
+                      "one in the mask folder; delete the one that is not the annotation")
+    return (found[0] if found else None), None
+
+
+def check_masks(samples: Iterable[SampleFiles], round_folder: Optional[Path] = None) -> MaskReport:
+    """Check the mask file of every sample, where ``returned_mask`` finds it (absent ones are listed apart: they
+    may be accepted as not yet done)."""
     report = MaskReport()
     for sample in samples:
-        if not sample.mask_path.is_file():
+        path, clash = returned_mask(sample, round_folder)
+        problem, note = mask_problem(sample, path) if path is not None else (clash, None)
+        if path is None and clash is None:
             report.missing.append(sample)
-            continue
-        problem, note = mask_problem(sample)
-        if problem:
-            report.problems.append(problem)
-        if note:
-            report.notes.append(note)
+        elif problem is None:
+            report.found[sample.name] = path
+        report.problems += [problem] if problem else []
+        report.notes += [note] if note else []
     return report
+
+
+def accepted_mask_path(folder: RunFolder, sample: SampleFiles, mask_sources: Mapping[str, str]) -> Path:
+    """Where the mask of a labeled image was accepted: the round folder ``mask_sources`` names (relative to the run
+    folder), else (a mask folder's mask, or a run folder written before the record) the data set's mask folder."""
+    source = mask_sources.get(sample.name)
+    return sample.mask_path if source is None else round_mask_path(folder.path / source, sample.name)
+
+
+def earlier_mask_problems(folder: RunFolder, state: ResumeState, samples: Sequence[SampleFiles]) -> List[str]:
+    """Every image labeled before ``state`` and its accepted mask, checked again as at acceptance (present, the
+    image's size, binary): one problem naming the file each."""
+    index = {sample.name: i for i, sample in enumerate(samples)}
+    image_dir, problems = samples[0].image_path.parent, []
+    for name in state.labeled_names:
+        if name not in index:
+            problems.append(f"{image_dir}/{name}.*: an image labeled in an earlier round is gone")
+            continue
+        path = accepted_mask_path(folder, samples[index[name]], state.mask_sources)
+        if not path.is_file():
+            problems.append(f"{path}: the mask of an image labeled in an earlier round is gone (training needs it)")
+            continue
+        problem, _ = mask_problem(samples[index[name]], path)
+        problems += [f"{problem} (a mask accepted in an earlier round, read again for training)"] if problem else []
+    return problems
 
 
 # ----------------------------------------------------------------------------- playing the annotator
@@ -158,12 +207,14 @@ def hide_masks(mask_dir: PathLike, answers_dir: PathLike) -> Path:
 @dataclass
 class AcceptedRound:
     """A round whose masks passed the checks at --resume: its epoch, the images to label now (in selection
-    order), the pool's scores, and the picture of why they were chosen (3 x H x W in [0, 1]) if the round has one."""
+    order), the pool's scores, the picture of why they were chosen (3 x H x W in [0, 1]) if the round has one,
+    and the masks taken from the round folder (image name -> that folder, relative to the run folder)."""
 
     epoch: int
     chosen: List[int]
     scores: Dict[int, float]
     figure: Optional[np.ndarray] = None
+    mask_sources: Dict[str, str] = field(default_factory=dict)
 
 
 class GroundTruthOracle:
@@ -171,6 +222,7 @@ class GroundTruthOracle:
 
     def __init__(self, notes: Sequence[str] = ()) -> None:
         self.notes = list(notes)  # said once at the start (e.g. masks accepted with a remark)
+        self.mask_sources: Dict[str, str] = {}  # image -> the round folder its mask was accepted from (folder runs)
 
     def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
         """The selection of ``epoch`` made before the run stopped for annotation, if any."""
@@ -182,11 +234,14 @@ class GroundTruthOracle:
 
 
 class FolderOracle(GroundTruthOracle):
-    """``--oracle folder``: a person saves the masks. Only a round accepted at --resume has them."""
+    """``--oracle folder``: a person saves the masks. Only a round accepted at --resume has them. ``mask_sources``:
+    the masks of earlier rounds and of the accepted one that were taken from a round folder."""
 
-    def __init__(self, accepted: Optional[AcceptedRound] = None, notes: Sequence[str] = ()) -> None:
+    def __init__(self, accepted: Optional[AcceptedRound] = None, notes: Sequence[str] = (),
+                 mask_sources: Optional[Mapping[str, str]] = None) -> None:
         super().__init__(notes)
         self.accepted = accepted
+        self.mask_sources = dict(mask_sources or {})
 
     def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
         return self.accepted if self.accepted is not None and self.accepted.epoch == epoch else None
@@ -215,68 +270,92 @@ def make_mask_folder(sample: SampleFiles) -> None:
 
 
 def write_round_for_person(folder: RunFolder, epoch: int, items: Sequence[RoundItem], pool_scores: Dict[str, float],
-                           figure: Optional[np.ndarray] = None) -> Path:
-    """The round of ``epoch``: its files (``write_round``; the strategy's picture as why_selected.png), then the
-    marker that the run waits for them (with the selection and the pool's scores, so that --resume continues this
-    epoch exactly as an uninterrupted run would). Returns the round folder."""
+                           figure: Optional[np.ndarray] = None,
+                           hand_over: Optional[Callable[[Path], None]] = None) -> Path:
+    """The round of ``epoch``: its files (``write_round``; the strategy's picture as why_selected.png; then
+    ``hand_over(round folder)``, e.g. the Label Studio files), then the marker that the run waits for them (with
+    the selection and the pool's scores, so that --resume continues this epoch exactly as an uninterrupted run
+    would). Returns the round folder."""
     folder_path = round_dir(folder, epoch)
     make_mask_folder(items[0].sample)
     write_round(folder_path, items)
     if figure is not None:
         with atomic_path(folder_path / WHY_SELECTED) as tmp:
             Image.fromarray(figure).save(tmp)
+    if hand_over is not None:
+        hand_over(folder_path)
     folder.write_awaiting(dict(epoch=epoch, round_dir=str(folder_path.relative_to(folder.path)),
                                images=[item.sample.image_path.name for item in items], pool_scores=pool_scores))
     return folder_path
 
 
-def round_problems(waiting: dict, labeled_names: Sequence[str], samples: Sequence[SampleFiles],
-                   accept_partial: bool) -> Tuple[List[str], List[int], List[str], bool]:
-    """Check the round's images and masks and the earlier masks: (problems, each naming its file; the images to
-    label now; notes; whether accepting the present masks would help). Absent masks are problems unless
-    ``accept_partial`` and one mask is there."""
+@dataclass
+class RoundCheck:
+    """What ``check_round`` found: problems (one line naming the file each), the images to label now (indices,
+    selection order), their masks taken from the round folder (name -> the round folder relative to the run
+    folder), notes, and whether accepting the present masks would help."""
+
+    problems: List[str]
+    chosen: List[int]
+    mask_sources: Dict[str, str]
+    notes: List[str]
+    partial_helps: bool
+
+
+def check_round(folder: RunFolder, waiting: dict, state: ResumeState, samples: Sequence[SampleFiles],
+                accept_partial: bool) -> RoundCheck:
+    """Check the round's images and masks (each in the round folder or the mask folder, ``returned_mask``) and the
+    earlier rounds' masks (``earlier_mask_problems``). Absent masks are problems unless ``accept_partial`` and one
+    mask is there."""
     index = {sample.name: i for i, sample in enumerate(samples)}
     image_dir = samples[0].image_path.parent
     requested = [Path(f).stem for f in waiting["images"]]
     problems = [f"{image_dir / f}: the image of this round is gone" for f in waiting["images"]
                 if Path(f).stem not in index]
-    problems += [f"{image_dir}/{name}.*: an image labeled in an earlier round is gone"
-                 for name in labeled_names if name not in index]
-    problems += [f"{samples[index[name]].mask_path}: the mask of an image labeled in an earlier round is gone "
-                 "(training needs it)" for name in labeled_names
-                 if name in index and not samples[index[name]].mask_path.is_file()]
-    report = check_masks(samples[index[n]] for n in requested if n in index)
+    problems += earlier_mask_problems(folder, state, samples)
+    report = check_masks((samples[index[n]] for n in requested if n in index), folder.path / waiting["round_dir"])
     problems += report.problems
     absent = {s.name for s in report.missing}
     present = [index[n] for n in requested if n in index and n not in absent]
     if absent and not (accept_partial and present):
-        problems += [f"{s.mask_path}: missing (the mask of {s.image_path.name})" for s in report.missing]
+        problems += [f"{s.mask_path}: missing (the mask of {s.image_path.name}); or save it as "
+                     f"{round_mask_path(folder.path / waiting['round_dir'], s.name)}" for s in report.missing]
     notes = report.notes + ([f"{len(absent)} images of round {waiting['epoch']} have no mask and go back to the "
                              f"unlabeled pool: {', '.join(sorted(absent))}"] if absent else [])
-    return problems, present, notes, bool(absent) and not accept_partial
+    sources = {name: waiting["round_dir"] for name, path in report.found.items()
+               if path != samples[index[name]].mask_path}
+    return RoundCheck(problems, present, sources, notes, bool(absent) and not accept_partial)
 
 
-def accept_round(folder: RunFolder, state_epoch: int, labeled_names: Sequence[str], samples: Sequence[SampleFiles],
-                 folder_oracle: bool, accept_partial: bool) -> Tuple[Optional[AcceptedRound], List[str]]:
-    """A resumed run while a round waits for masks: check everything it needs before anything changes; the round
-    as its epoch's selection (None: no round waits), and notes. Raises RoundError."""
-    waiting = folder.read_awaiting()
-    if waiting is None or waiting["epoch"] <= state_epoch:
-        return None, []  # no round waits (the marker of a round already trained on is stale)
+def accept_round(folder: RunFolder, state: ResumeState, samples: Sequence[SampleFiles], folder_oracle: bool,
+                 accept_partial: bool) -> Tuple[Optional[AcceptedRound], List[str]]:
+    """A resumed run: check everything it needs before anything changes (a folder run: the masks of earlier
+    rounds, read again; the waiting round's masks); the round as its epoch's selection (None: no round waits), and
+    notes. Raises RoundError."""
+    waiting, epoch = folder.read_awaiting(), state.epoch
+    if waiting is None or waiting["epoch"] <= epoch:  # no round waits (the marker of a round trained on is stale)
+        problems = earlier_mask_problems(folder, state, samples) if folder_oracle else []
+        if problems:
+            raise RoundError("masks", f"the run in {folder.path} cannot continue: masks of earlier rounds fail "
+                             "their checks; nothing was changed", problems)
+        return None, []
     where = f"round {waiting['epoch']} ({folder.path / waiting['round_dir']})"
-    if waiting["epoch"] != state_epoch + 1:
+    if waiting["epoch"] != epoch + 1:
         raise RoundError("not_following", f"{folder.file('awaiting_masks.json')} ({where}) does not follow "
-                         f"{folder.file('last_state.pth')} (epoch {state_epoch}); nothing was changed")
+                         f"{folder.file('last_state.pth')} (epoch {epoch}); nothing was changed")
     if not folder_oracle:
         raise RoundError("needs_folder_oracle", f"{where} waits for masks ({folder.file('awaiting_masks.json')})")
-    problems, chosen, notes, partial_helps = round_problems(waiting, labeled_names, samples, accept_partial)
-    if problems:
-        raise RoundError("masks", f"{where} cannot continue; nothing was changed", problems, partial_helps)
+    check = check_round(folder, waiting, state, samples, accept_partial)
+    if check.problems:
+        raise RoundError("masks", f"{where} cannot continue; nothing was changed", check.problems, check.partial_helps)
     index = {sample.name: i for i, sample in enumerate(samples)}
     scores = {index[n]: float(v) for n, v in waiting["pool_scores"].items() if n in index}
     picture = folder.path / waiting["round_dir"] / WHY_SELECTED
     figure = np.asarray(Image.open(picture).convert("RGB")) if picture.is_file() else None
-    return AcceptedRound(waiting["epoch"], chosen, scores, figure), notes
+    in_round = len(check.mask_sources)
+    notes = check.notes + [f"round {waiting['epoch']}: {len(check.chosen)} masks accepted, {in_round} from the round "
+                           f"folder, {len(check.chosen) - in_round} from {samples[0].mask_path.parent}"]
+    return AcceptedRound(waiting["epoch"], check.chosen, scores, figure, check.mask_sources), notes
 
 
 def label_existing_masks(samples: Sequence[SampleFiles]) -> Tuple[List[int], List[str]]:
@@ -300,7 +379,8 @@ def round_instructions(round_folder: Path, epoch: int) -> List[str]:
     rows = read_round(round_folder)
     lines = [f"round {epoch} waits for {len(rows)} masks. Images, the model's proposals (*{PROPOSAL_SUFFIX}) and "
              f"overlays: {round_folder}",
-             "save each mask (a 0/255 PNG of the image's size; correct the proposal rather than draw from scratch):"]
+             "save each mask (a 0/255 PNG of the image's size; correct the proposal rather than draw from scratch) "
+             f"as <name>{MASK_SUFFIX} in the round folder, or:"]
     return lines + [f"  {row['image']} -> {row['save_mask_as']}" for row in rows]
 
 
@@ -316,17 +396,23 @@ def masks_saved_early(samples: Sequence[SampleFiles], labeled_names: Sequence[st
             f"selects their image: {', '.join(early)}"] if early else []
 
 
-def make_oracle(folder_oracle: bool, folder: RunFolder, state, dataset, accept_partial: bool) -> GroundTruthOracle:
+def make_oracle(folder_oracle: bool, folder: RunFolder, state: Optional[ResumeState], dataset,
+                accept_partial: bool) -> GroundTruthOracle:
     """The oracle of a run (``folder_oracle``: a person's rounds; else the simulation), after every check of its
-    masks, nothing written before: a resumed run's waiting round is accepted (``state``: its ResumeState); a new
-    folder run's images that have masks are its initial labeled set (marked in ``dataset``). Raises RoundError."""
-    accepted, notes = (accept_round(folder, state.epoch, state.labeled_names, dataset.samples, folder_oracle,
-                                    accept_partial) if state is not None else (None, []))
+    masks, nothing written before: a resumed run's waiting round is accepted (``state``: its ResumeState) and
+    ``dataset`` reads every labeled mask from where it was accepted; a new folder run's images that have masks are
+    its initial labeled set (marked in ``dataset``). Raises RoundError."""
+    accepted, notes = accept_round(folder, state, dataset.samples, folder_oracle,
+                                   accept_partial) if state is not None else (None, [])
     if not folder_oracle:
         return GroundTruthOracle()
     if state is None:
         labeled, notes = label_existing_masks(dataset.samples)
         dataset.mark_labeled(labeled)
-    else:
-        notes += masks_saved_early(dataset.samples, state.labeled_names, accepted)
-    return FolderOracle(accepted, notes)
+        return FolderOracle(None, notes)
+    sources = {**state.mask_sources, **(accepted.mask_sources if accepted is not None else {})}
+    for i, sample in enumerate(list(dataset.samples)):
+        if sample.name in sources:
+            dataset.read_mask_from(i, accepted_mask_path(folder, sample, sources))
+    notes += masks_saved_early(dataset.samples, state.labeled_names, accepted)
+    return FolderOracle(accepted, notes, sources)

@@ -39,7 +39,7 @@ import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -676,6 +676,13 @@ class SemiSupervisedSkinDataset(SkinLesionDataset):
 
     def is_labeled(self, index: int) -> bool:
         return index in self._labeled
+
+    def read_mask_from(self, index: int, path: PathLike) -> None:
+        """Read the mask of image ``index`` from ``path`` from now on (where a person's mask was accepted, e.g. a
+        round folder), instead of its mask folder."""
+        index = self._check_index(index)
+        self.samples[index] = replace(self.samples[index], mask_path=Path(path))
+        self._masks.pop(index, None)
 
     @property
     def labeled_indices(self) -> List[int]:

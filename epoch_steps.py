@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import annotation_rounds
 import datasets_skin
+import label_studio
 import tb_images
 import utils
 import val
@@ -322,12 +323,15 @@ def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def resume_state(run: Run, epoch: int) -> ResumeState:
-    """The state at the end of ``epoch``: what --resume continues from."""
+    """The state at the end of ``epoch``: what --resume continues from (with where the labeled images' masks were
+    accepted, when not in the mask folder)."""
+    labeled = run.labeled_names
     return ResumeState(
         epoch, {k: getattr(run.args, k) for k in run.resume_keys},
         {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad},
-        run.optimizer.state_dict(), run.scaler.state_dict(), run.labeled_names, run.best_dice,
-        str(run.best_path) if run.best_path else "")
+        run.optimizer.state_dict(), run.scaler.state_dict(), labeled, run.best_dice,
+        str(run.best_path) if run.best_path else "",
+        {name: source for name, source in run.oracle.mask_sources.items() if name in labeled})
 
 
 def save_state(run: Run, epoch: int) -> None:
@@ -432,4 +436,29 @@ def write_round_for_person(run: Run, epoch: int, selection: Selection) -> Path:
              for i, one in zip(chosen, logits)]
     figure = None if selection.figure is None else tb_images.to_png_array(selection.figure)
     return annotation_rounds.write_round_for_person(
-        run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()}, figure)
+        run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()}, figure,
+        hand_over=lambda folder: write_label_studio_round(run, epoch, folder, items))
+
+
+def write_label_studio_round(run: Run, epoch: int, folder: Path, items: Sequence[annotation_rounds.RoundItem]) -> None:
+    """The round's Label Studio files (``label_studio.write_trainer_round``) and how to use them; without the SDK,
+    or for a round Label Studio cannot take (--num_classes, a document root that does not hold the run), one line
+    saying why: the PNG round is written either way."""
+    try:
+        tasks, root = label_studio.write_trainer_round(folder, items, epoch, run.args.output, run.args.num_classes)
+    except label_studio.SdkMissingError:
+        log.info("no Label Studio files for this round: label-studio-sdk is not installed (to enable them: %s)",
+                 label_studio.SDK_HINT)
+        return
+    except label_studio.ClassCountError:
+        log.warning("no Label Studio files for this round: their interface has one label (lesion), and this run "
+                    "has --num_classes %d; annotate the PNG round", run.args.num_classes)
+        return
+    except label_studio.RoundFolderError as err:
+        log.warning("no Label Studio files for this round: %s", err)
+        return
+    log.info("round %d for Label Studio (the server started with %s=%s): a Local Files storage on the round "
+             "folder, then import %s into the run's project (its labelling interface: %s)", epoch,
+             label_studio.DOCUMENT_ROOT_VARIABLE, root, tasks.name, label_studio.INTERFACE_FILE)
+    log.info("after annotating, export JSON; `python3 label_studio.py import --export EXPORT.json --round_dir %s` "
+             "writes the masks into the round folder", folder)

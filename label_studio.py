@@ -13,10 +13,17 @@ the data set's folder changes. The price is one storage per round (a storage on 
 ``annotate/``, authorises every round below it too). URLs are ``/data/local-files/?d=<path relative to
 LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>``, so the document root is needed when the tasks are written.
 
+The trainer (``--oracle folder``) writes them into every round folder with ``write_trainer_round``: one run id for
+all rounds of a run (kept in ``annotate/label_studio_run.txt``; one Label Studio project per run, each round adds
+its tasks), URLs relative to LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when the trainer's environment sets it, else
+to the trainer's ``--output`` folder.
+
 Back (``import_export``, or ``python3 label_studio.py import --export EXPORT.json --round_dir ROUND``): the export
-becomes ``<name>_segmentation.png`` (0/255, the image's size) in the round folder, plus ``annotations.csv`` (who
-annotated each image and how long it took). The brush RLE is encoded and decoded by Label Studio's own SDK
-(``label_studio_sdk.converter.brush``); without it this module imports, and says how to enable it.
+becomes ``<name>_segmentation.png`` (0/255, the image's size) in the round folder, and the round's
+``to_annotate.csv`` gains who annotated each image and how long it took (status, mask, completed_by, lead_time_s,
+task and annotation ids). ``trainer.py --resume`` takes each mask from there. The brush RLE is encoded and decoded
+by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module imports, and says how to
+enable it.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import io
 import json
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,14 +42,16 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from annotation_rounds import ROUND_CSV, RoundItem, read_round
-from datasets_skin import MASK_SUFFIX, SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
+from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
+from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
 from safe_io import atomic_path, atomic_write_text
 
 INTERFACE_FILE = "label_studio_interface.xml"
 TASKS_FILE = "label_studio_tasks.json"
-ANNOTATIONS_CSV = "annotations.csv"
-ANNOTATION_COLUMNS = ["image", "status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"]
+RUN_ID_FILE = "label_studio_run.txt"  # in the run's annotate/ folder: the run id of all its rounds' tasks
+DOCUMENT_ROOT_VARIABLE = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+# The columns an import adds to the round's to_annotate.csv (after the trainer's ROUND_COLUMNS).
+ANNOTATION_COLUMNS = ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"]
 IMAGE_TAG, BRUSH_TAG, LESION_LABEL = "image", "lesion_mask", "lesion"
 # Keys of a task's data (besides IMAGE_TAG): what an export is checked against, and columns in Label Studio.
 RUN_KEY, ROUND_KEY, NAME_KEY = "mdsam_run", "mdsam_round", "mdsam_image"
@@ -182,17 +192,46 @@ def write_round_files(round_dir: PathLike, items: Sequence[RoundItem], run_id: s
     return round_dir / INTERFACE_FILE, round_dir / TASKS_FILE
 
 
+def document_root(default: PathLike) -> Path:
+    """Label Studio's document root for a trainer's round: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when the
+    trainer's environment sets it (it runs where the server does), else ``default`` (the trainer's output folder)."""
+    return Path(os.path.abspath(os.environ.get(DOCUMENT_ROOT_VARIABLE) or default))
+
+
+def run_id(annotate_dir: Path) -> str:
+    """The id of the run whose rounds lie in ``annotate_dir``: made by its first round (the run folder's name and a
+    random part, so that a run started afresh in the same folder is another run), kept in RUN_ID_FILE."""
+    path = annotate_dir / RUN_ID_FILE
+    if not path.is_file():
+        atomic_write_text(path, f"{annotate_dir.parent.name}-{uuid.uuid4().hex[:12]}\n")
+    return path.read_text().strip()
+
+
+def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_number: int, output: PathLike,
+                        num_classes: int) -> Tuple[Path, Path]:
+    """``write_round_files`` for the trainer's round ``round_number`` in ``round_dir`` (OUTPUT/Skin_S/annotate/
+    round_NNN): the run's id, the document root of ``document_root(output)``. Returns (tasks file, document root).
+    Raises, before writing anything, ClassCountError, SdkMissingError or RoundFolderError."""
+    labelling_interface(num_classes)
+    brush_module()
+    root = document_root(output)
+    local_files_url(round_dir, root)
+    tasks = write_round_files(round_dir, items, run_id(round_dir.parent), round_number, root, num_classes)[1]
+    return tasks, root
+
+
 # ----------------------------------------------------------------------------- back: the export to masks
 
 @dataclass(frozen=True)
 class RoundExpectation:
-    """What an export of a round must match, read from the round folder: the run, the round number, and each
-    image's name -> (H, W) read from its copy in the folder."""
+    """What an export of a round must match, read from the round folder: the run, the round number, each
+    image's name -> (H, W) read from its copy in the folder, and the rows of its to_annotate.csv."""
 
     round_dir: Path
     run_id: str
     round_number: int
     sizes: Dict[str, Tuple[int, int]]
+    rows: List[Dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -220,7 +259,8 @@ class ExportContent:
 @dataclass
 class ImportResult:
     """``import_export``'s result: masks written, masks already there and identical (left as they were), the
-    images not returned, the tasks of earlier rounds left aside, and the annotations CSV written."""
+    images not returned, the tasks of earlier rounds left aside, and the round's CSV (to_annotate.csv) rewritten
+    with who annotated and how long."""
 
     written: List[Path]
     unchanged: List[Path]
@@ -247,7 +287,23 @@ def read_expectation(round_dir: PathLike) -> RoundExpectation:
         sizes = {name: read_image_size(round_dir / name, check_end=False) for name in names}
     except DatasetError as err:
         raise RoundFolderError(f"an image of the round is missing or unreadable: {err}") from None
-    return RoundExpectation(round_dir, str(run_id), round_number, sizes)
+    return RoundExpectation(round_dir, str(run_id), round_number, sizes, read_round_rows(round_dir, names))
+
+
+def read_round_rows(round_dir: Path, names: Sequence[str]) -> List[Dict[str, str]]:
+    """The rows of the round's to_annotate.csv, after checking that it lists the images of the tasks file."""
+    path = round_dir / ROUND_CSV
+    try:
+        rows = read_round(round_dir)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise RoundFolderError(f"{path}: missing or unreadable ({type(err).__name__}: {err}); it is written by the "
+                               "trainer with the round, restore it") from None
+    if sorted(str(row.get("image")) for row in rows) != sorted(names) or \
+            any(row.get(column) is None for row in rows for column in ROUND_COLUMNS):
+        raise RoundFolderError(f"{path} does not list the images of {TASKS_FILE} in the trainer's columns "
+                               f"({', '.join(ROUND_COLUMNS)}); both are written by the trainer with the round, "
+                               "restore them")
+    return rows
 
 
 def read_export(export_path: PathLike) -> List[dict]:
@@ -363,14 +419,12 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
 
 
 def mask_target(round_dir: Path, image: str) -> Path:
-    return round_dir / f"{Path(image).stem}{MASK_SUFFIX}"
+    return round_mask_path(round_dir, Path(image).stem)
 
 
-def dataset_masks(round_dir: Path) -> Dict[str, Path]:
+def dataset_masks(expected: RoundExpectation) -> Dict[str, Path]:
     """image -> where the round's to_annotate.csv says its mask belongs in the data set (the PNG route)."""
-    if not (round_dir / ROUND_CSV).is_file():
-        return {}
-    return {row["image"]: Path(row["save_mask_as"]) for row in read_round(round_dir)}
+    return {row["image"]: Path(row["save_mask_as"]) for row in expected.rows}
 
 
 def check_target(round_dir: Path, in_dataset: Dict[str, Path]) -> None:
@@ -422,24 +476,27 @@ def write_masks(masks: Sequence[ReturnedMask], round_dir: Path) -> List[Path]:
     return written
 
 
-def annotations_csv_text(content: ExportContent, expected: RoundExpectation) -> str:
-    """One row per image of the round (selection order): status, mask file, completed_by, lead_time, ids."""
-    rows = [ANNOTATION_COLUMNS]
-    for name in expected.sizes:
-        got = content.masks.get(name)
+def round_csv_text(content: ExportContent, expected: RoundExpectation) -> str:
+    """The round's to_annotate.csv with what the export says of each image: the trainer's columns as they were,
+    then status, mask file, completed_by, lead_time_s, task and annotation ids (replacing an earlier import's)."""
+    rows = [ROUND_COLUMNS + ANNOTATION_COLUMNS]
+    for row in expected.rows:
+        name, got = row["image"], content.masks.get(row["image"])
         if got is None:
-            rows.append([name, content.not_returned[name], "", "", "", "", ""])
+            said = [content.not_returned.get(name, NOT_ANNOTATED), "", "", "", "", ""]
         else:
             lead = "" if got.lead_time is None else f"{got.lead_time:.3f}"
-            rows.append([name, "annotated", mask_target(expected.round_dir, name).name, got.completed_by, lead,
-                         got.task_id, got.annotation_id])
+            said = ["annotated", mask_target(expected.round_dir, name).name, got.completed_by, lead, got.task_id,
+                    got.annotation_id]
+        rows.append([row[c] for c in ROUND_COLUMNS] + said)
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
     return text.getvalue()
 
 
 def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
-    """A Label Studio JSON export -> ``<name>_segmentation.png`` masks in ``round_dir`` and its annotations CSV.
+    """A Label Studio JSON export -> ``<name>_segmentation.png`` masks in ``round_dir``, and who annotated each
+    image and how long in the round's to_annotate.csv.
 
     Everything is checked before anything is written: the folder (a round with Label Studio files, not inside a
     data set's mask folder), the export (this run, this round's images and sizes, this interface, one annotation
@@ -447,7 +504,7 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     duplicated; a mask equal to the export's is left as it is, so importing a later export again works)."""
     round_dir, export_path = Path(round_dir), Path(export_path)
     expected = read_expectation(round_dir)
-    in_dataset = dataset_masks(round_dir)
+    in_dataset = dataset_masks(expected)
     check_target(round_dir, in_dataset)
     content = export_content(read_export(export_path), expected, export_path)
     clashes, unchanged = existing_masks(content, round_dir, in_dataset)
@@ -456,9 +513,9 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
                              f"{'; '.join(clashes)}. Move them away (or fix the annotation) and import again")
     new = [m for m in content.masks.values() if mask_target(round_dir, m.image) not in unchanged]
     written = write_masks(new, round_dir)
-    atomic_write_text(round_dir / ANNOTATIONS_CSV, annotations_csv_text(content, expected))
+    atomic_write_text(round_dir / ROUND_CSV, round_csv_text(content, expected))
     return ImportResult(written, unchanged, dict(content.not_returned), content.earlier_round_tasks,
-                        round_dir / ANNOTATIONS_CSV, content)
+                        round_dir / ROUND_CSV, content)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -483,7 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="The Label Studio hand-over of an --oracle folder round.")
     commands = parser.add_subparsers(dest="command", required=True)
     back = commands.add_parser("import", help="a Label Studio JSON export -> <name>_segmentation.png masks in "
-                                              "the round folder (never over an existing mask) and annotations.csv")
+                                              "the round folder (never over an existing mask); who and how long "
+                                              "into its to_annotate.csv")
     back.add_argument("--export", required=True, type=Path, help="the project's export (Export -> JSON)")
     back.add_argument("--round_dir", required=True, type=Path,
                       help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")

@@ -24,7 +24,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -97,7 +97,9 @@ class ResumeState:
 
     settings: the run's settings a resume must repeat (the trainer's RESUME_KEYS); trainable: the tensors training
     changes (LoRA, prompt encoder, decoders); optimizer / scaler: their state_dicts; labeled_names: the labeled
-    images in labeling order; best_dice / best_path: the best validated checkpoint so far ("" = none).
+    images in labeling order; best_dice / best_path: the best validated checkpoint so far ("" = none);
+    mask_sources: labeled image -> the round folder (relative to the run folder) its mask was accepted from, for
+    masks not in the data set's mask folder (``--oracle folder``; absent from files written before it: none).
     """
 
     epoch: int
@@ -108,21 +110,24 @@ class ResumeState:
     labeled_names: List[str]
     best_dice: float
     best_path: str
+    mask_sources: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The file's layout (``args`` is the settings' key in every last_state.pth written so far)."""
         return dict(epoch=self.epoch, args=dict(self.settings), trainable=self.trainable, optimizer=self.optimizer,
                     scaler=self.scaler, labeled_names=list(self.labeled_names), best_dice=self.best_dice,
-                    best_path=self.best_path)
+                    best_path=self.best_path, mask_sources=dict(self.mask_sources))
 
     @classmethod
     def from_dict(cls, data: object, path: Path) -> "ResumeState":
-        if not isinstance(data, dict) or not set(STATE_KEYS) <= set(data):
+        if not isinstance(data, dict) or not set(STATE_KEYS) <= set(data) \
+                or not isinstance(data.get("mask_sources", {}), dict):
             raise RunFolderError(f"{path} is not a resume state written by this trainer: it holds {_held(data)}. "
                                  "The trainer writes it at the end of every epoch: restore the run's own, or start "
                                  "afresh in another output folder (a trained model is evaluated with val.py)")
         return cls(int(data["epoch"]), dict(data["args"]), data["trainable"], data["optimizer"], data["scaler"],
-                   list(data["labeled_names"]), float(data["best_dice"]), str(data["best_path"] or ""))
+                   list(data["labeled_names"]), float(data["best_dice"]), str(data["best_path"] or ""),
+                   {str(k): str(v) for k, v in data.get("mask_sources", {}).items()})
 
 
 def _held(data: object) -> str:

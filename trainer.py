@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--oracle", default="ground_truth", choices=["ground_truth", "folder"],
                     help="how a selected image gets its mask. ground_truth: read the existing mask (simulation). "
                          "folder: images without a mask are unlabeled; each round writes the selection with the "
-                         "model's proposal masks to OUTPUT/Skin_{img_size}/annotate/round_NNN/ and stops; a person "
-                         "saves the masks in the dataset's mask folder, then --resume continues")
+                         "model's proposal masks (and Label Studio's tasks) to OUTPUT/Skin_{img_size}/annotate/"
+                         "round_NNN/ and stops; a person saves the masks there or in the dataset's mask folder, then "
+                         "--resume continues")
     al.add_argument("--accept_partial", action="store_true", help="--oracle folder, --resume: accept a round with "
                     "some masks missing (their images go back to the unlabeled pool)")
     al.add_argument("--label_budget", type=int, default=None, help="stop once this many images are labeled (the "

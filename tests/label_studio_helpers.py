@@ -249,8 +249,11 @@ def annotate_in_label_studio(server: LabelStudioServer, round_dir: Path, submitt
     from label_studio_sdk.converter import brush
 
     project_id = hand_over(server, round_dir, project_id)
+    this_round = {t["data"]["mdsam_round"] for t in json.loads((round_dir / label_studio.TASKS_FILE).read_text())}
     lead_times = {}
     for task in server.call("GET", "/api/tasks/", params=dict(project=project_id, page_size=1000)).json()["tasks"]:
+        if task["data"]["mdsam_round"] not in this_round:  # the run's project: earlier rounds are annotated
+            continue
         name, full = task["data"]["mdsam_image"], server.call("GET", f"/api/tasks/{task['id']}/").json()
         mask, lead_times[name] = submitted[name], 5.0 + len(lead_times)
         if mask is None:

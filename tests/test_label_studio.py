@@ -142,6 +142,34 @@ def test_the_round_folder_must_be_below_the_document_root(made, tmp_path):
     assert spaced == "/data/local-files/?d=a%20b/c%231.jpg"
 
 
+def test_the_trainers_rounds_share_one_run_id_and_a_document_root(made, tmp_path, monkeypatch):
+    """write_trainer_round: one run id per run (kept in annotate/), URLs below the trainer's --output, or below
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when the trainer's environment sets it; refusals write nothing."""
+    output = tmp_path / "out"
+    annotate = output / "Skin_512" / "annotate"
+    for number in (1, 2):
+        shutil.copytree(made.round_dir, annotate / f"round_{number:03d}")
+    monkeypatch.delenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", raising=False)
+    with pytest.raises(label_studio.ClassCountError):
+        label_studio.write_trainer_round(annotate / "round_001", made.items, 1, output, num_classes=2)
+    assert not (annotate / "label_studio_run.txt").exists()
+    ids = set()
+    for number in (1, 2):
+        tasks, root = label_studio.write_trainer_round(annotate / f"round_{number:03d}", made.items, number, output, 1)
+        data = json.loads(tasks.read_text())[0]["data"]
+        assert root == output and data["image"].startswith(f"/data/local-files/?d=Skin_512/annotate/round_{number:03d}/")
+        ids.add(data["mdsam_run"])
+    assert ids == {(annotate / "label_studio_run.txt").read_text().strip()} and ids != {RUN_ID}
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
+    tasks, root = label_studio.write_trainer_round(annotate / "round_002", made.items, 2, output, 1)
+    assert root == tmp_path and json.loads(tasks.read_text())[0]["data"]["image"].startswith(
+        "/data/local-files/?d=out/Skin_512/annotate/round_002/")
+    again = tmp_path / "again" / "Skin_512" / "annotate"  # another run folder of the same name: another run
+    shutil.copytree(made.round_dir, again / "round_001")
+    label_studio.write_trainer_round(again / "round_001", made.items, 1, tmp_path, 1)
+    assert (again / "label_studio_run.txt").read_text().strip() not in ids
+
+
 def test_without_the_sdk_the_module_imports_and_says_how_to_enable():
     code = ("import sys, numpy, label_studio as ls\n"
             "print('label_studio_sdk' in sys.modules)\n"  # imported on first use only (it takes seconds)
@@ -167,6 +195,7 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
         first: [annotation([brush_region(top), brush_region(bottom)], 11, completed_by=4, lead_time=31.5)],
         second: [annotation([], 12, completed_by=5, lead_time=2.0)],  # no stroke: the image has no lesion
         third: [annotation([], 13, cancelled=True)]}))  # skipped
+    before = (fresh.round_dir / "to_annotate.csv").read_text()
     result = label_studio.import_export(export, fresh.round_dir)
     names = [fresh.round_dir / f"{Path(n).stem}_segmentation.png" for n in (first, second)]
     assert result.written == names and result.not_returned == {third: "skipped"}
@@ -174,11 +203,16 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
     lesion_free = np.asarray(Image.open(names[1]))
     assert lesion_free.shape == fresh.answers[second].shape and not lesion_free.any()
     assert not (fresh.round_dir / f"{Path(third).stem}_segmentation.png").exists()
-    assert (fresh.round_dir / "annotations.csv").read_text().splitlines() == [
-        "image,status,mask,completed_by,lead_time_s,task_id,annotation_id",
-        f"{first},annotated,{names[0].name},4,31.500,100,11",
-        f"{second},annotated,{names[1].name},5,2.000,101,12",
-        f"{third},skipped,,,,,"]
+    # the round's to_annotate.csv: the trainer's columns as they were, then what came back
+    trainer_columns = [line.split(",") for line in before.splitlines()]
+    merged = [line.split(",") for line in (fresh.round_dir / "to_annotate.csv").read_text().splitlines()]
+    assert [row[:4] for row in merged] == trainer_columns
+    assert [row[4:] for row in merged] == [
+        ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"],
+        ["annotated", names[0].name, "4", "31.500", "100", "11"],
+        ["annotated", names[1].name, "5", "2.000", "101", "12"],
+        ["skipped", "", "", "", "", ""]]
+    assert result.csv_path == fresh.round_dir / "to_annotate.csv"
     assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
 
 
@@ -285,6 +319,14 @@ def test_a_target_inside_the_data_sets_mask_folder_is_refused(fresh, tmp_path):
         assert not list(folder.glob("*_segmentation.png"))
     with pytest.raises(label_studio.RoundFolderError, match="has no label_studio_tasks.json"):
         label_studio.import_export(export, tmp_path)
+    listed = (fresh.round_dir / "to_annotate.csv").read_text()
+    for damaged in (listed.rsplit("\n", 2)[0] + "\n", listed.replace("save_mask_as", "saved")):
+        (fresh.round_dir / "to_annotate.csv").write_text(damaged)  # a row or the trainer's column lost
+        with pytest.raises(label_studio.RoundFolderError, match="does not list the images of label_studio_tasks"):
+            label_studio.import_export(export, fresh.round_dir)
+    (fresh.round_dir / "to_annotate.csv").unlink()
+    with pytest.raises(label_studio.RoundFolderError, match="to_annotate.csv: missing or unreadable"):
+        label_studio.import_export(export, fresh.round_dir)
     (fresh.round_dir / fresh.items[1].sample.image_path.name).unlink()
     with pytest.raises(label_studio.RoundFolderError, match="an image of the round is missing or unreadable"):
         label_studio.import_export(export, fresh.round_dir)
@@ -310,6 +352,8 @@ def test_existing_masks_are_never_overwritten_one_error_lists_them(fresh, tmp_pa
     assert len(label_studio.import_export(export, fresh.round_dir).written) == 2
     again = label_studio.import_export(export, fresh.round_dir)
     assert again.written == [] and len(again.unchanged) == 2
+    header = (fresh.round_dir / "to_annotate.csv").read_text().splitlines()[0]
+    assert header == "image,score,rank_in_pool,save_mask_as,status,mask,completed_by,lead_time_s,task_id,annotation_id"
 
 
 def test_a_mask_that_appears_during_the_write_is_kept(tmp_path):

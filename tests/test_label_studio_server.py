@@ -1,6 +1,8 @@
-"""A round through a real Label Studio server (issue 19): the round's interface and tasks go in, a person's
+"""Rounds through a real Label Studio server (issue 19): the round's interface and tasks go in, a person's
 annotation is submitted through the REST API, the JSON export comes back through ``label_studio.py import``, and
-the masks written equal the submitted ones pixel for pixel.
+the masks written equal the submitted ones pixel for pixel; and a whole ``trainer.py --oracle folder`` run on real
+ISIC photos whose rounds go out, are annotated in Label Studio, come back and train via ``--resume``, selecting and
+learning exactly what the simulation (``--oracle ground_truth``) fed the same masks does.
 
 Skipped unless MDSAM_LABEL_STUDIO names a ``label-studio`` executable (installed in a virtualenv of its own):
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,15 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import trainer
+from annotation_rounds import hide_masks, read_round
 from label_studio_helpers import (RUN_ID, LabelStudioServer, MadeRound, annotate_in_label_studio, listening_addresses,
                                   make_round)
 
 EXECUTABLE = os.environ.get("MDSAM_LABEL_STUDIO", "")
 pytestmark = pytest.mark.skipif(not EXECUTABLE, reason="set MDSAM_LABEL_STUDIO to a label-studio executable")
 REPO = Path(__file__).resolve().parents[1]
-REAL_PHOTOS = sorted((REPO.parent / "shared" / "isic-sample" / "images").glob("*.jpg"))[:1]
+SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683) with their masks
+REAL_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:1]
 STARTUP_S = 1200  # a first start on a busy 2-core machine migrates for minutes
 
 
@@ -49,10 +56,6 @@ def server(where, report_figure):
         running.stop()
         report_figure(f"label studio: server tests took {time.monotonic() - started:.0f} s in all")
 
-
-# Part 2 (the trainer's --oracle folder writes these files each round): a run whose --output is below
-# server.document_root stops at a round; annotate_in_label_studio(server, round_dir, masks, export_path), then
-# `label_studio.py import` and `trainer.py --resume`: the masks trained on must equal the submitted ones.
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +105,8 @@ def test_a_round_goes_out_is_annotated_and_comes_back_as_the_submitted_masks(ser
     assert back.returncode == 0, back.stderr
     assert f"{names[1]} (skipped)" in back.stdout
     me = server.call("GET", "/api/current-user/whoami").json()["id"]
-    with open(made.round_dir / "annotations.csv", newline="") as f:
-        rows = {row[0]: row for row in list(csv.reader(f))[1:]}
+    with open(made.round_dir / "to_annotate.csv", newline="") as f:  # the round's CSV, with who and how long
+        rows = {row[0]: [row[0]] + row[4:] for row in list(csv.reader(f))[1:]}
     for name in names:
         written = made.round_dir / f"{Path(name).stem}_segmentation.png"
         if submitted[name] is None:
@@ -115,3 +118,75 @@ def test_a_round_goes_out_is_annotated_and_comes_back_as_the_submitted_masks(ser
         assert (mask > 0).sum() > 100 and not np.array_equal(mask > 0, proposal), "the proposal came back"
         assert rows[name][1:5] == ["annotated", written.name, str(me), f"{done.lead_times[name]:.3f}"]
     assert not list((made.data_root / "Training_GroundTruth").iterdir()), "the import wrote into the data set"
+
+
+# ----------------------------------------------------------------------------- a trainer run annotated in Label Studio
+
+def real_format_data(root: Path, training: list, validation: list) -> Path:
+    """The ISIC photos ``training`` / ``validation`` with their masks, in the README layout under ``root``."""
+    for split, photos in (("Training", training), ("Validation", validation)):
+        (root / f"{split}_Data").mkdir(parents=True)
+        (root / f"{split}_GroundTruth").mkdir()
+        for photo in photos:
+            shutil.copyfile(photo, root / f"{split}_Data" / photo.name)
+            mask = f"{photo.stem}_segmentation.png"
+            shutil.copyfile(SAMPLE / "masks" / mask, root / f"{split}_GroundTruth" / mask)
+    return root
+
+
+RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", "64",
+       "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
+
+
+def test_a_run_annotated_in_label_studio_learns_exactly_what_the_simulation_does(server, where, report_figure,
+                                                                                 monkeypatch):
+    photos = sorted((SAMPLE / "images").glob("*.jpg"))
+    if len(photos) < 6:
+        pytest.skip(f"the six real ISIC photos are not at {SAMPLE}")
+    simulation_data = real_format_data(where / "loop" / "simulation", photos[:4], photos[4:])
+    data = shutil.copytree(simulation_data, where / "loop" / "data")
+    answers = hide_masks(data / "Training_GroundTruth", where / "loop" / "answers")
+    truth = {p.name.replace("_segmentation.png", ".jpg"): np.asarray(Image.open(p)) > 127 for p in answers.iterdir()}
+    out = server.document_root / "run"  # below the server's document root; the trainer is told the root
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(server.document_root))
+    argv = RUN + ["--oracle", "folder", "--data_root", str(data), "--output", str(out)]
+    # Two torch threads on this shared 2-core machine sum in a load-dependent order (two identical simulations then
+    # differ by ~1e-5 in their final weights); one thread makes the comparison exact.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started, project, rounds = time.monotonic(), None, 0
+    try:
+        result = trainer.main(argv)
+        while "round_dir" in result:
+            rounds += 1
+            round_dir = result["round_dir"]
+            submitted = {f"{name}.jpg": truth[f"{name}.jpg"] for name in result["requested"]}
+            done = annotate_in_label_studio(server, round_dir, submitted, where / "loop" / f"export_{rounds}.json",
+                                            project)
+            project = done.project_id
+            back = subprocess.run([sys.executable, str(REPO / "label_studio.py"), "import", "--export",
+                                   str(done.export_path), "--round_dir", str(round_dir)],
+                                  capture_output=True, text=True, timeout=300)
+            assert back.returncode == 0, back.stderr
+            assert (rounds == 1) == ("tasks of earlier rounds left aside" not in back.stdout)  # one project per run
+            for name, mask in submitted.items():
+                written = np.asarray(Image.open(round_dir / name.replace(".jpg", "_segmentation.png")))
+                np.testing.assert_array_equal(written, mask.astype(np.uint8) * 255)  # pixel for pixel
+                proposal = np.asarray(Image.open(round_dir / name.replace(".jpg", "_proposal.png"))) > 0
+                assert written.shape == (683, 1024) and not np.array_equal(written > 0, proposal)
+            assert {row["image"]: row["lead_time_s"] for row in read_round(round_dir)} == \
+                   {name: f"{seconds:.3f}" for name, seconds in done.lead_times.items()}
+            result = trainer.main(argv + ["--resume"])
+        report_figure(f"label studio: a trainer run of {rounds} rounds (real ISIC photos) out, annotated, exported, "
+                      f"imported and trained in {time.monotonic() - started:.0f} s")
+        simulated = trainer.main(RUN + ["--data_root", str(simulation_data), "--output", str(where / "loop" / "sim")])
+    finally:
+        torch.set_num_threads(threads)
+    run_dir, sim_dir = result["run_dir"], simulated["run_dir"]
+    assert rounds == 2 and result["epochs"] == 2 and len(result["labeled"]) == 4
+    assert (run_dir / "al_selection.csv").read_text() == (sim_dir / "al_selection.csv").read_text()
+    state = torch.load(run_dir / "last_state.pth", weights_only=True)
+    assert sorted(state["mask_sources"].values()) == ["annotate/round_001"] * 2 + ["annotate/round_002"] * 2
+    want, got = (torch.load(d / "last_model.pth", weights_only=True) for d in (sim_dir, run_dir))
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not list((data / "Training_GroundTruth").iterdir()), "the loop wrote into the data set"
