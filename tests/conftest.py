@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 _FIGURES: List[str] = []
 
 
+def pytest_configure(config) -> None:
+    """One CPU thread for torch, in this process and in the runs tests start: on a shared 2-core machine two threads
+    made two identical runs differ by ~1e-5 in their weights (tests compare runs bit for bit), and were slower."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def report_figure() -> Callable[[str], None]:
     """Callable taking one line of text to print in the end-of-run summary."""
