@@ -106,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--img_size", type=int, default=512, help="training/validation resolution (multiple of 32)")
     model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
     model.add_argument("--promptmode", default="none", type=promptmode_flag, metavar="{none,point,box,point-box,0}",
-                       help="none (or the reference code's 0): both decoders unprompted; otherwise decoder 2 is "
-                            "trained on prompts derived from decoder 1's prediction")
+                       help="none (or the reference's 0): no prompts; else decoder 2 trains on prompts from decoder 1")
     model.add_argument("--precision", default="float32", choices=["float32", "mixed"],
                        help="on CUDA. float32: training and validation in float32, pool scoring under fp16 autocast "
                             "(the reference code); mixed: all three under autocast (bf16 where supported, else fp16 "
@@ -144,10 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val_limit", type=int, default=None, help="validate on the first N images (by name) only")
     run.add_argument("--val_protocol", default="isic", choices=["isic", "reference"], help="checkpoint choice. isic: "
                      "hard masks at the photo's size, every image; reference: soft Dice at --img_size on the first 20")
-    run.add_argument("--keep_best", default="newest", choices=["newest", "all"],
-                     help="best_model_dice*.pth: keep the newest only, or every improving one (the reference code)")
-    run.add_argument("--save_from_epoch", type=int, default=10,
-                     help="best_model_dice*.pth is saved from this (1-based) epoch on")
+    run.add_argument("--keep_best", default="newest", choices=["newest", "all"], help="best_model_dice*.pth: keep "
+                     "the newest only, or every improving one (the reference code); saved from --save_from_epoch on")
+    run.add_argument("--save_from_epoch", type=int, default=10, help="the first (1-based) epoch that may save one")
     run.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/Skin_{img_size}")
     run.add_argument("--demo", action="store_true",
                      help="synthetic data + sam2.1_hiera_t at a small size; no download, no GPU needed")
