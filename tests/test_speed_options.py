@@ -89,7 +89,7 @@ def test_selection_does_not_depend_on_the_scoring_batch_size(strategy):
                                                      seed=3)) for size in (1, 3, 16)}
     results = {size: (selection.chosen, selection.scores) for size, selection in results.items()}
     chosen, scores = results[1]
-    assert np.ptp(list(scores.values())) > 0.05  # scores differ between images
+    assert np.ptp(list(scores.values())) > 0.02  # scores differ between images (by far more than the tolerance)
     for size in (3, 16):
         assert results[size][0] == chosen, size
         assert results[size][1] == pytest.approx(scores, abs=1e-5)
