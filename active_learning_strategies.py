@@ -312,11 +312,11 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
                 ) -> ComparedPredictions:
         """The three predictions the score compares, from one encoder pass (points seeded per (seed, index))."""
         features = model.encode(images)
-        unprompted = model.decode(features, 1)["low_res_logits"]
+        unprompted = model.predict_logits(None, 1, features=features)
         generators = [point_generator(seed, index) for index in indices]
         prompts = prompts_from_logits(unprompted, images.shape[-1], generators)
-        centered = model.decode(features, 2, points=prompts.center_points)["low_res_logits"]
-        randomised = model.decode(features, 1, points=prompts.random_points)["low_res_logits"]
+        centered = model.predict_logits(None, 2, points=prompts.center_points, features=features)
+        randomised = model.predict_logits(None, 1, points=prompts.random_points, features=features)
         probabilities = [class_probabilities(logits, self.score_channels)
                          for logits in (unprompted, centered, randomised)]
         return ComparedPredictions(*probabilities, prompts.center_points[:, 0], prompts.random_points[:, 0])

@@ -90,7 +90,7 @@ def test_best_checkpoint_reloads_as_in_the_readme_and_reproduces_its_dice(demo_r
     for seed in (0, 1):  # different random init: everything must come from the file
         torch.manual_seed(seed)
         sam = build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE)
-        net = LoRA_Sam(sam, r=4)
+        net = LoRA_Sam(sam, r=4, lora_width="output")  # the pinned run's --lora_width
         net.load_state_dict(torch.load(path, weights_only=True))
         nets.append(net.eval())
 
@@ -162,8 +162,8 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path, metrics
     # What a kill during epoch 2 leaves behind: its selection rows and a best checkpoint, but no new state.
     with open(run_dir / "al_selection.csv", "a") as f:
         f.write("2,ISIC_9999999,0.5,1\n")
-    with open(run_dir / "metrics.csv", "a") as f:
-        f.write("2" + ",0.5" * (len(metrics_rows(run_dir)[0]) - 1) + "\n")
+    with open(run_dir / "metrics.csv", "a") as f:  # a kill after the epoch's row, before its state
+        f.write(f"2,{2 * BATCH}" + ",0.5" * (len(metrics_rows(run_dir)[0]) - 2) + "\n")
     (run_dir / "best_model_dice0.9999.pth").write_bytes(b"unfinished epoch")
     resumed = trainer.main(TINY + data + ["--output", str(tmp_path), "--max_epochs", str(EPOCHS), "--resume"])
     assert resumed["epochs"] == EPOCHS
@@ -269,7 +269,7 @@ def test_label_budget_cuts_the_last_selection_and_last_model_is_written(demo_run
     assert [r["dice"] is not None for r in metrics_rows(result["run_dir"])] == [False, True], \
         "the last selection is validated"
     state = torch.load(result["run_dir"] / "last_model.pth", weights_only=True)
-    net = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE), r=4)
+    net = LoRA_Sam(build_sam2("sam2.1_hiera_t", None, device="cpu", image_size=SIZE), r=4, lora_width="output")
     net.load_state_dict(state)  # strict: the full state_dict
     trained = torch.load(result["run_dir"] / "last_state.pth", weights_only=True)["trainable"]
     for name, value in trained.items():
