@@ -442,7 +442,7 @@ def test_prompted_decode_equals_official_prompts(oracle, case):
 # ---- training step -----------------------------------------------------------------------------
 
 
-def test_training_step_changes_only_lora_prompt_encoder_and_decoders():
+def test_training_step_changes_only_lora_prompt_encoder_decoders_and_no_mem_embed():
     net = LoRA_Sam(tiny_sam(), r=4).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -457,9 +457,10 @@ def test_training_step_changes_only_lora_prompt_encoder_and_decoders():
     after = net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
-    assert all(".lora_" in k or k.startswith(allowed) for k in changed), sorted(changed)[:5]
+    assert all(".lora_" in k or k.startswith(allowed) for k in changed - {"sam.no_mem_embed"}), sorted(changed)[:5]
     for group in allowed:
         assert any(k.startswith(group) for k in changed), group
+    assert "sam.no_mem_embed" in changed  # trained, as the reference's LoRA_Sam leaves it trainable
     assert any(".lora_b_q." in k for k in changed) and any(".lora_b_v." in k for k in changed)
     frozen = [k for k in before if k.startswith("sam.image_encoder") and ".lora_" not in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
@@ -485,7 +486,9 @@ def test_lora_file_roundtrip(tmp_path):
     path = tmp_path / "lora.pth"
     trained.save_lora_parameters(path)
     saved = torch.load(path, weights_only=True)
-    assert all(".lora_" in k or k.startswith(("sam.sam_prompt_encoder.", "sam.sam_mask_decoder")) for k in saved)
+    assert "sam.no_mem_embed" in saved  # trained by default, so it is in the file
+    assert all(".lora_" in k or k.startswith(("sam.sam_prompt_encoder.", "sam.sam_mask_decoder")) for k in saved
+               if k != "sam.no_mem_embed")
     assert not any(".attn.qkv.base." in k for k in saved)  # small file: no frozen encoder weights
     fresh = LoRA_Sam(tiny_sam(), r=4)
     fresh.load_lora_parameters(path)
