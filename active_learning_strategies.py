@@ -94,13 +94,13 @@ def default_score_batch_size(device: torch.device, batch_size: int) -> int:
 
 
 @contextmanager
-def scoring_mode(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no autograd (inference mode) and autocast on CUDA, as scoring runs; the model's training
-    mode is restored afterwards."""
+def scoring_mode(model: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """Eval mode, no autograd (inference mode) and autocast on CUDA (``dtype``; None: ``utils.amp_dtype``), as
+    scoring runs; the model's training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, dtype=dtype):
             yield
     finally:
         model.train(was_training)
@@ -127,7 +127,8 @@ class SelectionContext:
     pool: this epoch's random candidates; unlabeled: every unlabeled image (the pool is drawn from it);
     labeled: the images labeled so far; k: how many to choose; batch_size: images per scoring batch;
     seed: this epoch's seed (every random choice derives from it); run_dir: where a strategy may cache what it
-    computes once per run; progress: show a progress bar.
+    computes once per run; progress: show a progress bar; autocast_dtype: the autocast dtype of model scoring on
+    CUDA (None: ``utils.amp_dtype``, bf16 where supported; the trainer passes ``utils.scoring_dtype``).
     """
 
     model: torch.nn.Module
@@ -142,6 +143,7 @@ class SelectionContext:
     num_workers: int = 0
     run_dir: Optional[Path] = None
     progress: bool = False
+    autocast_dtype: Optional[torch.dtype] = None
 
     def batches(self, indices: Sequence[int], desc: str) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """(dataset indices, B x 3 x S x S images on the device) in ``batch_size`` chunks, in order."""
@@ -244,11 +246,11 @@ class TopKStrategy(Strategy):
 
 
 class ModelScoringStrategy(TopKStrategy):
-    """Runs the model over the pool in mini-batches (eval mode, no grad, autocast on CUDA)."""
+    """Runs the model over the pool in mini-batches (eval mode, no grad, the context's autocast on CUDA)."""
 
     def score_pool(self, context: SelectionContext) -> Scores:
         scores: Scores = {}
-        with scoring_mode(context.model, context.device):
+        with scoring_mode(context.model, context.device, context.autocast_dtype):
             for indices, images in context.batches(list(context.pool), f"AL scoring ({self.name})"):
                 batch_scores = self.score_batch(context.model, images, indices, context.seed)
                 scores.update(zip(indices, batch_scores.float().cpu().tolist()))
@@ -293,14 +295,14 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
 
     name = "mask_difference"
     parameters = (
-        Parameter("score_channels", str, "foreground", choices=("foreground", "all"), legacy="foreground",
-                  help="mask_difference: the probability maps compared. foreground: softmax probabilities of the "
-                       "foreground classes; all: sigmoid of every one of the C+1 output channels, background "
-                       "included (the reference code's formula; with the constant-zero background logit it halves "
-                       "the three probability terms and leaves the Dice terms unchanged)"),
+        Parameter("score_channels", str, "all", choices=("all", "foreground"), legacy="foreground",
+                  help="mask_difference: the probability maps compared. all: sigmoid of every one of the C+1 output "
+                       "channels, background included (the reference code's formula; with the constant-zero "
+                       "background logit the three probability terms are half those of foreground, the Dice terms "
+                       "the same); foreground: softmax probabilities of the foreground classes"),
     )
 
-    def __init__(self, threshold: float = MASK_THRESHOLD, score_channels: str = "foreground"):
+    def __init__(self, threshold: float = MASK_THRESHOLD, score_channels: str = "all"):
         self.threshold = threshold
         self.score_channels = score_channels
         self._kept: Dict[int, Tuple[float, ComparedPredictions]] = {}

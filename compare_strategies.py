@@ -47,6 +47,9 @@ DEMO_OUTPUT = "./output_compare_demo"
 DEMO_SEEDS = (1, 2)
 DEMO_TEST_IMAGES = 8
 DEMO_CPU_JOBS = 2
+# The trainer's demo defaults, and every labeled image trained on each epoch (not the reference's one step on the
+# epoch's selection), so that each curve shows all the labels its strategy chose; flags given explicitly win.
+DEMO_TRAINER_FLAGS = ("--demo", "--train_on", "labeled")
 TEST_CSV = "test_metrics.csv"
 ZERO_SHOT = "zero_shot"
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
@@ -248,7 +251,7 @@ def count_split(data_root: str, split: str) -> int:
 
 def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, data_root: str
               ) -> Tuple[List[Job], Job]:
-    base = list(trainer_flags) + ["--data_root", data_root] + (["--demo"] if args.demo else [])
+    base = list(DEMO_TRAINER_FLAGS if args.demo else ()) + list(trainer_flags) + ["--data_root", data_root]
     runs = []
     for seed in args.seeds:
         for strategy in args.strategies:

@@ -9,6 +9,7 @@ what to do); nothing here reads command-line flags (``run.args`` are the prepare
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class Run:
     scaler: torch.amp.GradScaler
     oracle: annotation_rounds.GroundTruthOracle
     resume_keys: Sequence[str]  # the settings last_state.pth records (a resume must repeat them)
-    writer: Optional[SummaryWriter] = None
+    writer: Optional[SummaryWriter] = None  # log/: our tags, per epoch at the 1-based epoch
+    reference_writer: Optional[SummaryWriter] = None  # log/reference/: the reference's tags (REFERENCE_TAGS)
     truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
     start_epoch: int = 1
     best_dice: float = -1.0
@@ -73,6 +75,30 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- starting
+
+# The reference trainer's TensorBoard tags, each logged per batch at the 0-based epoch: tag -> our loss part.
+# They go to their own folder (log/reference/), since two of its names are those of our per-epoch means.
+REFERENCE_TAGS = {"train/loss_avg": "loss", "train/loss_dec1": "loss_dec1", "train/loss_dec2": "loss_dec2",
+                  "train/loss_ce_dec1": "ce_dec1", "train/loss_dice_dec1": "dice_dec1",
+                  "train/loss_ce_dec2": "ce_dec2", "train/loss_dice_dec2": "dice_dec2"}
+
+
+def open_writers(run: Run) -> None:
+    """The TensorBoard writers; on --resume they purge what the unfinished epoch logged (its steps)."""
+    resume = run.args.resume
+    # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
+    suffix = f".{os.getpid()}"
+    run.writer = SummaryWriter(str(run.folder.file("log")), purge_step=run.start_epoch if resume else None,
+                               filename_suffix=suffix)
+    run.reference_writer = SummaryWriter(str(run.folder.file("log") / "reference"), filename_suffix=suffix,
+                                         purge_step=run.start_epoch - 1 if resume else None)
+
+
+def close_writers(run: Run) -> None:
+    for writer in (run.writer, run.reference_writer):
+        if writer is not None:
+            writer.close()
+
 
 def log_start(run: Run, argv: Sequence[str]) -> None:
     args = run.args
@@ -132,7 +158,7 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
     run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
     run.best_path = Path(state.best_path) if state.best_path else None
-    run.folder.reopen(state, note)
+    run.folder.reopen(state, note, keep_earlier_bests=run.args.keep_best == "all")
     run.folder.write_images(images)
     if added:
         log.info("--accept_new_images: %d new training images join the unlabeled pool: %s", len(added),
@@ -213,7 +239,8 @@ def select_batch(run: Run, epoch: int, k: int) -> Selection:
         run.model, run.train_set, draw_pool(unlabeled, args.pool_size, args.seed, epoch), k, run.device,
         unlabeled=unlabeled, labeled=run.train_set.labeled_indices, seed=epoch_seed(args.seed, epoch),
         batch_size=args.score_batch_size or default_score_batch_size(run.device, args.batch_size),
-        num_workers=args.num_workers, run_dir=run.run_dir, progress=True)
+        num_workers=args.num_workers, run_dir=run.run_dir, progress=True,
+        autocast_dtype=utils.scoring_dtype(run.device, args.precision))
     selection = run.strategy.select(context)
     check_finite(run, epoch, "scoring the pool",
                  {run.train_set.names[i]: torch.tensor(float(s)) for i, s in selection.scores.items()})
@@ -264,11 +291,13 @@ def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[s
 
 @stops_on_bad_file
 def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
-    """Train on the labeled set (--train_on labeled) or this epoch's selection (selected); image-weighted
-    mean of every loss part. Batch order and prompt points come from generators seeded by (seed, epoch), never
-    from what scoring drew, so a restarted process or another strategy trains with the same draws."""
+    """Train on this epoch's selection (--train_on selected: one step when it fits one batch) or the labeled set
+    (labeled); image-weighted mean of every loss part (each step's parts also go to the reference's tags). Batch
+    order and prompt points come from generators seeded by (seed, epoch), never from what scoring drew, so a
+    restarted process or another strategy trains with the same draws."""
     args = run.args
-    train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else chosen
+    # by index, then shuffled: what is learned depends on the images, not on the order a strategy ranked them in
+    train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else sorted(chosen)
     if args.num_workers:
         run.train_set.preload(train_idx)
     order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
@@ -285,6 +314,8 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
         utils.crash_point("train_batch", epoch)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
+        for tag, name in REFERENCE_TAGS.items():
+            run.reference_writer.add_scalar(tag, float(parts[name]), epoch - 1)
     return {k: v / len(train_idx) for k, v in sums.items()}
 
 
@@ -298,8 +329,9 @@ def predict(run: Run, images: torch.Tensor) -> torch.Tensor:
 
 @stops_on_bad_file
 def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
-    """Mean validation metrics (decoder 1, no prompt, original resolution) and a TensorBoard picture; {} without
-    a Validation split."""
+    """Mean validation metrics (decoder 1, no prompt; --val_protocol isic: ours at the original resolution,
+    reference: the reference's soft Dice at the model's size) and a TensorBoard picture; {} without a Validation
+    split."""
     if run.val_set is None:
         return {}
 
@@ -310,8 +342,11 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
 
     loader = DataLoader(run.val_set, batch_size=run.args.batch_size, shuffle=False, num_workers=run.args.num_workers,
                         collate_fn=datasets_skin.collate_val)
-    result = val.validate(checked_predict, tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True),
-                          run.args.num_classes, run.device, truths=run.truths)
+    batches = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True)
+    if run.args.val_protocol == "reference":
+        result = val.validate_reference(checked_predict, batches, run.args.num_classes, run.device)
+    else:
+        result = val.validate(checked_predict, batches, run.args.num_classes, run.device, truths=run.truths)
     shown = [run.val_set[i] for i in range(min(4, len(run.val_set)))]
     run.writer.add_image("val/prediction_over_gt", tb_images.prediction_grid(
         shown, checked_predict(torch.stack([s["image"] for s in shown]))), epoch)
@@ -345,7 +380,7 @@ def save_state(run: Run, epoch: int) -> None:
 
 def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
     """The full state_dict as best_model_dice*.pth when validation Dice improves (from --save_from_epoch on),
-    then last_state.pth; the older best is removed only after both are written."""
+    then last_state.pth; the older best is removed only after both are written (kept with --keep_best all)."""
     dice, old_best = metrics.get("dice", float("nan")), None
     if metrics and epoch >= run.args.save_from_epoch and dice > run.best_dice:
         full = cpu_state_dict(run.model)
@@ -356,7 +391,7 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
         log.info("epoch %d: new best Dice %.4f -> %s", epoch, dice, run.best_path)
     save_state(run, epoch)
     run.folder.epoch_saved()
-    if old_best is not None and old_best != run.best_path and old_best.exists():
+    if run.args.keep_best == "newest" and old_best is not None and old_best != run.best_path and old_best.exists():
         old_best.unlink()
 
 

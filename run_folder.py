@@ -5,8 +5,8 @@
     metrics.csv           one row per finished epoch: labeled count, loss parts, validation metrics, time split
     last_state.pth        the resume state at the end of the last finished epoch (``ResumeState``)
     last_model.pth        the full state_dict of the final model (when the run ends)
-    best_model_dice*.pth  the full state_dict of the best validated epoch
-    log.txt, log/         the log and the TensorBoard event files
+    best_model_dice*.pth  the full state_dict of the best validated epoch (of each improving one: --keep_best all)
+    log.txt, log/         the log and the TensorBoard event files (log/reference/: the reference code's tags)
     awaiting_masks.json   only while a round waits for a person's masks (``--oracle folder``): a live run
     diverged.json         only after training diverged: the resume may change the learning rate
     images.json           the training and validation images the run uses: name -> bytes (a resume must find them)
@@ -87,6 +87,14 @@ def run_dir_of(output: Path, img_size: int) -> Path:
 
 def best_checkpoint_name(dice: float) -> str:
     return f"best_model_dice{dice:.4f}.pth"
+
+
+def checkpoint_dice(name: str) -> float:
+    """The Dice in a best checkpoint's name (``best_checkpoint_name``); NaN for another name."""
+    try:
+        return float(name[len("best_model_dice"):-len(".pth")])
+    except ValueError:
+        return math.nan
 
 
 # ----------------------------------------------------------------------------- the resume state
@@ -502,12 +510,17 @@ class RunFolder:
                                      f"up to its last finished epoch ({state.epoch}) are incomplete: restore that "
                                      "file, or start afresh in another output folder; nothing was changed")
 
-    def reopen(self, state: ResumeState, note: str) -> List[Path]:
+    def reopen(self, state: ResumeState, note: str, keep_earlier_bests: bool = False) -> List[Path]:
         """Continue after ``state``: drop what an unfinished epoch wrote (its records' rows, a best checkpoint it
-        saved, returned) and note the resume in config.txt."""
+        saved, returned) and note the resume in config.txt. ``keep_earlier_bests`` (--keep_best all): every best
+        checkpoint up to the state's is kept (their Dice, in the name, is not above its); else only the state's."""
         self.forget_after(state.epoch)
         keep = Path(state.best_path).name if state.best_path else None
-        stale = [p for p in self.best_checkpoints() if p.name != keep]
+        if keep_earlier_bests:
+            ceiling = checkpoint_dice(keep) if keep else -math.inf
+            stale = [p for p in self.best_checkpoints() if not checkpoint_dice(p.name) <= ceiling]
+        else:
+            stale = [p for p in self.best_checkpoints() if p.name != keep]
         for path in stale:
             path.unlink()
         self.add_config_note(note)
@@ -526,7 +539,7 @@ class RunFolder:
     def clear_dead_run(self) -> List[Path]:
         """Remove what a dead run wrote, except log.txt; returns what was removed."""
         removed = [self.file(n) for n in DEAD_RUN_FILES if self.file(n).is_file()]
-        removed += self.best_checkpoints() + sorted(self.file(EVENTS).glob("events.out.tfevents.*"))
+        removed += self.best_checkpoints() + sorted(self.file(EVENTS).rglob("events.out.tfevents.*"))
         for path in removed:
             path.unlink()
         return removed

@@ -42,6 +42,7 @@ Point = Tuple[float, float]
 Box = Tuple[float, float, float, float]
 
 PROMPT_MODES = ("none", "point", "box", "point-box")
+NO_MEM_EMBED_KEY = "sam.no_mem_embed"
 # Official SAM2 point labels: 1 positive click, 2 / 3 box top-left / bottom-right corner.
 POSITIVE_LABEL = 1
 BOX_CORNER_LABELS = (2, 3)
@@ -51,6 +52,21 @@ LORA_WIDTHS = ("input", "output")
 
 # 8-connectivity: pixels touching diagonally belong to the same component.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def prompt_mode_of(text: str) -> str:
+    """A prompt mode by name, or in the reference trainer's integer form (its ``--promptmode`` is an int, default 0):
+    0 is "none". Its training passes ``prompt_idx=-1`` whatever the integer, so there the integer has no effect, and
+    what another one would do is in its unpublished sam2: those are refused (ValueError), as is any other text."""
+    if text in PROMPT_MODES:
+        return text
+    if text.strip().lstrip("+-").isdigit():
+        if int(text) == 0:
+            return "none"
+        raise ValueError(f"{text}: of the reference code's integer prompt modes only 0 (= none) is accepted (its "
+                         "training passes no prompt whatever the integer, and what another would do is not "
+                         f"published); use one of {', '.join(PROMPT_MODES)}")
+    raise ValueError(f"invalid choice: {text!r} (choose from {', '.join(PROMPT_MODES)}, or 0 = none)")
 
 
 # --------------------------------------------------------------------------------------
@@ -441,8 +457,11 @@ class LoRA_Sam(nn.Module):
     parameter depends on it, so a model built at 1024 and run at 512 predicts what a model
     built with image_size=512 predicts.
 
-    Trainable: LoRA matrices, the prompt encoder and both mask decoders. Everything else
-    in `sam_model` (image encoder weights, memory modules, no_mem_embed) is frozen.
+      train_no_mem_embed: whether SAM2's `no_mem_embed` (added to the image embedding) is trained, as in the
+        reference code, which freezes only the image encoder; False keeps the checkpoint's value.
+
+    Trainable: LoRA matrices, the prompt encoder, both mask decoders and (by default) `no_mem_embed`.
+    Everything else in `sam_model` (image encoder weights, memory modules) is frozen.
 
     `load_state_dict` also reads the reference code's full state_dict (its `best_model_dice*.pth`:
     `...attn.qkv.qkv.*`, `...attn.qkv.linear_{a,b}_{q,v}.weight`), and `load_lora_parameters` its
@@ -450,7 +469,7 @@ class LoRA_Sam(nn.Module):
     """
 
     def __init__(self, sam_model: nn.Module, r: int, lora_layer: Optional[Sequence[int]] = None, num_classes: int = 1,
-                 lora_width: str = "input"):
+                 lora_width: str = "input", train_no_mem_embed: bool = True):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
@@ -480,6 +499,7 @@ class LoRA_Sam(nn.Module):
             attn.qkv = LoRAQKV(attn.qkv, r, lora_width)
         for trainable in (sam_model.sam_prompt_encoder, sam_model.sam_mask_decoder, sam_model.sam_mask_decoder2):
             trainable.requires_grad_(True)
+        sam_model.no_mem_embed.requires_grad_(train_no_mem_embed)
 
         self.sam = sam_model
         self.r = r
@@ -506,10 +526,13 @@ class LoRA_Sam(nn.Module):
                 module.enabled = True
 
     def _is_lora_file_key(self, key: str) -> bool:
-        return ".lora_" in key or key.startswith(LORA_FILE_PREFIXES)
+        """What our LoRA file holds: LoRA, prompt encoder, decoders, and no_mem_embed when it is trained."""
+        trained_embed = key == NO_MEM_EMBED_KEY and self.sam.no_mem_embed.requires_grad
+        return ".lora_" in key or key.startswith(LORA_FILE_PREFIXES) or trained_embed
 
     def save_lora_parameters(self, path: Union[str, os.PathLike]) -> None:
-        """Write LoRA matrices, prompt encoder and both decoders (tensors only, atomically)."""
+        """Write LoRA matrices, prompt encoder, both decoders and a trained no_mem_embed (tensors only,
+        atomically)."""
         tensors = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
         atomic_torch_save(tensors, path)
 
@@ -529,7 +552,8 @@ class LoRA_Sam(nn.Module):
             converted = _read_reference(tensors, self._reference_lora_file_targets(), str(path), sam_prefix="")
             self.load_state_dict(converted, strict=False)
             return
-        own = {k: v for k, v in self.state_dict().items() if self._is_lora_file_key(k)}
+        # no_mem_embed is optional either way: a file written while it was frozen lacks it
+        own = {k: v for k, v in self.state_dict().items() if self._is_lora_file_key(k) or k == NO_MEM_EMBED_KEY}
         extra = sorted(set(tensors) - set(own))
         if extra:
             hint = (
@@ -540,7 +564,7 @@ class LoRA_Sam(nn.Module):
             )
             raise LoRACheckpointError(
                 f"{path}: unexpected keys for a LoRA file: {extra[:5]}{'...' if len(extra) > 5 else ''}.{hint}")
-        missing = sorted(set(own) - set(tensors))
+        missing = sorted(set(own) - set(tensors) - {NO_MEM_EMBED_KEY})
         if missing:
             raise LoRACheckpointError(
                 f"{path}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''} "
@@ -854,12 +878,13 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
                 num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
                 device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
                 seed: int = 0, weights: Optional[Union[str, os.PathLike]] = None,
-                lora_width: str = "input") -> nn.Module:
+                lora_width: str = "input", train_no_mem_embed: bool = True) -> nn.Module:
     """SAM2 (``build_sam2``) wrapped in ``LoRA_Sam`` from ``module``, on ``device``: the one model factory.
 
     ``checkpoint=None`` gives seeded random weights (reproducible for ``seed``); ``seed`` also fixes the LoRA A
-    matrices. ``lora_width``: see ``LoRA_Sam`` ("input" = the reference code's). ``lora_ckpt`` (ours or the
-    reference's LoRA-only format, see ``LoRA_Sam.load_lora_parameters``) is loaded on top; ``weights`` (a full
+    matrices. ``lora_width``, ``train_no_mem_embed``: see ``LoRA_Sam`` (the defaults are the reference's).
+    ``lora_ckpt`` (ours or the reference's LoRA-only format, see ``LoRA_Sam.load_lora_parameters``) is loaded on
+    top; ``weights`` (a full
     ``LoRA_Sam.state_dict()`` such as best_model_dice*.pth, ours or the reference's) replaces every weight. Every
     problem with an input is a ``ModelInputError`` naming its source.
     """
@@ -877,7 +902,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("checkpoint", unloadable_file_message(err.path, err.cause)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
-    net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width).to(device)
+    net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width,
+                         train_no_mem_embed=train_no_mem_embed).to(device)
     if lora_ckpt:
         try:
             net.load_lora_parameters(lora_ckpt)
@@ -960,8 +986,9 @@ def _read_full_weights(path: Union[str, os.PathLike], device: Union[torch.device
 def build_model_from_settings(settings: Dict[str, object], device: Union[torch.device, str] = "cpu",
                               weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
     """The model a run's settings describe (trainer flags, or config.txt's text): model_cfg, checkpoint ("none" =
-    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed, lora_width. With ``weights`` (a
-    trained full state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
+    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed, lora_width, no_mem_embed
+    ("trainable" | "frozen"). With ``weights`` (a trained full state_dict) the SAM2 checkpoint is not read: every
+    weight comes from that file."""
     def text(key: str, default: Optional[str] = None) -> Optional[str]:
         value = settings.get(key, default)
         return None if value is None or str(value) in ("None", "none") else str(value)
@@ -969,4 +996,5 @@ def build_model_from_settings(settings: Dict[str, object], device: Union[torch.d
     return build_model(text("model_cfg"), None if weights is not None else text("checkpoint"),
                        int(settings["img_size"]), int(settings.get("rank", 4)), int(settings.get("num_classes", 1)),
                        text("module", __name__), device, None if weights is not None else text("lora_ckpt"),
-                       int(settings.get("seed", 0)), weights, text("lora_width", "input"))
+                       int(settings.get("seed", 0)), weights, text("lora_width", "input"),
+                       text("no_mem_embed", "trainable") == "trainable")

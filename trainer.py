@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shlex
 import sys
 import tempfile
@@ -29,20 +28,21 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from tensorboardX import SummaryWriter
 from torch.utils.data import Dataset
 
 import annotation_rounds
 import datasets_skin
 import utils
+import val
 from active_learning_strategies import ActiveLearningStrategyFactory, Selection, Strategy
-from epoch_steps import (CHECKPOINT_HINT, Run, RunStopped, annotate, earlier_selection, epoch_seed, finish_run, labels_wanted,
-                         log_base_lr_change, log_start, record_epoch, restore, result, save_checkpoints, select_batch,
-                         start_afresh, stop_reason, timed, train_one_epoch, validate_epoch, write_round_for_person)
+from epoch_steps import (CHECKPOINT_HINT, Run, RunStopped, annotate, close_writers, earlier_selection, epoch_seed,
+                         finish_run, labels_wanted, log_base_lr_change, log_start, open_writers, record_epoch, restore,
+                         result, save_checkpoints, select_batch, start_afresh, stop_reason, timed, train_one_epoch,
+                         validate_epoch, write_round_for_person)
 from run_folder import (AWAITING, DIVERGED, FolderInUse, FolderLocked, ResumeState, RunFolder, RunFolderError,
                         SettingsDiffer, run_dir_of)
 from safe_io import WriteError
-from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
+from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings, prompt_mode_of
 from synthetic_isic import ensure_synthetic_isic
 
 REPO = Path(__file__).resolve().parent
@@ -64,6 +64,36 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def promptmode_flag(text: str) -> str:
+    try:
+        return prompt_mode_of(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_model_flags(model: argparse._ArgumentGroup) -> None:
+    model.add_argument("--model_cfg", default=DEFAULT_MODEL_CFG,
+                       help="SAM2.1 Hydra config (path, or short name such as sam2.1_hiera_t)")
+    model.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                       help="official SAM2.1 checkpoint; 'none' = seeded random weights")
+    model.add_argument("--module", default="sam_lora_image_encoder_prompt", help="Python module defining LoRA_Sam")
+    model.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    model.add_argument("--lora_width", default="input", choices=["input", "output"], help="LoRA q/v updates at Hiera "
+                       "stage changes: input = as wide as the block's input (the reference code); output = all of q/v")
+    model.add_argument("--lora_ckpt", default=None, help="LoRA-only weights to start from (save_lora_parameters)")
+    model.add_argument("--img_size", type=int, default=512, help="training/validation resolution (multiple of 32)")
+    model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
+    model.add_argument("--promptmode", default="none", type=promptmode_flag, metavar="{none,point,box,point-box,0}",
+                       help="none (or the reference's 0): no prompts; else decoder 2 trains on prompts from decoder 1")
+    model.add_argument("--precision", default="float32", choices=["float32", "mixed"],
+                       help="on CUDA. float32: training and validation in float32, pool scoring under fp16 autocast "
+                            "(the reference code); mixed: all three under autocast (bf16 where supported, else fp16 "
+                            "with the gradient scaler). On the CPU everything is float32")
+    model.add_argument("--no_mem_embed", default="trainable", choices=["trainable", "frozen"],
+                       help="SAM2's no-memory embedding (added to the image embedding): trained as in the reference "
+                            "code, or kept at the checkpoint's value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer.py", formatter_class=_HelpFormatter, allow_abbrev=False,
                                 description="Cold-start active learning with SAM2: select, annotate, fine-tune, "
@@ -78,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--deterministic", action="store_true", help="deterministic (slower) CUDA kernels")
     data.add_argument("--num_workers", type=int, default=0,
                       help="DataLoader workers (0 keeps the decode-once image cache in this process)")
-    data.add_argument("--decode", default="draft", choices=["draft", "full"],
-                      help="JPEG decoding before the resize to --img_size. full: decode at full size; draft: let "
-                           "the decoder downscale by 1/2..1/8 while staying >= 2 x img_size (3-5x faster)")
+    data.add_argument("--decode", default="full", choices=["full", "draft"],
+                      help="JPEG decoding before the resize to --img_size. full: decode at full size (the reference "
+                           "code); draft: let the decoder downscale by 1/2..1/8, staying >= 2 x img_size (3-5x faster)")
     data.add_argument("--max_image_pixels", type=int, default=datasets_skin.DEFAULT_MAX_IMAGE_PIXELS, help="largest "
                       "image (width x height) read; larger headers are refused as possible decompression bombs")
     speed = p.add_argument_group("speed and memory only: none of these changes what is selected or learned")
@@ -89,25 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the Hiera blocks "
                        "while training (less memory, ~1 extra encoder forward per step)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the image encoder's trunk")
-    model = p.add_argument_group("model")
-    model.add_argument("--model_cfg", default=DEFAULT_MODEL_CFG,
-                       help="SAM2.1 Hydra config (path, or short name such as sam2.1_hiera_t)")
-    model.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                       help="official SAM2.1 checkpoint; 'none' = seeded random weights")
-    model.add_argument("--module", default="sam_lora_image_encoder_prompt", help="Python module defining LoRA_Sam")
-    model.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    model.add_argument("--lora_width", default="input", choices=["input", "output"], help="LoRA q/v updates at Hiera "
-                       "stage changes: input = as wide as the block's input (the reference code); output = all of q/v")
-    model.add_argument("--lora_ckpt", default=None, help="LoRA-only weights to start from (save_lora_parameters)")
-    model.add_argument("--img_size", type=int, default=512, help="training/validation resolution (multiple of 32)")
-    model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
-    model.add_argument("--promptmode", default="none", choices=["none", "point", "box", "point-box"],
-                       help="none: both decoders unprompted; otherwise decoder 2 is trained on prompts derived "
-                            "from decoder 1's prediction")
-    model.add_argument("--precision", default="mixed", choices=["mixed", "float32"],
-                       help="training and validation on CUDA. mixed: autocast (bf16 where supported, else fp16 with "
-                            "the gradient scaler); float32: plain float32. Pool scoring uses autocast on CUDA either "
-                            "way; on the CPU everything is float32")
+    add_model_flags(p.add_argument_group("model"))
     al = p.add_argument_group("active learning")
     al.add_argument("--strategy", default="mask_difference", choices=STRATEGIES.available_strategies(),
                     help="how the pool is ranked")
@@ -130,14 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--base_lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     opt.add_argument("--max_epochs", type=int, default=50, help="active-learning epochs (one selection each)")
     opt.add_argument("--dice_weight", type=float, default=0.8, help="loss = (1-w)*CE + w*Dice per decoder")
-    opt.add_argument("--train_on", default="labeled", choices=["labeled", "selected"],
-                     help="labeled: every epoch trains on all images labeled so far; "
-                          "selected: only on the images selected this epoch (the reference code)")
+    opt.add_argument("--train_on", default="selected", choices=["selected", "labeled"],
+                     help="selected: each epoch trains on the images selected in it, one optimiser step (the reference "
+                          "code); labeled: on all images labeled so far")
     run = p.add_argument_group("validation, checkpoints, run control")
     run.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and at the last)")
-    run.add_argument("--val_limit", type=int, default=None, help="validate on the first N images only")
-    run.add_argument("--save_from_epoch", type=int, default=10,
-                     help="best_model_dice*.pth is saved from this (1-based) epoch on")
+    run.add_argument("--val_limit", type=int, default=None, help="validate on the first N images (by name) only")
+    run.add_argument("--val_protocol", default="isic", choices=["isic", "reference"], help="checkpoint choice. isic: "
+                     "hard masks at the photo's size, every image; reference: soft Dice at --img_size on the first 20")
+    run.add_argument("--keep_best", default="newest", choices=["newest", "all"], help="best_model_dice*.pth: keep "
+                     "the newest only, or every improving one (the reference code); saved from --save_from_epoch on")
+    run.add_argument("--save_from_epoch", type=int, default=10, help="the first (1-based) epoch that may save one")
     run.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/Skin_{img_size}")
     run.add_argument("--accept_new_images", action="store_true", help="--resume: new training images join the pool")
     run.add_argument("--demo", action="store_true",
@@ -155,8 +170,9 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 # strategy's own parameters. LEGACY: what a setting absent from an older run folder means (how it was made).
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
-                    "lora_width")
-LEGACY = dict(precision="mixed", decode="draft", lora_width="output",
+                    "lora_width", "no_mem_embed", "val_protocol")
+LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
+              keep_best="newest",
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 log = logging.getLogger("trainer")
@@ -200,6 +216,8 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     given = explicit_flags(parser, argv) if args.demo else set()
     values.update({k: v for k, v in DEMO_SETTINGS.items() if args.demo and k not in given})
     values["output"] = values["output"] or ("./output_demo" if args.demo else "./output")
+    if values["val_protocol"] == "reference" and values["val_limit"] is None:
+        values["val_limit"] = val.REFERENCE_VAL_IMAGES  # the reference's first 20, here by sorted name
     if args.demo and values["data_root"] is None:
         values["data_root"] = str(Path(values["output"]) / "demo_data")
     checkpoint = existing_path(values["checkpoint"]) if values["checkpoint"].lower() != "none" else None
@@ -433,9 +451,7 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
             raise UsageError(f"--resume: {err}{NEW_IMAGES_HINT if getattr(err, 'only_added', False) else ''}") from None
     else:
         start_afresh(run)
-    # The pid in the event file's name: a resume within the same second must not overwrite the earlier file.
-    run.writer = SummaryWriter(str(folder.file("log")), purge_step=run.start_epoch if args.resume else None,
-                               filename_suffix=f".{os.getpid()}")
+    open_writers(run)
     log_start(run, argv)
     return run
 
@@ -531,8 +547,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
         parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
     finally:
-        if run is not None and run.writer is not None:
-            run.writer.close()
+        if run is not None:
+            close_writers(run)
         for handler in list(log.handlers):  # the console and log.txt
             log.removeHandler(handler)
             handler.close()

@@ -155,9 +155,19 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
-    """Mixed precision on CUDA (``amp_dtype``) when ``enabled``; otherwise, and off CUDA, plain float32."""
-    dtype = amp_dtype(device) if enabled else None
+def scoring_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of pool scoring on CUDA for the trainer's ``precision``: float16 with "float32" (the
+    reference scores under ``torch.cuda.amp.autocast``, i.e. float16, while it trains in float32), ``amp_dtype``
+    with "mixed" (how runs made before this setting scored); None (no autocast) off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.float16 if precision == "float32" else amp_dtype(device)
+
+
+def autocast(device: torch.device, enabled: bool = True, dtype: Optional[torch.dtype] = None) -> torch.autocast:
+    """Mixed precision on CUDA when ``enabled``: ``dtype``, or ``amp_dtype`` when None; otherwise, and off CUDA,
+    plain float32."""
+    dtype = (dtype or amp_dtype(device)) if enabled and device.type == "cuda" else None
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -442,6 +442,63 @@ def validate(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The reference code's validation protocol (trainer.py --val_protocol reference)
+# --------------------------------------------------------------------------------------------------------------
+
+REFERENCE_VAL_IMAGES = 20  # the reference validates on the first 20 images it lists
+REFERENCE_SPACING = 0.1  # the pixel size it assumes for HD95 ("mm")
+REFERENCE_HD95_CAP = 100.0
+SOFT_DICE_SMOOTH = 1e-5
+
+
+def _reference_hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """HD95 of two H x W bool masks (``gt`` not empty) as the reference computes it: in units of 0.1 per pixel,
+    capped at 100; an empty prediction scores the capped image diagonal."""
+    if not pred.any():
+        return min(float(np.hypot(*gt.shape)) * REFERENCE_SPACING, REFERENCE_HD95_CAP)
+    value = hd95(pred, gt, REFERENCE_SPACING)
+    return min(value, REFERENCE_HD95_CAP) if np.isfinite(value) else 0.0
+
+
+def reference_image_metrics(logits: torch.Tensor, label, num_classes: int) -> Dict[str, float]:
+    """One image as the reference's validation scores it (its val.py, test_medical_image), at the model's size.
+
+    logits: (C+1) x h x w, upsampled bilinearly to the label's S x S (the reference's logits come at S x S; how its
+    unpublished sam2 makes them is not known), then softmax; label: S x S class indices (the mask resized nearest).
+    Per foreground class c: soft Dice (2 sum(p g) + 1e-5) / (sum(p) + sum(g) + 1e-5) of the probability p against
+    g = (label == c), and HD95 of p > 0.5 (``_reference_hd95``); a class absent from the label scores Dice 0 and
+    HD95 0, whatever is predicted. Returns the means over the foreground classes: dict(dice, hd95).
+    """
+    size = tuple(label.shape[-2:])
+    probs = torch.softmax(F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0], 0)
+    probs, label = probs.cpu(), torch.as_tensor(label).cpu()
+    dices, distances = [], []
+    for c in range(1, num_classes + 1):
+        p, g = probs[c].double(), (label == c).double()
+        present = bool(g.sum() > 0)
+        dices.append(float((2 * (p * g).sum() + SOFT_DICE_SMOOTH) / (p.sum() + g.sum() + SOFT_DICE_SMOOTH))
+                     if present else 0.0)
+        distances.append(_reference_hd95((p > 0.5).numpy(), g.numpy() > 0) if present else 0.0)
+    return dict(dice=float(np.mean(dices)), hd95=float(np.mean(distances)))
+
+
+@torch.no_grad()
+def validate_reference(predict_fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict], num_classes: int,
+                       device: Union[str, torch.device]) -> dict:
+    """``validate`` with the reference's metrics (``reference_image_metrics``, against each batch's ``label``, the
+    mask at the model's size) instead of ours at the original size. Returns dict(rows, mean={dice, hd95})."""
+    rows: List[dict] = []
+    for batch in loader:
+        logits = predict_fn(batch["image"].to(device, non_blocking=True))
+        for i, label in enumerate(batch["label"]):
+            rows.append(dict(name=batch["name"][i], index=int(batch["index"][i]),
+                             **reference_image_metrics(logits[i], label, num_classes)))
+    if not rows:
+        raise ValueError("No images were evaluated (the loader was empty).")
+    return dict(rows=rows, mean={k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95")})
+
+
+# --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 

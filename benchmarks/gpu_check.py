@@ -1,4 +1,4 @@
-"""One-shot GPU check: throughput, peak memory and bf16 fidelity of pool scoring, training and validation.
+"""One-shot GPU check: throughput, peak memory and autocast fidelity of pool scoring, training and validation.
 
     bash benchmarks/gpu_check.sh                  # on a CUDA machine (no network): one table, ~3-5 min on an H100
     python3 benchmarks/gpu_check.py --dry-run     # the same code on the CPU at toy sizes, in seconds (CI)
@@ -7,15 +7,19 @@
 
 Per configuration (default: hiera_t and hiera_l at 512 px, hiera_l at 1024 px with activation checkpointing),
 seeded random weights (no checkpoint; hypernetwork outputs scaled x40 so that masks, and so scores, differ
-between images), batch --batch, bf16 autocast on CUDA (utils.autocast), synthetic lesion-on-skin images:
+between images), batch --batch, synthetic lesion-on-skin images. Training and validation are measured in both of the
+trainer's --precision settings: float32 (the default, as the reference) and mixed (utils.autocast: bf16 where
+supported, else fp16 with the gradient scaler); pool scoring as the default runs it (utils.scoring_dtype: fp16
+autocast on CUDA, as the reference scores):
 
-  enc ms/img    one image-encoder forward (LoRA_Sam.encode): the floor of scoring
+  enc ms/img    one image-encoder forward (LoRA_Sam.encode, under the scoring autocast): the floor of scoring
   score img/s   MaskDifferenceStrategy.select over the pool; score/enc = scoring per image / encoder (goal <= 1.15)
   train img/s   optimiser steps as the trainer takes them: both decoders (point prompts), 0.2 CE + 0.8 Dice at
-                the input size, AdamW, gradient clipping 1.0
-  val img/s     decoder-1 logits + val.image_metrics at 3008 x 2000 (ground truths kept on the device)
-  peak GiB      torch.cuda.max_memory_allocated while training / while scoring
-  bf16 vs fp32  mask-difference scores of the pool with and without autocast: max |difference|, Spearman rho
+                the input size, AdamW, gradient clipping 1.0; fp32 and mixed
+  val img/s     decoder-1 logits + val.image_metrics at 3008 x 2000 (ground truths kept on the device); fp32, mixed
+  peak GiB      torch.cuda.max_memory_allocated while training (fp32, mixed) / while scoring
+  autocast-fp32 mask-difference scores of the pool under the scoring autocast and in float32: max |difference|,
+                Spearman rho (--dry-run: bf16 CPU autocast, so that reduced precision is really compared)
 
 --compile CONFIG...: a second table, the encoder forward with and without LoRA_Sam.compile_image_encoder (after
 compiling; --dry-run compiles with the "eager" backend, which checks the code path only). Rows print as they
@@ -44,8 +48,10 @@ from sam_lora_image_encoder_prompt import build_model  # noqa: E402  (the one mo
 
 MODELS = {"t": "sam2.1_hiera_t", "s": "sam2.1_hiera_s", "b+": "sam2.1_hiera_b+", "l": "sam2.1_hiera_l"}
 FULL_SIZE = (2000, 3008)  # H x W of a typical ISIC-2017 photo
-COLUMNS = ("model", "px", "grad ckpt", "enc ms/img", "score img/s", "score/enc", "train img/s", "val img/s",
-           "peak GiB train", "peak GiB score", "bf16-fp32 max abs diff", "Spearman")
+PRECISIONS = ("float32", "mixed")  # trainer.py --precision
+COLUMNS = ("model", "px", "grad ckpt", "enc ms/img", "score img/s", "score/enc", "train img/s fp32",
+           "train img/s mixed", "val img/s fp32", "val img/s mixed", "peak GiB train fp32", "peak GiB train mixed",
+           "peak GiB score", "autocast-fp32 max abs diff", "Spearman")
 COMPILE_COLUMNS = ("model", "px", "enc ms/img eager", "enc ms/img compiled", "speed-up", "compile s")
 
 
@@ -129,13 +135,16 @@ def batches(tensor: torch.Tensor, size: int):
     return [tensor[i : i + size] for i in range(0, len(tensor), size)]
 
 
+DEFAULT_PRECISION = "float32"  # trainer.py's default --precision: pool scoring is measured under its autocast
+
+
 def encoder_seconds(net, images, batch, device, repeats) -> float:
-    """Per image: one LoRA_Sam.encode pass (eval, inference mode, autocast)."""
+    """Per image: one LoRA_Sam.encode pass (eval, inference mode, the scoring autocast)."""
     net.eval()
     chunks = batches(images.to(device), batch)
 
     def run():
-        with torch.inference_mode(), utils.autocast(device):
+        with torch.inference_mode(), utils.autocast(device, dtype=utils.scoring_dtype(device, DEFAULT_PRECISION)):
             for chunk in chunks:
                 net.encode(chunk)
 
@@ -146,21 +155,23 @@ def scoring_seconds(net, images, batch, device, repeats):
     """Per image: MaskDifferenceStrategy.select over the pool (images come from the host, as from a dataset);
     and the peak memory of it."""
     context = SelectionContext(net, [{"image": image} for image in images], list(range(len(images))), batch, device,
-                               batch_size=batch, seed=0)
+                               batch_size=batch, seed=0, autocast_dtype=utils.scoring_dtype(device, DEFAULT_PRECISION))
     strategy = MaskDifferenceStrategy()
     utils.reset_peak_memory(device)
     seconds = median_seconds(lambda: strategy.select(context), device, repeats)
     return seconds / len(images), utils.peak_memory_gb(device)
 
 
-def mixed_precision(device: torch.device):
-    """Mixed precision as the trainer uses it (utils.autocast) on CUDA; bf16 autocast on the CPU, so that --dry-run
-    compares real reduced-precision scores with float32 ones."""
-    return utils.autocast(device) if device.type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+def scoring_precision(device: torch.device):
+    """The scoring autocast of the trainer's default (utils.scoring_dtype: fp16) on CUDA; bf16 autocast on the CPU,
+    so that --dry-run compares real reduced-precision scores with float32 ones."""
+    if device.type == "cuda":
+        return utils.autocast(device, dtype=utils.scoring_dtype(device, DEFAULT_PRECISION))
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def score_fidelity(net, images, batch, device):
-    """Mixed-precision vs float32 mask-difference scores of the same images: (max |difference|, Spearman rho)."""
+    """Scoring-autocast vs float32 mask-difference scores of the same images: (max |difference|, Spearman rho)."""
     from scipy.stats import spearmanr
 
     strategy = MaskDifferenceStrategy()
@@ -168,7 +179,7 @@ def score_fidelity(net, images, batch, device):
 
     def scores(cast: bool) -> np.ndarray:
         out = []
-        with torch.inference_mode(), (mixed_precision(device) if cast else contextlib.nullcontext()):
+        with torch.inference_mode(), (scoring_precision(device) if cast else contextlib.nullcontext()):
             for start, chunk in zip(range(0, len(images), batch), batches(images.to(device), batch)):
                 indices = list(range(start, start + len(chunk)))
                 out.append(strategy.score_batch(net, chunk, indices, seed=0).float().cpu())
@@ -179,11 +190,13 @@ def score_fidelity(net, images, batch, device):
     return float(np.abs(full - mixed).max()), float(rho)
 
 
-def training_seconds(net, images, labels, batch, device, repeats):
-    """Per image: trainer-like optimiser steps (both decoders, point prompts, CE + Dice, AdamW, clip 1.0);
-    and the peak memory of it."""
+def training_seconds(net, images, labels, batch, device, repeats, precision):
+    """Per image: trainer-like optimiser steps (both decoders, point prompts, CE + Dice, AdamW, clip 1.0) at the
+    trainer's ``precision`` (mixed: autocast, with the gradient scaler where it is fp16); and the peak memory."""
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+    mixed = precision == "mixed"
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed and utils.amp_dtype(device) == torch.float16)
     size = images.shape[-1]
     steps = list(zip(batches(images.to(device), batch), batches(labels.to(device), batch)))
     generator = np.random.default_rng(0)
@@ -191,15 +204,17 @@ def training_seconds(net, images, labels, batch, device, repeats):
     def run():
         net.train()
         for chunk, target in steps:
-            with utils.autocast(device):
+            with utils.autocast(device, enabled=mixed):
                 outputs = net(chunk, False, size, 0, "point", generator=generator)
             losses = [utils.segmentation_loss(torch.nn.functional.interpolate(
                 outputs[f"low_res_logits{d}"].float(), size=target.shape[-2:], mode="bilinear", align_corners=False),
                 target)[0] for d in (1, 2)]
             optimizer.zero_grad(set_to_none=True)
-            (0.5 * sum(losses)).backward()
+            scaler.scale(0.5 * sum(losses)).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
 
     utils.reset_peak_memory(device)
     seconds = median_seconds(run, device, repeats)
@@ -207,8 +222,9 @@ def training_seconds(net, images, labels, batch, device, repeats):
     return seconds / len(images), utils.peak_memory_gb(device)
 
 
-def validation_seconds(net, images, params, batch, device, repeats, full_size) -> float:
-    """Per image: val.validate (decoder-1 logits + image_metrics at ``full_size``), ground truths cached."""
+def validation_seconds(net, images, params, batch, device, repeats, full_size, precision) -> float:
+    """Per image: val.validate (decoder-1 logits + image_metrics at ``full_size``) at the trainer's ``precision``,
+    ground truths cached."""
     gts = lesion_masks(params, *full_size).numpy().astype(np.uint8)
     loader = [dict(image=images[i : i + batch], mask_orig=list(gts[i : i + batch]),
                    name=[f"synthetic_{j}" for j in range(i, min(i + batch, len(gts)))],
@@ -216,7 +232,7 @@ def validation_seconds(net, images, params, batch, device, repeats, full_size) -
     truths = val.GroundTruthCache()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with utils.autocast(device):
+        with utils.autocast(device, enabled=precision == "mixed"):
             return net.predict_logits(x, 1)
 
     net.eval()
@@ -232,9 +248,12 @@ def measure(model_cfg, size, grad_ckpt, args, device) -> dict:
     row["fidelity"] = score_fidelity(net, images, args.batch, device)
     row["enc"] = encoder_seconds(net, images, args.batch, device, args.repeats)
     row["score"], row["peak_score"] = scoring_seconds(net, images, args.batch, device, args.repeats)
-    row["val"] = validation_seconds(net, images[: args.val_images], params[: args.val_images], args.batch, device,
-                                    args.repeats, full_size)
-    row["train"], row["peak_train"] = training_seconds(net, images, labels, args.batch, device, args.repeats)
+    for precision in PRECISIONS:
+        row[f"val {precision}"] = validation_seconds(net, images[: args.val_images], params[: args.val_images],
+                                                     args.batch, device, args.repeats, full_size, precision)
+    for precision in PRECISIONS:
+        row[f"train {precision}"], row[f"peak_train {precision}"] = training_seconds(
+            net, images, labels, args.batch, device, args.repeats, precision)
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -246,8 +265,9 @@ def format_row(row: dict) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     cells = [row["model"], str(row["px"]), "yes" if row["ckpt"] else "no", f"{1000 * row['enc']:.1f}",
-             f"{1 / row['score']:.3g}", f"{row['score'] / row['enc']:.2f}", f"{1 / row['train']:.3g}",
-             f"{1 / row['val']:.3g}", gib(row["peak_train"]), gib(row["peak_score"]),
+             f"{1 / row['score']:.3g}", f"{row['score'] / row['enc']:.2f}",
+             *(f"{1 / row[f'{step} {p}']:.3g}" for step in ("train", "val") for p in PRECISIONS),
+             *(gib(row[f"peak_train {p}"]) for p in PRECISIONS), gib(row["peak_score"]),
              f"{row['fidelity'][0]:.2e}", f"{row['fidelity'][1]:.4f}"]
     return "| " + " | ".join(cells) + " |"
 
@@ -259,7 +279,7 @@ def compile_row(model_cfg, size, args, device) -> str:
     eager = encoder_seconds(net, images, args.batch, device, args.repeats)
     net.compile_image_encoder(**({"backend": "eager"} if args.dry_run else {}))
     start = time.perf_counter()
-    with torch.inference_mode(), utils.autocast(device):
+    with torch.inference_mode(), utils.autocast(device, dtype=utils.scoring_dtype(device, DEFAULT_PRECISION)):
         net.encode(images[: args.batch].to(device))
     sync(device)
     compile_s = time.perf_counter() - start
@@ -280,8 +300,10 @@ def main(argv=None) -> int:
         print("error: no CUDA device; use --dry-run to check the code path on the CPU", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; autocast "
-          f"{utils.amp_dtype(device) or 'off (float32)'}; {args.images} images, validation {args.val_images} at "
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; mixed autocast "
+          f"{utils.amp_dtype(device) or 'off (float32)'}, scoring autocast "
+          f"{utils.scoring_dtype(device, DEFAULT_PRECISION) or 'off'}; {args.images} images, validation "
+          f"{args.val_images} at "
           f"{'120x180' if args.dry_run else 'x'.join(map(str, FULL_SIZE[::-1]))}; median of {args.repeats}", flush=True)
     print_header(COLUMNS)
     for model_cfg, size, grad_ckpt in args.configs:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One-shot GPU check: one table of pool-scoring / training / validation throughput, peak memory, scoring cost
-# over one encoder pass, and bf16-vs-fp32 score fidelity, for hiera_t and hiera_l at 512 px and hiera_l at
-# 1024 px with activation checkpointing; batch 4, bf16 autocast, seeded random weights (no checkpoint), no
-# network. Then the torch.compile'd encoder of hiera_t at 512. Stopped after 5 minutes (GPU_CHECK_TIMEOUT);
+# One-shot GPU check: one table of pool-scoring / training / validation throughput (training and validation in
+# float32 and in mixed precision), peak memory, scoring cost over one encoder pass, and the scoring autocast's
+# score fidelity against float32, for hiera_t and hiera_l at 512 px and hiera_l at 1024 px with activation
+# checkpointing; batch 4, seeded random weights (no checkpoint), no network. Then the torch.compile'd encoder of hiera_t at 512. Stopped after 5 minutes (GPU_CHECK_TIMEOUT);
 # rows print as they finish. What each column means: benchmarks/gpu_check.py.
 #
 #   bash benchmarks/gpu_check.sh                   # on the GPU machine

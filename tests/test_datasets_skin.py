@@ -471,6 +471,33 @@ def test_draft_decode_close_to_full_decode(tmp_path):
     assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 3
 
 
+def test_the_trainer_s_default_decode_is_a_full_decode_then_the_same_resize(tmp_path):
+    """The trainer's default (--decode full, the reference's SkinTrainGenerator): every training and validation
+    image equals PIL's full decode, convert('RGB'), then a bilinear resize to img_size x img_size, exactly. The
+    images are large enough that a draft decode would differ (checked with --decode draft)."""
+    import trainer
+
+    root = synthetic_isic.make_synthetic_isic(tmp_path / "data", 2, 1, 0, size=1024, seed=2)
+    common = ["--data_root", str(root), "--checkpoint", "none", "--img_size", "128", "--output", str(tmp_path / "o")]
+
+    def images_of(argv):
+        parser = trainer.build_parser()
+        train_set, val_set = trainer.load_data(trainer.prepare_args(parser, parser.parse_args(argv), argv))
+        return [(s.image_path, train_set.resized_image(i)) for i, s in enumerate(train_set.samples)] + \
+            [(val_set.dataset.samples[i].image_path, val_set.dataset.resized_image(i)) for i in val_set.indices]
+
+    def plain(path):
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((128, 128), Image.BILINEAR))
+
+    default = images_of(common)
+    assert len(default) == 3
+    for path, image in default:
+        assert np.array_equal(image, plain(path)), path
+    drafted = images_of(common + ["--decode", "draft"])
+    assert any(not np.array_equal(image, plain(path)) for path, image in drafted), "draft should differ here"
+
+
 # ---------------------------------------------------------------------------------------------- validation set
 
 

@@ -142,13 +142,34 @@ def test_lora_widths_init_and_frozen_parameters(shared_net):
         assert qkv.lora_a_q.weight.abs().sum() > 0 and qkv.lora_b_q.weight.abs().sum() == 0
     trainable = {name for name, p in shared_net.named_parameters() if p.requires_grad}
     allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
-    assert all(".lora_" in name or name.startswith(allowed) for name in trainable)
+    assert "sam.no_mem_embed" in trainable  # the reference freezes only the image encoder
+    assert all(".lora_" in name or name.startswith(allowed) for name in trainable - {"sam.no_mem_embed"})
     assert sum(".lora_" in name for name in trainable) == 4 * len(blocks)
     assert any(name.startswith("sam.sam_mask_decoder2.") for name in trainable)
     assert any(name.startswith("sam.sam_prompt_encoder.") for name in trainable)
     assert not any(
         p.requires_grad for n, p in shared_net.named_parameters() if n.startswith("sam.image_encoder") and ".lora_" not in n
     )
+
+
+def test_no_mem_embed_is_trained_by_default_and_kept_in_the_lora_file(tmp_path):
+    """Trainable unless train_no_mem_embed=False; a trained one is saved in the LoRA file and read back; a file
+    without it (written while it was frozen) loads and leaves the model's value as it is."""
+    trained, frozen = LoRA_Sam(tiny_sam(), r=4), LoRA_Sam(tiny_sam(), r=4, train_no_mem_embed=False)
+    assert trained.sam.no_mem_embed.requires_grad and not frozen.sam.no_mem_embed.requires_grad
+    with torch.no_grad():
+        trained.sam.no_mem_embed.fill_(0.5)
+    trained.save_lora_parameters(tmp_path / "trained.pth")
+    frozen.save_lora_parameters(tmp_path / "frozen.pth")
+    assert "sam.no_mem_embed" in torch.load(tmp_path / "trained.pth", weights_only=True)
+    assert "sam.no_mem_embed" not in torch.load(tmp_path / "frozen.pth", weights_only=True)
+    for file, expected in (("trained.pth", 0.5), ("frozen.pth", 0.25)):
+        for train in (True, False):
+            fresh = LoRA_Sam(tiny_sam(), r=4, train_no_mem_embed=train)
+            with torch.no_grad():
+                fresh.sam.no_mem_embed.fill_(0.25)
+            fresh.load_lora_parameters(tmp_path / file)
+            assert torch.equal(fresh.sam.no_mem_embed, torch.full_like(fresh.sam.no_mem_embed, expected)), file
 
 
 def test_lora_layer_choice_and_bad_arguments():
@@ -421,7 +442,7 @@ def test_prompted_decode_equals_official_prompts(oracle, case):
 # ---- training step -----------------------------------------------------------------------------
 
 
-def test_training_step_changes_only_lora_prompt_encoder_and_decoders():
+def test_training_step_changes_only_lora_prompt_encoder_decoders_and_no_mem_embed():
     net = LoRA_Sam(tiny_sam(), r=4).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -436,9 +457,10 @@ def test_training_step_changes_only_lora_prompt_encoder_and_decoders():
     after = net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     allowed = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
-    assert all(".lora_" in k or k.startswith(allowed) for k in changed), sorted(changed)[:5]
+    assert all(".lora_" in k or k.startswith(allowed) for k in changed - {"sam.no_mem_embed"}), sorted(changed)[:5]
     for group in allowed:
         assert any(k.startswith(group) for k in changed), group
+    assert "sam.no_mem_embed" in changed  # trained, as the reference's LoRA_Sam leaves it trainable
     assert any(".lora_b_q." in k for k in changed) and any(".lora_b_v." in k for k in changed)
     frozen = [k for k in before if k.startswith("sam.image_encoder") and ".lora_" not in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
@@ -464,7 +486,9 @@ def test_lora_file_roundtrip(tmp_path):
     path = tmp_path / "lora.pth"
     trained.save_lora_parameters(path)
     saved = torch.load(path, weights_only=True)
-    assert all(".lora_" in k or k.startswith(("sam.sam_prompt_encoder.", "sam.sam_mask_decoder")) for k in saved)
+    assert "sam.no_mem_embed" in saved  # trained by default, so it is in the file
+    assert all(".lora_" in k or k.startswith(("sam.sam_prompt_encoder.", "sam.sam_mask_decoder")) for k in saved
+               if k != "sam.no_mem_embed")
     assert not any(".attn.qkv.base." in k for k in saved)  # small file: no frozen encoder weights
     fresh = LoRA_Sam(tiny_sam(), r=4)
     fresh.load_lora_parameters(path)

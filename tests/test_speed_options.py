@@ -89,7 +89,7 @@ def test_selection_does_not_depend_on_the_scoring_batch_size(strategy):
                                                      seed=3)) for size in (1, 3, 16)}
     results = {size: (selection.chosen, selection.scores) for size, selection in results.items()}
     chosen, scores = results[1]
-    assert np.ptp(list(scores.values())) > 0.05  # scores differ between images
+    assert np.ptp(list(scores.values())) > 0.02  # scores differ between images (by far more than the tolerance)
     for size in (3, 16):
         assert results[size][0] == chosen, size
         assert results[size][1] == pytest.approx(scores, abs=1e-5)
@@ -111,7 +111,8 @@ def test_gpu_check_script_parses_and_its_dry_run_prints_the_tables():
     assert len(rows) == 2, done.stdout  # the main table and the torch.compile table
     cells = [cell.strip() for cell in rows[0]]
     assert cells[:3] == ["hiera_t", "64", "yes"]
-    assert all(float(value) > 0 for value in cells[3:8])  # encoder ms, scoring, ratio, training, validation
-    assert cells[8:10] == ["-", "-"]  # no CUDA peak memory on the CPU
+    # encoder ms, scoring, ratio, then training and validation in both precisions (float32, mixed)
+    assert all(float(value) > 0 for value in cells[3:10])
+    assert cells[10:13] == ["-", "-", "-"]  # no CUDA peak memory on the CPU
     # the dry run compares bf16 (CPU autocast) with float32 scores: they differ, and still rank alike
-    assert 0 < float(cells[10]) < 0.05 and 0.5 < float(cells[11]) <= 1.0
+    assert 0 < float(cells[13]) < 0.05 and 0.5 < float(cells[14]) <= 1.0

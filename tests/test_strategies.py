@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -124,12 +125,14 @@ def stub_dataset(n):
 COVERAGE = {0: 3, 1: 5, 2: 8, 3: 1, 4: 0, 5: 16}
 
 
-def expected_stub_score(n_cells):
+def expected_stub_score(n_cells, score_channels="all"):
     """Prompted masks are empty: D(no,.) = 1 unless p_no is empty too, D(center,rand) = 0,
-    mean|p_no - p_prompted| = n/16 twice."""
+    mean|p_no - p_prompted| = n/16 twice over the foreground; score_channels "all" (the default) averages over the
+    background channel too, where all three are sigmoid(0) = 0.5: half of that."""
     if n_cells == 0:
         return 0.0
-    return 0.25 + 0.20 + 0.10 * 2 * n_cells / 16
+    probability_terms = 0.10 * 2 * n_cells / 16
+    return 0.25 + 0.20 + (probability_terms / 2 if score_channels == "all" else probability_terms)
 
 
 def test_mask_difference_selects_top_k_in_score_order():
@@ -300,7 +303,8 @@ def test_real_model_mask_difference_uses_the_designed_decoders(real_net):
     from sam_lora_image_encoder_prompt import class_probabilities, prompts_from_logits
 
     data = real_dataset(3)
-    _, scores = select(MaskDifferenceStrategy(), real_net, data, [0, 1, 2], 1, batch_size=3, seed=4)
+    _, scores = select(MaskDifferenceStrategy(score_channels="foreground"), real_net, data, [0, 1, 2], 1,
+                       batch_size=3, seed=4)
     x = torch.stack([d["image"] for d in data])
     real_net.eval()
     with torch.no_grad():
@@ -322,7 +326,7 @@ def test_why_selected_picture_shows_what_the_scores_compared_without_another_mod
     scoring made: no encoder or decoder call after scoring, and it equals the picture drawn from those very
     predictions (recomputed here from the stub's recorded points and masks)."""
     model = StubSam(COVERAGE)
-    strategy = MaskDifferenceStrategy()
+    strategy = MaskDifferenceStrategy(score_channels="foreground")  # the maps strategy_probs writes out
     data = stub_dataset(6)
     chosen, scores = select(strategy, model, data, [5, 0, 3, 2], 2, batch_size=1, seed=7)
     assert chosen == [5, 2] and model.encodes == 4, "one encoder pass per pool image, none for the picture"
@@ -362,6 +366,61 @@ def test_score_channels_all_is_the_reference_formula():
         dice_terms = 0.25 + 0.20 if n else 0.0
         assert fg[index] == pytest.approx(dice_terms + 0.10 * 2 * n / 16, abs=1e-6)
         assert every[index] == pytest.approx(dice_terms + 0.10 * 2 * n / 16 / 2, abs=1e-6)
+
+
+class RandomLogitsSam(StubSam):
+    """Image i's three predictions (decoder 1 unprompted, decoder 2 prompted, decoder 1 prompted) are fixed random
+    (C+1)-channel logits, the background channel included (so a formula that drops or keeps it is told apart)."""
+
+    def __init__(self, n_images, channels, seed=0):
+        super().__init__({i: 0 for i in range(n_images)})
+        gen = torch.Generator().manual_seed(seed)
+        self.logits = {key: 3 * torch.randn(n_images, channels, LOW_RES, LOW_RES, generator=gen)
+                       for key in ((1, False), (2, True), (1, True))}
+
+    def decode(self, features, decoder_idx, points=None, boxes=None):
+        logits = self.logits[(decoder_idx, points is not None)][features["ids"]]
+        return {"low_res_logits": logits, "iou_predictions": torch.zeros(len(features["ids"]), 1)}
+
+
+def plain_mask_difference(no, center, rand, probabilities):
+    """The score written out in numpy from three B x K x h x w logit arrays, as the reference code writes it
+    (eps 1e-8 in its Dice), with ``probabilities`` turning logits into the compared maps."""
+    p = [probabilities(x.numpy().astype(np.float64)) for x in (no, center, rand)]
+    m = [x > 0.6 for x in p]
+
+    def dice_diff(a, b):
+        return 1 - (2 * (a & b).sum(axis=(1, 2, 3)) + 1e-8) / (a.sum(axis=(1, 2, 3)) + b.sum(axis=(1, 2, 3)) + 1e-8)
+
+    def prob_diff(a, b):
+        return np.abs(a - b).mean(axis=(1, 2, 3))
+
+    return (0.25 * dice_diff(m[0], m[1]) + 0.20 * dice_diff(m[0], m[2]) + 0.25 * dice_diff(m[1], m[2])
+            + 0.10 * prob_diff(p[0], p[1]) + 0.10 * prob_diff(p[0], p[2]) + 0.10 * prob_diff(p[1], p[2]))
+
+
+@pytest.mark.parametrize("channels", [2, 3])
+def test_both_score_formulas_equal_their_plain_transcriptions(channels):
+    """score_channels "all" (the default, the reference's select_samples): sigmoid of every channel, masks p > 0.6
+    and means of |p_a - p_b| over channels, rows and columns; "foreground": the softmax probabilities of channels
+    1..C. Checked on random logits whose background channel is not zero."""
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+
+    def softmax_foreground(x):
+        return (np.exp(x) / np.exp(x).sum(axis=1, keepdims=True))[:, 1:]
+
+    pool = list(range(6))
+    model = RandomLogitsSam(6, channels, seed=channels)
+    logits = [model.logits[key] for key in ((1, False), (2, True), (1, True))]
+    assert MaskDifferenceStrategy().score_channels == "all"
+    for strategy, formula in ((MaskDifferenceStrategy(), sigmoid),
+                              (MaskDifferenceStrategy(score_channels="foreground"), softmax_foreground)):
+        _, scores = select(strategy, model, stub_dataset(6), pool, 2, batch_size=4)
+        assert [scores[i] for i in pool] == pytest.approx(plain_mask_difference(*logits, formula).tolist(), abs=1e-6)
+    _, every = select(MaskDifferenceStrategy(), model, stub_dataset(6), pool, 2)
+    _, fg = select(MaskDifferenceStrategy(score_channels="foreground"), model, stub_dataset(6), pool, 2)
+    assert max(abs(every[i] - fg[i]) for i in pool) > 0.01, "the two formulas must differ on these logits"
 
 
 class PickEveryOther(Strategy):

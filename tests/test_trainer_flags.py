@@ -36,6 +36,7 @@ def run_main_expecting_error(argv, capsys) -> str:
         (["--demo", "--module", "json"], "--module json"),
         (["--demo", "--module", "no_such_module_xyz"], "--module no_such_module_xyz: cannot be imported"),
         (["--demo", "--promptmode", "circle"], "--promptmode"),
+        (["--demo", "--promptmode", "1"], "--promptmode: 1: of the reference code's integer prompt modes only 0"),
         ([], "--data_root is required"),
         (["--demo", "--base_lr", "inf"], "--base_lr must be a finite number > 0 (got inf)"),
         (["--demo", "--base_lr", "nan"], "--base_lr must be a finite number > 0 (got nan)"),

@@ -152,3 +152,17 @@ def test_select_device_with_cuda(monkeypatch):
 def test_peak_memory_is_none_off_cuda():
     utils.reset_peak_memory(torch.device("cpu"))  # a no-op, not an error
     assert utils.peak_memory_gb(torch.device("cpu")) is None
+
+
+def test_scoring_precision_is_the_reference_s_float16_with_float32_training(monkeypatch):
+    """--precision float32 (the default): pool scoring on CUDA under float16 autocast, as the reference's
+    torch.cuda.amp.autocast; mixed: the training autocast dtype (bf16 where supported). Never on the CPU."""
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    for bf16, mixed in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert utils.scoring_dtype(cuda, "float32") == torch.float16
+        assert utils.scoring_dtype(cuda, "mixed") == mixed
+    cpu = torch.device("cpu")
+    assert utils.scoring_dtype(cpu, "float32") is None and utils.scoring_dtype(cpu, "mixed") is None
+    with utils.autocast(cpu, dtype=torch.float16):  # float32 off CUDA, whatever dtype is asked for
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

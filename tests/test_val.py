@@ -558,3 +558,75 @@ def test_cli_checkpoint_round_trip(synthetic_root, tmp_path):
                      "sam2.1_hiera_t", "--img_size", "64", "--gpu", "cpu", "--batch_size", "3"]) == 0
     rows = read_csv(tmp_path / "metrics_Validation.csv")  # default: beside the checkpoint
     assert len(rows) == 5 and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- the reference's protocol
+
+
+def reference_metrics_transcribed(logits: torch.Tensor, label: np.ndarray, num_classes: int):
+    """The reference's val.py test_medical_image, written out, on logits upsampled bilinearly to the label's size
+    (the one assumption: its logits come at that size): softmax; per foreground class present in the label, soft
+    Dice (2 sum(p g) + 1e-5) / (sum(p) + sum(g) + 1e-5) and medpy's hd95 of p > 0.5 at spacing 0.1, capped at 100
+    (an empty p > 0.5: min(diagonal * 0.1, 100)); an absent class: 0 and 0. Means over the foreground classes."""
+    from medpy.metric.binary import hd95 as medpy_hd95
+
+    up = F.interpolate(logits[None].double(), size=label.shape, mode="bilinear", align_corners=False)[0].numpy()
+    p_all = np.exp(up) / np.exp(up).sum(axis=0, keepdims=True)
+    dices, hds = [], []
+    for c in range(1, num_classes + 1):
+        p, g = p_all[c], (label == c).astype(np.float64)
+        if g.sum() == 0:
+            dices.append(0.0), hds.append(0.0)
+            continue
+        dices.append((2 * np.sum(p * g) + 1e-5) / (np.sum(p) + np.sum(g) + 1e-5))
+        binary = (p > 0.5).astype(np.uint8)
+        if binary.sum() > 0:
+            hds.append(min(float(medpy_hd95(binary, g.astype(np.uint8), (0.1, 0.1))), 100.0))
+        else:
+            hds.append(min(np.sqrt(g.shape[0] ** 2 + g.shape[1] ** 2) * 0.1, 100.0))
+    return np.mean(dices), np.mean(hds)
+
+
+@pytest.mark.parametrize("case", ["overlap", "empty_truth", "empty_prediction", "far", "two_classes"])
+def test_reference_protocol_is_the_reference_soft_dice_at_model_size(case):
+    rng = np.random.default_rng(["overlap", "empty_truth", "empty_prediction", "far", "two_classes"].index(case))
+    size, num_classes = (1100 if case == "far" else 64), (2 if case == "two_classes" else 1)
+    label = random_blobs(rng, (size, size), 0.3).astype(np.int64)
+    logits = torch.from_numpy(3 * rng.standard_normal((num_classes + 1, size // 4, size // 4))).float()
+    logits[0] = 0
+    if case == "empty_truth":
+        label[:] = 0
+    if case == "empty_prediction":
+        logits[1] = -20
+    if case == "far":  # prediction in the top-left corner, lesion in the bottom-right: HD95 above the cap of 100
+        label[:] = 0
+        label[-100:, -100:] = 1
+        logits[1] = -20
+        logits[1, :25, :25] = 20
+    dice, hd = reference_metrics_transcribed(logits, label, num_classes)
+    got = val.reference_image_metrics(logits, torch.from_numpy(label), num_classes)
+    assert got["dice"] == pytest.approx(dice, abs=1e-6) and got["hd95"] == pytest.approx(hd, abs=1e-6)
+    expected = dict(empty_truth=(0.0, 0.0), far=(None, 100.0), empty_prediction=(None, np.hypot(64, 64) * 0.1))
+    for want, value in zip(expected.get(case, (None, None)), (got["dice"], got["hd95"])):
+        assert want is None or value == pytest.approx(want, abs=1e-9), case
+
+
+def test_validate_reference_scores_each_image_and_averages(synthetic_root):
+    images, masks = ds.find_split(synthetic_root, "Validation")
+    dataset = ds.ValSkinDataset(images, masks, 64)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=ds.collate_val)
+    gen = torch.Generator().manual_seed(3)
+
+    def predict(batch_images):
+        logits = torch.zeros(batch_images.shape[0], 2, 16, 16)
+        logits[:, 1] = 4 * torch.randn(batch_images.shape[0], 16, 16, generator=gen)
+        predict.seen.append(logits)
+        return logits
+
+    predict.seen = []
+    result = val.validate_reference(predict, loader, 1, "cpu")
+    logits = torch.cat(predict.seen)
+    per_image = [reference_metrics_transcribed(logits[i], dataset[i]["label"].numpy(), 1) for i in range(len(dataset))]
+    assert [r["name"] for r in result["rows"]] == dataset.names
+    assert result["mean"]["dice"] == pytest.approx(np.mean([d for d, _ in per_image]), abs=1e-6)
+    assert result["mean"]["hd95"] == pytest.approx(np.mean([h for _, h in per_image]), abs=1e-6)
