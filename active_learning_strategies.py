@@ -46,7 +46,6 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-import embedding_selection
 import tb_images
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
 from sam_lora_image_encoder_prompt import class_probabilities, prompts_from_logits
@@ -462,6 +461,14 @@ def positive_number(text: str) -> float:
     return value
 
 
+def selection_rules():
+    """The embedding_selection module, imported when a set strategy first selects: it brings scikit-learn, which
+    adds seconds to the start of every run that never uses it."""
+    import embedding_selection
+
+    return embedding_selection
+
+
 def preference_scores(pool: Sequence[int], chosen: Sequence[int]) -> Scores:
     """The scores of a strategy that chooses a set: (k - j) / k for the j-th image chosen (1 for the first), 0 for
     every other pool image."""
@@ -597,7 +604,7 @@ class CoresetStrategy(EmbeddingStrategy):
         self.features = coreset_features
 
     def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
-        return embedding_selection.k_center_greedy(pool, labeled, k)
+        return selection_rules().k_center_greedy(pool, labeled, k)
 
 
 class TypiClustStrategy(EmbeddingStrategy):
@@ -607,7 +614,7 @@ class TypiClustStrategy(EmbeddingStrategy):
     name = "typiclust"
 
     def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
-        return embedding_selection.typiclust(pool, labeled, k, seed)
+        return selection_rules().typiclust(pool, labeled, k, seed)
 
 
 class ProbCoverStrategy(EmbeddingStrategy):
@@ -627,7 +634,7 @@ class ProbCoverStrategy(EmbeddingStrategy):
         self.delta = probcover_delta
 
     def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
-        return embedding_selection.probcover(pool, labeled, k, delta=self.delta, seed=seed)
+        return selection_rules().probcover(pool, labeled, k, delta=self.delta, seed=seed)
 
 
 class ALPSStrategy(EmbeddingStrategy):
@@ -638,7 +645,7 @@ class ALPSStrategy(EmbeddingStrategy):
     name = "alps"
 
     def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
-        return embedding_selection.alps(pool, k, seed)
+        return selection_rules().alps(pool, k, seed)
 
 
 class DiverseMaskDifferenceStrategy(MaskDifferenceStrategy):
@@ -661,7 +668,7 @@ class DiverseMaskDifferenceStrategy(MaskDifferenceStrategy):
         pool = [int(i) for i in context.pool]
         vectors = np.stack([self._pool_vectors[i] for i in pool])
         with threadpool_limits(limits=1):
-            positions = embedding_selection.mask_difference_diverse(vectors, np.array([scores[i] for i in pool]),
+            positions = selection_rules().mask_difference_diverse(vectors, np.array([scores[i] for i in pool]),
                                                                     min(context.k, len(pool)), context.seed)
             figure = tb_images.embedding_projection(vectors, vectors[:0], positions, f"{self.name} (current model)")
         chosen = [pool[int(p)] for p in positions]

@@ -11,10 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
-from sklearn.decomposition import PCA
 from torchvision.utils import make_grid
 
 from datasets_skin import PIXEL_MEAN, PIXEL_STD
@@ -74,6 +71,8 @@ def principal_plane(vectors: np.ndarray) -> Tuple[np.ndarray, List[float]]:
     """N x D vectors -> (N x 2 coordinates on their first two principal components, the fraction of the variance
     each explains); scikit-learn's PCA (exact SVD, deterministic). Missing components (fewer than 3 vectors, or
     D < 2) are zeros."""
+    from sklearn.decomposition import PCA  # imported when first drawn: it adds seconds to every trainer start
+
     components = min(2, len(vectors) - 1, vectors.shape[1])
     coordinates = np.zeros((len(vectors), 2))
     explained = [0.0, 0.0]
@@ -88,6 +87,9 @@ def embedding_projection(pool: np.ndarray, labeled: np.ndarray, chosen: Sequence
     """Where this epoch's picks sit: N x D pool and M x D labeled embedding vectors on the pool and labeled
     vectors' first two principal components; pool grey, labeled blue, the chosen pool positions red, numbered in
     the order chosen. -> 3 x H x W in [0, 1]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (as PCA: only embedding strategies draw this)
+    from matplotlib.figure import Figure
+
     coordinates, explained = principal_plane(np.concatenate([pool, labeled]).astype(np.float64))
     on_pool, on_labeled = coordinates[:len(pool)], coordinates[len(pool):]
     picks = on_pool[list(chosen)]
