@@ -44,7 +44,7 @@ BASELINES = ("mask_difference", "random")  # summary.md: every arm's paired diff
 DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
 # --demo's arms (all: the README's command); fewer epochs than the trainer's demo, so that it stays under 5 minutes
 DEMO_STRATEGIES = ("mask_difference", "mask_difference_diverse", "typiclust@all", "random")
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 6
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only from 6 pairs on (2/2^6)
 DEMO_OUTPUT = "./output_compare_demo"
