@@ -20,7 +20,7 @@ EPOCHS, BATCH, POOL, SIZE = 2, 4, 6, 64
 TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(BATCH), "--pool_size", str(POOL),
         "--save_from_epoch", "1", "--val_limit", "4", "--base_lr", "1e-2", "--train_on", "labeled",
         "--precision", "float32", "--decode", "draft", "--strategy", "mask_difference",
-        "--score_channels", "foreground", "--promptmode", "none", "--lora_width", "output"]
+        "--score_channels", "foreground", "--promptmode", "none", "--lora_width", "output", "--first_round", "none"]
 
 
 def read_selection(run_dir: Path):
