@@ -8,35 +8,65 @@ derive from ``TopKStrategy``; a strategy may also choose a set (``select`` is al
 register by name (``ActiveLearningStrategyFactory``), and declare their parameters (``Parameter``): the trainer
 makes each one a flag, the factory passes it in, and a resumed run must repeat it.
 
+Scores (top-k):
+
 - ``mask_difference`` (DESIGN decisions 3 and 4): disagreement between three predictions of the same image --
   decoder 1 unprompted, decoder 2 prompted with the centre point of decoder 1's mask, decoder 1 prompted with a
   random point of that mask -- from ONE image-encoder pass per image.
 - ``entropy``: mean pixel entropy of decoder 1's unprompted prediction.
+- ``tta``: mean pixel variance of decoder 1's unprompted foreground probability over four flips, each mapped
+  back (one encoder pass per view).
 - ``random``: a seeded uniform draw (the usual baseline).
+
+Sets chosen from one embedding vector per image (``embedding_vectors``; the rules are embedding_selection's):
+
+- ``mask_difference_diverse`` (ours): the best mask-difference score of each k-means cluster of the pool; score
+  and embedding from the same encoder pass.
+- ``coreset``, ``typiclust``, ``probcover``, ``alps``: on the pretrained encoder's embeddings (LoRA off), computed
+  once per run and kept in the run folder (``PretrainedEmbeddings``); core-set may use the current model's.
 
 The score formulas are pure tensor functions at the top (baal's heuristics style).
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import logging
+import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import tb_images
+from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
 from sam_lora_image_encoder_prompt import class_probabilities, prompts_from_logits
 from utils import autocast
 
 Scores = Dict[int, float]
+PoolSize = Union[int, str]  # a number of images, or ALL_UNLABELED
+ALL_UNLABELED = "all"  # --pool_size all: the pool is every unlabeled image
+NO_FIRST_ROUND = "none"
+EMBEDDINGS_FILE = "pretrained_embeddings.pt"  # in the run folder: the pretrained encoder's embeddings (a cache)
 MASK_THRESHOLD = 0.6
 # (D(no,center), D(no,rand), D(center,rand), |no-center|, |no-rand|, |center-rand|)
 MASK_DIFFERENCE_WEIGHTS = (0.25, 0.20, 0.25, 0.10, 0.10, 0.10)
+# tta's views: the dimensions of a B x C x H x W batch each flips (none, horizontal, vertical, both)
+TTA_FLIPS: Tuple[Tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+log = logging.getLogger("trainer.strategies")  # under the trainer's logger: its lines go to log.txt
+
+
+class StrategySettingError(ValueError, argparse.ArgumentTypeError):
+    """A strategy setting, pool size or strategy choice that is not one (argparse shows its message as the flag's
+    error)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -80,6 +110,39 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     """
     log_p = torch.log_softmax(logits.float(), dim=1)
     return -(log_p.exp() * log_p).sum(dim=1).flatten(1).mean(dim=1)
+
+
+def flip_variance(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """V probability maps B x K x h x w of the same images, each mapped back to the unflipped frame -> B mean over
+    channels and pixels of the variance over the V views (population variance: divided by V)."""
+    stacked = torch.stack([view.float() for view in views])
+    return stacked.var(dim=0, unbiased=False).flatten(1).mean(dim=1)
+
+
+def flipped(images: torch.Tensor, dims: Tuple[int, ...]) -> torch.Tensor:
+    """The B x C x H x W batch flipped along ``dims`` (its own inverse); () leaves it as it is."""
+    return images.flip(dims) if dims else images
+
+
+def embedding_vectors(features: Mapping[str, object]) -> torch.Tensor:
+    """``LoRA_Sam.encode``'s features -> B x 256 float32 unit vectors, one per image.
+
+    The spatial mean of the top FPN level ``backbone_fpn[-1]`` (B x 256 x S/16 x S/16, before SAM2 adds
+    ``no_mem_embed``), L2-normalised: the image embedding the mask decoders read, averaged over positions (so it
+    does not depend on where the lesion sits or on the image size), without the constant ``no_mem_embed`` that
+    carries nothing about the image; unit length as TypiClust and ProbCover normalise their features (why, in
+    embedding_selection's docstring). Each image's vector depends on that image alone (tested against batch size
+    and position in the batch).
+    """
+    top = features["backbone_fpn"][-1].float()
+    return F.normalize(top.mean(dim=(2, 3)), dim=1)
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """A fingerprint of one encoder input (3 x S x S): the cache key of its embedding, so that a cached vector is
+    used only for exactly the pixels it was computed from (another decode, size or file gives another key)."""
+    data = image.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha1(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
 
 
 def top_k(scores: Scores, k: int) -> List[int]:
@@ -128,7 +191,9 @@ class SelectionContext:
     labeled: the images labeled so far; k: how many to choose; batch_size: images per scoring batch;
     seed: this epoch's seed (every random choice derives from it); run_dir: where a strategy may cache what it
     computes once per run; progress: show a progress bar; autocast_dtype: the autocast dtype of model scoring on
-    CUDA (None: ``utils.amp_dtype``, bf16 where supported; the trainer passes ``utils.scoring_dtype``).
+    CUDA (None: ``utils.amp_dtype``, bf16 where supported; the trainer passes ``utils.scoring_dtype``); feature_key:
+    what the pretrained encoder's embedding of an image depends on besides the image (model config, checkpoint,
+    image size, ...), the key of that cache.
     """
 
     model: torch.nn.Module
@@ -144,6 +209,7 @@ class SelectionContext:
     run_dir: Optional[Path] = None
     progress: bool = False
     autocast_dtype: Optional[torch.dtype] = None
+    feature_key: Mapping[str, str] = field(default_factory=dict)
 
     def batches(self, indices: Sequence[int], desc: str) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """(dataset indices, B x 3 x S x S images on the device) in ``batch_size`` chunks, in order."""
@@ -308,10 +374,11 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
         self._kept: Dict[int, Tuple[float, ComparedPredictions]] = {}
         self._keep = 0
 
-    def compare(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int
-                ) -> ComparedPredictions:
-        """The three predictions the score compares, from one encoder pass (points seeded per (seed, index))."""
-        features = model.encode(images)
+    def compare(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int,
+                features: Optional[Dict[str, object]] = None) -> ComparedPredictions:
+        """The three predictions the score compares, from one encoder pass (points seeded per (seed, index)); pass
+        the images' ``features`` when they are encoded already."""
+        features = model.encode(images) if features is None else features
         unprompted = model.predict_logits(None, 1, features=features)
         generators = [point_generator(seed, index) for index in indices]
         prompts = prompts_from_logits(unprompted, images.shape[-1], generators)
@@ -368,11 +435,262 @@ class RandomStrategy(TopKStrategy):
         return {index: float(value) for index, value in zip(pool, values)}
 
 
+class TTAStrategy(ModelScoringStrategy):
+    """Test-time-augmentation uncertainty (after MONAI Label's TTA scoring and Wang et al. 2019): decoder 1's
+    unprompted foreground probability for the image flipped four ways (none, horizontal, vertical, both), each
+    prediction flipped back onto the image; the score is the mean pixel variance over the four (``flip_variance``).
+    One encoder pass per view: four per image."""
+
+    name = "tta"
+
+    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
+        return flip_variance([flipped(class_probabilities(model.predict_logits(flipped(images, dims), 1)), dims)
+                              for dims in TTA_FLIPS])
+
+
+# --------------------------------------------------------------------------------------
+# set strategies on embedding vectors
+# --------------------------------------------------------------------------------------
+
+
+def positive_number(text: str) -> float:
+    """A Parameter type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise StrategySettingError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def selection_rules():
+    """The embedding_selection module, imported when a set strategy first selects: it brings scikit-learn, which
+    adds seconds to the start of every run that never uses it."""
+    import embedding_selection
+
+    return embedding_selection
+
+
+def preference_scores(pool: Sequence[int], chosen: Sequence[int]) -> Scores:
+    """The scores of a strategy that chooses a set: (k - j) / k for the j-th image chosen (1 for the first), 0 for
+    every other pool image."""
+    scores = {int(i): 0.0 for i in pool}
+    scores.update({index: (len(chosen) - j) / len(chosen) for j, index in enumerate(chosen)})
+    return scores
+
+
+def set_ranking(chosen: Sequence[int], rest: Sequence[int]) -> List[int]:
+    """The pool in a set strategy's order: the chosen images in the order chosen, then ``rest`` in its order."""
+    taken = set(chosen)
+    return list(chosen) + [i for i in rest if i not in taken]
+
+
+class PretrainedEmbeddings:
+    """The pretrained encoder's embedding (``embedding_vectors``, LoRA off) of each image a strategy asks for,
+    computed once per run: kept in the run folder's EMBEDDINGS_FILE (without a run folder: in memory only), keyed
+    by ``SelectionContext.feature_key`` (model config, checkpoint, image size, ...) and, per image, by the digest of
+    its encoder input (``image_digest``). A file made with other settings, or one that cannot be read, is rebuilt,
+    and the log says why: it is a cache, nothing a person wrote.
+
+    The file: dict(key={setting: text}, digests=[N hex strings], vectors=N x 256 float32 tensor).
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[Dict[str, str]] = None
+        self._vectors: Dict[str, torch.Tensor] = {}
+        self._file_outdated = False
+
+    def vectors(self, context: SelectionContext, indices: Sequence[int]) -> np.ndarray:
+        """len(indices) x 256 float32 unit vectors of these dataset images; only images not seen before in this
+        run are encoded (one pretrained encoder pass each)."""
+        path = None if context.run_dir is None else Path(context.run_dir) / EMBEDDINGS_FILE
+        self._load(path, {name: str(value) for name, value in context.feature_key.items()})
+        digests = {int(i): image_digest(context.dataset[int(i)]["image"]) for i in indices}
+        new = list({digest: index for index, digest in digests.items() if digest not in self._vectors}.values())
+        if new:
+            with scoring_mode(context.model, context.device):
+                for batch, images in context.batches(new, "pretrained embeddings"):
+                    vectors = embedding_vectors(context.encode_pretrained(images)).cpu()
+                    self._vectors.update(zip((digests[i] for i in batch), vectors))
+            log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", len(new),
+                     len(set(digests.values())) - len(new), "" if path is None else f" ({path})")
+        if path is not None and (new or self._file_outdated):
+            atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
+                                   vectors=torch.stack(list(self._vectors.values()))), path)
+            self._file_outdated = False
+        return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
+
+    def _load(self, path: Optional[Path], key: Dict[str, str]) -> None:
+        """Take the file's vectors when it was made with ``key``; otherwise say why it is rebuilt."""
+        if key != self._key:
+            self._key, self._vectors = key, {}
+        if path is None or not path.is_file():
+            return
+        try:
+            stored = load_torch_file(path)
+            stored_key, digests, vectors = dict(stored["key"]), list(stored["digests"]), stored["vectors"]
+            if vectors.dim() != 2 or len(digests) != len(vectors):
+                raise ValueError(f"{len(digests)} digests for vectors of shape {tuple(vectors.shape)}")
+        except (CheckpointFileError, KeyError, TypeError, ValueError, AttributeError) as err:
+            self._outdated(path, f"it cannot be read: {err}")
+            return
+        changed = [f"{name} was {stored_key.get(name)}, now {key.get(name)}" for name in sorted(set(key) | set(stored_key))
+                   if stored_key.get(name) != key.get(name)]
+        if changed:
+            self._outdated(path, "it was made with other settings: " + "; ".join(changed))
+            return
+        self._vectors.update(zip(digests, vectors.float()))
+
+    def _outdated(self, path: Path, why: str) -> None:
+        if not self._file_outdated:
+            log.info("%s is not used (%s); rebuilding it", path, why)
+        self._file_outdated = True
+
+
+class EmbeddingStrategy(Strategy):
+    """Chooses a set from one embedding vector per pool and labeled image (``pick``: an embedding_selection rule),
+    and draws where the chosen images sit (a PCA picture, TensorBoard's al/why_selected).
+
+    features "pretrained": the pretrained encoder's vectors (LoRA off), computed once per run (``PretrainedEmbeddings``);
+    "current": the model being fine-tuned, encoded again every epoch (pool and labeled images). k beyond the pool
+    chooses the whole pool, as the top-k strategies do. k-means and neighbour searches run on one thread, so that
+    the choice does not depend on the machine's core count (and no OpenMP thread waits on a busy CPU)."""
+
+    features = "pretrained"
+
+    def __init__(self) -> None:
+        self._pretrained = PretrainedEmbeddings()
+
+    def choose(self, context: SelectionContext) -> Selection:
+        pool, labeled = [int(i) for i in context.pool], [int(i) for i in context.labeled]
+        vectors = self.embed(context, pool + labeled)
+        pool_vectors, labeled_vectors = vectors[:len(pool)], vectors[len(pool):]
+        with threadpool_limits(limits=1):
+            positions = self.pick(pool_vectors, labeled_vectors, min(context.k, len(pool)), context.seed)
+            figure = tb_images.embedding_projection(pool_vectors, labeled_vectors, positions,
+                                                    f"{self.name} ({self.features} embeddings)")
+        chosen = [pool[int(p)] for p in positions]
+        return Selection(chosen, preference_scores(pool, chosen), ranking=set_ranking(chosen, sorted(pool)),
+                         figure=figure)
+
+    def embed(self, context: SelectionContext, indices: Sequence[int]) -> np.ndarray:
+        """len(indices) x 256 unit vectors of these images, from the features this strategy uses."""
+        if self.features == "pretrained":
+            return self._pretrained.vectors(context, indices)
+        parts = []
+        with scoring_mode(context.model, context.device):
+            for _, images in context.batches(list(indices), f"embeddings ({self.name})"):
+                parts.append(embedding_vectors(context.model.encode(images)).cpu())
+        return torch.cat(parts).numpy()
+
+    @abstractmethod
+    def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
+        """N x D pool vectors, M x D labeled vectors (M may be 0) -> k pool positions, in the order chosen."""
+
+
+class CoresetStrategy(EmbeddingStrategy):
+    """Sener & Savarese 2018, core-set by k-center greedy (``embedding_selection.k_center_greedy``): the labeled
+    images are the first centres (none labeled: the pool image nearest the pool's mean)."""
+
+    name = "coreset"
+    parameters = (
+        Parameter("coreset_features", str, "pretrained", choices=("pretrained", "current"),
+                  help="coreset: the embeddings it spreads over. pretrained: SAM2's own (LoRA off), computed once per "
+                       "run and cached in the run folder, as MedCAL-Bench runs core-set on foundation-model features; "
+                       "current: the model being fine-tuned, as Sener & Savarese (one encoder pass per pool and "
+                       "labeled image every epoch)"),
+    )
+
+    def __init__(self, coreset_features: str = "pretrained"):
+        super().__init__()
+        self.features = coreset_features
+
+    def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
+        return selection_rules().k_center_greedy(pool, labeled, k)
+
+
+class TypiClustStrategy(EmbeddingStrategy):
+    """Hacohen et al. 2022, TypiClust (TPC_RP, ``embedding_selection.typiclust``): the most typical image of each of
+    the k largest k-means clusters (of labeled and pool, into |L| + k) that hold no labeled image."""
+
+    name = "typiclust"
+
+    def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
+        return selection_rules().typiclust(pool, labeled, k, seed)
+
+
+class ProbCoverStrategy(EmbeddingStrategy):
+    """Yehuda et al. 2022, ProbCover (``embedding_selection.probcover``): greedy maximum coverage of delta-balls around
+    every image, the labeled images' balls counting as covered."""
+
+    name = "probcover"
+    parameters = (
+        Parameter("probcover_delta", positive_number, None,
+                  help="probcover: the ball radius delta between unit embedding vectors (distances lie in 0..2); "
+                       "default: each epoch, the largest delta whose balls stay 95%% pure against a k-means partition "
+                       "of labeled and pool images into |L| + k clusters"),
+    )
+
+    def __init__(self, probcover_delta: Optional[float] = None):
+        super().__init__()
+        self.delta = probcover_delta
+
+    def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
+        return selection_rules().probcover(pool, labeled, k, delta=self.delta, seed=seed)
+
+
+class ALPSStrategy(EmbeddingStrategy):
+    """ALPS as MedCAL-Bench adapts it to images (``embedding_selection.alps``): the image nearest the centre of each
+    of k k-means clusters of the pool. It ignores the labeled images (a one-shot cold-start rule: it suits
+    --first_round)."""
+
+    name = "alps"
+
+    def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
+        return selection_rules().alps(pool, k, seed)
+
+
+class DiverseMaskDifferenceStrategy(MaskDifferenceStrategy):
+    """Ours: mask difference made diversity-aware (``embedding_selection.mask_difference_diverse``): the pool's
+    embeddings in k k-means clusters, the highest mask-difference score of each. Scores and embeddings come from
+    the same encoder pass (the model being fine-tuned, so the clusters follow what it has learned); the scores are
+    mask_difference's. The picture shows where the chosen images sit among the pool's (PCA)."""
+
+    name = "mask_difference_diverse"
+
+    def __init__(self, threshold: float = MASK_THRESHOLD, score_channels: str = "foreground"):
+        super().__init__(threshold, score_channels)
+        self._pool_vectors: Dict[int, np.ndarray] = {}
+
+    def choose(self, context: SelectionContext) -> Selection:
+        self._pool_vectors = {}
+        scores = self.score_pool(context)
+        if not all(math.isfinite(value) for value in scores.values()):
+            return Selection([], scores)  # Strategy.select names the images
+        pool = [int(i) for i in context.pool]
+        vectors = np.stack([self._pool_vectors[i] for i in pool])
+        with threadpool_limits(limits=1):
+            positions = selection_rules().mask_difference_diverse(vectors, np.array([scores[i] for i in pool]),
+                                                                    min(context.k, len(pool)), context.seed)
+            figure = tb_images.embedding_projection(vectors, vectors[:0], positions, f"{self.name} (current model)")
+        chosen = [pool[int(p)] for p in positions]
+        return Selection(chosen, scores, ranking=set_ranking(chosen, top_k(scores, len(scores))), figure=figure)
+
+    def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
+        features = model.encode(images)
+        self._pool_vectors.update(zip(indices, embedding_vectors(features).cpu().numpy()))
+        compared = self.compare(model, images, indices, seed, features)
+        return mask_difference_scores(compared.no_prompt, compared.center, compared.random, self.threshold)
+
+
 class ActiveLearningStrategyFactory:
     """Strategies by name; the names and parameters every command line offers come from here."""
 
     STRATEGIES: Dict[str, Type[Strategy]] = {
-        cls.name: cls for cls in (MaskDifferenceStrategy, EntropyStrategy, RandomStrategy)}
+        cls.name: cls for cls in (MaskDifferenceStrategy, EntropyStrategy, RandomStrategy, TTAStrategy,
+                                  DiverseMaskDifferenceStrategy, CoresetStrategy, TypiClustStrategy, ProbCoverStrategy,
+                                  ALPSStrategy)}
 
     @classmethod
     def available_strategies(cls) -> List[str]:
@@ -405,3 +723,47 @@ class ActiveLearningStrategyFactory:
         if name not in cls.STRATEGIES:
             raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(cls.available_strategies())}")
         return cls.STRATEGIES[name]
+
+
+# --------------------------------------------------------------------------------------
+# naming a strategy and its pool: --pool_size, --first_round, compare_strategies' arms
+# --------------------------------------------------------------------------------------
+
+
+def parse_pool_size(text: str) -> PoolSize:
+    """A pool size: a whole number of images >= 1, or "all" (every unlabeled image)."""
+    if text == ALL_UNLABELED:
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise StrategySettingError(f"expected a number of images >= 1 or {ALL_UNLABELED!r}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """A strategy and the pool it selects from: "NAME" or "NAME@POOL" (POOL: a number of images or "all"; without
+    it, the run's --pool_size)."""
+
+    name: str
+    pool_size: Optional[PoolSize] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "StrategyChoice":
+        name, at, pool = str(text).partition("@")
+        if name not in ActiveLearningStrategyFactory.STRATEGIES:
+            raise StrategySettingError(f"unknown strategy {name!r} in {text!r}; choose one of "
+                                      f"{', '.join(ActiveLearningStrategyFactory.available_strategies())}")
+        return cls(name, parse_pool_size(pool) if at else None)
+
+    def __str__(self) -> str:
+        return self.name if self.pool_size is None else f"{self.name}@{self.pool_size}"
+
+
+def parse_first_round(text: str) -> str:
+    """--first_round: "none", or a StrategyChoice, as its canonical text."""
+    return NO_FIRST_ROUND if text == NO_FIRST_ROUND else str(StrategyChoice.parse(text))
+
+
+def first_round_choice(text: str) -> Optional[StrategyChoice]:
+    """The strategy choice of a --first_round value (None for "none")."""
+    return None if text in (NO_FIRST_ROUND, None) else StrategyChoice.parse(text)

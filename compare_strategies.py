@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Compare active-learning strategies: strategies x seeds through trainer.py, learning curves, a Test table.
+"""Compare active-learning strategies: arms x seeds through trainer.py, learning curves, a Test table.
 
     python compare_strategies.py --data_root D --output runs/cmp \
-        --strategies mask_difference entropy random --seeds 1 2 3 [any trainer.py flag]
-    python compare_strategies.py --demo          # synthetic data, 3 strategies x 2 seeds, CPU
+        --strategies mask_difference entropy typiclust@all typiclust@all+mask_difference random --seeds 1 2 3 \
+        [any trainer.py flag]
+    python compare_strategies.py --demo          # synthetic data, 4 arms x 2 seeds, CPU
 
-OUTPUT/<strategy>/seed<k>/Skin_<img_size>/ is one trainer.py run (same flags for all; only --strategy and
---seed differ), plus test_metrics.csv (its best checkpoint, else last_model.pth, on the Test split at original
+An arm (``Arm``) is a strategy with its own pool size and first round: ``[FIRST[@POOL]+]STRATEGY[@POOL]``, e.g.
+``typiclust@all`` (TypiClust over every unlabeled image each epoch) or ``typiclust@all+mask_difference@10`` (epoch 1
+by TypiClust over every unlabeled image, then mask difference on pools of 10); a part without @POOL uses --pool_size.
+OUTPUT/<arm>/seed<k>/Skin_<img_size>/ is one trainer.py run (the same flags for all; only the arm's --strategy,
+--pool_size and --first_round, and --seed differ), plus test_metrics.csv (its best checkpoint, else last_model.pth, on the Test split at original
 resolution) and run.log (what the processes printed). OUTPUT/zero_shot/ holds the untrained model's validation
 and Test metrics (the cold-start floor). The report: OUTPUT/curves.csv, OUTPUT/learning_curves.png,
 OUTPUT/summary.md; `tensorboard --logdir OUTPUT` shows every run's log side by side.
@@ -39,8 +43,11 @@ from folder_lock import FolderLocked
 
 REPO = Path(__file__).resolve().parent
 TRAINER = REPO / "trainer.py"
-BASELINE = "random"
+BASELINES = ("mask_difference", "random")  # summary.md: every arm's paired difference to each of them
 DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
+# --demo's arms (all: the README's command); fewer epochs than the trainer's demo, so that it stays under 5 minutes
+DEMO_STRATEGIES = ("mask_difference", "mask_difference_diverse", "typiclust@all", "random")
+DEMO_EPOCHS = 6
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only from 6 pairs on (2/2^6)
 DEMO_OUTPUT = "./output_compare_demo"
@@ -56,7 +63,9 @@ ZERO_SHOT = "zero_shot"
 IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images"}
 PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
 OWNED_TRAINER_FLAGS = {"--strategy": "--strategies", "--seed": "--seeds", "--gpu": "--gpus",
+                       "--first_round": "an arm FIRST+STRATEGY in --strategies (e.g. typiclust@all+mask_difference)",
                        "--resume": "nothing (a rerun resumes interrupted runs by itself)"}
+ARM_SETTINGS = {"strategy", "pool_size", "first_round"}  # what an arm sets; the runs share every other setting
 REPORT_METRICS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("threshold_jaccard", "thresholded Jaccard"),
                   ("hd95", "HD95 (px)"))
 
@@ -77,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     from active_learning_strategies import ActiveLearningStrategyFactory
 
     names = ActiveLearningStrategyFactory.available_strategies()
-    p.add_argument("--strategies", nargs="+", default=[n for n in DEFAULT_STRATEGIES if n in names], choices=names,
-                   metavar="NAME", help=f"strategies to compare ({', '.join(names)})")
+    p.add_argument("--strategies", nargs="+", default=None, metavar="ARM",
+                   help=f"arms to compare: [FIRST[@POOL]+]STRATEGY[@POOL], strategies {', '.join(names)}; POOL a number "
+                        f"of images or all (default: --pool_size), FIRST the strategy of epoch 1, e.g. typiclust@all "
+                        f"or typiclust@all+mask_difference (default: {' '.join(DEFAULT_STRATEGIES)}; --demo: "
+                        f"{' '.join(DEMO_STRATEGIES)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="one run per strategy per seed (default 1 2 3; --demo: 1 2)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
@@ -109,6 +121,8 @@ def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
         args.output = args.output or DEMO_OUTPUT
         args.seeds = args.seeds or list(DEMO_SEEDS)
     args.seeds = args.seeds or [1, 2, 3]
+    args.strategies = args.strategies or list(DEMO_STRATEGIES if args.demo else DEFAULT_STRATEGIES)
+    args.arms = [Arm.parse(text) for text in args.strategies]
     if args.output is None:
         raise CompareError("--output is required (the folder for the runs and the report)")
     if args.data_root is None and not args.demo:
@@ -194,11 +208,41 @@ def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List
 
 # ----------------------------------------------------------------------------- the plan
 
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison, written ``[FIRST[@POOL]+]STRATEGY[@POOL]``: ``strategy`` selects every epoch (from
+    pools of its POOL images, or every unlabeled image for "all"; without @POOL, --pool_size), after ``first``
+    (when given) selected epoch 1 (trainer.py --first_round). ``text`` names its folder and its curves."""
+
+    text: str
+    strategy: object  # active_learning_strategies.StrategyChoice
+    first: Optional[object] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Arm":
+        from active_learning_strategies import StrategyChoice, StrategySettingError
+
+        parts = text.split("+")
+        try:
+            if len(parts) > 2:
+                raise StrategySettingError("at most one first round (FIRST+STRATEGY)")
+            choices = [StrategyChoice.parse(part) for part in parts]
+        except StrategySettingError as err:
+            raise CompareError(f"--strategies {text}: {err}; an arm is [FIRST[@POOL]+]STRATEGY[@POOL], e.g. "
+                               "typiclust@all+mask_difference") from None
+        return cls(text, choices[-1], choices[0] if len(choices) == 2 else None)
+
+    def trainer_flags(self) -> List[str]:
+        pool = [] if self.strategy.pool_size is None else ["--pool_size", str(self.strategy.pool_size)]
+        first = [] if self.first is None else ["--first_round", str(self.first)]
+        return ["--strategy", self.strategy.name] + pool + first
+
+
 @dataclass
 class Job:
-    """One (strategy, seed) trainer run and its Test scoring, or the zero-shot evaluation (strategy ``zero_shot``)."""
+    """One (arm, seed) trainer run and its Test scoring, or the zero-shot evaluation (strategy ``zero_shot``)."""
 
-    strategy: str
+    strategy: str                 # the arm's text (its folder), or zero_shot
     seed: int
     run_dir: Path
     argv: List[str]               # trainer.py flags, without --gpu and --resume
@@ -220,7 +264,7 @@ class Job:
 @dataclass
 class Plan:
     output: Path
-    strategies: List[str]
+    strategies: List[str]         # the arms' texts, in the order asked
     seeds: List[int]
     budgets: List[int]
     runs: List[Job]
@@ -253,12 +297,14 @@ def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, 
               ) -> Tuple[List[Job], Job]:
     base = list(DEMO_TRAINER_FLAGS if args.demo else ()) + list(trainer_flags) + ["--data_root", data_root]
     runs = []
+    if args.demo and not any(flag.split("=")[0] == "--max_epochs" for flag in trainer_flags):
+        base += ["--max_epochs", str(DEMO_EPOCHS)]
     for seed in args.seeds:
-        for strategy in args.strategies:
-            folder = output / strategy / f"seed{seed}"
-            argv = base + ["--strategy", strategy, "--seed", str(seed), "--output", str(folder)]
+        for arm in args.arms:
+            folder = output / arm.text / f"seed{seed}"
+            argv = base + arm.trainer_flags() + ["--seed", str(seed), "--output", str(folder)]
             targs = resolve_trainer_args(argv)
-            runs.append(Job(strategy, seed, folder / f"Skin_{targs.img_size}", argv, targs))
+            runs.append(Job(arm.text, seed, folder / f"Skin_{targs.img_size}", argv, targs))
     first = runs[0]
     zero_argv = first.argv[:-1] + [str(output / ZERO_SHOT)]
     return runs, Job(ZERO_SHOT, first.seed, output / ZERO_SHOT, zero_argv, first.args)
@@ -313,7 +359,7 @@ def check_existing(plan: Plan) -> None:
             continue  # e.g. a folder set aside after a first epoch that never finished
         strategy, seed = run_dir.parent.parent.name, run_dir.parent.name[len("seed"):]
         run = wanted.get((strategy, seed))
-        ignore = set() if run is not None and run.run_dir == run_dir else {"strategy", "seed"}
+        ignore = set() if run is not None and run.run_dir == run_dir else ARM_SETTINGS | {"seed"}
         diff = differences(plan.runs[0].settings if run is None else run.settings, read_config(run_dir), ignore)
         if run is not None and run.run_dir != run_dir:
             diff.insert(0, f"run folder {run_dir.name}, now {run.run_dir.name}")
@@ -321,7 +367,7 @@ def check_existing(plan: Plan) -> None:
             problems.append(f"{run_dir.relative_to(plan.output)}: {'; '.join(diff)}")
     zero_config = plan.zero_shot.run_dir / "config.txt"
     if zero_config.is_file():
-        diff = differences(plan.zero_shot.settings, read_config(zero_config.parent), {"strategy"})
+        diff = differences(plan.zero_shot.settings, read_config(zero_config.parent), ARM_SETTINGS)
         if diff:
             problems.append(f"{ZERO_SHOT}: {'; '.join(diff)}")
     if problems:
@@ -723,21 +769,41 @@ def test_table(res: Results) -> List[str]:
     return lines
 
 
-def paired_table(plan: Plan, res: Results) -> List[str]:
-    base = res.curves.get(BASELINE)
+def paired_table(plan: Plan, res: Results, baseline: str) -> List[str]:
+    """Every other arm minus ``baseline`` for the same seed, at each budget and in AUC."""
+    base = res.curves.get(baseline)
     if not base:
-        return [f"No finished `{BASELINE}` runs, so no paired differences."]
+        return [f"No finished `{baseline}` runs, so no paired differences to it."]
     lines = ["| strategy | at | mean difference ± std | seeds | Wilcoxon p (two-sided) |", "|---|---|---|---|---|"]
     measures = [(f"Dice @ {b}", lambda curve, b=b: dice_at(curve, b)) for b in plan.budgets]
     for strategy, per_seed in res.curves.items():
-        if strategy == BASELINE:
+        if strategy == baseline:
             continue
         for label, measure in measures + [("AUC", area_under_curve)]:
             pairs = [(measure(per_seed[s]), measure(base[s])) for s in sorted(set(per_seed) & set(base))]
             diffs = [a - b for a, b in pairs if a is not None and b is not None]
             if diffs:
-                lines.append(f"| {strategy} − {BASELINE} | {label} | {fmt(diffs)} | {len(diffs)} | "
+                lines.append(f"| {strategy} − {baseline} | {label} | {fmt(diffs)} | {len(diffs)} | "
                              f"{paired_test(diffs)} |")
+    return lines
+
+
+def pool_text(pool: object) -> str:
+    return "every unlabeled image" if str(pool) == "all" else f"pools of {pool}"
+
+
+def arms_table(plan: Plan) -> List[str]:
+    """What each arm ran (from its first run's trainer settings): the strategy of epoch 1 and of later epochs,
+    with their pools."""
+    from active_learning_strategies import first_round_choice
+
+    lines = ["| arm | epoch 1 | epochs 2+ |", "|---|---|---|"]
+    for arm in plan.strategies:
+        t = next(run.args for run in plan.runs if run.strategy == arm)
+        first = first_round_choice(t.first_round)
+        later = f"{t.strategy} over {pool_text(t.pool_size)}"
+        start = later if first is None else f"{first.name} over {pool_text(first.pool_size or t.pool_size)}"
+        lines.append(f"| {arm} | {start} | {later} |")
     return lines
 
 
@@ -746,11 +812,12 @@ def summary_markdown(plan: Plan, res: Results) -> str:
     weights = "none (seeded random weights)" if t.checkpoint.lower() == "none" else Path(t.checkpoint).name
     lines = [
         "# Active-learning strategies compared", "",
-        f"{len(plan.strategies)} strategies × {len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); "
+        f"{len(plan.strategies)} arms × {len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); "
         f"trainer.py settings shared by every run: model {Path(t.model_cfg).name}, checkpoint {weights}, img_size "
-        f"{t.img_size}, batch_size {t.batch_size}, pool_size {t.pool_size}, max_epochs {t.max_epochs}, "
+        f"{t.img_size}, batch_size {t.batch_size}, max_epochs {t.max_epochs}, "
         f"label_budget {t.label_budget}, train_on {t.train_on}, val_limit {t.val_limit}; "
-        f"{plan.n_train} training images, final labeled count {plan.final_labeled}.", ""]
+        f"{plan.n_train} training images, final labeled count {plan.final_labeled}. Each arm's strategy and pools:",
+        ""] + arms_table(plan) + [""]
     if t.checkpoint.lower() == "none":
         lines += ["**No SAM2 checkpoint: every model started from random weights. These numbers show that the "
                   "pipeline works, not how the strategies compare on SAM2.1.**", ""]
@@ -759,7 +826,8 @@ def summary_markdown(plan: Plan, res: Results) -> str:
     lines += ["## Validation Dice at label budgets (mean ± std over seeds)", ""] + budget_table(plan, res)
     lines += ["", f"## Test split ({res.n_test} images, original resolution; mean ± std over seeds)", ""]
     lines += test_table(res)
-    lines += ["", f"## Paired difference to {BASELINE} (same seed)", ""] + paired_table(plan, res)
+    for baseline in BASELINES:
+        lines += ["", f"## Paired difference to {baseline} (same seed)", ""] + paired_table(plan, res, baseline)
     lines += ["", "## How the numbers are made", "",
               "- Dice @ B: validation Dice (val.py; mean over the validation images) of the first validated epoch "
               "at which at least B images are labeled (columns of curves.csv: labeled, dice).",
@@ -770,7 +838,8 @@ def summary_markdown(plan: Plan, res: Results) -> str:
               "- Test: each run's best checkpoint (best_model_dice*.pth, else last_model.pth) on every Test "
               "image at its original resolution; the per-image values are in the run's test_metrics.csv. HD95 "
               "in pixels; thresholded Jaccard is 0 for images below 0.65.",
-              f"- Paired differences: strategy minus {BASELINE} for the same seed. A two-sided Wilcoxon "
+              f"- Paired differences: each arm minus {' and minus '.join(BASELINES)} (the method and the usual "
+              "baseline) for the same seed. A two-sided Wilcoxon "
               f"signed-rank p (scipy) is given from {MIN_SEEDS_FOR_P} seeds on; with fewer, no p below 0.05 is "
               "possible, so none is claimed. A difference within the seeds' spread is no evidence either way.",
               "- zero-shot: the untrained model (what every run starts from) on the same images.", "",
@@ -805,8 +874,9 @@ def plot_curves(plan: Plan, res: Results, path: Path) -> None:
             if not per_seed:
                 continue
             x, mean, std = band(per_seed, metric)
-            ax.plot(x, mean, marker="o", markersize=3, color=f"C{i}", label=f"{strategy} ({len(per_seed)} seeds)")
-            ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+            ax.plot(x, mean, marker="o", markersize=3, color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
+                    label=f"{strategy} ({len(per_seed)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2, linewidth=0)
         if res.zero:
             ax.axhline(res.zero["val"][metric], color="0.3", linestyle="--", linewidth=1,
                        label="zero-shot (untrained)")

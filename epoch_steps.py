@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ import label_studio
 import tb_images
 import utils
 import val
-from active_learning_strategies import Selection, SelectionContext, Strategy, default_score_batch_size
+from active_learning_strategies import (ALL_UNLABELED, PoolSize, Selection, SelectionContext, Strategy,
+                                        default_score_batch_size, first_round_choice)
 from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
 from sam2.build_sam import state_mismatch
 from safe_io import atomic_torch_save
@@ -45,7 +46,7 @@ class Run:
     args: object  # trainer.Settings (read-only)
     folder: RunFolder
     device: torch.device
-    strategy: Strategy
+    strategy: Strategy  # --strategy; epoch 1 uses first_round instead when there is one (--first_round)
     train_set: datasets_skin.SemiSupervisedSkinDataset
     val_set: Optional[Dataset]  # None: no Validation split (--oracle folder only)
     model: torch.nn.Module
@@ -59,6 +60,7 @@ class Run:
     start_epoch: int = 1
     best_dice: float = -1.0
     best_path: Optional[Path] = None
+    first_round: Optional[Strategy] = None
 
     @property
     def run_dir(self) -> Path:
@@ -216,7 +218,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def draw_pool(unlabeled: Sequence[int], pool_size: int, seed: int, epoch: int) -> List[int]:
+def draw_pool(unlabeled: Sequence[int], pool_size: PoolSize, seed: int, epoch: int) -> List[int]:
+    """The epoch's random pool: ``pool_size`` unlabeled images drawn by the (seed, epoch) generator, or all of them."""
+    if pool_size == ALL_UNLABELED:
+        return sorted(int(i) for i in unlabeled)
     rng = np.random.default_rng([seed, epoch])
     size = min(pool_size, len(unlabeled))
     return sorted(int(i) for i in rng.choice(np.asarray(unlabeled), size=size, replace=False))
@@ -231,17 +236,42 @@ def labels_wanted(run: Run) -> int:
     return max(wanted, 0)
 
 
+def epoch_strategy(run: Run, epoch: int) -> Tuple[Strategy, PoolSize]:
+    """The strategy that selects in ``epoch`` and its pool size: --first_round's in epoch 1 when given, else
+    --strategy's with --pool_size."""
+    first = first_round_choice(run.args.first_round)
+    if epoch == 1 and run.first_round is not None and first is not None:
+        return run.first_round, first.pool_size or run.args.pool_size
+    return run.strategy, run.args.pool_size
+
+
+def feature_key(args) -> Dict[str, str]:
+    """What the pretrained encoder's embedding of an image depends on besides the image: the key of the run
+    folder's embedding cache (the model config and module, the checkpoint file -- with its size and modification
+    time, so a file replaced in place counts as another -- or, without one, the seed of the random weights, and the
+    image size)."""
+    key = {name: str(getattr(args, name)) for name in ("model_cfg", "module", "img_size")}
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_file():
+        stat = checkpoint.stat()
+        key["checkpoint"] = f"{os.path.realpath(checkpoint)} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+    else:
+        key["checkpoint"] = f"{args.checkpoint} (random weights, seed {args.seed})"
+    return key
+
+
 @stops_on_bad_file
 def select_batch(run: Run, epoch: int, k: int) -> Selection:
     """The strategy's choice of k images from a fresh random pool of unlabeled images."""
     args, unlabeled = run.args, run.train_set.unlabeled_indices
+    strategy, pool_size = epoch_strategy(run, epoch)
     context = SelectionContext(
-        run.model, run.train_set, draw_pool(unlabeled, args.pool_size, args.seed, epoch), k, run.device,
+        run.model, run.train_set, draw_pool(unlabeled, pool_size, args.seed, epoch), k, run.device,
         unlabeled=unlabeled, labeled=run.train_set.labeled_indices, seed=epoch_seed(args.seed, epoch),
         batch_size=args.score_batch_size or default_score_batch_size(run.device, args.batch_size),
         num_workers=args.num_workers, run_dir=run.run_dir, progress=True,
-        autocast_dtype=utils.scoring_dtype(run.device, args.precision))
-    selection = run.strategy.select(context)
+        autocast_dtype=utils.scoring_dtype(run.device, args.precision), feature_key=feature_key(args))
+    selection = strategy.select(context)
     check_finite(run, epoch, "scoring the pool",
                  {run.train_set.names[i]: torch.tensor(float(s)) for i, s in selection.scores.items()})
     return selection
@@ -261,8 +291,8 @@ def annotate(run: Run, epoch: int, selection: Selection) -> None:
     """Mark the chosen images labeled (their masks are read only from now on) and log the selection."""
     train_set, writer, chosen = run.train_set, run.writer, selection.chosen
     train_set.mark_labeled(chosen)
-    rank, scores = selection.ranks(), selection.scores
-    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i]] for i in chosen])
+    rank, scores, strategy = selection.ranks(), selection.scores, epoch_strategy(run, epoch)[0].name
+    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], strategy] for i in chosen])
     writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
     writer.add_scalar("al/labeled", len(train_set.labeled_indices), epoch)
     writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)

@@ -1,12 +1,14 @@
 """The run folder: what one trainer run writes to ``OUTPUT/Skin_{img_size}/``, and the rules for reading it back.
 
     config.txt            every setting, ``key: value`` lines (``#`` lines: notes such as "resumed at epoch 3")
-    al_selection.csv      epoch, image, score, rank_in_pool: one row per selected image
+    al_selection.csv      epoch, image, score, rank_in_pool, strategy: one row per selected image (files written
+                          before the strategy column are read too)
     metrics.csv           one row per finished epoch: labeled count, loss parts, validation metrics, time split
     last_state.pth        the resume state at the end of the last finished epoch (``ResumeState``)
     last_model.pth        the full state_dict of the final model (when the run ends)
     best_model_dice*.pth  the full state_dict of the best validated epoch (of each improving one: --keep_best all)
     log.txt, log/         the log and the TensorBoard event files (log/reference/: the reference code's tags)
+    pretrained_embeddings.pt  the embedding strategies' cache of the pretrained encoder's vectors (rebuilt when stale)
     awaiting_masks.json   only while a round waits for a person's masks (``--oracle folder``): a live run
     diverged.json         only after training diverged: the resume may change the learning rate
     images.json           the training and validation images the run uses: name -> bytes (a resume must find them)
@@ -44,7 +46,8 @@ IMAGES = "images.json"
 LOG = "log.txt"
 EVENTS = "log"
 BEST_PATTERN = "best_model_dice*.pth"
-SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool"]
+SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool", "strategy"]
+OLD_SELECTION_HEADER = SELECTION_HEADER[:4]  # before the strategy column: every row is the run's --strategy
 # What a run that died before finishing its first epoch may have written (log.txt stays: the log goes on).
 DEAD_RUN_FILES = (CONFIG, SELECTION, METRICS, DIVERGED, IMAGES)
 STATE_KEYS = ("epoch", "args", "trainable", "optimizer", "scaler", "labeled_names", "best_dice", "best_path")
@@ -184,9 +187,9 @@ def csv_text(rows: Sequence[Sequence]) -> str:
     return text.getvalue()
 
 
-def selection_row_ok(row: List[str]) -> bool:
+def selection_row_ok(row: List[str], columns: int) -> bool:
     try:
-        return len(row) == len(SELECTION_HEADER) and bool(row[1]) and int(row[0]) >= 1 \
+        return len(row) == columns and bool(row[1]) and int(row[0]) >= 1 \
             and math.isfinite(float(row[2])) and int(row[3]) >= 1
     except ValueError:
         return False
@@ -303,8 +306,9 @@ class RunFolder:
     # ---- al_selection.csv
 
     def read_selection(self) -> List[List[str]]:
-        """The rows after the header ([] when absent); a blank, partial or unreadable line is a RunFolderError
-        naming the file and the line."""
+        """The rows after the header ([] when absent), each as SELECTION_HEADER's columns (a file written before the
+        strategy column gives "" there); a blank, partial or unreadable line is a RunFolderError naming the file and
+        the line."""
         path = self.file(SELECTION)
         if not path.exists():
             return []
@@ -313,21 +317,25 @@ class RunFolder:
                 lines = list(csv.reader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise RunFolderError(f"cannot read {path} ({err})") from None
-        if not lines or lines[0] != SELECTION_HEADER:
+        if not lines or lines[0] not in (SELECTION_HEADER, OLD_SELECTION_HEADER):
             raise RunFolderError(f"{path} does not start with the line {','.join(SELECTION_HEADER)}; it is not a "
                                  "selection log of this trainer")
+        header = lines[0]
         for number, row in enumerate(lines[1:], start=2):
-            if not selection_row_ok(row):
+            if not selection_row_ok(row, len(header)):
                 what = "blank" if not row else f"incomplete or damaged ({','.join(row)!r})"
                 raise RunFolderError(f"{path} line {number} is {what}; every line must be "
-                                     f"{','.join(SELECTION_HEADER)}: repair or delete that line, then rerun")
-        return lines[1:]
+                                     f"{','.join(header)}: repair or delete that line, then rerun")
+        return [row + [""] * (len(SELECTION_HEADER) - len(row)) for row in lines[1:]]
 
     def append_selection(self, rows: Sequence[Sequence]) -> None:
-        """Add rows by rewriting the file atomically: a kill leaves the old file or the new one, never a partial
-        line (so a partial line found later is damage, not something this trainer wrote)."""
+        """Add rows (SELECTION_HEADER's columns) by rewriting the file atomically: a kill leaves the old file or the
+        new one, never a partial line (so a partial line found later is damage, not something this trainer
+        wrote). A file without the strategy column is rewritten with it (see ``forget_after``)."""
         path = self.file(SELECTION)
         old = path.read_text() if path.exists() else csv_text([SELECTION_HEADER])
+        if not old.startswith(",".join(SELECTION_HEADER) + "\n"):
+            old = csv_text([SELECTION_HEADER] + self.read_selection())
         atomic_write_text(path, old + csv_text(rows))
 
     def labeled_per_epoch(self) -> Dict[int, int]:
@@ -411,10 +419,11 @@ class RunFolder:
         except CheckpointFileError as err:
             raise RunFolderError(f"cannot read {err}") from None
 
-    def forget_after(self, epoch: int) -> None:
-        """Drop what epochs after ``epoch`` wrote to the records (a run killed mid-epoch redoes them)."""
+    def forget_after(self, epoch: int, strategy: str = "") -> None:
+        """Drop what epochs after ``epoch`` wrote to the records (a run killed mid-epoch redoes them); rows from before
+        the strategy column get ``strategy`` (the run's --strategy: older runs had no other)."""
         if self.file(SELECTION).exists():
-            kept = [r for r in self.read_selection() if int(r[0]) <= epoch]
+            kept = [r[:4] + [r[4] or strategy] for r in self.read_selection() if int(r[0]) <= epoch]
             atomic_write_text(self.file(SELECTION), csv_text([SELECTION_HEADER] + kept))
         if self.file(METRICS).exists():
             self._write_metrics([r for r in self.read_metrics() if r["epoch"] <= epoch])
@@ -514,7 +523,7 @@ class RunFolder:
         """Continue after ``state``: drop what an unfinished epoch wrote (its records' rows, a best checkpoint it
         saved, returned) and note the resume in config.txt. ``keep_earlier_bests`` (--keep_best all): every best
         checkpoint up to the state's is kept (their Dice, in the name, is not above its); else only the state's."""
-        self.forget_after(state.epoch)
+        self.forget_after(state.epoch, str(state.settings.get("strategy", "")))
         keep = Path(state.best_path).name if state.best_path else None
         if keep_earlier_bests:
             ceiling = checkpoint_dice(keep) if keep else -math.inf

@@ -1,11 +1,12 @@
-"""Pictures for TensorBoard: a prediction over its image, the selected images, and why they were selected.
+"""Pictures for TensorBoard: a prediction over its image, the selected images, and why they were selected
+(the masks mask_difference compared; for the embedding strategies, where the chosen images sit: ``embedding_projection``).
 
 Images come in as the datasets give them (3 x H x W, ImageNet-normalised) and go out as 3 x H x W floats in
 [0, 1], ready for ``SummaryWriter.add_image``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,6 +65,52 @@ def why_selected_image(images: torch.Tensor, no_prompt: torch.Tensor, center: to
             tiles.append(captioned(overlay(image, None, mask), name, point))
         rows.append(torch.cat(tiles, dim=2))
     return torch.cat(rows, dim=1)
+
+
+def principal_plane(vectors: np.ndarray) -> Tuple[np.ndarray, List[float]]:
+    """N x D vectors -> (N x 2 coordinates on their first two principal components, the fraction of the variance
+    each explains); scikit-learn's PCA (exact SVD, deterministic). Missing components (fewer than 3 vectors, or
+    D < 2) are zeros."""
+    from sklearn.decomposition import PCA  # imported when first drawn: it adds seconds to every trainer start
+
+    components = min(2, len(vectors) - 1, vectors.shape[1])
+    coordinates = np.zeros((len(vectors), 2))
+    explained = [0.0, 0.0]
+    if components >= 1:
+        pca = PCA(n_components=components, svd_solver="full").fit(vectors)
+        coordinates[:, :components] = pca.transform(vectors)
+        explained[:components] = [float(v) for v in pca.explained_variance_ratio_]
+    return coordinates, explained
+
+
+def embedding_projection(pool: np.ndarray, labeled: np.ndarray, chosen: Sequence[int], title: str) -> torch.Tensor:
+    """Where this epoch's picks sit: N x D pool and M x D labeled embedding vectors on the pool and labeled
+    vectors' first two principal components; pool grey, labeled blue, the chosen pool positions red, numbered in
+    the order chosen. -> 3 x H x W in [0, 1]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (as PCA: only embedding strategies draw this)
+    from matplotlib.figure import Figure
+
+    coordinates, explained = principal_plane(np.concatenate([pool, labeled]).astype(np.float64))
+    on_pool, on_labeled = coordinates[:len(pool)], coordinates[len(pool):]
+    picks = on_pool[list(chosen)]
+    figure = Figure(figsize=(5, 4.2), dpi=80)
+    figure.subplots_adjust(left=0.16, right=0.97, bottom=0.13, top=0.92)  # fixed margins: tight_layout costs ~0.5 s
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter(*on_pool.T, s=10, color="0.6", label=f"pool ({len(pool)})")
+    if len(labeled):
+        axes.scatter(*on_labeled.T, s=14, color="tab:blue", label=f"labeled ({len(labeled)})")
+    axes.scatter(*picks.reshape(-1, 2).T, s=60, facecolors="none", edgecolors="tab:red", linewidths=1.5,
+                 label=f"chosen now ({len(picks)})")
+    for order, (x, y) in enumerate(picks, start=1):
+        axes.annotate(str(order), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:red")
+    axes.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of the variance)")
+    axes.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}%)")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="best")
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255
 
 
 def image_grid(tiles: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,8 @@ import annotation_rounds
 import datasets_skin
 import utils
 import val
-from active_learning_strategies import ActiveLearningStrategyFactory, Selection, Strategy
+from active_learning_strategies import (ALL_UNLABELED, NO_FIRST_ROUND, ActiveLearningStrategyFactory, Selection,
+                                        Strategy, first_round_choice, parse_first_round, parse_pool_size)
 from epoch_steps import (CHECKPOINT_HINT, Run, RunStopped, annotate, close_writers, earlier_selection, epoch_seed,
                          finish_run, labels_wanted, log_base_lr_change, log_start, open_writers, record_epoch, restore,
                          result, save_checkpoints, select_batch, start_afresh, stop_reason, timed, train_one_epoch,
@@ -127,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         al.add_argument(f"--{parameter.name}", type=parameter.type, default=parameter.default,
                         choices=parameter.choices, help=parameter.help)
     al.add_argument("--batch_size", type=int, default=4, help="images annotated per epoch, and mini-batch size")
-    al.add_argument("--pool_size", type=int, default=10, help="random unlabeled candidates scored per epoch")
+    al.add_argument("--pool_size", type=parse_pool_size, default=10, help="random unlabeled candidates scored per "
+                    "epoch; all: every unlabeled image (one or more encoder passes per image per epoch)")
+    al.add_argument("--first_round", type=parse_first_round, default=NO_FIRST_ROUND, help="epoch 1 selects with this "
+                    "strategy instead: NAME or NAME@POOL (e.g. typiclust@all; default pool: --pool_size)")
     al.add_argument("--oracle", default="ground_truth", choices=["ground_truth", "folder"],
                     help="how a selected image gets its mask. ground_truth: read the existing mask (simulation). "
                          "folder: images without a mask are unlabeled; each round writes the selection with the "
@@ -170,16 +174,17 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 # strategy's own parameters. LEGACY: what a setting absent from an older run folder means (how it was made).
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
-                    "lora_width", "no_mem_embed", "val_protocol")
+                    "lora_width", "no_mem_embed", "val_protocol", "first_round")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
-              keep_best="newest",
+              keep_best="newest", first_round=NO_FIRST_ROUND,
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 log = logging.getLogger("trainer")
 
 
-def resume_keys(strategy: str) -> Tuple[str, ...]:
-    return BASE_RESUME_KEYS + tuple(p.name for p in STRATEGIES.parameters_of(strategy))
+def resume_keys(strategy: str, first_round: str = NO_FIRST_ROUND) -> Tuple[str, ...]:
+    names = [strategy] + [c.name for c in [first_round_choice(first_round)] if c is not None]
+    return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in names for p in STRATEGIES.parameters_of(n)))
 
 
 # ----------------------------------------------------------------------------- flags
@@ -241,9 +246,11 @@ def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric flag error, before anything is loaded."""
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1 (got {args.batch_size})")
-    if args.pool_size < args.batch_size:
-        raise UsageError(f"--pool_size ({args.pool_size}) must be >= --batch_size ({args.batch_size}): "
-                         "the batch is selected from the pool")
+    first = first_round_choice(args.first_round)
+    for flag, pool in (("--pool_size", args.pool_size), ("--first_round", first and first.pool_size)):
+        if pool not in (None, ALL_UNLABELED) and pool < args.batch_size:
+            raise UsageError(f"{flag}: the pool ({pool}) must be >= --batch_size ({args.batch_size}): the batch is "
+                             "selected from the pool")
     if args.img_size < 32 or args.img_size % 32:
         raise UsageError(f"--img_size must be a positive multiple of 32 (got {args.img_size}); e.g. 256, 512 or 1024")
     if not 1 <= args.num_classes <= 4:
@@ -307,7 +314,7 @@ def open_run_folder(args: Settings, folder: RunFolder,
     try:
         if create:
             return folder.own(create=True)
-        return folder.open_for_run(vars(args), resume_keys(args.strategy), LEGACY, args.resume)
+        return folder.open_for_run(vars(args), resume_keys(args.strategy, args.first_round), LEGACY, args.resume)
     except FolderLocked as err:
         raise UsageError(f"--output {args.output}: {err}; wait until it ends, or choose another --output") from None
     except FolderInUse as err:
@@ -325,8 +332,8 @@ def open_run_folder(args: Settings, folder: RunFolder,
         raise UsageError(f"--resume: {err}") from None
 
 
-def make_strategy(args: Settings) -> Strategy:
-    return STRATEGIES.from_settings(args.strategy, vars(args))
+def make_strategy(args: Settings, name: Optional[str] = None) -> Strategy:
+    return STRATEGIES.from_settings(name or args.strategy, vars(args))
 
 
 def pick_device(args: Settings) -> torch.device:
@@ -438,8 +445,10 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.base_lr,
                                   weight_decay=0.01)
     fp16 = args.precision == "mixed" and utils.amp_dtype(device) == torch.float16
+    first = first_round_choice(args.first_round)
     run = Run(args, folder, device, strategy, train_set, val_set, model, optimizer,
-              torch.amp.GradScaler("cuda", enabled=fp16), oracle, resume_keys(args.strategy))
+              torch.amp.GradScaler("cuda", enabled=fp16), oracle, resume_keys(args.strategy, args.first_round),
+              first_round=first and make_strategy(args, first.name))
 
     open_run_folder(args, folder, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))

@@ -130,6 +130,9 @@ def test_summary_numbers_are_recomputed_from_curves_csv_and_test_csvs(comparison
     diffs = [dice_at(curve("mask_difference", k), final) - dice_at(curve("random", k), final) for k in SEEDS]
     paired = [line for line in summary.splitlines() if line.startswith(f"| mask_difference − random | Dice @ {final} |")]
     assert len(paired) == 1 and paired[0].endswith(f"| {mean_pm_std(diffs)} | 2 | too few seeds (n=2 < 6) |")
+    against = [line for line in summary.splitlines() if line.startswith(f"| random − mask_difference | Dice @ {final} |")]
+    assert len(against) == 1 and against[0].endswith(f"| {mean_pm_std([-d for d in diffs])} | 2 | too few seeds "
+                                                     "(n=2 < 6) |"), "the paired difference to mask_difference"
     zero = statistics.mean(float(r["dice"]) for r in read_csv(comparison / "zero_shot" / "val_metrics.csv"))
     assert table_row(summary, "Validation Dice", "zero-shot (untrained)")[2] == f"{zero:.4f}"
 
@@ -240,10 +243,47 @@ def test_bad_input_is_one_clear_error_before_anything_runs(data, tmp_path, capsy
     assert not out.exists()
 
 
-def test_unknown_strategy_is_refused_by_the_parser(data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cs.main(request(data, tmp_path / "new") + ["--strategies", "entropy", "margin"])
-    assert exit_info.value.code == 2 and "--strategies: invalid choice: 'margin'" in capsys.readouterr().err
+@pytest.mark.parametrize("arm, message", [
+    ("margin", "--strategies margin: unknown strategy 'margin' in 'margin'; choose one of alps, coreset"),
+    ("typiclust@0", "--strategies typiclust@0: expected a number of images >= 1 or 'all', got '0'"),
+    ("alps+typiclust+random", "--strategies alps+typiclust+random: at most one first round (FIRST+STRATEGY)"),
+])
+def test_unknown_strategy_or_bad_arm_is_one_clear_error(data, tmp_path, capsys, arm, message):
+    assert cs.main(request(data, tmp_path / "new") + ["--strategies", "entropy", arm]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_strategies.py: error: ") and message in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_arm_sets_its_own_pool_and_first_round_and_the_summary_says_so(data, tmp_path, capsys):
+    """Arms [FIRST[@POOL]+]STRATEGY[@POOL]: each run gets its arm's --strategy, --pool_size and --first_round (and
+    nothing else differs); summary.md's table says what each arm ran."""
+    arms = ["typiclust@all+mask_difference@3", "coreset@all", "random"]
+    assert cs.main(request(data, tmp_path / "arms", "--print_commands") + ["--strategies", *arms]) == 0
+    trainer_lines = [line for line in capsys.readouterr().out.splitlines() if "--zero_shot" not in line]
+    assert len(trainer_lines) == len(arms) * len(SEEDS)
+    first = next(line for line in trainer_lines if "typiclust@all+mask_difference@3/seed1" in line)
+    assert "--strategy mask_difference --pool_size 3 --first_round typiclust@all --seed 1" in first
+    assert "--strategy coreset --pool_size all --seed 2" in next(line for line in trainer_lines if "coreset@all/seed2" in line)
+    plain = next(line for line in trainer_lines if "random/seed1" in line)
+    assert "--strategy random --seed 1" in plain and "--first_round" not in plain and plain.count("--pool_size") == 1
+    args, flags = cs.build_parser().parse_known_args(request(data, tmp_path / "arms") + ["--strategies", *arms])
+    plan = cs.make_plan(args, flags)
+    summary = cs.summary_markdown(plan, cs.Results({a: {} for a in arms}, {a: {} for a in arms}, None, []))
+    assert "| typiclust@all+mask_difference@3 | typiclust over every unlabeled image | mask_difference over pools of " \
+           "3 |" in summary
+    assert "| coreset@all | coreset over every unlabeled image | coreset over every unlabeled image |" in summary
+    assert f"| random | random over pools of {POOL} | random over pools of {POOL} |" in summary
+    assert "## Paired difference to mask_difference" in summary and "## Paired difference to random" in summary
+
+
+def test_the_demo_shows_its_arms_in_fewer_epochs(tmp_path, capsys):
+    assert cs.main(["--demo", "--output", str(tmp_path), "--print_commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for arm in cs.DEMO_STRATEGIES:
+        assert sum(f"/{arm}/seed" in line for line in lines) == len(cs.DEMO_SEEDS), arm
+    assert all(f"--max_epochs {cs.DEMO_EPOCHS}" in line for line in lines)
+    assert "typiclust@all" in cs.DEMO_STRATEGIES and "mask_difference_diverse" in cs.DEMO_STRATEGIES
 
 
 def test_output_holding_runs_of_other_settings_is_refused_untouched(comparison, data, capsys):

@@ -100,7 +100,7 @@ def test_a_resume_state_that_is_something_else_is_named(tmp_path, content):
 
 def test_reopening_drops_what_an_unfinished_epoch_wrote(tmp_path):
     folder = RunFolder(tmp_path)
-    folder.append_selection([[1, "a", "0.5", 1], [2, "b", "0.4", 1]])
+    folder.append_selection([[1, "a", "0.5", 1, "typiclust"], [2, "b", "0.4", 1, "mask_difference"]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     folder.write_metrics_row(dict(epoch=2, labeled=2))
     (tmp_path / "best_model_dice0.5000.pth").write_bytes(b"kept")
@@ -109,7 +109,8 @@ def test_reopening_drops_what_an_unfinished_epoch_wrote(tmp_path):
     removed = folder.reopen(resumed, "resumed at epoch 2")
     assert [p.name for p in removed] == ["best_model_dice0.9000.pth"]
     assert [p.name for p in folder.best_checkpoints()] == ["best_model_dice0.5000.pth"]
-    assert folder.read_selection() == [["1", "a", "0.5", "1"]] and [r["epoch"] for r in folder.read_metrics()] == [1]
+    assert folder.read_selection() == [["1", "a", "0.5", "1", "typiclust"]]
+    assert [r["epoch"] for r in folder.read_metrics()] == [1]
     assert (tmp_path / "config.txt").read_text().endswith("# resumed at epoch 2\n")
 
 
@@ -216,3 +217,21 @@ def test_a_folder_found_new_must_still_be_new_when_it_is_created(tmp_path):
     fresh = RunFolder(tmp_path / "Skin_128")
     fresh.own(create=True)
     assert fresh.lock.held and (tmp_path / "Skin_128" / "owner.lock").is_file()
+
+
+def test_a_selection_log_without_the_strategy_column_is_read_and_completed_on_resume(tmp_path):
+    """al_selection.csv of a run made before the strategy column: read as it is (strategy ""), and a resume writes
+    the column, every older row selected by the run's --strategy (there was no --first_round then)."""
+    (tmp_path / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,a,0.5,1\n1,b,0.25,2\n2,c,0.1,1\n")
+    folder = RunFolder(tmp_path)
+    assert folder.read_selection() == [["1", "a", "0.5", "1", ""], ["1", "b", "0.25", "2", ""], ["2", "c", "0.1", "1", ""]]
+    assert folder.labeled_per_epoch() == {1: 2, 2: 3}
+    folder.reopen(ResumeState(1, {"strategy": "entropy"}, {}, {}, {}, ["a", "b"], 0.5, ""), "resumed at epoch 2")
+    folder.append_selection([[2, "d", "0.3", 1, "entropy"]])
+    assert rows_of(tmp_path / "al_selection.csv") == [
+        dict(epoch="1", image="a", score="0.5", rank_in_pool="1", strategy="entropy"),
+        dict(epoch="1", image="b", score="0.25", rank_in_pool="2", strategy="entropy"),
+        dict(epoch="2", image="d", score="0.3", rank_in_pool="1", strategy="entropy")]
+    (tmp_path / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,a,0.5\n")
+    with pytest.raises(RunFolderError, match="line 2 is incomplete or damaged"):
+        folder.read_selection()

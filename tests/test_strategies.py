@@ -247,14 +247,15 @@ def test_factory_names_and_unknown_name():
 
     names = ActiveLearningStrategyFactory.available_strategies()
     strategy_flag = next(a for a in trainer.build_parser()._actions if a.dest == "strategy")
-    strategies_flag = next(a for a in compare_strategies.build_parser()._actions if a.dest == "strategies")
-    assert list(strategy_flag.choices) == names and list(strategies_flag.choices) == names
-    assert ActiveLearningStrategyFactory.available_strategies() == ["entropy", "mask_difference", "random"]
+    assert list(strategy_flag.choices) == names
+    assert [compare_strategies.Arm.parse(name).strategy.name for name in names] == names  # an arm of each name
+    assert names == ["alps", "coreset", "entropy", "mask_difference", "mask_difference_diverse", "probcover", "random",
+                     "tta", "typiclust"]
     assert isinstance(ActiveLearningStrategyFactory.create_strategy("mask_difference"), MaskDifferenceStrategy)
     assert isinstance(ActiveLearningStrategyFactory.create_strategy("entropy"), EntropyStrategy)
     assert isinstance(ActiveLearningStrategyFactory.create_strategy("random"), RandomStrategy)
     assert ActiveLearningStrategyFactory.create_strategy("mask_difference", threshold=0.7).threshold == 0.7
-    with pytest.raises(ValueError, match="entropy, mask_difference, random"):
+    with pytest.raises(ValueError, match="alps, coreset, entropy, mask_difference, mask_difference_diverse"):
         ActiveLearningStrategyFactory.create_strategy("uncertainty")
 
 

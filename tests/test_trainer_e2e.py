@@ -21,7 +21,7 @@ TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(B
         "--save_from_epoch", "1", "--val_limit", "4", "--base_lr", "1e-2", "--train_on", "labeled",
         "--precision", "float32", "--decode", "draft", "--strategy", "mask_difference",
         "--score_channels", "foreground", "--promptmode", "none", "--lora_width", "output", "--no_mem_embed", "frozen",
-        "--val_protocol", "isic", "--keep_best", "newest"]
+        "--val_protocol", "isic", "--keep_best", "newest", "--first_round", "none"]
 
 
 def read_selection(run_dir: Path):
@@ -40,7 +40,8 @@ def demo_run(tmp_path_factory):
 def test_selection_log_lists_distinct_images_top_of_each_pool(demo_run):
     out, result = demo_run
     rows = read_selection(result["run_dir"])
-    assert list(rows[0]) == ["epoch", "image", "score", "rank_in_pool"]
+    assert list(rows[0]) == ["epoch", "image", "score", "rank_in_pool", "strategy"]
+    assert {r["strategy"] for r in rows} == {"mask_difference"}
     assert len(rows) == EPOCHS * BATCH
     names = [r["image"] for r in rows]
     assert len(set(names)) == len(names), "an image was selected twice"
@@ -161,7 +162,7 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path, metrics
     assert first["best_path"] is None and not list(run_dir.glob("best_model_dice*.pth"))
     # What a kill during epoch 2 leaves behind: its selection rows and a best checkpoint, but no new state.
     with open(run_dir / "al_selection.csv", "a") as f:
-        f.write("2,ISIC_9999999,0.5,1\n")
+        f.write("2,ISIC_9999999,0.5,1,mask_difference\n")
     with open(run_dir / "metrics.csv", "a") as f:  # a kill after the epoch's row, before its state
         f.write(f"2,{2 * BATCH}" + ",0.5" * (len(metrics_rows(run_dir)[0]) - 2) + "\n")
     (run_dir / "best_model_dice0.9999.pth").write_bytes(b"unfinished epoch")
