@@ -5,7 +5,6 @@ run at the end of its first epoch (MDSAM_CRASH_AT) and reruns the command: the f
 touched and the report must equal the uninterrupted one.
 """
 import csv
-import os
 import shutil
 import statistics
 import subprocess
@@ -17,6 +16,7 @@ import torch
 
 import compare_strategies as cs
 import epoch_steps
+from run_copies import copy_runs
 
 STRATEGIES, SEEDS, EPOCHS, BATCH, POOL, BUDGET = ("mask_difference", "random"), (1, 2), 2, 2, 4, 3
 N_TRAIN, N_VAL, N_TEST = 8, 4, 3
@@ -177,7 +177,7 @@ def test_two_strategies_that_label_the_same_images_train_the_same_model(data, tm
 
 def test_a_killed_run_resumes_and_finished_runs_are_not_rerun(comparison, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
-    shutil.copytree(comparison, out)
+    copy_runs(comparison, out)
     shutil.rmtree(out / "random" / "seed2")
     for name in REPORT:
         (out / name).unlink()
@@ -210,7 +210,7 @@ def test_a_killed_run_resumes_and_finished_runs_are_not_rerun(comparison, data, 
 def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones(comparison, data, tmp_path,
                                                                                  capsys):
     out = tmp_path / "cmp"
-    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns(*REPORT))
+    copy_runs(comparison, out, ignore=shutil.ignore_patterns(*REPORT))
     shutil.rmtree(out / "random" / "seed2")
     shutil.rmtree(out / "zero_shot")
     assert cs.main(request(data, out, "--print_commands")) == 0
@@ -319,8 +319,7 @@ def test_runs_another_process_owns_are_skipped_and_named_and_aborted_runs_are_se
     --print_commands, --score_run and --set_aside. An aborted run's printed command sets it aside with --set_aside
     (it was a bare mv)."""
     out = tmp_path / "cmp"
-    shutil.copytree(comparison, out, ignore=shutil.ignore_patterns(*REPORT),
-                    copy_function=lambda a, b: (os.link if a.endswith(".pth") else shutil.copy2)(a, b))
+    copy_runs(comparison, out, ignore=shutil.ignore_patterns(*REPORT))
     held = out / "random" / "seed2" / "Skin_64"
     (held / "test_metrics.csv").unlink()
     aborted = out / "mask_difference" / "seed2" / "Skin_64"

@@ -9,7 +9,6 @@ import logging
 import math
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -110,7 +110,10 @@ def test_a_run_folder_without_the_new_settings_resumes_as_it_was_made(tmp_path):
     made = {k: now[k] for k in keys if k not in new} | {"train_on": "labeled"}
     folder = RunFolder(tmp_path / "Skin_512")
     folder.path.mkdir()
-    folder.save_state(ResumeState(1, made, {}, {}, {}, [], -1.0, ""))
+    folder.save_state(ResumeState(1, made, {}, {}, {}, ["a"], -1.0, ""))
+    folder.write_config(made)  # the records of epoch 1, complete
+    folder.append_selection([[1, "a", "0.5", 1, "mask_difference"]])
+    folder.write_metrics_row(dict(epoch=1, labeled=1))
     as_made = dict(now, train_on="labeled", **{k: trainer.LEGACY[k] for k in new})
     assert folder.open_for_run(as_made, keys, trainer.LEGACY, True)[1].epoch == 1
     with pytest.raises(SettingsDiffer) as differ:
@@ -157,7 +160,8 @@ def fake_run(run_dir: Path, keep_best: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         args=types.SimpleNamespace(save_from_epoch=1, keep_best=keep_best, base_lr=1e-3, batch_size=1), model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), folder=RunFolder(run_dir),
-        run_dir=run_dir, resume_keys=("batch_size",), labeled_names=[], best_dice=-1.0, best_path=None)
+        run_dir=run_dir, resume_keys=("batch_size",), labeled_names=[], best_dice=-1.0, best_path=None,
+        oracle=types.SimpleNamespace(mask_sources={}))
 
 
 @pytest.mark.parametrize("keep_best", ["newest", "all"])

@@ -21,6 +21,7 @@ import torch
 import safe_io
 import trainer
 from sam_lora_image_encoder_prompt import build_model
+from run_copies import copy_runs
 from synthetic_isic import make_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +48,8 @@ def one_epoch(data, tmp_path_factory) -> Path:
 
 
 def copy_run(run_dir: Path, where: Path) -> Path:
-    """A copy of a run's output folder (checkpoints hard-linked: the trainer only replaces them, atomically)."""
-    def link_or_copy(src: str, dst: str) -> None:
-        (os.link if src.endswith(".pth") else shutil.copy2)(src, dst)
-
-    return Path(shutil.copytree(run_dir.parent, where / "out", copy_function=link_or_copy)) / run_dir.name
+    """A copy of a run's output folder (checkpoints hard-linked)."""
+    return copy_runs(run_dir.parent, where / "out") / run_dir.name
 
 
 def snapshot(folder: Path) -> dict:

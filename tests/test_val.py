@@ -553,7 +553,6 @@ def test_cli_checkpoint_round_trip(synthetic_root, tmp_path):
         got = predict(images)
     assert got.shape == (2, 2, 16, 16)
     torch.testing.assert_close(got, expected)  # fails if the weights were not all restored (perturbed above)
-    out_csv = tmp_path / "metrics.csv"
     assert val.main(["--data_root", str(synthetic_root), "--checkpoint", str(checkpoint), "--model_cfg",
                      "sam2.1_hiera_t", "--img_size", "64", "--gpu", "cpu", "--batch_size", "3"]) == 0
     rows = read_csv(tmp_path / "metrics_Validation.csv")  # default: beside the checkpoint
