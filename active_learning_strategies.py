@@ -659,7 +659,7 @@ class DiverseMaskDifferenceStrategy(MaskDifferenceStrategy):
 
     name = "mask_difference_diverse"
 
-    def __init__(self, threshold: float = MASK_THRESHOLD, score_channels: str = "foreground"):
+    def __init__(self, threshold: float = MASK_THRESHOLD, score_channels: str = "all"):
         super().__init__(threshold, score_channels)
         self._pool_vectors: Dict[int, np.ndarray] = {}
 

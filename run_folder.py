@@ -332,6 +332,8 @@ class RunFolder:
         """Add rows (SELECTION_HEADER's columns) by rewriting the file atomically: a kill leaves the old file or the
         new one, never a partial line (so a partial line found later is damage, not something this trainer
         wrote). A file without the strategy column is rewritten with it (see ``forget_after``)."""
+        if any(len(row) != len(SELECTION_HEADER) for row in rows):
+            raise ValueError(f"al_selection.csv rows have the columns {', '.join(SELECTION_HEADER)}: {rows!r}")
         path = self.file(SELECTION)
         old = path.read_text() if path.exists() else csv_text([SELECTION_HEADER])
         if not old.startswith(",".join(SELECTION_HEADER) + "\n"):
@@ -514,6 +516,11 @@ class RunFolder:
             lacking = sorted(finished - epochs_in()) if path.is_file() and epochs_in else []
             what = "is missing" if not path.is_file() else \
                 f"lacks the rows of epoch {', '.join(map(str, lacking))}" if lacking else None
+            if what and name == METRICS and not path.is_file() and not self.file(IMAGES).is_file():
+                raise RunFolderError(f"{path} is missing, as in a run folder made by a trainer.py older than "
+                                     "metrics.csv (its per-epoch metrics are in TensorBoard only): this version cannot "
+                                     "continue it with complete records; finish it with the version that made it, or "
+                                     "start afresh in another output folder; nothing was changed")
             if what:
                 raise RunFolderError(f"{path} {what} (it is written {written} and kept), so the records of this run "
                                      f"up to its last finished epoch ({state.epoch}) are incomplete: restore that "

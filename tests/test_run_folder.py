@@ -80,7 +80,7 @@ def test_opening_a_folder_for_a_run(tmp_path):
     assert differ.value.dead and differ.value.changes == [("precision", "'mixed'", "'float32'")]
     # a run with a finished epoch: refused without resume, checked against the state with it
     folder.save_state(state(img_size=64, pool_size=4))
-    folder.append_selection([[1, "a", "0.5", 1]])
+    folder.append_selection([[1, "a", "0.5", 1, "random"]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     with pytest.raises(FolderInUse):
         folder.open_for_run(dict(img_size=64, pool_size=4, precision="mixed"), keys, legacy, False)
@@ -195,12 +195,18 @@ def test_records_of_a_resumed_run_must_be_complete(tmp_path):
     folder.check_records(state(epoch=0))  # a round waiting before epoch 1: config.txt only
     with pytest.raises(RunFolderError, match=r"al_selection.csv is missing \(it is written at every selection"):
         folder.check_records(state(epoch=2))
-    folder.append_selection([[1, "a", "0.5", 1], [2, "b", "0.4", 1]])
+    folder.append_selection([[1, "a", "0.5", 1, "random"], [2, "b", "0.4", 1, "random"]])
     folder.write_metrics_row(dict(epoch=2, labeled=2))
     with pytest.raises(RunFolderError, match=r"metrics.csv lacks the rows of epoch 1 .*last finished epoch \(2\)"):
         folder.check_records(state(epoch=2))
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     folder.check_records(state(epoch=2))
+    folder.file("metrics.csv").unlink()  # and no images.json: a folder of a trainer before metrics.csv
+    with pytest.raises(RunFolderError, match=r"metrics.csv is missing, as in a run folder made by a trainer.py older"):
+        folder.check_records(state(epoch=2))
+    folder.write_images({"Training": {"a.jpg": 1}})  # one that had both: the file was lost
+    with pytest.raises(RunFolderError, match=r"metrics.csv is missing \(it is written at the end of every epoch"):
+        folder.check_records(state(epoch=2))
 
 
 def test_a_folder_found_new_must_still_be_new_when_it_is_created(tmp_path):

@@ -26,7 +26,7 @@ def run_main_expecting_error(argv, capsys) -> str:
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--demo", "--pool_size", "3", "--batch_size", "4"], "--pool_size (3) must be >= --batch_size (4)"),
+        (["--demo", "--pool_size", "3", "--batch_size", "4"], "--pool_size: the pool (3) must be >= --batch_size (4)"),
         (["--demo", "--img_size", "100"], "--img_size must be a positive multiple of 32 (got 100)"),
         (["--demo", "--img_size", "0"], "--img_size must be a positive multiple of 32"),
         (["--demo", "--num_classes", "5"], "--num_classes must be 1..4"),
