@@ -486,29 +486,18 @@ class MaskNotes:
         return lines
 
 
-def _binarised(content: MaskContent, notes: Optional[MaskNotes]) -> np.ndarray:
-    """``content``'s lesion map; what it looked like goes into ``notes`` when given."""
-    mask = content.lesion()
-    if notes is not None:
-        notes.record(content.path, content.levels, empty=not mask.any(), mode=content.mode)
-    return mask
-
-
-def binarise_mask(grey: np.ndarray, path: Path, notes: Optional[MaskNotes] = None) -> np.ndarray:
-    """uint8 grey levels -> uint8 {0, 1}: a mask whose maximum is 1 is taken as stored 0/1; any other is
-    thresholded at > 127 (0/255 as the ISIC masks; other values too, which ``notes`` records with empty masks)."""
-    return _binarised(MaskContent(Path(path), "L", grey, _levels(grey), bool(grey.any())), notes)
-
-
 def decode_mask(path: Path, size: Optional[int], notes: Optional[MaskNotes] = None) -> np.ndarray:
-    """Decode a mask to uint8 {0, 1} (H x W), read by its mode (``read_mask``) and thresholded as ``binarise_mask``
-    does, resized nearest-neighbour to ``size x size`` when given. A mask with non-zero pixels none of which reads
-    as lesion is a ``DatasetError`` (``MaskContent.faint``). What it looked like (0/1, other values, colour,
-    empty) is recorded in ``notes`` when given."""
+    """Decode a mask to uint8 {0, 1} (H x W), read by its mode (``read_mask``) and thresholded by
+    ``MaskContent.lesion`` (a 0/1 mask as it is, any other above 127), resized nearest-neighbour to ``size x size``
+    when given. A mask with non-zero pixels none of which reads as lesion is a ``DatasetError``
+    (``MaskContent.faint``). What it looked like (0/1, other values, colour, empty) is recorded in ``notes`` when
+    given."""
     content = read_mask(path)
     if content.faint:
         raise DatasetError(content.faint_message())
-    mask = _binarised(content, notes)
+    mask = content.lesion()
+    if notes is not None:
+        notes.record(content.path, content.levels, empty=not mask.any(), mode=content.mode)
     if size is not None:
         mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
     return mask
