@@ -79,7 +79,7 @@ class CompareError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compare_strategies.py", allow_abbrev=False,  # --seed must reach the error, not become --seeds
-        description="Job active-learning strategies x seeds through trainer.py and compare them: learning "
+        description="Run active-learning strategies x seeds through trainer.py and compare them: learning "
                     "curves, label-budget table, Test-split table. Every other flag is passed to trainer.py.")
     p.add_argument("--data_root", default=None, help="dataset root with Training, Validation and Test splits")
     p.add_argument("--output", default=None, help=f"comparison folder (default with --demo: {DEMO_OUTPUT})")
@@ -474,7 +474,7 @@ def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
 
 
 def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
-    """Job one job's processes in order (output appended to its run.log), as the run's state is when it starts;
+    """Run one job's processes in order (output appended to its run.log), as the run's state is when it starts;
     False if one of them failed. ``FolderLocked`` when another process owns the run's folder (nothing is run)."""
     from folder_lock import FolderLock
 
@@ -542,16 +542,20 @@ def execute(plan: Plan) -> Tuple[List[str], List[str]]:
 
 # ----------------------------------------------------------------------------- scoring (one job's second step)
 
-def pick_checkpoint(run_dir: Path) -> Path:
-    """The run's best checkpoint, else last_model.pth (the final model, when no best was saved)."""
-    best = sorted(run_dir.glob("best_model_dice*.pth"))
-    if len(best) > 1:
-        raise CompareError(f"{run_dir} holds {len(best)} best_model_dice*.pth files; expected one")
+def pick_checkpoint(run_dir: Path, keep_best: str = "newest") -> Path:
+    """The run's best checkpoint (with --keep_best all, the highest of those kept: their names order them by Dice),
+    else last_model.pth (the final model, when no best was saved)."""
+    from run_folder import BEST_PATTERN, LAST_MODEL, RunFolder
+
+    best = RunFolder(run_dir).best_checkpoints()
+    if len(best) > 1 and keep_best != "all":
+        raise CompareError(f"{run_dir} holds {len(best)} {BEST_PATTERN} files; expected one (the run's keep_best is "
+                           f"{keep_best})")
     if best:
-        return best[0]
-    if not (run_dir / "last_model.pth").is_file():
-        raise CompareError(f"{run_dir}: no best_model_dice*.pth and no last_model.pth (the run did not finish)")
-    return run_dir / "last_model.pth"
+        return best[-1]
+    if not (run_dir / LAST_MODEL).is_file():
+        raise CompareError(f"{run_dir}: no {BEST_PATTERN} and no {LAST_MODEL} (the run did not finish)")
+    return run_dir / LAST_MODEL
 
 
 def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int], device) -> dict:
@@ -601,7 +605,7 @@ def score_run(run_dir: Path) -> None:
     with FolderLock(run_dir):
         settings = read_config(run_dir)
         device = worker_device()
-        checkpoint = pick_checkpoint(run_dir)
+        checkpoint = pick_checkpoint(run_dir, settings.get("keep_best", "newest"))
         model = load_run_model(settings, device, checkpoint)
         result = evaluate(torch.no_grad()(model.predict_logits), settings, "Test", None, device)  # float32, as val.py
         val.write_csv(result["rows"], run_dir / TEST_CSV)
@@ -932,9 +936,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failed, held = execute(plan)
         if held:
             print(f"{len(held)} run(s) skipped: another process owns their folder (another invocation's job, still "
-                  f"running): {', '.join(held)}. Job the same command again once it has ended.", file=sys.stderr)
+                  f"running): {', '.join(held)}. Run the same command again once it has ended.", file=sys.stderr)
         if failed:
-            print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Job the same command again to resume "
+            print(f"{len(failed)} job(s) failed: {', '.join(failed)}. Run the same command again to resume "
                   "them, or add --collect for a report of the finished runs.", file=sys.stderr)
         if failed or held:
             return 1

@@ -299,6 +299,10 @@ def test_checkpoint_choice_and_curve_statistics(tmp_path):
     assert cs.pick_checkpoint(tmp_path).name == "last_model.pth"
     (tmp_path / "best_model_dice0.5000.pth").write_bytes(b"")
     assert cs.pick_checkpoint(tmp_path).name == "best_model_dice0.5000.pth"
+    (tmp_path / "best_model_dice0.6000.pth").write_bytes(b"")  # --keep_best all keeps every improving one
+    assert cs.pick_checkpoint(tmp_path, "all").name == "best_model_dice0.6000.pth"
+    with pytest.raises(cs.CompareError, match="holds 2 best_model_dice"):
+        cs.pick_checkpoint(tmp_path)  # two with keep_best newest: something else wrote one
     curve = [dict(labeled=2, dice=0.2), dict(labeled=4, dice=None), dict(labeled=6, dice=0.6)]
     assert cs.dice_at(curve, 3) == 0.6 and cs.dice_at(curve, 2) == 0.2 and cs.dice_at(curve, 7) is None
     assert cs.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
