@@ -33,8 +33,8 @@ from scipy.ndimage import maximum_filter, minimum_filter
 
 from datasets_skin import (GREY_MASK_MODES, MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image,
                            read_image_size, read_mask)
-from run_folder import ResumeState, RunFolder
-from safe_io import WriteError, atomic_path
+from run_folder import ResumeState, RunFolder, csv_text
+from safe_io import WriteError, atomic_path, atomic_write_text
 
 ROUND_CSV = "to_annotate.csv"
 WHY_SELECTED = "why_selected.png"  # the strategy's picture of why these images were chosen, when it made one
@@ -90,9 +90,7 @@ def write_round(round_dir: PathLike, items: Sequence[RoundItem]) -> Path:
             Image.fromarray(overlay).save(tmp, quality=90)
     rows = [[i.sample.image_path.name, f"{i.score:.6f}", i.rank_in_pool, str(i.sample.mask_path.resolve())]
             for i in items]
-    with atomic_path(round_dir / ROUND_CSV) as tmp:
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([ROUND_COLUMNS, *rows])
+    atomic_write_text(round_dir / ROUND_CSV, csv_text([ROUND_COLUMNS, *rows]))
     return round_dir / ROUND_CSV
 
 

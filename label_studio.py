@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from PIL import Image
 
 from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
 from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
+from run_folder import csv_text
 from safe_io import atomic_path, atomic_write_text
 
 INTERFACE_FILE = "label_studio_interface.xml"
@@ -489,9 +489,7 @@ def round_csv_text(content: ExportContent, expected: RoundExpectation) -> str:
             said = ["annotated", mask_target(expected.round_dir, name).name, got.completed_by, lead, got.task_id,
                     got.annotation_id]
         rows.append([row[c] for c in ROUND_COLUMNS] + said)
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return text.getvalue()
+    return csv_text(rows)
 
 
 def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
