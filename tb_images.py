@@ -39,13 +39,13 @@ def captioned(tile: torch.Tensor, caption: str, point: Optional[torch.Tensor] = 
     """3 x H x W in [0, 1] -> 3 x (H + 12) x W: a caption strip above; ``point`` (x, y) drawn as a yellow dot."""
     height, width = tile.shape[-2:]
     canvas = Image.new("RGB", (width, height + 12))
-    canvas.paste(Image.fromarray((tile.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), (0, 12))
+    canvas.paste(Image.fromarray(to_png_array(tile)), (0, 12))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 0), caption, fill="white")
     if point is not None:
         x, y, r = float(point[0]), float(point[1]) + 12, max(2, width // 64)
         draw.ellipse([x - r, y - r, x + r, y + r], fill="yellow", outline="black")
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+    return from_png_array(np.array(canvas))
 
 
 def why_selected_image(images: torch.Tensor, no_prompt: torch.Tensor, center: torch.Tensor, random: torch.Tensor,
@@ -110,7 +110,7 @@ def embedding_projection(pool: np.ndarray, labeled: np.ndarray, chosen: Sequence
     axes.legend(fontsize=7, loc="best")
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
-    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255
+    return from_png_array(rgba[..., :3].copy())
 
 
 def image_grid(tiles: Sequence[torch.Tensor]) -> torch.Tensor:

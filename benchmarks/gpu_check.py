@@ -206,11 +206,9 @@ def training_seconds(net, images, labels, batch, device, repeats, precision):
         for chunk, target in steps:
             with utils.autocast(device, enabled=mixed):
                 outputs = net(chunk, False, size, 0, "point", generator=generator)
-            losses = [utils.segmentation_loss(torch.nn.functional.interpolate(
-                outputs[f"low_res_logits{d}"].float(), size=target.shape[-2:], mode="bilinear", align_corners=False),
-                target)[0] for d in (1, 2)]
+            loss = utils.dual_decoder_loss(outputs, target, dice_weight=0.8)["loss"]
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(0.5 * sum(losses)).backward()
+            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             scaler.step(optimizer)
