@@ -130,8 +130,7 @@ def mask_problem(sample: SampleFiles, path: Optional[Path] = None) -> Tuple[Opti
     if content.kind == "0/1":
         return None, f"{path}: a 0/1 mask, read as 0 = skin, 1 = lesion"
     levels = "grey levels" if content.mode in GREY_MASK_MODES else f"{content.mode} levels (largest channel)"
-    shown = ", ".join(str(v) for v in content.levels[:6]) + (", ..." if len(content.levels) > 6 else "")
-    return f"{path}: not binary ({levels} {shown}; expected 0 and 255, or 0 and 1)", None
+    return f"{path}: not binary ({levels} {content.shown_levels()}; expected 0 and 255, or 0 and 1)", None
 
 
 def returned_mask(sample: SampleFiles, round_folder: Optional[Path]) -> Tuple[Optional[Path], Optional[str]]:

@@ -382,11 +382,14 @@ class MaskContent:
         """H x W uint8 {0, 1}."""
         return (self.values > lesion_threshold(self.levels)).astype(np.uint8)
 
+    def shown_levels(self) -> str:
+        """The first six levels, as messages show them."""
+        return ", ".join(str(v) for v in self.levels[:6]) + (", ..." if len(self.levels) > 6 else "")
+
     def faint_message(self) -> str:
-        shown = ", ".join(str(v) for v in self.levels[:6]) + (", ..." if len(self.levels) > 6 else "")
-        return (f"Mask {str(self.path)!r} has non-zero pixels ({self.mode} levels {shown}) but none reads as lesion "
-                "(lesion is a level above 127, or 1 in a 0/1 mask), so it would count as all skin; save the lesion "
-                "as 255 (or the mask as 0/1).")
+        return (f"Mask {str(self.path)!r} has non-zero pixels ({self.mode} levels {self.shown_levels()}) but none "
+                "reads as lesion (lesion is a level above 127, or 1 in a 0/1 mask), so it would count as all skin; "
+                "save the lesion as 255 (or the mask as 0/1).")
 
 
 def _palette_values(im: Image.Image, path: Path) -> np.ndarray:

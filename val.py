@@ -507,8 +507,7 @@ class EvalError(RuntimeError):
     """A user-facing problem with the CLI's inputs (message names the flag or file)."""
 
 
-MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--sam_ckpt", weights="--checkpoint", module="--module",
-                   lora_ckpt="--checkpoint")
+MODEL_FLAGS = dict(model_cfg="--model_cfg", checkpoint="--sam_ckpt", weights="--checkpoint", module="--module")
 # what to pass instead, by what a --checkpoint file holds (sam_lora_image_encoder_prompt.ModelFileError.holds)
 CHECKPOINT_HINTS = {
     "sam2_weights": " (pass it as --sam_ckpt, and the trained model as --checkpoint)",
