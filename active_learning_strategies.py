@@ -399,11 +399,16 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
         return scores
 
     def _keep_best(self, indices: List[int], scores: List[float], compared: ComparedPredictions) -> None:
-        """Keep the predictions of the ``_keep`` best-scoring images so far (those top-k will choose)."""
-        for position, (index, score) in enumerate(zip(indices, scores)):
-            self._kept[index] = (score, compared.rows([position]))
-        best = top_k({i: s for i, (s, _) in self._kept.items()}, self._keep)
-        self._kept = {i: self._kept[i] for i in best}
+        """Keep the predictions of the ``_keep`` best-scoring images so far (those top-k will choose); only the
+        batch's images that make the cut are copied to the CPU, in one copy."""
+        candidates = {i: s for i, (s, _) in self._kept.items()}
+        candidates.update(zip(indices, scores))
+        best = top_k(candidates, self._keep)
+        position = {index: p for p, index in enumerate(indices)}
+        new = [i for i in best if i in position]
+        copied = compared.rows([position[i] for i in new]) if new else None
+        row_of = {index: row for row, index in enumerate(new)}
+        self._kept = {i: (candidates[i], copied.rows([row_of[i]])) if i in row_of else self._kept[i] for i in best}
 
     def figure(self, context: SelectionContext, chosen: List[int], scores: Scores) -> Optional[torch.Tensor]:
         if not chosen:
