@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from datasets_skin import PIXEL_MEAN, PIXEL_STD
 
@@ -115,6 +114,8 @@ def embedding_projection(pool: np.ndarray, labeled: np.ndarray, chosen: Sequence
 
 def image_grid(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
     """Tiles of one size (3 x H x W) side by side in one row."""
+    from torchvision.utils import make_grid  # here: torchvision adds ~2 s to importing the strategies
+
     return make_grid(list(tiles), nrow=len(tiles))
 
 
