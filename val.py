@@ -420,25 +420,35 @@ def validate(
     Returns dict(rows=[{name, index, metric...}], mean={metric: float}, std={metric: float},
     per_class=[(dice, hd95) for each foreground class]).
     """
-    rows: List[dict] = []
+    def score(logits: torch.Tensor, batch: dict, i: int) -> Dict[str, float]:
+        gt = batch["mask_orig"][i]
+        truth = None if truths is None else truths.get(batch["name"][i], gt, num_classes, logits.device)
+        return image_metrics(logits[i], gt, num_classes, spacing, truth)
+
     try:
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            logits = predict_fn(images)
-            if logits.ndim != 4 or logits.shape[0] != images.shape[0] or logits.shape[1] != num_classes + 1:
-                raise ValueError(
-                    f"predict_fn returned shape {tuple(logits.shape)}; expected {images.shape[0]} x "
-                    f"{num_classes + 1} x h x w for num_classes={num_classes}."
-                )
-            for i, gt in enumerate(batch["mask_orig"]):
-                name = batch["name"][i]
-                truth = None if truths is None else truths.get(name, gt, num_classes, logits.device)
-                row = dict(name=name, index=int(batch["index"][i]))
-                row.update(image_metrics(logits[i], gt, num_classes, spacing, truth))
-                rows.append(row)
+        rows = scored_rows(predict_fn, loader, num_classes, device, score)
     finally:
         _host_scratch.clear()  # up to 4 x (C+1) x H x W bytes: not kept between validations
     return summarize(rows, num_classes)
+
+
+def scored_rows(predict_fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict], num_classes: int,
+                device: Union[str, torch.device],
+                score: Callable[[torch.Tensor, dict, int], Dict[str, float]]) -> List[dict]:
+    """One row per image of ``loader``: name, index and ``score(logits, batch, i)`` of image i of its batch, the
+    batch's logits (B x (num_classes+1) x h x w, checked) from ``predict_fn``."""
+    rows: List[dict] = []
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        logits = predict_fn(images)
+        if logits.ndim != 4 or logits.shape[0] != images.shape[0] or logits.shape[1] != num_classes + 1:
+            raise ValueError(
+                f"predict_fn returned shape {tuple(logits.shape)}; expected {images.shape[0]} x "
+                f"{num_classes + 1} x h x w for num_classes={num_classes}."
+            )
+        for i, name in enumerate(batch["name"]):
+            rows.append(dict(name=name, index=int(batch["index"][i]), **score(logits, batch, i)))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -487,12 +497,8 @@ def validate_reference(predict_fn: Callable[[torch.Tensor], torch.Tensor], loade
                        device: Union[str, torch.device]) -> dict:
     """``validate`` with the reference's metrics (``reference_image_metrics``, against each batch's ``label``, the
     mask at the model's size) instead of ours at the original size. Returns dict(rows, mean={dice, hd95})."""
-    rows: List[dict] = []
-    for batch in loader:
-        logits = predict_fn(batch["image"].to(device, non_blocking=True))
-        for i, label in enumerate(batch["label"]):
-            rows.append(dict(name=batch["name"][i], index=int(batch["index"][i]),
-                             **reference_image_metrics(logits[i], label, num_classes)))
+    rows = scored_rows(predict_fn, loader, num_classes, device,
+                       lambda logits, batch, i: reference_image_metrics(logits[i], batch["label"][i], num_classes))
     if not rows:
         raise ValueError("No images were evaluated (the loader was empty).")
     return dict(rows=rows, mean={k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95")})
