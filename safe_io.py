@@ -103,9 +103,7 @@ def atomic_path(path: PathLike, replace: bool = True) -> Iterator[Path]:
     appeared while the block ran; the block's end then raises FileExistsError and ``path`` is left as it was."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
-        os.close(handle)
+        tmp = _new_temp_file(path)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
     except OSError as err:
         raise WriteError(path, err) from err
@@ -126,10 +124,15 @@ def probe_writable(path: PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
+    os.unlink(_new_temp_file(path))
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty temporary file beside ``path`` (its folder created), named to be found by ``remove_stale_temps``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(handle)
-    os.unlink(tmp)
+    return tmp
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
