@@ -586,6 +586,7 @@ class LoRA_Sam(nn.Module):
         decoder_idx: int,
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Run mask decoder 1 or 2 on encoded features with optional prompts.
 
@@ -594,6 +595,9 @@ class LoRA_Sam(nn.Module):
         points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
         B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
         the official predictor a box becomes two corner points placed before the clicks.
+        mask_input: B x 1 x S/4 x S/4 mask logits of a previous prediction (SAM2's mask prompt: the official
+        predictor's ``mask_input``, its low-res logits clamped to +-32, fed back as they are), or None (no mask
+        prompt); another shape is a ``MaskInputError``.
         The channel layout is fixed by num_classes (see the class docstring).
 
         Returns dict(low_res_logits=B x (C+1) x S/4 x S/4 (channel 0 zero, channel c = mask
@@ -604,8 +608,9 @@ class LoRA_Sam(nn.Module):
         batch, grid = image_embed.shape[0], tuple(image_embed.shape[-2:])
         stride = self.sam.backbone_stride
         prompt_encoder = self.sam.sam_prompt_encoder
+        _check_mask_input(mask_input, batch, grid)
         sparse, dense = prompt_encoder(
-            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None,
+            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=mask_input,
             image_embedding_size=grid, input_image_size=(grid[0] * stride, grid[1] * stride),
         )
         # Without prompts SAM2's prompt encoder returns batch 1; share it across the batch.
@@ -629,17 +634,19 @@ class LoRA_Sam(nn.Module):
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
         features: Optional[Dict[str, object]] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The one prediction path: decoder ``decoder_idx`` with these prompts -> B x (C+1) x S/4 x S/4 float32
         class logits.
 
         images: B x 3 x S x S normalised images; or pass their ``encode`` features instead (images None) to run
-        several decoders on one image-encoder pass. Prompts as in ``decode``. Gradients and precision are the
-        caller's (``torch.no_grad``, ``utils.autocast``).
+        several decoders on one image-encoder pass. Prompts (points, boxes, mask_input) as in ``decode``.
+        Gradients and precision are the caller's (``torch.no_grad``, ``utils.autocast``).
         """
         if features is None:
             features = self.encode(images)
-        return self.decode(features, decoder_idx, points=points, boxes=boxes)["low_res_logits"].float()
+        return self.decode(features, decoder_idx, points=points, boxes=boxes,
+                           mask_input=mask_input)["low_res_logits"].float()
 
     def _decoder(self, decoder_idx: int) -> nn.Module:
         if decoder_idx == 1:
@@ -736,6 +743,21 @@ def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
     if prompt_idx == -1:
         return "none"
     return prompt_mode or "point"
+
+
+class MaskInputError(ValueError):
+    """A mask prompt (``LoRA_Sam.decode``'s ``mask_input``) of the wrong shape."""
+
+
+def _check_mask_input(mask_input: Optional[torch.Tensor], batch: int, grid: Tuple[int, int]) -> None:
+    """B x 1 x 4*grid x 4*grid (the S/4 low-res logits of one class per image), or None."""
+    if mask_input is None:
+        return
+    expected = (batch, 1, 4 * grid[0], 4 * grid[1])
+    if not isinstance(mask_input, torch.Tensor) or tuple(mask_input.shape) != expected:
+        shape = tuple(mask_input.shape) if isinstance(mask_input, torch.Tensor) else type(mask_input).__name__
+        raise MaskInputError(f"mask_input must be B x 1 x S/4 x S/4 low-res logits, here {expected} (one foreground "
+                             f"channel per image at the decoder's output size), got {shape}")
 
 
 def _merge_points_and_boxes(
