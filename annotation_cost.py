@@ -34,7 +34,6 @@ from scipy import ndimage
 
 MAX_CLICKS = 20
 STOP_IOU = 0.90
-NOC_THRESHOLDS = (0.85, 0.90)
 NOT_REACHED = "not reached"  # a NoC cell when the IoU was not reached within MAX_CLICKS
 
 ClickCount = Union[int, str]  # a number of clicks, or NOT_REACHED

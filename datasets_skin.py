@@ -501,9 +501,12 @@ def decode_mask(path: Path, size: Optional[int], notes: Optional[MaskNotes] = No
     mask = content.lesion()
     if notes is not None:
         notes.record(content.path, content.levels, empty=not mask.any(), mode=content.mode)
-    if size is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-    return mask
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """H x W uint8 class indices -> size x size, nearest neighbour: how a training label is made from its mask."""
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
 def require_a_lesion(masks: Iterable[np.ndarray], where: str) -> None:
