@@ -20,14 +20,13 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import annotation_cost
 from annotation_cost import Click
 from datasets_skin import resize_mask
 from sam2.sam2_image_predictor import LOW_RES_LOGIT_CLAMP
-from sam_lora_image_encoder_prompt import PROMPT_MODES, foreground_mask
-from val import logits_to_label_map
+from sam_lora_image_encoder_prompt import PROMPT_MODES
+from val import class_masks, logits_to_label_map
 
 COST_MODES = ("none", "pixels", "clicks")
 COST_COLUMNS = ("dice", "changed_fraction", "clicks_85", "clicks_90")
@@ -73,8 +72,8 @@ class ClickPredictor:
                                                                               LOW_RES_LOGIT_CLAMP)
             self.logits = self.model.predict_logits(None, self.decoder, points=(coords, labels),
                                                     features=self.features, mask_input=previous)
-        upsampled = F.interpolate(self.logits, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return foreground_mask(upsampled)[0].cpu().numpy()
+        masks = class_masks(self.logits[0], (self.size, self.size))  # as validation upsamples and thresholds
+        return torch.stack(masks).any(dim=0).cpu().numpy()
 
 
 def proposal_cost(model: torch.nn.Module, image: torch.Tensor, truth: np.ndarray, mode: str = "pixels",
