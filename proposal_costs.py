@@ -90,8 +90,11 @@ def proposal_cost(model: torch.nn.Module, image: torch.Tensor, truth: np.ndarray
     if mode == "none":
         return row
     truth = np.asarray(truth)
-    if truth.ndim != 2:
+    if truth.ndim != 2 or truth.size == 0:
         raise ValueError(f"a truth must be an H x W mask, got shape {truth.shape}")
+    if int(truth.max()) > model.num_classes:
+        raise ValueError(f"a truth must hold class indices 0..{model.num_classes}, got a pixel of {int(truth.max())} "
+                         "(a 0/255 mask? read masks with datasets_skin.decode_mask)")
     device = next(model.parameters()).device
     features = model.encode(image[None].to(device))
     predict = ClickPredictor(model, features, decoder, mask_input)

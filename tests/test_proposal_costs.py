@@ -93,6 +93,8 @@ def test_cost_modes_compute_what_they_name():
     assert row["dice"] == 0.0 and row["clicks_85"] is None and row["clicks_90"] is None
     with pytest.raises(ValueError, match="none, pixels, clicks|'none', 'pixels', 'clicks'"):
         proposal_cost(model, torch.zeros(3, S, S), photo_truth(), "seconds")
+    with pytest.raises(ValueError, match="class indices 0..1, got a pixel of 255"):
+        proposal_cost(model, torch.zeros(3, S, S), photo_truth() * 255, "pixels")
     with pytest.raises(ValueError, match="2 images but 1 truths"):
         proposal_costs(model, torch.zeros(2, 3, S, S), [photo_truth()])
 
