@@ -66,8 +66,8 @@ def _spacing_vector(spacing: Spacing) -> np.ndarray:
     if spacing is None:
         return np.ones(2)
     vector = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,))
-    if not np.all(vector > 0):
-        raise ValueError(f"spacing must be positive, got {spacing!r}.")
+    if not np.all((vector > 0) & np.isfinite(vector)):
+        raise ValueError(f"spacing must be positive and finite, got {spacing!r}.")
     return vector
 
 
@@ -644,8 +644,8 @@ def flag_problem(args: argparse.Namespace) -> Optional[str]:
         problem = f"--num_workers must be 0 (load in this process) or more, got {args.num_workers}"
     if args.num_classes > 4:
         problem = f"--num_classes must be 1..4 (one SAM2 mask token per class), got {args.num_classes}"
-    if args.spacing is not None and not args.spacing > 0:
-        problem = f"--spacing must be a positive pixel size, got {args.spacing}"
+    if args.spacing is not None and not 0 < args.spacing < float("inf"):
+        problem = f"--spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {args.spacing}"
     return problem
 
 

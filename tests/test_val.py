@@ -629,3 +629,15 @@ def test_validate_reference_scores_each_image_and_averages(synthetic_root):
     assert [r["name"] for r in result["rows"]] == dataset.names
     assert result["mean"]["dice"] == pytest.approx(np.mean([d for d, _ in per_image]), abs=1e-6)
     assert result["mean"]["hd95"] == pytest.approx(np.mean([h for _, h in per_image]), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue 26: hostile inputs, round 2
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf"])
+def test_cli_spacing_must_be_a_positive_finite_pixel_size(value, synthetic_root, tmp_path, capsys):
+    """--spacing inf was a ValueError traceback (0, negative and NaN were refused already)."""
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", tmp_path / "best.pth", f"--spacing={value}"], capsys)
+    assert err == f"error: --spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {float(value)}\n"
+    with pytest.raises(ValueError, match="finite"):
+        val.segmentation_metrics(np.ones((4, 4)), np.zeros((4, 4)), spacing=float(value))
+
