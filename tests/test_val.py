@@ -641,3 +641,22 @@ def test_cli_spacing_must_be_a_positive_finite_pixel_size(value, synthetic_root,
     with pytest.raises(ValueError, match="finite"):
         val.segmentation_metrics(np.ones((4, 4)), np.zeros((4, 4)), spacing=float(value))
 
+
+def test_cli_refuses_a_checkpoint_holding_nan_or_inf_naming_the_tensors(tiny_model_file, synthetic_root, tmp_path,
+                                                                        capsys):
+    """A checkpoint of a diverged model was scored (exit 0, metrics written); now refused as the trainer refuses
+    non-finite weights, naming the first tensors."""
+    state = torch.load(tiny_model_file, weights_only=True)
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    broken = [floats[2], floats[5], floats[7], floats[-1]]  # in the file's order
+    for key, bad in zip(broken, (float("nan"), float("inf"), float("-inf"), float("nan"))):
+        state[key] = torch.zeros(state[key].shape).index_fill_(0, torch.tensor([0]), bad)  # one bad value each
+    path = tmp_path / "best_model_dice0.9000.pth"
+    torch.save(state, path)
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", path, "--model_cfg", "sam2.1_hiera_t", "--gpu", "cpu",
+                   "--img_size", "64"], capsys)
+    assert err == (f"error: --checkpoint: {path} holds NaN or inf in 4 tensors ({broken[0]}, {broken[1]}, {broken[2]} "
+                   "and 1 more): a model saved after training diverged, whose scores would mean nothing; use a checkpoint "
+                   "saved before the divergence\n")
+    assert not (tmp_path / "metrics_Validation.csv").exists()
+
