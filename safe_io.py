@@ -8,6 +8,8 @@
 * ``atomic_folder(path)``: the same for a whole folder (the demo's synthetic data set): filled under a temporary
   name, renamed into place when complete.
 * ``probe_writable(path)``: the error writing ``path`` would raise, before any work is done for it.
+* ``replaced_input(output, inputs)``: the input that writing ``output`` would replace (a command's output must be
+  none of its inputs).
 * ``WriteError``: a write that failed for a reason of the disk (full, read-only, no permission), naming the path;
   what was half-written is removed first.
 * ``load_torch_file(path)``: ``torch.load(..., weights_only=True)``; any failure is one ``CheckpointFileError``
@@ -31,7 +33,7 @@ import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names in protocol-2 pickles
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, FrozenSet, Iterator, List, Optional, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Union
 
 import torch
 
@@ -125,6 +127,24 @@ def probe_writable(path: PathLike) -> None:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
     os.unlink(_new_temp_file(path))
+
+
+def replaced_input(output: PathLike, inputs: Iterable[PathLike]) -> Optional[Path]:
+    """The first of ``inputs`` that writing ``output`` would replace: the same file on disk (the same path once
+    resolved, or a symbolic or hard link to it); None when there is none. An ``output`` that does not exist yet is
+    no input, so ``inputs`` (any iterable, read lazily) is then not read at all. Every command refuses an output that
+    is one of its inputs (a checkpoint, an image, a mask, an export) before it does any work."""
+    try:
+        written = os.stat(output)
+    except OSError:
+        return None
+    for path in inputs:
+        try:
+            if os.path.samestat(written, os.stat(path)):
+                return Path(path)
+        except OSError:  # an input that is not there cannot be replaced
+            continue
+    return None
 
 
 def _new_temp_file(path: Path) -> str:

@@ -164,3 +164,26 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     with pytest.raises(safe_io.WriteError, match=rf"cannot write {tmp_path}/run/a.txt: {tmp_path}/run is not "
                                                  r"writable \(read-only file system\)"):
         safe_io.atomic_write_text(tmp_path / "run" / "a.txt", "x")
+
+
+# ----------------------------------------------------------------------------- issue 26: an output that is an input
+
+def test_replaced_input_is_the_same_file_by_path_or_by_link(tmp_path):
+    checkpoint, other = tmp_path / "best.pth", tmp_path / "copy.pth"
+    checkpoint.write_bytes(b"weights")
+    other.write_bytes(b"weights")  # the same bytes, another file: writing it replaces no input
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "symlink.csv").symlink_to(checkpoint)
+    os.link(checkpoint, tmp_path / "hard_link.csv")
+    inputs = [tmp_path / "missing.pth", other, checkpoint]
+    for output in (checkpoint, tmp_path / "sub" / ".." / "best.pth", tmp_path / "symlink.csv",
+                   tmp_path / "hard_link.csv"):
+        assert safe_io.replaced_input(output, inputs) == checkpoint, output
+    assert safe_io.replaced_input(tmp_path / "metrics.csv", inputs) is None
+    assert safe_io.replaced_input(other, [checkpoint]) is None
+
+    def never_listed():
+        raise AssertionError("an output that does not exist yet replaces nothing: the inputs are not listed")
+        yield
+
+    assert safe_io.replaced_input(tmp_path / "new.csv", never_listed()) is None

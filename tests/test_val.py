@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -660,3 +661,31 @@ def test_cli_refuses_a_checkpoint_holding_nan_or_inf_naming_the_tensors(tiny_mod
                    "saved before the divergence\n")
     assert not (tmp_path / "metrics_Validation.csv").exists()
 
+
+def test_cli_output_that_is_one_of_its_inputs_is_refused_and_left_as_it_was(tiny_model_file, synthetic_copy, tmp_path,
+                                                                          capsys):
+    """--output_csv naming the --checkpoint overwrote it with the metrics; no output may replace an input: the
+    checkpoint (by its path, a symbolic or a hard link to it), the split's images and masks, the predictions."""
+    checkpoint = tmp_path / "best_model_dice0.5000.pth"
+    checkpoint.write_bytes(tiny_model_file.read_bytes())
+    (tmp_path / "link.pth").symlink_to(checkpoint)
+    os.link(checkpoint, tmp_path / "hard_link.csv")
+    model = ["--model_cfg", "sam2.1_hiera_t", "--img_size", "64", "--gpu", "cpu", "--checkpoint", checkpoint]
+    images, masks = ds.find_split(synthetic_copy, "Validation")
+    pred_dir = tmp_path / "preds"
+    pred_dir.mkdir()
+    for mask in masks.iterdir():
+        (pred_dir / mask.name).write_bytes(mask.read_bytes())
+    mask, image, prediction = sorted(masks.iterdir())[1], sorted(images.iterdir())[0], sorted(pred_dir.iterdir())[2]
+    os.link(mask, tmp_path / "mask_link.csv")
+    cases = [(model, checkpoint, checkpoint, "--checkpoint"), (model, tmp_path / "link.pth", checkpoint, "--checkpoint"),
+             (model, tmp_path / "hard_link.csv", checkpoint, "--checkpoint"),
+             (["--pred_dir", pred_dir], mask, mask, "--data_root"), (["--pred_dir", pred_dir], image, image, "--data_root"),
+             (["--pred_dir", pred_dir], tmp_path / "mask_link.csv", mask, "--data_root"),
+             (["--pred_dir", pred_dir], prediction, prediction, "--pred_dir")]
+    before = {path: path.read_bytes() for path in (checkpoint, mask, image, prediction)}
+    for source, output, replaced, flag in cases:
+        err = run_cli(["--data_root", synthetic_copy, *source, "--output_csv", output], capsys)
+        assert err == (f"error: --output_csv {output} is {replaced}, an input ({flag}): writing the metrics there would "
+                       "replace it; choose another --output_csv (nothing was evaluated)\n"), err
+        assert {path: path.read_bytes() for path in before} == before
