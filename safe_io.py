@@ -17,7 +17,8 @@
   damage by reading the pickle's opcodes with ``pickled_code``, never by running it).
 
 Temporary files are named ``.tmp-<name>-<random><suffix>`` (folders ``.tmp-<name>-<random>``) so that a process
-killed mid-write leaves something recognisable (``stale_temp_files``), which ``remove_stale_temps`` removes.
+killed mid-write leaves something recognisable (``stale_temp_files``), which ``remove_stale_temps`` removes. A long
+name is cut so that the temporary name is no longer than the final one: it fits wherever the final name fits.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 TEMP_PREFIX = ".tmp-"
+TEMP_RANDOM = 8  # the random characters tempfile puts in a name
+TEMP_EXTRA = len(TEMP_PREFIX) + 1 + TEMP_RANDOM  # what a temporary name adds to a stem: ".tmp-", "-", the random part
+WHOLE_STEM = 50  # stems up to this long stay whole in a temporary name (at most 64 characters and the suffix)
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
 os.umask(_UMASK)
 
@@ -63,6 +67,8 @@ class WriteError(OSError):
         where = named if named is not None and not named.name.startswith(TEMP_PREFIX) else self.path.parent
         if self.full:
             why = f"{_DISK_FULL[err.errno]} ({err.strerror})"
+        elif err.errno == errno.ENAMETOOLONG:  # no space or permission helps: say which name
+            why = _name_too_long(self.path)
         else:
             why = ("" if where == self.path else f"{where} is ") + \
                 f"not writable ({_NOT_WRITABLE.get(err.errno, err.strerror)})"
@@ -75,6 +81,21 @@ class WriteError(OSError):
     def about_the_disk(err: BaseException) -> bool:
         """Whether ``err`` is an OSError of a full or not writable disk (not, e.g., a missing file being read)."""
         return isinstance(err, OSError) and (err.errno in _DISK_FULL or err.errno in _NOT_WRITABLE)
+
+
+def _name_too_long(path: Path) -> str:
+    """Which name in ``path`` is longer than its file system allows (else: the whole path is too long)."""
+    folder = next((p for p in path.parents if p.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # what Linux and macOS file systems allow
+    longest = max(path.parts, key=len)
+    if len(longest) <= limit:
+        return f"its path is {len(str(path))} characters long, longer than the system allows; choose a shorter path"
+    what = "its name" if longest == path.name else f"the folder name {longest[:24]}... in it"
+    return (f"{what} is {len(longest)} characters long, longer than the file system allows there ({limit}); choose a "
+            "shorter name")
 
 
 @contextmanager
@@ -147,10 +168,17 @@ def replaced_input(output: PathLike, inputs: Iterable[PathLike]) -> Optional[Pat
     return None
 
 
+def _temp_prefix(stem: str) -> str:
+    """``.tmp-<stem>-``, the start of a temporary name (then tempfile's TEMP_RANDOM characters, then the suffix).
+    A stem longer than WHOLE_STEM loses its last characters, so that the temporary name is no longer than the final
+    name (or than WHOLE_STEM + TEMP_EXTRA + the suffix): it fits wherever the final name fits."""
+    return f"{TEMP_PREFIX}{stem[:max(WHOLE_STEM, len(stem) - TEMP_EXTRA)]}-"
+
+
 def _new_temp_file(path: Path) -> str:
     """An empty temporary file beside ``path`` (its folder created), named to be found by ``remove_stale_temps``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.stem), suffix=path.suffix, dir=path.parent)
     os.close(handle)
     return tmp
 
@@ -183,7 +211,7 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     block leaves only the temporary folder, never a half-filled ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent)
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     with _renamed_into_place(Path(tmp), path, lambda t: shutil.rmtree(t, ignore_errors=True)) as written:
         yield written
@@ -191,9 +219,10 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
 
 def stale_temp_files(folder: PathLike, name: str = "") -> List[Path]:
     """Temporary files and folders that ``atomic_path``/``atomic_folder`` left in ``folder`` (not recursive) when a
-    process was killed mid-write; with ``name``, only those of the target called ``name`` (a file's stem)."""
+    process was killed mid-write; with ``name``, only those of the target called ``name`` (a file's stem, a folder's
+    name; a long one: of any target whose name starts as its temporary name does, see ``_temp_prefix``)."""
     folder = Path(folder)
-    pattern = f"{TEMP_PREFIX}{name}-*" if name else f"{TEMP_PREFIX}*"
+    pattern = f"{_temp_prefix(name)}*" if name else f"{TEMP_PREFIX}*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() or p.is_dir()) if folder.is_dir() else []
 
 

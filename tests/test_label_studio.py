@@ -379,3 +379,27 @@ def test_the_command_writes_masks_or_says_in_one_line_what_is_wrong(fresh, tmp_p
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("label_studio.py import: --export: ") and "another run" in err
+
+
+# ----------------------------------------------------------------------------- issue 26: hostile inputs, round 2
+
+def test_a_round_of_an_image_named_with_230_characters_is_written_and_imported(tmp_path):
+    """Its mask's name (230 + 17 characters) fits the file system, but the temporary file it was written through
+    did not: "round folder not writable", whatever space was freed (safe_io names temporary files to fit)."""
+    data = make_synthetic_isic(tmp_path / "data", n_train=1, n_val=1, size=96, seed=2)
+    image_dir, mask_dir = data / "Training_Data", data / "Training_GroundTruth"
+    (image,) = image_dir.iterdir()
+    stem = "ISIC_" + "7" * 225
+    image.rename(image_dir / f"{stem}.jpg")
+    truth = np.asarray(Image.open(next(mask_dir.iterdir()))) > 127
+    shutil.rmtree(mask_dir)
+    (sample,) = discover_samples(image_dir, mask_dir, unlabeled_ok=True)
+    item = annotation_rounds.RoundItem(sample, 0.5, 1, np.zeros(sample.orig_size, bool))
+    round_dir = tmp_path / "root" / "round_003"
+    annotation_rounds.write_round(round_dir, [item])
+    label_studio.write_round_files(round_dir, [item], RUN_ID, ROUND, tmp_path / "root")
+    export = write_export(tmp_path / "e.json", export_of(round_dir, {f"{stem}.jpg": [annotation([brush_region(truth)])]}))
+    (written,) = label_studio.import_export(export, round_dir).written
+    assert written.name == f"{stem}_segmentation.png" and len(written.name) == 247
+    np.testing.assert_array_equal(np.asarray(Image.open(written)) > 0, truth)
+    assert (round_dir / f"{stem}_proposal.png").is_file() and not safe_io.stale_temp_files(round_dir)
