@@ -20,7 +20,9 @@ silently count as all skin), and so is a validation set whose masks are all empt
 that point nowhere are left out with a warning. Order is sorted by image name, so indices are stable across runs.
 
 Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
-truncation; no full decode), so a bad file stops the run before any training with a message naming it. A
+truncation; no full decode, except of a file without its end marker: refused only when it cannot be decoded
+completely, since a complete file may carry bytes after its end), so a bad file stops the run before any training
+with a message naming it. A
 header claiming more than ``max_image_pixels`` pixels is refused (``ImageTooLargeError``, see
 ``DEFAULT_MAX_IMAGE_PIXELS``). Images without a mask are listed once in a warning and left out, except with ``unlabeled_ok`` (images a person is to
 annotate: they are kept, and their masks are checked by whoever reads them).
@@ -183,15 +185,34 @@ def _list_images(image_dir: Path) -> Dict[str, Path]:
     return by_name
 
 
-def _check_not_truncated(path: Path, fmt: str) -> None:
-    """Cheap truncation check: JPEG and PNG files end with a known marker (reads the last bytes only)."""
+def _ends_with_marker(path: Path, fmt: str) -> bool:
+    """Whether a JPEG or PNG file ends with its end-of-file marker (reads the last bytes only)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 64))
         tail = f.read()
-    ok = b"\xff\xd9" in tail if fmt == "JPEG" else b"IEND" in tail[-12:]
-    if not ok:
-        raise DatasetError(f"{str(path)!r} looks truncated (no end-of-file marker); re-download or replace it.")
+    return b"\xff\xd9" in tail if fmt == "JPEG" else b"IEND" in tail[-12:]
+
+
+def decode_problem(path: Path) -> Optional[str]:
+    """Why PIL cannot decode ``path`` completely (e.g. "image file is truncated"); None when it can."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _check_not_truncated(path: Path, fmt: str) -> None:
+    """Cheap truncation check: JPEG and PNG files end with a known marker. A file without it is decoded once and
+    refused only when that fails: bytes after the end marker (some cameras and exporters write them) are harmless."""
+    if _ends_with_marker(path, fmt):
+        return
+    problem = decode_problem(path)
+    if problem is not None:
+        raise DatasetError(f"{str(path)!r} is truncated: it has no end-of-file marker and cannot be decoded completely "
+                           f"({problem}); re-download or replace it.")
 
 
 def _let_pil_open(max_pixels: int) -> None:
