@@ -248,6 +248,28 @@ def read_image_size(path: Path, check_end: bool = True,
     return height, width
 
 
+EXIF_ORIENTATION = 0x0112
+TURNED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations a viewer shows turned by 90 degrees
+
+
+def turned_mask_hint(image_path: Path, image_size: Tuple[int, int], mask_size: Tuple[int, int]) -> str:
+    """What a size mismatch adds when the mask (H, W) has its image's size turned by 90 degrees: most likely drawn
+    on the image as a viewer shows it, turned by its EXIF orientation tag, whereas pixels are read as stored (as the
+    reference reads them). Empty for any other mismatch."""
+    if tuple(mask_size) != tuple(image_size)[::-1]:
+        return ""
+    try:
+        with Image.open(image_path) as im:
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError):
+        orientation = None
+    why = (f"it was drawn on the image as viewers show it: its EXIF orientation tag ({orientation}) shows it turned"
+           if orientation in TURNED_ORIENTATIONS else
+           "was it drawn on a turned copy (e.g. one a viewer turned by an EXIF orientation tag)?")
+    return (f"; the mask has the image's size turned by 90 degrees: {why}; masks follow the pixels as stored (read "
+            "without the EXIF turn, as the reference does): turn the mask back")
+
+
 def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True,
                      unlabeled_ok: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> List[SampleFiles]:
     """Pair every image in ``image_dir`` with its mask in ``mask_dir`` (sorted by name).
@@ -282,10 +304,9 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
             size = read_image_size(image_path, max_pixels=max_image_pixels)
             mask_size = read_image_size(mask_path, max_pixels=max_image_pixels)
             if mask_size != size:
-                raise DatasetError(
-                    f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image {image_path.name} is "
-                    f"{size[1]}x{size[0]} (W x H); masks must match their image's size."
-                )
+                hint = turned_mask_hint(image_path, size, mask_size) or "; masks must match their image's size"
+                raise DatasetError(f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image "
+                                   f"{image_path.name} is {size[1]}x{size[0]} (W x H){hint}.")
         else:  # sizes are still needed (original-size metrics); one header read, errors name the file
             size = read_image_size(image_path, check_end=False, max_pixels=max_image_pixels)
         samples.append(SampleFiles(name, image_path, mask_path, size))

@@ -611,3 +611,21 @@ def test_complete_files_with_bytes_after_their_end_are_read_truly_truncated_ones
                                                r"decoded completely \(image file is truncated"):
             ds.SemiSupervisedSkinDataset(images, masks, 32)
         victim.write_bytes(whole)
+
+
+def test_a_mask_of_the_image_turned_by_its_exif_tag_is_said_so(synthetic_copy):
+    """A mask drawn on the image as a viewer shows it (turned by its EXIF orientation) is refused, saying why."""
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    image, mask = images / "ISIC_0000002.jpg", masks / "ISIC_0000002_segmentation.png"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    with Image.open(image) as im:
+        width, height = im.size
+        im.save(image, exif=exif)
+    with Image.open(mask) as im:
+        im.transpose(Image.Transpose.ROTATE_90).save(mask)
+    with pytest.raises(DatasetError) as err:
+        ds.SemiSupervisedSkinDataset(images, masks, 32)
+    assert str(err.value).startswith(f"Mask '{mask}' is {height}x{width} but its image {image.name} is {width}x{height} "
+                                     "(W x H); the mask has the image's size turned by 90 degrees: it was drawn on the "
+                                     "image as viewers show it: its EXIF orientation tag (8) shows it turned"), err.value
