@@ -319,12 +319,48 @@ def read_export(export_path: PathLike) -> List[dict]:
     return tasks
 
 
+JSON_KINDS = {list: "a list", dict: "an object", str: "text", int: "a whole number"}
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in the words of the export's messages."""
+    if isinstance(value, bool) or value is None:
+        return "true/false" if value is not None else "null"
+    return next((said for kind, said in JSON_KINDS.items() if isinstance(value, kind)),
+                "a number" if isinstance(value, float) else type(value).__name__)
+
+
+def check_kind(value: object, kind: type, where: str, field: str) -> None:
+    """``ExportError`` naming ``where`` and ``field`` unless ``value`` is a JSON ``kind`` (a key of JSON_KINDS)."""
+    if json_kind(value) != JSON_KINDS[kind]:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ExportError(f"{where}: its {field} is {json_kind(value)} ({shown}), not {JSON_KINDS[kind]}; not an "
+                          "export Label Studio wrote (Export -> JSON): export the project again")
+
+
+def listed(value: object, where: str, field: str) -> list:
+    """An export's list ``field`` (absent or null: empty)."""
+    if value is None:
+        return []
+    check_kind(value, list, where, field)
+    return value
+
+
+def task_annotations(task: dict, where: str) -> List[dict]:
+    """The annotations of an exported task, each checked to be a JSON object."""
+    annotations = listed(task.get("annotations"), where, "annotations")
+    for number, annotation in enumerate(annotations):
+        check_kind(annotation, dict, where, f"annotation {number + 1}")
+    return annotations
+
+
 def task_round(task: dict, expected: RoundExpectation, where: str) -> int:
     """The round number of an exported task, after checking it is a task of the expected run."""
     data = task["data"]
     if RUN_KEY not in data or ROUND_KEY not in data or NAME_KEY not in data:
         raise ExportError(f"{where}: not a task of a trainer round (its data has no {RUN_KEY}/{ROUND_KEY}/"
                           f"{NAME_KEY}); export the project the round's {TASKS_FILE} was imported into")
+    check_kind(data[NAME_KEY], str, where, NAME_KEY)
     if str(data[RUN_KEY]) != expected.run_id:
         raise ExportError(f"{where}: a task of another run ({data[RUN_KEY]!r}; this round belongs to run "
                           f"{expected.run_id!r}); export the project of this run")
@@ -347,12 +383,15 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
         raise ExportError(f"{where}: a region that is not a JSON object ({type(region).__name__})")
     kind, tags = str(region.get("type", "")).lower(), (region.get("from_name"), region.get("to_name"))
     value = region.get("value") or {}
+    check_kind(value, dict, where, "value")
     if kind != "brushlabels" or tags != (BRUSH_TAG, IMAGE_TAG) or value.get("brushlabels") != [LESION_LABEL]:
         raise ExportError(f"{where}: a {kind or 'untyped'} region {tags[0]}->{tags[1]} labelled "
                           f"{value.get('brushlabels')}, not a '{LESION_LABEL}' brush of this interface; use the "
                           f"round's {INTERFACE_FILE}")
     height, width = size
     drawn = (region.get("original_height"), region.get("original_width"))
+    for field, pixels in zip(("original_height", "original_width"), drawn):
+        check_kind(pixels, int, where, field)
     if drawn != (height, width):
         raise ExportError(f"{where}: drawn on a {drawn[1]}x{drawn[0]} image, but the round's image is "
                           f"{width}x{height} (W x H)")
@@ -372,7 +411,7 @@ def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, wh
     name = task["data"][NAME_KEY]
     size = expected.sizes[name]
     mask = np.zeros(size, bool)
-    for number, region in enumerate(annotation.get("result") or []):
+    for number, region in enumerate(listed(annotation.get("result"), where, "result")):
         mask |= region_mask(region, size, f"{where}, region {number + 1}")
     who = annotation.get("completed_by")
     if isinstance(who, dict):  # some exports expand the user
@@ -392,13 +431,14 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
             continue
         name = task["data"][NAME_KEY]
         where += f" ({name})"
-        submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        annotations = task_annotations(task, where)
+        submitted = [a for a in annotations if not a.get("was_cancelled")]
         if len(submitted) > 1:
             raise ExportError(f"{where}: {len(submitted)} annotations (ids "
                               f"{', '.join(str(a.get('id')) for a in submitted)}); keep one in Label Studio, "
                               "delete the others, and export again")
         if not submitted:
-            skipped = any(a.get("was_cancelled") for a in task.get("annotations") or [])
+            skipped = any(a.get("was_cancelled") for a in annotations)
             if name not in content.masks:
                 content.not_returned[name] = SKIPPED if skipped else NOT_ANNOTATED
             continue

@@ -4,7 +4,9 @@ The brush RLE is Label Studio's SDK's; these tests check what our code does with
 threshold, merging), the tasks file's fields, and every refusal of the import, which leaves everything as it was.
 The export format is the one a 1.23 server writes (tests/test_label_studio_server.py checks it against a real one).
 """
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -403,3 +405,39 @@ def test_a_round_of_an_image_named_with_230_characters_is_written_and_imported(t
     assert written.name == f"{stem}_segmentation.png" and len(written.name) == 247
     np.testing.assert_array_equal(np.asarray(Image.open(written)) > 0, truth)
     assert (round_dir / f"{stem}_proposal.png").is_file() and not safe_io.stale_temp_files(round_dir)
+
+
+def first_region(task, **changes):
+    """``task`` with its first annotation's first region changed."""
+    task = json.loads(json.dumps(task))
+    task["annotations"][0]["result"][0].update(changes)
+    return task
+
+
+MALFORMED_EXPORTS = {  # AttributeError / TypeError tracebacks before; now the task and the field are named
+    "annotations text": (lambda t: {**t, "annotations": "done"}, "its annotations is text \\('done'\\), not a list"),
+    "annotations an object": (lambda t: {**t, "annotations": {"id": 21}},
+                              "its annotations is an object \\({'id': 21}\\), not a list"),
+    "an annotation not an object": (lambda t: {**t, "annotations": [21]},
+                                    "its annotation 1 is a whole number \\(21\\), not an object"),
+    "result an object": (lambda t: {**t, "annotations": [{**t["annotations"][0], "result": {"a": 1}}]},
+                         "annotation 21: its result is an object \\({'a': 1}\\), not a list"),
+    "value a list": (lambda t: first_region(t, value=[1, 2]),
+                     "annotation 21, region 1: its value is a list \\(\\[1, 2\\]\\), not an object"),
+    "mdsam_image a list": (lambda t: edited(t, mdsam_image=["a.jpg"]),
+                           ": its mdsam_image is a list \\(\\['a.jpg'\\]\\), not text"),
+    "original_width text": (lambda t: first_region(t, original_width=str(t["annotations"][0]["result"][0]
+                                                                      ["original_width"])),
+                            "annotation 21, region 1: its original_width is text \\('160'\\), not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_EXPORTS))
+def test_an_export_of_another_structure_names_the_task_and_field_and_writes_nothing(fresh, tmp_path, case):
+    change, message = MALFORMED_EXPORTS[case]
+    before = written_files(fresh.round_dir)
+    export = write_export(tmp_path / "export.json", [change(good_task(fresh))])
+    with pytest.raises(label_studio.ExportError, match=f"^{export}: task 100.*{message}; "):
+        label_studio.import_export(export, fresh.round_dir)
+    assert written_files(fresh.round_dir) == before
+
