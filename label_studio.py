@@ -44,7 +44,7 @@ from PIL import Image
 from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
 from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
 from run_folder import csv_text
-from safe_io import atomic_path, atomic_write_text
+from safe_io import WriteError, atomic_path, atomic_write_text, probe_writable, refusal_reason
 
 INTERFACE_FILE = "label_studio_interface.xml"
 TASKS_FILE = "label_studio_tasks.json"
@@ -477,6 +477,16 @@ def check_target(round_dir: Path, in_dataset: Dict[str, Path]) -> None:
                                "Studio go to the round folder (annotate/round_NNN), never into the data set")
 
 
+def check_writable(round_dir: Path) -> None:
+    """``RoundFolderError`` when nothing can be written into the round folder (before anything is)."""
+    try:
+        probe_writable(round_dir / ROUND_CSV)
+    except OSError as err:
+        advice = "free space there" if WriteError(round_dir, err).full else "make it writable"
+        raise RoundFolderError(f"cannot write into {round_dir} ({refusal_reason(err)}): {advice} and import again; "
+                               "nothing was written") from None
+
+
 def same_mask(path: Path, mask: np.ndarray) -> bool:
     try:
         return np.array_equal(decode_mask(path, None).astype(bool), mask)
@@ -549,6 +559,7 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     if clashes:
         raise MaskClashError(f"{len(clashes)} mask file(s) there already, never overwritten: "
                              f"{'; '.join(clashes)}. Move them away (or fix the annotation) and import again")
+    check_writable(round_dir)
     new = [m for m in content.masks.values() if mask_target(round_dir, m.image) not in unchanged]
     written = write_masks(new, round_dir)
     atomic_write_text(round_dir / ROUND_CSV, round_csv_text(content, expected))
@@ -558,7 +569,8 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
 
 # ----------------------------------------------------------------------------- command line
 
-FLAG_OF_ERROR = {ExportError: "--export", RoundFolderError: "--round_dir", MaskClashError: "--round_dir"}
+FLAG_OF_ERROR = {ExportError: "--export", RoundFolderError: "--round_dir", MaskClashError: "--round_dir",
+                 WriteError: "--round_dir"}
 
 
 def summary(result: ImportResult, round_dir: Path) -> str:
@@ -586,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = import_export(args.export, args.round_dir)
-    except LabelStudioError as err:
+    except (LabelStudioError, WriteError) as err:  # WriteError: the disk filled up while the masks were written
         flag = next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
         parser.exit(2, f"label_studio.py import: {flag + ': ' if flag else ''}{err}\n")
     print(summary(result, args.round_dir))

@@ -70,8 +70,7 @@ class WriteError(OSError):
         elif err.errno == errno.ENAMETOOLONG:  # no space or permission helps: say which name
             why = _name_too_long(self.path)
         else:
-            why = ("" if where == self.path else f"{where} is ") + \
-                f"not writable ({_NOT_WRITABLE.get(err.errno, err.strerror)})"
+            why = ("" if where == self.path else f"{where} is ") + f"not writable ({refusal_reason(err)})"
         super().__init__(err.errno, f"cannot write {self.path}: {why}; nothing half-written is left", str(self.path))
 
     def __str__(self) -> str:
@@ -96,6 +95,12 @@ def _name_too_long(path: Path) -> str:
     what = "its name" if longest == path.name else f"the folder name {longest[:24]}... in it"
     return (f"{what} is {len(longest)} characters long, longer than the file system allows there ({limit}); choose a "
             "shorter name")
+
+
+def refusal_reason(err: OSError) -> str:
+    """Why the disk refused a write, in a few words ("the disk is full", "read-only file system", ...; else the
+    system's own)."""
+    return _DISK_FULL.get(err.errno) or _NOT_WRITABLE.get(err.errno) or err.strerror or str(err)
 
 
 @contextmanager

@@ -441,3 +441,24 @@ def test_an_export_of_another_structure_names_the_task_and_field_and_writes_noth
         label_studio.import_export(export, fresh.round_dir)
     assert written_files(fresh.round_dir) == before
 
+
+def test_an_import_into_a_read_only_round_folder_is_one_line_and_writes_nothing(fresh, tmp_path, capsys, monkeypatch):
+    """A WriteError traceback with exit 1 before. (CI runs as root: the read-only file system is injected where a
+    file of the round folder would be made.)"""
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    before = written_files(fresh.round_dir)
+    made = safe_io.tempfile.mkstemp
+
+    def read_only_round(*args, dir=None, **kwargs):
+        if Path(dir) == fresh.round_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(fresh.round_dir))
+        return made(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", read_only_round)
+    with pytest.raises(SystemExit) as exit_info:
+        label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == (
+        f"label_studio.py import: --round_dir: cannot write into {fresh.round_dir} (read-only file system): make it "
+        "writable and import again; nothing was written\n")
+    assert written_files(fresh.round_dir) == before
