@@ -462,3 +462,21 @@ def test_an_import_into_a_read_only_round_folder_is_one_line_and_writes_nothing(
         f"label_studio.py import: --round_dir: cannot write into {fresh.round_dir} (read-only file system): make it "
         "writable and import again; nothing was written\n")
     assert written_files(fresh.round_dir) == before
+
+
+def test_a_disk_that_fills_up_during_the_import_is_one_line(fresh, tmp_path, capsys, monkeypatch):
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    before = written_files(fresh.round_dir)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(label_studio, "check_writable", lambda round_dir: None)  # the disk fills up after the probe
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", full)
+    with pytest.raises(SystemExit) as exit_info:
+        label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
+    mask = fresh.round_dir / f"{Path(fresh.items[0].sample.image_path.name).stem}_segmentation.png"
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"label_studio.py import: --round_dir: cannot write {mask}: the disk is full (No space left on device); "
+        "nothing half-written is left\n")
+    assert written_files(fresh.round_dir) == before
