@@ -626,6 +626,7 @@ def test_a_mask_of_the_image_turned_by_its_exif_tag_is_said_so(synthetic_copy):
         im.transpose(Image.Transpose.ROTATE_90).save(mask)
     with pytest.raises(DatasetError) as err:
         ds.SemiSupervisedSkinDataset(images, masks, 32)
-    assert str(err.value).startswith(f"Mask '{mask}' is {height}x{width} but its image {image.name} is {width}x{height} "
-                                     "(W x H); the mask has the image's size turned by 90 degrees: it was drawn on the "
-                                     "image as viewers show it: its EXIF orientation tag (8) shows it turned"), err.value
+    assert str(err.value).startswith(
+        f"Mask '{mask}' is {height}x{width} but its image {image.name} is {width}x{height} (W x H); the mask has the "
+        "image's size turned by 90 degrees: it was drawn on the image as viewers show it: its EXIF orientation tag (8) "
+        "shows it turned"), err.value

@@ -400,7 +400,8 @@ def test_a_round_of_an_image_named_with_230_characters_is_written_and_imported(t
     round_dir = tmp_path / "root" / "round_003"
     annotation_rounds.write_round(round_dir, [item])
     label_studio.write_round_files(round_dir, [item], RUN_ID, ROUND, tmp_path / "root")
-    export = write_export(tmp_path / "e.json", export_of(round_dir, {f"{stem}.jpg": [annotation([brush_region(truth)])]}))
+    export = write_export(tmp_path / "e.json",
+                          export_of(round_dir, {f"{stem}.jpg": [annotation([brush_region(truth)])]}))
     (written,) = label_studio.import_export(export, round_dir).written
     assert written.name == f"{stem}_segmentation.png" and len(written.name) == 247
     np.testing.assert_array_equal(np.asarray(Image.open(written)) > 0, truth)

@@ -657,8 +657,8 @@ def test_cli_refuses_a_checkpoint_holding_nan_or_inf_naming_the_tensors(tiny_mod
     err = run_cli(["--data_root", synthetic_root, "--checkpoint", path, "--model_cfg", "sam2.1_hiera_t", "--gpu", "cpu",
                    "--img_size", "64"], capsys)
     assert err == (f"error: --checkpoint: {path} holds NaN or inf in 4 tensors ({broken[0]}, {broken[1]}, {broken[2]} "
-                   "and 1 more): a model saved after training diverged, whose scores would mean nothing; use a checkpoint "
-                   "saved before the divergence\n")
+                   "and 1 more): a model saved after training diverged, whose scores would mean nothing; use a "
+                   "checkpoint saved before the divergence\n")
     assert not (tmp_path / "metrics_Validation.csv").exists()
 
 
@@ -678,14 +678,15 @@ def test_cli_output_that_is_one_of_its_inputs_is_refused_and_left_as_it_was(tiny
         (pred_dir / mask.name).write_bytes(mask.read_bytes())
     mask, image, prediction = sorted(masks.iterdir())[1], sorted(images.iterdir())[0], sorted(pred_dir.iterdir())[2]
     os.link(mask, tmp_path / "mask_link.csv")
-    cases = [(model, checkpoint, checkpoint, "--checkpoint"), (model, tmp_path / "link.pth", checkpoint, "--checkpoint"),
-             (model, tmp_path / "hard_link.csv", checkpoint, "--checkpoint"),
-             (["--pred_dir", pred_dir], mask, mask, "--data_root"), (["--pred_dir", pred_dir], image, image, "--data_root"),
-             (["--pred_dir", pred_dir], tmp_path / "mask_link.csv", mask, "--data_root"),
-             (["--pred_dir", pred_dir], prediction, prediction, "--pred_dir")]
+    scored = ["--pred_dir", pred_dir]
+    cases = [(model, checkpoint, checkpoint, "--checkpoint"),
+             (model, tmp_path / "link.pth", checkpoint, "--checkpoint"),
+             (model, tmp_path / "hard_link.csv", checkpoint, "--checkpoint"), (scored, mask, mask, "--data_root"),
+             (scored, image, image, "--data_root"), (scored, tmp_path / "mask_link.csv", mask, "--data_root"),
+             (scored, prediction, prediction, "--pred_dir")]
     before = {path: path.read_bytes() for path in (checkpoint, mask, image, prediction)}
     for source, output, replaced, flag in cases:
         err = run_cli(["--data_root", synthetic_copy, *source, "--output_csv", output], capsys)
-        assert err == (f"error: --output_csv {output} is {replaced}, an input ({flag}): writing the metrics there would "
-                       "replace it; choose another --output_csv (nothing was evaluated)\n"), err
+        assert err == (f"error: --output_csv {output} is {replaced}, an input ({flag}): writing the metrics there "
+                       "would replace it; choose another --output_csv (nothing was evaluated)\n"), err
         assert {path: path.read_bytes() for path in before} == before
