@@ -233,13 +233,15 @@ class Selection:
     """What a strategy chose: ``chosen`` (dataset indices, in the order chosen), ``scores`` (every pool image;
     higher = more worth annotating), ``ranking`` (optional: the whole pool in the strategy's order of preference,
     for a strategy that chooses a set rather than the top scores; default: by score), ``details`` (optional, per
-    image) and ``figure`` (optional 3 x H x W picture in [0, 1] for TensorBoard, e.g. why these were chosen)."""
+    image), ``figure`` (optional 3 x H x W picture in [0, 1] for TensorBoard, e.g. why these were chosen) and
+    ``strategy``, the name of the strategy that chose (al_selection.csv's strategy column)."""
 
     chosen: List[int]
     scores: Scores
     ranking: Optional[List[int]] = None
     details: Dict[int, dict] = field(default_factory=dict)
     figure: Optional[torch.Tensor] = None
+    strategy: str = ""  # the name of the strategy that made it (set by Strategy.select)
 
     def ranks(self) -> Dict[int, int]:
         """1-based rank of each pool image in ``ranking`` (default: highest score first, ties by index)."""
@@ -282,11 +284,12 @@ class Strategy(ABC):
         if context.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {context.batch_size}")
         if not pool:
-            return Selection([], {})
+            return Selection([], {}, strategy=self.name)
         selection = self.choose(context)
         bad = [index for index, value in selection.scores.items() if not np.isfinite(value)]
         if bad:
             raise RuntimeError(f"{self.name}: non-finite scores for images {bad[:5]} (model produced NaN/inf?)")
+        selection.strategy = self.name
         return selection
 
     @abstractmethod
@@ -772,6 +775,15 @@ def parse_pool_size(text: str) -> PoolSize:
     raise StrategySettingError(f"expected a number of images >= 1 or {ALL_UNLABELED!r}, got {text!r}")
 
 
+def draw_pool(unlabeled: Sequence[int], pool_size: PoolSize, seed: int, epoch: int) -> List[int]:
+    """The epoch's random pool: ``pool_size`` unlabeled images drawn by the (seed, epoch) generator, or all of them."""
+    if pool_size == ALL_UNLABELED:
+        return sorted(int(i) for i in unlabeled)
+    rng = np.random.default_rng([seed, epoch])
+    size = min(pool_size, len(unlabeled))
+    return sorted(int(i) for i in rng.choice(np.asarray(unlabeled), size=size, replace=False))
+
+
 @dataclass(frozen=True)
 class StrategyChoice:
     """A strategy and the pool it selects from: "NAME" or "NAME@POOL" (POOL: a number of images or "all"; without
@@ -797,6 +809,49 @@ def parse_first_round(text: str) -> str:
     return NO_FIRST_ROUND if text == NO_FIRST_ROUND else str(StrategyChoice.parse(text))
 
 
-def first_round_choice(text: str) -> Optional[StrategyChoice]:
-    """The strategy choice of a --first_round value (None for "none")."""
-    return None if text in (NO_FIRST_ROUND, None) else StrategyChoice.parse(text)
+@dataclass(frozen=True)
+class EpochSelector:
+    """Who selects in an epoch: a strategy and the size of the random pool it selects from."""
+
+    strategy: Strategy
+    pool_size: PoolSize
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """Which strategy selects in each epoch of a run, and from which pool, decided once when the run starts:
+    ``first`` (--first_round) in epoch 1 when given, ``later`` (--strategy over --pool_size) in every other epoch.
+    Each strategy is built once, so what it keeps between epochs (the embedding cache) is kept for the run."""
+
+    later: EpochSelector
+    first: Optional[EpochSelector] = None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, object]) -> "SelectionPlan":
+        """The plan of a run's settings (the trainer's flags, or a run folder's config): strategy, pool_size,
+        first_round ("none" or NAME[@POOL], its pool defaulting to pool_size) and each strategy's parameters."""
+        def selector(name: str, pool_size: PoolSize) -> EpochSelector:
+            return EpochSelector(ActiveLearningStrategyFactory.from_settings(name, settings), pool_size)
+
+        pool_size = settings["pool_size"]
+        first = settings.get("first_round", NO_FIRST_ROUND)
+        first = None if first in (NO_FIRST_ROUND, None) else StrategyChoice.parse(str(first))
+        return cls(selector(str(settings["strategy"]), pool_size),
+                   None if first is None else selector(first.name, first.pool_size or pool_size))
+
+    def for_epoch(self, epoch: int) -> EpochSelector:
+        return self.first if epoch == 1 and self.first is not None else self.later
+
+    @property
+    def selectors(self) -> List[EpochSelector]:
+        """Every selector of the run: ``later``, then ``first`` when given."""
+        return [self.later] + ([self.first] if self.first is not None else [])
+
+    def parameters(self) -> List[Parameter]:
+        """The parameters of every strategy the run uses, once each (settings a resumed run must repeat)."""
+        found = {p.name: p for s in self.selectors for p in s.strategy.parameters}
+        return list(found.values())

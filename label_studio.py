@@ -43,8 +43,7 @@ from PIL import Image
 
 from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
 from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
-from run_folder import csv_text
-from safe_io import WriteError, atomic_path, atomic_write_text, probe_writable, refusal_reason
+from safe_io import WriteError, atomic_path, atomic_write_text, csv_text, probe_writable, refusal_reason
 
 INTERFACE_FILE = "label_studio_interface.xml"
 TASKS_FILE = "label_studio_tasks.json"
@@ -96,14 +95,6 @@ def brush_module():
         raise SdkMissingError(f"the Label Studio files of a round need label-studio-sdk ({err}); install it with "
                               f"`{SDK_HINT}`") from None
     return brush
-
-
-def sdk_available() -> bool:
-    try:
-        brush_module()
-    except SdkMissingError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- out: interface and tasks

@@ -23,7 +23,6 @@ Problems are ``RunFolderError``s naming the file; the trainer adds the flags.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from folder_lock import FolderLock, FolderLocked  # noqa: F401 - FolderLocked: open_for_run raises it
-from safe_io import CheckpointFileError, atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
+from safe_io import (CheckpointFileError, atomic_torch_save, atomic_write_text, csv_text, load_torch_file,
+                     remove_stale_temps)
 
 CONFIG = "config.txt"
 SELECTION = "al_selection.csv"
@@ -179,13 +179,7 @@ def image_changes(recorded: Mapping[str, Mapping[str, int]], current: Mapping[st
     return [change for change in found if change[2]]
 
 
-# ----------------------------------------------------------------------------- CSV helpers
-
-def csv_text(rows: Sequence[Sequence]) -> str:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return text.getvalue()
-
+# ----------------------------------------------------------------------------- CSV rows
 
 def selection_row_ok(row: List[str], columns: int) -> bool:
     try:
@@ -339,11 +333,6 @@ class RunFolder:
         if not old.startswith(",".join(SELECTION_HEADER) + "\n"):
             old = csv_text([SELECTION_HEADER] + self.read_selection())
         atomic_write_text(path, old + csv_text(rows))
-
-    def labeled_per_epoch(self) -> Dict[int, int]:
-        """epoch -> images labeled at its end (al_selection.csv holds one row per selected image)."""
-        epochs = [int(row[0]) for row in self.read_selection()]
-        return {e: sum(1 for x in epochs if x <= e) for e in sorted(set(epochs))}
 
     # ---- metrics.csv
 

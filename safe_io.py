@@ -22,6 +22,7 @@ name is cut so that the temporary name is no longer than the final one: it fits 
 """
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import os
@@ -34,7 +35,7 @@ import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names in protocol-2 pickles
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -191,6 +192,13 @@ def _new_temp_file(path: Path) -> str:
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def csv_text(rows: Sequence[Sequence]) -> str:
+    """``rows`` as CSV text (one ``\n``-ended line each), to write with ``atomic_write_text``."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
 
 
 def atomic_torch_save(obj: object, path: PathLike, before_rename: Optional[Callable[[], None]] = None) -> None:

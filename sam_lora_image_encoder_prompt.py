@@ -8,9 +8,9 @@ softmax foreground probability == sigmoid(SAM2 mask logit) and the untrained mod
 exactly zero-shot SAM2 (single-mask output with SAM2's stability fallback off: class c is
 always token c-1, the only heads the loss trains).
 
-The prompt helpers at the top of this module (largest component, EDT centre point,
-random point, box) are the one implementation of DESIGN decision 3; both the training
-forward and the active-learning strategies use them.
+``prompts_from_logits`` turns a batch of predicted masks into prompts with prompt_geometry's rules (largest
+component, EDT centre point, random point, box), the one implementation of DESIGN decision 3; both the training
+forward and the active-learning strategies use it.
 
 `LoRA_Sam` also reads the reference implementation's checkpoints (its full state_dict through
 `load_state_dict`, its LoRA-only file through `load_lora_parameters`), reproducing its LoRA exactly.
@@ -29,18 +29,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 
+from prompt_geometry import (box_from_mask, center_point_from_mask, largest_component, mask_box_to_input,
+                             mask_point_to_input, random_point_from_mask)
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
 from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
                             state_mismatch)
 from utils import nonfinite_names
 
 logger = logging.getLogger(__name__)
-
-ArrayLike = Union[np.ndarray, torch.Tensor]
-Point = Tuple[float, float]
-Box = Tuple[float, float, float, float]
 
 PROMPT_MODES = ("none", "point", "box", "point-box")
 NO_MEM_EMBED_KEY = "sam.no_mem_embed"
@@ -50,10 +47,6 @@ BOX_CORNER_LABELS = (2, 3)
 LORA_FILE_PREFIXES = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
 # "input": q/v updates as wide as the block's input, as the reference code; "output": as wide as q/v
 LORA_WIDTHS = ("input", "output")
-
-# 8-connectivity: pixels touching diagonally belong to the same component.
-_CONNECTIVITY = np.ones((3, 3), dtype=bool)
-
 
 def prompt_mode_of(text: str) -> str:
     """A prompt mode by name, or in the reference trainer's integer form (its ``--promptmode`` is an int, default 0):
@@ -71,95 +64,8 @@ def prompt_mode_of(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Prompt helpers (mask pixel coordinates: x = column index, y = row index)
+# Prompts derived from predicted masks (the geometry is prompt_geometry's)
 # --------------------------------------------------------------------------------------
-
-
-def _as_bool_mask(mask: ArrayLike) -> np.ndarray:
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D H x W mask, got shape {mask.shape}")
-    return mask.astype(bool, copy=False)
-
-
-def _image_centre(shape: Tuple[int, int]) -> Point:
-    """Centre of an H x W grid in pixel-index coordinates (x, y)."""
-    height, width = shape
-    return (width - 1) / 2.0, (height - 1) / 2.0
-
-
-def largest_component(mask: ArrayLike) -> np.ndarray:
-    """H x W bool -> H x W bool holding only the largest 8-connected foreground component.
-
-    Ties go to the component met first in raster order. An empty mask gives an empty mask.
-    """
-    mask = _as_bool_mask(mask)
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
-    if count == 0:
-        return np.zeros_like(mask)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return labels == int(np.argmax(sizes)) + 1
-
-
-def center_point_from_mask(mask: ArrayLike) -> Point:
-    """(x, y) of the pixel deepest inside the largest component of `mask`.
-
-    "Deepest" is the maximum of the Euclidean distance transform; the image border counts
-    as background so that a lesion cut by the border is not centred on the border. The
-    first maximum in raster order wins ties. An empty mask gives the image centre.
-    """
-    component = largest_component(mask)
-    if not component.any():
-        return _image_centre(component.shape)
-    distance = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return float(col), float(row)
-
-
-def random_point_from_mask(mask: ArrayLike, generator: np.random.Generator) -> Point:
-    """(x, y) of a pixel drawn uniformly from the largest component of `mask`.
-
-    An empty mask gives the image centre (and draws nothing from `generator`).
-    """
-    component = largest_component(mask)
-    flat = np.flatnonzero(component)
-    if flat.size == 0:
-        return _image_centre(component.shape)
-    row, col = np.unravel_index(int(flat[generator.integers(flat.size)]), component.shape)
-    return float(col), float(row)
-
-
-def box_from_mask(mask: ArrayLike) -> Box:
-    """(x0, y0, x1, y1): first and last column / row of the largest component (inclusive).
-
-    An empty mask gives the whole image.
-    """
-    component = largest_component(mask)
-    if not component.any():
-        height, width = component.shape
-        return 0.0, 0.0, float(width - 1), float(height - 1)
-    rows = np.flatnonzero(component.any(axis=1))
-    cols = np.flatnonzero(component.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
-
-
-def mask_point_to_input(point: Point, mask_shape: Tuple[int, int], image_size: int) -> Point:
-    """Pixel index on an h x w mask -> pixel index on the S x S model input.
-
-    The centre of mask cell `col` is input coordinate (col + 0.5) * S / w in continuous
-    units; the prompt encoder adds half a pixel to pixel indices, hence the final -0.5.
-    """
-    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
-    return (point[0] + 0.5) * scale_x - 0.5, (point[1] + 0.5) * scale_y - 0.5
-
-
-def mask_box_to_input(box: Box, mask_shape: Tuple[int, int], image_size: int) -> Box:
-    """Inclusive cell bounds on an h x w mask -> first / last covered input pixel indices."""
-    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
-    x0, y0, x1, y1 = box
-    return x0 * scale_x, y0 * scale_y, (x1 + 1) * scale_x - 1, (y1 + 1) * scale_y - 1
 
 
 def foreground_mask(logits: torch.Tensor) -> torch.Tensor:
@@ -875,6 +781,11 @@ class ModelInputError(ValueError):
         return f"{flag}{shown}: {self}"
 
 
+# What build_model_from_settings reads of a run's settings.
+MODEL_SETTINGS = ("model_cfg", "checkpoint", "img_size", "rank", "num_classes", "module", "lora_ckpt", "seed",
+                  "lora_width", "no_mem_embed")
+
+
 def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
                 num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
                 device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
@@ -991,18 +902,22 @@ def _read_full_weights(path: Union[str, os.PathLike], device: Union[torch.device
         raise ModelInputError("weights", str(err), holds=getattr(err, "holds", None)) from None
 
 
-def build_model_from_settings(settings: Dict[str, object], device: Union[torch.device, str] = "cpu",
+def build_model_from_settings(settings: Mapping[str, object], device: Union[torch.device, str] = "cpu",
                               weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
-    """The model a run's settings describe (trainer flags, or config.txt's text): model_cfg, checkpoint ("none" =
-    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed, lora_width, no_mem_embed
-    ("trainable" | "frozen"). With ``weights`` (a trained full state_dict) the SAM2 checkpoint is not read: every
-    weight comes from that file."""
-    def text(key: str, default: Optional[str] = None) -> Optional[str]:
-        value = settings.get(key, default)
+    """The model a run's settings describe: model_cfg, checkpoint ("none" = seeded random weights), img_size, rank,
+    num_classes, module, lora_ckpt, seed, lora_width, no_mem_embed ("trainable" | "frozen"), each required (the
+    trainer's prepared flags, or a run folder's ``{**settings.LEGACY, **config}``: a setting an older config.txt
+    lacks means how that run was made, not today's default). Values may be text (config.txt's). With ``weights``
+    (a trained full state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
+    missing = [key for key in MODEL_SETTINGS if key not in settings]
+    if missing:
+        raise KeyError(f"the model settings lack {', '.join(missing)}")
+
+    def text(key: str) -> Optional[str]:
+        value = settings[key]
         return None if value is None or str(value) in ("None", "none") else str(value)
 
     return build_model(text("model_cfg"), None if weights is not None else text("checkpoint"),
-                       int(settings["img_size"]), int(settings.get("rank", 4)), int(settings.get("num_classes", 1)),
-                       text("module", __name__), device, None if weights is not None else text("lora_ckpt"),
-                       int(settings.get("seed", 0)), weights, text("lora_width", "input"),
-                       text("no_mem_embed", "trainable") == "trainable")
+                       int(settings["img_size"]), int(settings["rank"]), int(settings["num_classes"]),
+                       text("module"), device, None if weights is not None else text("lora_ckpt"),
+                       int(settings["seed"]), weights, text("lora_width"), text("no_mem_embed") == "trainable")

@@ -475,14 +475,15 @@ def test_the_trainer_s_default_decode_is_a_full_decode_then_the_same_resize(tmp_
     """The trainer's default (--decode full, the reference's SkinTrainGenerator): every training and validation
     image equals PIL's full decode, convert('RGB'), then a bilinear resize to img_size x img_size, exactly. The
     images are large enough that a draft decode would differ (checked with --decode draft)."""
+    import settings
     import trainer
 
     root = synthetic_isic.make_synthetic_isic(tmp_path / "data", 2, 1, 0, size=1024, seed=2)
     common = ["--data_root", str(root), "--checkpoint", "none", "--img_size", "128", "--output", str(tmp_path / "o")]
 
     def images_of(argv):
-        parser = trainer.build_parser()
-        train_set, val_set = trainer.load_data(trainer.prepare_args(parser, parser.parse_args(argv), argv))
+        parser = settings.build_parser()
+        train_set, val_set = trainer.load_data(settings.prepare_args(parser, parser.parse_args(argv), argv))
         return [(s.image_path, train_set.resized_image(i)) for i, s in enumerate(train_set.samples)] + \
             [(val_set.dataset.samples[i].image_path, val_set.dataset.resized_image(i)) for i in val_set.indices]
 

@@ -340,6 +340,7 @@ def test_strategy_choices_and_pool_sizes_parse_or_say_why():
     (["--strategy", "probcover", "--probcover_delta", "-1"], "argument --probcover_delta: expected a number > 0"),
 ])
 def test_bad_strategy_flags_are_one_line(argv, message, tmp_path, capsys):
+    import settings
     import trainer
 
     with pytest.raises(SystemExit) as stop:
@@ -350,15 +351,15 @@ def test_bad_strategy_flags_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_new_parameters_have_one_way_in_and_a_resume_repeats_them():
-    import trainer
+    import settings
 
-    args = vars(trainer.build_parser().parse_args(["--probcover_delta", "0.3", "--coreset_features", "current",
+    args = vars(settings.build_parser().parse_args(["--probcover_delta", "0.3", "--coreset_features", "current",
                                                    "--pool_size", "all", "--first_round", "typiclust@all"]))
     assert ActiveLearningStrategyFactory.from_settings("probcover", args).delta == 0.3
     assert ActiveLearningStrategyFactory.from_settings("coreset", args).features == "current"
     assert args["pool_size"] == "all" and args["first_round"] == "typiclust@all"
-    assert "probcover_delta" in trainer.resume_keys("probcover") and "first_round" in trainer.resume_keys("random")
-    assert "coreset_features" in trainer.resume_keys("mask_difference", "coreset@all"), "the first round's too"
-    assert "coreset_features" not in trainer.resume_keys("mask_difference")
-    assert trainer.LEGACY["first_round"] == "none", "runs made before --first_round had none"
+    assert "probcover_delta" in settings.resume_keys("probcover") and "first_round" in settings.resume_keys("random")
+    assert "coreset_features" in settings.resume_keys("mask_difference", "coreset"), "the first round's too"
+    assert "coreset_features" not in settings.resume_keys("mask_difference")
+    assert settings.LEGACY["first_round"] == "none", "runs made before --first_round had none"
     assert MaskDifferenceStrategy.parameters == ActiveLearningStrategyFactory.parameters_of("mask_difference_diverse")

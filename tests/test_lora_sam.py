@@ -6,19 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prompt_geometry import (box_from_mask, center_point_from_mask, largest_component, mask_box_to_input,
+                             mask_point_to_input, random_point_from_mask)
 from safe_io import CheckpointFileError
 from sam2.build_sam import build_sam2
-from sam_lora_image_encoder_prompt import (
-    LoRA_Sam,
-    LoRAQKV,
-    box_from_mask,
-    center_point_from_mask,
-    largest_component,
-    mask_box_to_input,
-    mask_point_to_input,
-    prompts_from_logits,
-    random_point_from_mask,
-)
+from sam_lora_image_encoder_prompt import LoRA_Sam, LoRAQKV, prompts_from_logits
 
 SIZE = 128  # model input size for the model tests (hiera_t)
 

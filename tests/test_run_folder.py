@@ -231,7 +231,6 @@ def test_a_selection_log_without_the_strategy_column_is_read_and_completed_on_re
     (tmp_path / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,a,0.5,1\n1,b,0.25,2\n2,c,0.1,1\n")
     folder = RunFolder(tmp_path)
     assert folder.read_selection() == [["1", "a", "0.5", "1", ""], ["1", "b", "0.25", "2", ""], ["2", "c", "0.1", "1", ""]]
-    assert folder.labeled_per_epoch() == {1: 2, 2: 3}
     folder.reopen(ResumeState(1, {"strategy": "entropy"}, {}, {}, {}, ["a", "b"], 0.5, ""), "resumed at epoch 2")
     folder.append_selection([[2, "d", "0.3", 1, "entropy"]])
     assert rows_of(tmp_path / "al_selection.csv") == [
