@@ -35,6 +35,7 @@ from prompt_geometry import (box_from_mask, center_point_from_mask, largest_comp
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
 from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
                             state_mismatch)
+from utils import nonfinite_names
 
 logger = logging.getLogger(__name__)
 
@@ -858,7 +859,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
 class ModelFileError(CheckpointFileError):
     """A file given as a trained model holds something else. ``holds`` says what: "resume_state" (the trainer's
     last_state.pth), "sam2_weights" (official SAM2 weights), "lora_file" (``save_lora_parameters``),
-    "other_model" (a LoRA_Sam of another size, rank or class count) or "no_state_dict"."""
+    "other_model" (a LoRA_Sam of another size, rank or class count), "no_state_dict" or "nonfinite" (a LoRA_Sam
+    holding NaN or inf)."""
 
     def __init__(self, message: str, holds: str) -> None:
         super().__init__(message)
@@ -886,6 +888,12 @@ def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torc
     if not any(".attn.qkv.base." in k or REFERENCE_QKV_KEY.search(k) for k in tensors):
         raise ModelFileError(f"{path} is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a "
                              f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
+    bad = nonfinite_names(tensors)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ModelFileError(f"{path} holds NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''} ({shown}): "
+                             "a model saved after training diverged, whose scores would mean nothing; use a "
+                             "checkpoint saved before the divergence", "nonfinite")
     return tensors
 
 

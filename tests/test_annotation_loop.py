@@ -510,3 +510,24 @@ def test_a_returned_mask_is_read_by_its_mode(mode, pixels, problem, tmp_path):
     path = tmp_path / ("m.jpg" if mode == "CMYK" else "m.png")
     found, _ = annotation_rounds.mask_problem(sample, path)
     assert (found is None) if problem is None else (problem in found and found.startswith(str(path)))
+
+
+@pytest.mark.parametrize("orientation", [6, None])
+def test_a_mask_drawn_on_the_turned_image_says_exif(orientation, tmp_path):
+    """Issue 26: a mask in the orientation a viewer shows (the image turned by its EXIF tag) was refused with a size
+    message that did not say why the sizes were swapped. Without the tag, the turned size is still pointed out."""
+    image = tmp_path / "x.jpg"
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.new("RGB", (12, 8), (200, 150, 120)).save(image, exif=exif)
+    sample = SampleFiles("x", image, tmp_path / "x_segmentation.png", (8, 12))  # (H, W)
+    Image.new("L", (8, 12)).save(sample.mask_path)  # W x H swapped
+    problem, _ = annotation_rounds.mask_problem(sample)
+    said = "its EXIF orientation tag (6) shows it turned" if orientation else "drawn on a turned copy"
+    assert problem.startswith(f"{sample.mask_path}: 8x12 pixels, but its image x.jpg is 12x8 (W x H); the mask has "
+                              f"the image's size turned by 90 degrees: ") and said in problem, problem
+    assert problem.endswith("masks follow the pixels as stored (read without the EXIF turn, as the reference "
+                            "does): turn the mask back"), problem
+    Image.new("L", (9, 12)).save(sample.mask_path)
+    assert "EXIF" not in annotation_rounds.mask_problem(sample)[0]
