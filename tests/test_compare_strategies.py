@@ -223,7 +223,7 @@ def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones
     assert cs.main(request(data, out, "--collect")) == 0
     assert len(read_csv(out / "curves.csv")) == (len(STRATEGIES) * len(SEEDS) - 1) * EPOCHS
     summary = (out / "summary.md").read_text()
-    assert "Not in this report (unfinished): random/seed2 (new), zero_shot (not evaluated)." in summary
+    assert "Not in this report: random/seed2 (new), zero_shot (not evaluated)." in summary
     assert table_row(summary, "Validation Dice", "random")[1] == "1"
 
 
