@@ -64,8 +64,9 @@ class Plan:
 
 
 def run_state(run: Job) -> str:
-    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished
-    (the trainer's run folder says which, run_folder.RunFolder.status)."""
+    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished |
+    lost (records of finished epochs, but last_state.pth gone: neither continued nor restarted) (the trainer's run
+    folder says which, run_folder.RunFolder.status)."""
     from run_folder import RunFolder
 
     d = run.run_dir

@@ -92,7 +92,7 @@ class DeadRunUnchecked(RunFolderError):
 
     def __init__(self, folder: Path, missing: Sequence[str]) -> None:
         super().__init__(f"{folder} holds a run that stopped before finishing its first epoch (no {STATE}: nothing "
-                         f"to continue), but its {CONFIG} lacks {', '.join(missing)} (edited by hand?), so whether "
+                         f"to continue), but its {CONFIG} lacks {_some(list(missing))} (edited by hand?), so whether "
                          "this command is that run's cannot be checked; nothing was removed")
         self.missing = list(missing)
 

@@ -91,7 +91,8 @@ def test_existing_run_folder_is_refused_without_resume(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "config.txt").write_text("earlier run\n")
     err = run_main_expecting_error(["--demo", "--img_size", "128", "--output", str(tmp_path)], capsys)
-    assert "already holds a run" in err and "--resume" in err
+    assert f"{run_dir} holds a run that stopped before finishing its first epoch" in err
+    assert "config.txt lacks img_size, batch_size, pool_size and " in err and "choose another --output" in err
     assert (run_dir / "config.txt").read_text() == "earlier run\n"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt", "owner.lock"], "only the lock it held meanwhile"
 
