@@ -199,7 +199,7 @@ def run_id(annotate_dir: Path) -> str:
 
 
 def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_number: int, output: PathLike,
-                        num_classes: int) -> Tuple[Path, Path]:
+                        num_classes: int = 1) -> Tuple[Path, Path]:
     """``write_round_files`` for the trainer's round ``round_number`` in ``round_dir`` (OUTPUT/Skin_S/annotate/
     round_NNN): the run's id, the document root of ``document_root(output)``. Returns (tasks file, document root).
     Raises, before writing anything, ClassCountError, SdkMissingError or RoundFolderError."""

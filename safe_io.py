@@ -268,6 +268,11 @@ def load_torch_file(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointFileError(unloadable_file_message(path, err)) from None
 
 
+def first_names(names: Sequence[str], count: int = 3) -> str:
+    """The first ``count`` of ``names``, and how many more: "a, b, c and 4 more" (in one-line messages)."""
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
 def unloadable_file_message(path: PathLike, err: BaseException) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed with ``err``, in one sentence naming ``path``: it holds
     pickled code (the names it would import, found by ``pickled_code``), it is no file written by torch.save at
@@ -277,8 +282,8 @@ def unloadable_file_message(path: PathLike, err: BaseException) -> str:
     path = Path(path)
     code = pickled_code(path)
     if code:
-        shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
-        return (f"{path} holds pickled Python objects (code), not only tensors: loading it would call {shown}; "
+        return (f"{path} holds pickled Python objects (code), not only tensors: loading it would call "
+                f"{first_names(code)}; "
                 "it is refused for safety. Load only checkpoints written by this repository or the official SAM2 "
                 "releases")
     if isinstance(err, pickle.UnpicklingError):

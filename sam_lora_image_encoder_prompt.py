@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from prompt_geometry import (box_from_mask, center_point_from_mask, largest_component, mask_box_to_input,
                              mask_point_to_input, random_point_from_mask)
-from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
+from safe_io import CheckpointFileError, atomic_torch_save, first_names, load_torch_file, unloadable_file_message
 from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
                             state_mismatch)
 from utils import nonfinite_names
@@ -836,6 +836,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("checkpoint", unloadable_file_message(err.path, err.cause)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
+    if checkpoint is not None:
+        _refuse_nonfinite("checkpoint", checkpoint, sam.state_dict())
     net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width,
                          train_no_mem_embed=train_no_mem_embed).to(device)
     if lora_ckpt:
@@ -843,12 +845,23 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
             net.load_lora_parameters(lora_ckpt)
         except (CheckpointFileError, ValueError) as err:
             raise ModelInputError("lora_ckpt", str(err)) from None
+        lora_file = {k: v for k, v in net.state_dict().items() if net._is_lora_file_key(k)}
+        _refuse_nonfinite("lora_ckpt", lora_ckpt, lora_file)
     if state is not None:
         try:
             load_model_state(net, state, weights)
         except ModelFileError as err:
             raise ModelInputError("weights", str(err), holds=err.holds) from None
     return net
+
+
+def _refuse_nonfinite(source: str, path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ModelInputError naming ``path`` and its first tensors that hold NaN or inf: a model started from them
+    could only produce NaN (checked once, when the model is built)."""
+    bad = nonfinite_names(dict(tensors))
+    if bad:
+        raise ModelInputError(source, f"{path} holds NaN or inf in {first_names(bad)}: it is damaged (or saved from "
+                                      "a diverged run); use an intact file")
 
 
 # --------------------------------------------------------------------------------------
@@ -890,8 +903,8 @@ def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torc
                              f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
     bad = nonfinite_names(tensors)
     if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise ModelFileError(f"{path} holds NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''} ({shown}): "
+        raise ModelFileError(f"{path} holds NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''} "
+                             f"({first_names(bad)}): "
                              "a model saved after training diverged, whose scores would mean nothing; use a "
                              "checkpoint saved before the divergence", "nonfinite")
     return tensors

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -35,8 +36,9 @@ from epoch_steps import (Run, RunStopped, annotate, close_writers, epoch_seed, f
                          labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, record_epoch,
                          restore, result, resumed_selection, save_checkpoints, select_batch, start_afresh, stop_reason,
                          timed, train_one_epoch, validate_epoch)
-from run_folder import FolderInUse, FolderLocked, ResumeState, RunFolder, RunFolderError, SettingsDiffer, run_dir_of
-from safe_io import WriteError
+from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
+                        SettingsDiffer, run_dir_of)
+from safe_io import WriteError, first_names
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
 from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, demo_data_root, prepare_args,
                       resume_keys)
@@ -69,6 +71,12 @@ def open_run_folder(args: Settings, folder: RunFolder, keys: Sequence[str],
                              "afresh), or choose another --output; nothing was removed") from None
         raise UsageError(f"--resume: the run to continue used other settings (its selections would not repeat); "
                          f"{changed}") from None
+    except LostState as err:
+        raise UsageError(f"--output {args.output}: {err}; restore last_state.pth to continue it with --resume, or "
+                         "choose another --output (or move the folder aside)") from None
+    except DeadRunUnchecked as err:
+        raise UsageError(f"--output {args.output}: {err}; restore those lines (the run then starts afresh), or "
+                         "remove the folder, or choose another --output") from None
     except RunFolderError as err:
         raise UsageError(f"--resume: {err}") from None
 
@@ -134,8 +142,7 @@ def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> oracles.Oracle:
     """The oracle of --oracle, after every check of its masks (nothing is written before)."""
     try:
-        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output),
-                                   args.num_classes)
+        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output))
     except annotation_rounds.RoundError as err:
         raise round_error(err) from None
     except RunFolderError as err:
@@ -175,7 +182,9 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
     dead, state = open_run_folder(args, folder, keys)
     device = pick_device(args)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
-    train_set, val_set = load_data(args)
+    with warnings.catch_warnings(record=True) as data_warnings:  # e.g. images left out for lack of a mask
+        warnings.simplefilter("always")
+        train_set, val_set = load_data(args)
     oracle = make_oracle(args, folder, state, train_set)
     model = make_model(args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
@@ -189,6 +198,8 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
 
     open_run_folder(args, folder, keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
+    for caught in data_warnings:  # said now, so that log.txt has them too
+        log.warning("warning: %s", caught.message)
     tidy_run_folder(run, dead)
     if state is not None:
         try:
@@ -219,13 +230,21 @@ def how_to_go_on(epoch: int, fix: str) -> str:
 def stopped(args: Settings, err: RunStopped) -> UsageError:
     """A run stopped mid-epoch, as the one line saying what happened and what to do."""
     if err.reason == "diverged":
-        lr, bad = args.base_lr, err.names
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        return DivergenceError(f"training diverged in epoch {err.epoch} ({err.where}): NaN or inf in {shown}, at "
+        lr = args.base_lr
+        return DivergenceError(f"training diverged in epoch {err.epoch} ({err.where}): NaN or inf in "
+                               f"{first_names(err.names)}, at "
                                f"--base_lr {lr:g}; " + how_to_go_on(err.epoch, f"choose a lower --base_lr (e.g. "
                                                                                f"{lr / 10:g})"))
     return UsageError(f"--data_root {args.data_root}: {err.where} (found in epoch {err.epoch}); "
                       + how_to_go_on(err.epoch, "replace or remove that file"))
+
+
+def interrupted(run: Optional[Run]) -> str:
+    """What a run interrupted by the user keeps, and how to go on."""
+    if run is None or run.saved_epoch == 0:
+        return "no epoch was finished, so nothing is kept to continue: run the same command again (it starts afresh)"
+    return (f"last_state.pth and the best checkpoint are those of epoch {run.saved_epoch}, untouched: run the same "
+            "command with --resume to continue from there")
 
 
 def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
@@ -292,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.exit(2, f"{parser.prog}: error: {stopped(args, err)}\n")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
         parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}\n")
     finally:
         if run is not None:
             close_writers(run)

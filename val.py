@@ -642,8 +642,10 @@ def flag_problem(args: argparse.Namespace) -> Optional[str]:
         problem = f"--img_size must be a multiple of {SIZE_MULTIPLE} (e.g. 512), got {args.img_size}"
     if args.num_workers < 0:
         problem = f"--num_workers must be 0 (load in this process) or more, got {args.num_workers}"
-    if args.num_classes > 4:
-        problem = f"--num_classes must be 1..4 (one SAM2 mask token per class), got {args.num_classes}"
+    if args.num_classes > 1:
+        problem = (f"--num_classes {args.num_classes}: the masks are read as binary (lesion / background), so they "
+                   "carry one class, lesion: use --num_classes 1 (another class's vacuous Dice of 1.0 would be "
+                   "averaged in)")
     if args.spacing is not None and not 0 < args.spacing < float("inf"):
         problem = f"--spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {args.spacing}"
     return problem
