@@ -23,11 +23,13 @@ reaches the IoU costs 0 clicks; and whether the previous prediction is fed back 
 the predictor's business (``proposal_costs``: off unless asked). When every error pixel has been clicked already
 (only a few pixels are wrong, yet the IoU is short of 0.90: a tiny lesion), the annotator stops, where RITM would
 click an arbitrary pixel.
+
+``run_totals``: what the images a run selected have cost so far, from their cost rows (``COST_COLUMNS``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -37,6 +39,11 @@ STOP_IOU = 0.90
 NOT_REACHED = "not reached"  # a NoC cell when the IoU was not reached within MAX_CLICKS
 
 ClickCount = Union[int, str]  # a number of clicks, or NOT_REACHED
+# One image's cost row: the proposal's Dice and changed fraction (``pixels``), NoC@85 and NoC@90 (``clicks``)
+COST_COLUMNS = ("dice", "changed_fraction", "clicks_85", "clicks_90")
+NOC_COLUMNS = {"clicks_85": 0.85, "clicks_90": 0.90}  # column -> the IoU its clicks reach (NoC@85, NoC@90)
+# What the images selected so far cost (``run_totals``): changed pixels, clicks to 0.90, images where it was not reached
+TOTAL_COLUMNS = ("changed_pixels", "clicks_90", "not_reached_90")
 
 
 class Click(NamedTuple):
@@ -146,3 +153,26 @@ def _checked(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
     if mask.shape != truth.shape:
         raise ValueError(f"predict returned a mask of shape {mask.shape} for a truth of shape {truth.shape}")
     return mask.astype(bool, copy=False)
+
+
+def run_totals(rows: Sequence[Mapping[str, object]], photo_pixels: Sequence[int]) -> Dict[str, Optional[int]]:
+    """What the images selected so far cost together (``TOTAL_COLUMNS``), from their cost rows and their photos'
+    H x W (``photo_pixels``, one per row):
+
+      changed_pixels  sum of changed_fraction x H x W, each image's rounded to whole pixels;
+      clicks_90       sum of NoC@90, an image where it was not reached counted as MAX_CLICKS (RITM's convention:
+                      the clicks spent before the annotator stopped; the image may cost more, by hand);
+      not_reached_90  how many of them did not reach IoU 0.90 within MAX_CLICKS clicks.
+
+    A total is None when some image lacks its value (not computed under that --annotation_cost, or a row written
+    before the cost columns existed): a sum over part of the images would look like a cheaper run."""
+    if len(rows) != len(photo_pixels):
+        raise ValueError(f"{len(rows)} cost rows but {len(photo_pixels)} photo sizes")
+    fractions = [row.get("changed_fraction") for row in rows]
+    clicks_90 = [row.get("clicks_90") for row in rows]
+    changed = None if None in fractions else sum(int(round(float(f) * n)) for f, n in zip(fractions, photo_pixels))
+    if None in clicks_90:
+        return dict(changed_pixels=changed, clicks_90=None, not_reached_90=None)
+    missed = sum(1 for n in clicks_90 if n == NOT_REACHED)
+    return dict(changed_pixels=changed, clicks_90=sum(MAX_CLICKS if n == NOT_REACHED else int(n) for n in clicks_90),
+                not_reached_90=missed)

@@ -19,6 +19,7 @@ annotate, for a simulated annotator (the tests, the README picture).
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,8 +204,9 @@ def hide_masks(mask_dir: PathLike, answers_dir: PathLike) -> Path:
 class AcceptedRound:
     """A round whose masks passed the checks at --resume: its epoch, the images to label now (in selection
     order), the pool's scores, the picture of why they were chosen (3 x H x W in [0, 1]) if the round has one,
-    the masks taken from the round folder (image name -> that folder, relative to the run folder), and the strategy
-    that selected it."""
+    the masks taken from the round folder (image name -> that folder, relative to the run folder), the strategy
+    that selected it, and the seconds a person spent on each of its masks where the annotation tool said
+    (``round_lead_times``)."""
 
     epoch: int
     chosen: List[int]
@@ -212,6 +214,7 @@ class AcceptedRound:
     figure: Optional[np.ndarray] = None
     mask_sources: Dict[str, str] = field(default_factory=dict)
     strategy: str = ""  # the strategy that selected it ("": a marker written before it was recorded)
+    lead_times: Dict[str, float] = field(default_factory=dict)
 
 
 class RoundError(Exception):
@@ -300,7 +303,29 @@ def accept_round(folder: RunFolder, state: ResumeState, samples: Sequence[Sample
     notes = check.notes + [f"round {waiting['epoch']}: {len(check.chosen)} masks accepted, {in_round} from the round "
                            f"folder, {len(check.chosen) - in_round} from {samples[0].mask_path.parent}"]
     return AcceptedRound(waiting["epoch"], check.chosen, scores, figure, check.mask_sources,
-                         waiting.get("strategy", "")), notes
+                         waiting.get("strategy", ""), round_lead_times(folder.path / waiting["round_dir"],
+                                                                       check.mask_sources)), notes
+
+
+def round_lead_times(round_folder: Path, from_round: Mapping[str, str]) -> Dict[str, float]:
+    """image name -> the lead_time_s that ``label_studio.py import`` wrote into the round's to_annotate.csv (the
+    seconds Label Studio recorded for its annotation), for the masks accepted from the round folder (``from_round``,
+    where that import writes them; a mask saved in the mask folder came from elsewhere). Empty where the CSV has no
+    such column or cell, or the cell is no number >= 0."""
+    try:
+        rows = read_round(round_folder)
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    found = {}
+    for row in rows:
+        name = Path(row.get("image") or "").stem
+        try:
+            seconds = float(row.get("lead_time_s") or "nan")
+        except ValueError:
+            continue
+        if name in from_round and math.isfinite(seconds) and seconds >= 0:
+            found[name] = seconds
+    return found
 
 
 def label_existing_masks(samples: Sequence[SampleFiles]) -> Tuple[List[int], List[str]]:

@@ -1,7 +1,8 @@
 """The steps of one active-learning epoch, each a function of the ``Run`` that trainer.start_run builds:
 
-    select_batch -> (the oracle) -> annotate -> train_one_epoch -> validate_epoch -> record_epoch
-        -> save_checkpoints        ... and at the end finish_run, or hand_over_round to stop for a person's masks
+    select_batch -> (the oracle) -> annotation_costs -> annotate -> train_one_epoch -> validate_epoch
+        -> record_epoch (with cumulative_costs) -> save_checkpoints
+        ... and at the end finish_run, or hand_over_round to stop for a person's masks
 
 trainer.main's loop calls them in that order. The steps return their numbers; ``record_epoch`` alone writes an
 epoch's numbers, each to metrics.csv and TensorBoard under one name. A step that cannot go on raises
@@ -31,9 +32,12 @@ import utils
 import val
 from active_learning_strategies import (Selection, SelectionContext, SelectionPlan, default_score_batch_size,
                                         draw_pool)
+from annotation_cost import COST_COLUMNS, run_totals
 from annotation_rounds import RoundItem
 from oracles import Oracle
-from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
+from proposal_costs import CostRow, interactive_decoder, proposal_costs
+from run_folder import (ResumeState, RunFolder, RunFolderError, best_checkpoint_name, cost_cell, image_record,
+                        selection_costs)
 from sam2.build_sam import state_mismatch
 from safe_io import atomic_torch_save
 from settings import CHECKPOINT_HINT, MAY_CHANGE_ON_RESUME, Settings
@@ -288,19 +292,55 @@ def resumed_selection(run: Run, epoch: int) -> Optional[Selection]:
 
 
 @stops_on_bad_file
-def annotate(run: Run, epoch: int, selection: Selection) -> Dict[str, float]:
-    """Mark the chosen images labeled (their masks are read only from now on), log the selection; its numbers."""
+def annotation_costs(run: Run, epoch: int, chosen: Sequence[int]) -> List[CostRow]:
+    """What correcting the proposal of each chosen image costs (--annotation_cost, docs/annotation_cost.md): one
+    row per image of ``chosen``, in its order, from the model that chose them (the end of the previous epoch, as
+    --resume restores it), against the mask the oracle accepted for the image at the photo's size (the ground truth;
+    with a person's oracle the mask they returned: no truth exists before it). The images are encoded once more
+    (the pool's features are not kept); eval mode, no gradients, scoring's autocast. Image by image: under torchrun
+    each process takes its share of ``chosen`` and the rows are gathered in its order, as scoring's scores are."""
+    args, train_set = run.args, run.train_set
+    if args.annotation_cost == "none" or not chosen:
+        return [dict.fromkeys(COST_COLUMNS) for _ in chosen]
+    images = torch.stack([train_set[i]["image"] for i in chosen])
+    truths = [datasets_skin.decode_mask(train_set.samples[i].mask_path, None) for i in chosen]
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with torch.no_grad(), utils.autocast(run.device, dtype=utils.scoring_dtype(run.device, args.precision)):
+            return proposal_costs(run.model, images, truths, args.annotation_cost,
+                                  interactive_decoder(args.promptmode), args.click_mask_input)
+    finally:
+        run.model.train(was_training)
+
+
+@stops_on_bad_file
+def annotate(run: Run, epoch: int, selection: Selection, costs: Sequence[CostRow]) -> Dict[str, float]:
+    """Mark the chosen images labeled (training reads their masks from now on), log the selection with what each
+    image's annotation cost (``costs``: ``annotation_costs``' rows, in the order of ``selection.chosen``; the
+    oracle's lead times); its numbers."""
     train_set, writer, chosen = run.train_set, run.writer, selection.chosen
     train_set.mark_labeled(chosen)
-    rank, scores = selection.ranks(), selection.scores
-    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], selection.strategy]
-                                 for i in chosen])
+    rank, scores, lead_times = selection.ranks(), selection.scores, run.oracle.lead_times
+    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], selection.strategy,
+                                  *(cost_cell(cost[c]) for c in COST_COLUMNS),
+                                  cost_cell(lead_times.get(train_set.names[i]))]
+                                 for i, cost in zip(chosen, costs, strict=True)])
     writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
     writer.add_image("al/selected", tb_images.selected_grid([train_set[i] for i in chosen]), epoch)
     if selection.figure is not None:  # the strategy's picture of why these images (e.g. the masks compared)
         writer.add_image("al/why_selected", selection.figure, epoch)
     return dict(labeled=len(train_set.labeled_indices),
                 selected_score_mean=float(np.mean([scores[i] for i in chosen])))
+
+
+def cumulative_costs(run: Run, epoch: int) -> Dict[str, Optional[int]]:
+    """What the images selected up to ``epoch`` have cost together (``annotation_cost.run_totals``: changed pixels,
+    clicks to IoU 0.90, images not reached; None where some image lacks its cost), recomputed from al_selection.csv,
+    so that a resumed run counts the epochs before it too."""
+    rows = [row for row in run.folder.read_selection() if int(row[0]) <= epoch]
+    sizes = {sample.name: sample.orig_size for sample in run.train_set.samples}
+    return run_totals([selection_costs(row) for row in rows], [int(np.prod(sizes[row[1]])) for row in rows])
 
 
 def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
@@ -430,7 +470,7 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
 
 def record_epoch(run: Run, epoch: int, numbers: Dict[str, Dict[str, Optional[float]]]) -> None:
     """Write the epoch's numbers, the one writer of them: ``numbers`` is group -> column -> value (the steps'
-    returns: al, train, val, time); each goes to metrics.csv as ``column`` (its row written before the epoch's
+    returns: al, cost, train, val, time); each goes to metrics.csv as ``column`` (its row written before the epoch's
     state, so a saved epoch always has its row) and to TensorBoard as ``group/column``, with the peak memory
     (memory/peak_memory_gb, on CUDA). A validation skipped this epoch leaves its columns empty. Then the log line."""
     for level, line in run.train_set.mask_notes.news():  # 0/1 masks, other values, empty masks: once each
@@ -450,10 +490,22 @@ def epoch_line(run: Run, epoch: int, numbers: Dict[str, Dict[str, Optional[float
     losses, metrics, times = numbers["train"], numbers["val"], numbers["time"]
     peak = numbers["memory"]["peak_memory_gb"]
     val_text = "val skipped" if metrics["dice"] is None else f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}"
-    return (f"epoch {epoch:3d}/{run.args.max_epochs} | labeled {numbers['al']['labeled']:4d} | loss {losses['loss']:.4f} "
-            f"(dec1 {losses['loss_dec1']:.4f}, dec2 {losses['loss_dec2']:.4f}) | {val_text} | time scoring "
-            f"{times['scoring_s']:.1f}s train {times['train_s']:.1f}s val {times['val_s']:.1f}s"
+    return (f"epoch {epoch:3d}/{run.args.max_epochs} | labeled {numbers['al']['labeled']:4d}"
+            f"{cost_text(numbers.get('cost', {}))} | loss {losses['loss']:.4f} (dec1 {losses['loss_dec1']:.4f}, "
+            f"dec2 {losses['loss_dec2']:.4f}) | {val_text} | time scoring {times['scoring_s']:.1f}s train "
+            f"{times['train_s']:.1f}s val {times['val_s']:.1f}s"
+            + ("" if times.get("cost_s") is None else f" cost {times['cost_s']:.1f}s")
             + ("" if peak is None else f" | peak memory {peak:.2f} GiB"))
+
+
+def cost_text(totals: Dict[str, Optional[int]]) -> str:
+    """The cumulative costs known (``cumulative_costs``), for the epoch's line."""
+    parts = []
+    if totals.get("changed_pixels") is not None:
+        parts.append(f"{totals['changed_pixels']:,} pixels changed")
+    if totals.get("clicks_90") is not None:
+        parts.append(f"{totals['clicks_90']} clicks to IoU 0.90 ({totals['not_reached_90']} images not reached)")
+    return f" (so far {', '.join(parts)})" if parts else ""
 
 
 @contextmanager

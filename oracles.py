@@ -37,7 +37,8 @@ log = logging.getLogger("trainer.oracle")  # under the trainer's logger: its lin
 class Oracle(ABC):
     """How a selected image gets its mask. ``notes``: said once when the run starts (e.g. masks accepted with a
     remark); ``mask_sources``: labeled image -> the round folder (relative to the run folder) its mask was accepted
-    from, for masks not in the data set's mask folder (the resume state records them)."""
+    from, for masks not in the data set's mask folder (the resume state records them); ``lead_times``: image ->
+    the seconds a person spent on its mask, where the annotation tool says (al_selection.csv's lead_time_s)."""
 
     name: ClassVar[str]
 
@@ -46,6 +47,12 @@ class Oracle(ABC):
         self.notes = list(notes)
         self.mask_sources: Dict[str, str] = dict(mask_sources or {})
         self._resumed = resumed
+
+    @property
+    def lead_times(self) -> Dict[str, float]:
+        """Of the round resumed now (a person's oracle): Label Studio's lead times, imported into the round folder;
+        empty for the simulation and for masks made in other tools."""
+        return {} if self._resumed is None else dict(self._resumed.lead_times)
 
     def resumed_round(self, epoch: int) -> Optional[AcceptedRound]:
         """The round of ``epoch`` whose masks came back while the run was stopped (its selection), if any."""

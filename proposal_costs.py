@@ -22,15 +22,13 @@ import numpy as np
 import torch
 
 import annotation_cost
-from annotation_cost import Click
+from annotation_cost import COST_COLUMNS, NOC_COLUMNS, Click
 from datasets_skin import resize_mask
 from sam2.sam2_image_predictor import LOW_RES_LOGIT_CLAMP
 from sam_lora_image_encoder_prompt import PROMPT_MODES
 from val import class_masks, logits_to_label_map
 
 COST_MODES = ("none", "pixels", "clicks")
-COST_COLUMNS = ("dice", "changed_fraction", "clicks_85", "clicks_90")
-NOC_COLUMNS = {"clicks_85": 0.85, "clicks_90": 0.90}  # column -> the IoU its clicks reach (NoC@85, NoC@90)
 # SAM2's point labels of a click
 POSITIVE_CLICK, NEGATIVE_CLICK = 1, 0
 

@@ -1,8 +1,10 @@
 """The run folder: what one trainer run writes to ``OUTPUT/Skin_{img_size}/``, and the rules for reading it back.
 
     config.txt            every setting, ``key: value`` lines (``#`` lines: notes such as "resumed at epoch 3")
-    al_selection.csv      epoch, image, score, rank_in_pool, strategy: one row per selected image (files written
-                          before the strategy column are read too)
+    al_selection.csv      epoch, image, score, rank_in_pool, strategy, then what correcting its proposal cost
+                          (dice, changed_fraction, clicks_85, clicks_90: annotation_cost.COST_COLUMNS; lead_time_s
+                          where the annotation tool gave it): one row per selected image (files written before the
+                          strategy or the cost columns are read too, the missing cells empty)
     metrics.csv           one row per finished epoch: labeled count, loss parts, validation metrics, time split
     last_state.pth        the resume state at the end of the last finished epoch (``ResumeState``)
     last_model.pth        the full state_dict of the final model (when the run ends)
@@ -29,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from annotation_cost import COST_COLUMNS, MAX_CLICKS, NOC_COLUMNS, NOT_REACHED, TOTAL_COLUMNS
 from folder_lock import FolderLock, FolderLocked  # noqa: F401 - FolderLocked: open_for_run raises it
 from safe_io import (CheckpointFileError, atomic_torch_save, atomic_write_text, csv_text, first_names,
                      load_torch_file, remove_stale_temps)
@@ -46,8 +50,11 @@ IMAGES = "images.json"
 LOG = "log.txt"
 EVENTS = "log"
 BEST_PATTERN = "best_model_dice*.pth"
-SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool", "strategy"]
-OLD_SELECTION_HEADER = SELECTION_HEADER[:4]  # before the strategy column: every row is the run's --strategy
+LEAD_TIME = "lead_time_s"  # seconds a person spent on the image, where the annotation tool says (Label Studio)
+SELECTION_HEADER = ["epoch", "image", "score", "rank_in_pool", "strategy", *COST_COLUMNS, LEAD_TIME]
+COST_CELLS = SELECTION_HEADER[5:]  # the cells after the strategy: empty where not computed (or not given)
+# Headers of older files: before the strategy column (every row is the run's --strategy), before the cost columns.
+EARLIER_SELECTION_HEADERS = (SELECTION_HEADER[:4], SELECTION_HEADER[:5])
 # What a run that died before finishing its first epoch may have written (log.txt stays: the log goes on).
 DEAD_RUN_FILES = (CONFIG, SELECTION, METRICS, DIVERGED, IMAGES)
 STATE_KEYS = ("epoch", "args", "trainable", "optimizer", "scaler", "labeled_names", "best_dice", "best_path")
@@ -208,14 +215,54 @@ def image_changes(recorded: Mapping[str, Mapping[str, int]], current: Mapping[st
 
 def selection_row_ok(row: List[str], columns: int) -> bool:
     try:
-        return len(row) == columns and bool(row[1]) and int(row[0]) >= 1 \
-            and math.isfinite(float(row[2])) and int(row[3]) >= 1
+        if not (len(row) == columns and bool(row[1]) and int(row[0]) >= 1 and math.isfinite(float(row[2]))
+                and int(row[3]) >= 1):
+            return False
+        selection_costs(row)  # a damaged cost cell: ValueError
+        return True
     except ValueError:
         return False
 
 
+def cost_cell(value: object) -> str:
+    """A cost cell's text: empty for None (not computed), a count of clicks or NOT_REACHED as it is, a number with
+    9 significant digits (a changed fraction times a photo's pixels stays exact to the pixel)."""
+    if value is None:
+        return ""
+    if value == NOT_REACHED or isinstance(value, (int, np.integer)):
+        return str(value)
+    return f"{float(value):.9g}"
+
+
+def cost_value(column: str, text: str) -> object:
+    """The value of a cost cell (``cost_cell``'s text): None when empty; a NoC cell a count 0..MAX_CLICKS or
+    NOT_REACHED; the others a finite number >= 0 (at most 1 for dice and changed_fraction). ValueError otherwise."""
+    if text == "":
+        return None
+    if column in NOC_COLUMNS:
+        if text == NOT_REACHED:
+            return NOT_REACHED
+        if not (text.isdigit() and int(text) <= MAX_CLICKS):
+            raise ValueError(f"{column} {text!r} is neither 0..{MAX_CLICKS} clicks nor {NOT_REACHED!r}")
+        return int(text)
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0 and (column == LEAD_TIME or value <= 1)):
+        raise ValueError(f"{column} {text!r} is out of range")
+    return value
+
+
+def selection_costs(row: Sequence[str]) -> Dict[str, object]:
+    """The cost cells of an al_selection.csv row (``read_selection``'s) as values (``cost_value``)."""
+    return {column: cost_value(column, text) for column, text in zip(COST_CELLS, row[5:])}
+
+
 def _number(text: str) -> Optional[float]:
     return None if text == "" else float(text)
+
+
+def _count(text: str) -> Optional[int]:
+    value = _number(text)
+    return None if value is None else int(value)
 
 
 def changed_settings(recorded: Mapping[str, object], current: Mapping[str, object], keys: Sequence[str]
@@ -340,8 +387,8 @@ class RunFolder:
 
     def read_selection(self) -> List[List[str]]:
         """The rows after the header ([] when absent), each as SELECTION_HEADER's columns (a file written before the
-        strategy column gives "" there); a blank, partial or unreadable line is a RunFolderError naming the file and
-        the line."""
+        strategy or the cost columns gives "" there); a blank, partial or unreadable line (a cost cell included) is a
+        RunFolderError naming the file and the line."""
         path = self.file(SELECTION)
         if not path.exists():
             return []
@@ -350,7 +397,7 @@ class RunFolder:
                 lines = list(csv.reader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise RunFolderError(f"cannot read {path} ({err})") from None
-        if not lines or lines[0] not in (SELECTION_HEADER, OLD_SELECTION_HEADER):
+        if not lines or lines[0] not in (SELECTION_HEADER, *EARLIER_SELECTION_HEADERS):
             raise RunFolderError(f"{path} does not start with the line {','.join(SELECTION_HEADER)}; it is not a "
                                  "selection log of this trainer")
         header = lines[0]
@@ -364,7 +411,7 @@ class RunFolder:
     def append_selection(self, rows: Sequence[Sequence]) -> None:
         """Add rows (SELECTION_HEADER's columns) by rewriting the file atomically: a kill leaves the old file or the
         new one, never a partial line (so a partial line found later is damage, not something this trainer
-        wrote). A file without the strategy column is rewritten with it (see ``forget_after``)."""
+        wrote). A file of an older header is rewritten with the columns it lacks, empty (see ``forget_after``)."""
         if any(len(row) != len(SELECTION_HEADER) for row in rows):
             raise ValueError(f"al_selection.csv rows have the columns {', '.join(SELECTION_HEADER)}: {rows!r}")
         path = self.file(SELECTION)
@@ -376,15 +423,16 @@ class RunFolder:
     # ---- metrics.csv
 
     def read_metrics(self) -> List[Dict[str, Optional[float]]]:
-        """One dict per epoch row (``epoch`` and ``labeled`` as ints, the rest floats, None where empty)."""
+        """One dict per epoch row (``epoch``, ``labeled`` and the cost totals as ints, the rest floats, None where
+        empty)."""
         path = self.file(METRICS)
         if not path.is_file():
             return []
         try:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-            return [{k: (int(v) if k in ("epoch", "labeled") else _number(v)) for k, v in row.items()}
-                    for row in rows]
+            return [{k: (int(v) if k in ("epoch", "labeled") else _count(v) if k in TOTAL_COLUMNS else _number(v))
+                     for k, v in row.items()} for row in rows]
         except (OSError, ValueError, TypeError, csv.Error) as err:
             raise RunFolderError(f"cannot read {path} ({err}); it is rewritten at the end of every epoch") from None
 
@@ -453,7 +501,7 @@ class RunFolder:
         """Drop what epochs after ``epoch`` wrote to the records (a run killed mid-epoch redoes them); rows from before
         the strategy column get ``strategy`` (the run's --strategy: older runs had no other)."""
         if self.file(SELECTION).exists():
-            kept = [r[:4] + [r[4] or strategy] for r in self.read_selection() if int(r[0]) <= epoch]
+            kept = [r[:4] + [r[4] or strategy] + r[5:] for r in self.read_selection() if int(r[0]) <= epoch]
             atomic_write_text(self.file(SELECTION), csv_text([SELECTION_HEADER] + kept))
         if self.file(METRICS).exists():
             self._write_metrics([r for r in self.read_metrics() if r["epoch"] <= epoch])

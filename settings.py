@@ -20,6 +20,7 @@ import val
 from active_learning_strategies import (ALL_UNLABELED, NO_FIRST_ROUND, ActiveLearningStrategyFactory, SelectionPlan,
                                         parse_first_round, parse_pool_size)
 from oracles import ORACLES
+from proposal_costs import COST_MODES
 from run_folder import run_dir_of
 from sam_lora_image_encoder_prompt import prompt_mode_of
 
@@ -126,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "some masks missing (their images go back to the unlabeled pool)")
     al.add_argument("--label_budget", type=int, default=None, help="stop once this many images are labeled (the "
                     "last selection is cut to reach it exactly, then trained on and validated); default: no budget")
+    cost = p.add_argument_group("annotation cost: what correcting each selected image's proposal costs, from the "
+                                "model that selected it (al_selection.csv, metrics.csv; docs/annotation_cost.md); "
+                                "nothing selected or learned changes")
+    cost.add_argument("--annotation_cost", default="pixels", choices=COST_MODES,
+                      help="pixels: the proposal's Dice and the fraction of the photo's pixels to change (one more "
+                           "encoder pass per selected image); clicks: also the clicks of RITM's simulated annotator "
+                           "to IoU 0.85 and 0.90 (up to 20 decoder calls per image); none: nothing")
+    cost.add_argument("--click_mask_input", action="store_true",
+                      help="--annotation_cost clicks: each prediction gets the previous one as SAM2's mask prompt, "
+                           "as RITM's models do (off: the run never trains that path, and the Label Studio backend "
+                           "answers a person's clicks without it)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--base_lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     opt.add_argument("--max_epochs", type=int, default=50, help="active-learning epochs (one selection each)")
@@ -161,9 +173,10 @@ BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "
                     "lora_width", "no_mem_embed", "val_protocol", "first_round", "keep_best", "val_limit")
 # Settings a resume may change (they change neither selections nor which checkpoint is best): the resume state
 # records them, and a resume that changes one says so in the log.
-MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch")
+MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch", "annotation_cost", "click_mask_input")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
-              keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND,
+              keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, annotation_cost="none",
+              click_mask_input=False,
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 def resume_keys(*strategies: str) -> Tuple[str, ...]:
@@ -214,6 +227,7 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     values["model_cfg"] = str(config) if config is not None and config.is_file() else values["model_cfg"]
     settings = Settings(**values)
     check_numbers(settings)
+    check_together(settings)
     check_paths(settings)
     check_output(settings)
     return settings
@@ -252,6 +266,14 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--base_lr must be a finite number > 0 (got {args.base_lr})")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1} (got {args.seed})")
+
+
+def check_together(args: argparse.Namespace) -> None:
+    """Flags that mean something only with another."""
+    if args.click_mask_input and args.annotation_cost != "clicks":
+        raise UsageError(f"--click_mask_input changes how the clicks of --annotation_cost clicks are simulated, but "
+                         f"--annotation_cost is {args.annotation_cost}: pass --annotation_cost clicks, or leave "
+                         "--click_mask_input out")
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -32,10 +32,10 @@ import datasets_skin
 import oracles
 import utils
 from active_learning_strategies import Selection, SelectionPlan
-from epoch_steps import (Run, RunStopped, annotate, close_writers, epoch_seed, finish_run, hand_over_round,
-                         labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, record_epoch,
-                         restore, result, resumed_selection, save_checkpoints, select_batch, start_afresh, stop_reason,
-                         timed, train_one_epoch, validate_epoch)
+from epoch_steps import (Run, RunStopped, annotate, annotation_costs, close_writers, cumulative_costs, epoch_seed,
+                         finish_run, hand_over_round, labels_left, labels_wanted, log_base_lr_change, log_start,
+                         open_writers, record_epoch, restore, result, resumed_selection, save_checkpoints,
+                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch)
 from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
                         SettingsDiffer, run_dir_of)
 from safe_io import WriteError, first_names
@@ -289,7 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             # 2) the oracle: ground_truth has the masks; a person's oracle hands the round over and the run stops
             if not run.oracle.has_masks(epoch):
                 return stop_for_annotation(run, epoch, selection, argv)
-            labeled = annotate(run, epoch, selection)  # only now are the selected masks read
+            # what correcting each proposal costs, against its mask (only now are the selected masks read)
+            with timed(times, "cost_s"):
+                costs = annotation_costs(run, epoch, selection.chosen)
+            labeled = annotate(run, epoch, selection, costs)
             utils.crash_point("selected", epoch)
 
             # 3) fine-tune both decoders (+ LoRA, prompt encoder) on the labeled set or this epoch's selection
@@ -302,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 metrics = validate_epoch(run, epoch) if epoch % args.val_every == 0 or last else {}
 
             # 5) record the epoch's numbers, then checkpoint: the best full state_dict, the resume state
-            record_epoch(run, epoch, dict(al=labeled, train=losses, val=metrics, time=times))
+            record_epoch(run, epoch, dict(al=labeled, cost=cumulative_costs(run, epoch), train=losses, val=metrics,
+                                          time=times))
             save_checkpoints(run, epoch, metrics)
             utils.crash_point("epoch_end", epoch)
 

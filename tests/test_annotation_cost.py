@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from annotation_cost import (MAX_CLICKS, NOT_REACHED, Click, ClickOutcome, clicks, iou, next_click, pixels)
+from annotation_cost import (MAX_CLICKS, NOT_REACHED, Click, ClickOutcome, clicks, iou, next_click, pixels,
+                             run_totals)
 
 
 def mask(shape, *rects):
@@ -148,3 +149,19 @@ def test_iou_and_pixel_cost_by_hand():
     assert cost.dice == pytest.approx((2 * 1 / (3 + 4) + 0.0) / 2)  # class 2: 1 predicted pixel, none true
     with pytest.raises(ValueError, match="one size"):
         pixels(proposal[:5], truth)
+
+
+def test_run_totals_by_hand():
+    """Three selected images of 2000 x 3000 (6e6 pixels), 100 x 100 and 10 x 10 photos: changed pixels are each
+    fraction times its photo's pixels, rounded; "not reached" counts 20 clicks and is counted apart."""
+    rows = [dict(changed_fraction=0.0125, clicks_90=3), dict(changed_fraction=0.5, clicks_90=NOT_REACHED),
+            dict(changed_fraction=0.333333333, clicks_90=0)]
+    totals = run_totals(rows, [2000 * 3000, 100 * 100, 10 * 10])
+    assert totals == dict(changed_pixels=75000 + 5000 + 33, clicks_90=3 + 20 + 0, not_reached_90=1)
+    # a value missing for one image (not computed, or a row older than the columns): that total is unknown
+    assert run_totals(rows[:2] + [dict(changed_fraction=None, clicks_90=None)], [1, 1, 1]) == \
+        dict(changed_pixels=None, clicks_90=None, not_reached_90=None)
+    assert run_totals([dict(changed_fraction=0.25, clicks_90=None)], [8]) == \
+        dict(changed_pixels=2, clicks_90=None, not_reached_90=None)
+    with pytest.raises(ValueError, match="3 cost rows but 2 photo sizes"):
+        run_totals(rows, [1, 1])

@@ -114,7 +114,7 @@ def test_a_run_folder_without_the_new_settings_resumes_as_it_was_made(tmp_path):
     folder.path.mkdir()
     folder.save_state(ResumeState(1, made, {}, {}, {}, ["a"], -1.0, ""))
     folder.write_config(made)  # the records of epoch 1, complete
-    folder.append_selection([[1, "a", "0.5", 1, "mask_difference"]])
+    folder.append_selection([[1, "a", "0.5", 1, "mask_difference", "", "", "", "", ""]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     as_made = dict(now, train_on="labeled", **{k: settings.LEGACY[k] for k in new})
     assert folder.open_for_run(as_made, keys, settings.LEGACY, True)[1].epoch == 1
@@ -160,7 +160,8 @@ def fake_run(run_dir: Path, keep_best: str) -> types.SimpleNamespace:
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     return types.SimpleNamespace(
-        args=types.SimpleNamespace(save_from_epoch=1, val_every=1, keep_best=keep_best, base_lr=1e-3, batch_size=1),
+        args=types.SimpleNamespace(save_from_epoch=1, val_every=1, keep_best=keep_best, base_lr=1e-3, batch_size=1,
+                                   annotation_cost="pixels", click_mask_input=False),
         model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), folder=RunFolder(run_dir),
         run_dir=run_dir, resume_keys=("batch_size",), labeled_names=[], best_dice=-1.0, best_path=None,

@@ -14,6 +14,7 @@ import torch
 from run_folder import DataChanged, FolderInUse, ResumeState, RunFolder, RunFolderError, SettingsDiffer
 
 REPO = Path(__file__).resolve().parents[1]
+NO_COST = [""] * 5  # al_selection.csv's cost cells (dice, changed_fraction, clicks_85, clicks_90, lead_time_s), empty
 
 
 def rows_of(path):
@@ -80,7 +81,7 @@ def test_opening_a_folder_for_a_run(tmp_path):
     assert differ.value.dead and differ.value.changes == [("precision", "'mixed'", "'float32'")]
     # a run with a finished epoch: refused without resume, checked against the state with it
     folder.save_state(state(img_size=64, pool_size=4))
-    folder.append_selection([[1, "a", "0.5", 1, "random"]])
+    folder.append_selection([[1, "a", "0.5", 1, "random", *NO_COST]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     with pytest.raises(FolderInUse):
         folder.open_for_run(dict(img_size=64, pool_size=4, precision="mixed"), keys, legacy, False)
@@ -100,7 +101,7 @@ def test_a_resume_state_that_is_something_else_is_named(tmp_path, content):
 
 def test_reopening_drops_what_an_unfinished_epoch_wrote(tmp_path):
     folder = RunFolder(tmp_path)
-    folder.append_selection([[1, "a", "0.5", 1, "typiclust"], [2, "b", "0.4", 1, "mask_difference"]])
+    folder.append_selection([[1, "a", "0.5", 1, "typiclust", *NO_COST], [2, "b", "0.4", 1, "mask_difference", *NO_COST]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     folder.write_metrics_row(dict(epoch=2, labeled=2))
     (tmp_path / "best_model_dice0.5000.pth").write_bytes(b"kept")
@@ -109,7 +110,7 @@ def test_reopening_drops_what_an_unfinished_epoch_wrote(tmp_path):
     removed = folder.reopen(resumed, "resumed at epoch 2")
     assert [p.name for p in removed] == ["best_model_dice0.9000.pth"]
     assert [p.name for p in folder.best_checkpoints()] == ["best_model_dice0.5000.pth"]
-    assert folder.read_selection() == [["1", "a", "0.5", "1", "typiclust"]]
+    assert folder.read_selection() == [["1", "a", "0.5", "1", "typiclust", *NO_COST]]
     assert [r["epoch"] for r in folder.read_metrics()] == [1]
     assert (tmp_path / "config.txt").read_text().endswith("# resumed at epoch 2\n")
 
@@ -195,7 +196,7 @@ def test_records_of_a_resumed_run_must_be_complete(tmp_path):
     folder.check_records(state(epoch=0))  # a round waiting before epoch 1: config.txt only
     with pytest.raises(RunFolderError, match=r"al_selection.csv is missing \(it is written at every selection"):
         folder.check_records(state(epoch=2, labeled="ab"))
-    folder.append_selection([[1, "a", "0.5", 1, "random"], [2, "b", "0.4", 1, "random"]])
+    folder.append_selection([[1, "a", "0.5", 1, "random", *NO_COST], [2, "b", "0.4", 1, "random", *NO_COST]])
     folder.write_metrics_row(dict(epoch=2, labeled=2))
     with pytest.raises(RunFolderError, match=r"metrics.csv lacks the rows of epoch 1 .*last finished epoch \(2\)"):
         folder.check_records(state(epoch=2, labeled="ab"))
@@ -226,17 +227,45 @@ def test_a_folder_found_new_must_still_be_new_when_it_is_created(tmp_path):
 
 
 def test_a_selection_log_without_the_strategy_column_is_read_and_completed_on_resume(tmp_path):
-    """al_selection.csv of a run made before the strategy column: read as it is (strategy ""), and a resume writes
-    the column, every older row selected by the run's --strategy (there was no --first_round then)."""
+    """al_selection.csv of a run made before the strategy column: read as it is (strategy and costs ""), and a resume
+    writes the columns, every older row selected by the run's --strategy (there was no --first_round then), its costs
+    empty (not computed then)."""
     (tmp_path / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,a,0.5,1\n1,b,0.25,2\n2,c,0.1,1\n")
     folder = RunFolder(tmp_path)
-    assert folder.read_selection() == [["1", "a", "0.5", "1", ""], ["1", "b", "0.25", "2", ""], ["2", "c", "0.1", "1", ""]]
+    assert folder.read_selection() == [["1", "a", "0.5", "1", "", *NO_COST], ["1", "b", "0.25", "2", "", *NO_COST],
+                                       ["2", "c", "0.1", "1", "", *NO_COST]]
     folder.reopen(ResumeState(1, {"strategy": "entropy"}, {}, {}, {}, ["a", "b"], 0.5, ""), "resumed at epoch 2")
-    folder.append_selection([[2, "d", "0.3", 1, "entropy"]])
+    folder.append_selection([[2, "d", "0.3", 1, "entropy", "0.5", "0.25", "3", "not reached", ""]])
+    no_cost = dict(dice="", changed_fraction="", clicks_85="", clicks_90="", lead_time_s="")
     assert rows_of(tmp_path / "al_selection.csv") == [
-        dict(epoch="1", image="a", score="0.5", rank_in_pool="1", strategy="entropy"),
-        dict(epoch="1", image="b", score="0.25", rank_in_pool="2", strategy="entropy"),
-        dict(epoch="2", image="d", score="0.3", rank_in_pool="1", strategy="entropy")]
+        dict(epoch="1", image="a", score="0.5", rank_in_pool="1", strategy="entropy", **no_cost),
+        dict(epoch="1", image="b", score="0.25", rank_in_pool="2", strategy="entropy", **no_cost),
+        dict(epoch="2", image="d", score="0.3", rank_in_pool="1", strategy="entropy", dice="0.5",
+             changed_fraction="0.25", clicks_85="3", clicks_90="not reached", lead_time_s="")]
     (tmp_path / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,a,0.5\n")
     with pytest.raises(RunFolderError, match="line 2 is incomplete or damaged"):
         folder.read_selection()
+
+
+def test_a_selection_log_without_the_cost_columns_is_read_and_completed_when_a_row_is_added(tmp_path):
+    """Issue 29: a run made before the cost columns reads with empty cost cells; the next selection rewrites the file
+    with every column, the older rows' costs empty, the new row's as given."""
+    header = "epoch,image,score,rank_in_pool,strategy\n"
+    (tmp_path / "al_selection.csv").write_text(header + "1,a,0.5,1,random\n")
+    folder = RunFolder(tmp_path)
+    assert folder.read_selection() == [["1", "a", "0.5", "1", "random", *NO_COST]]
+    folder.append_selection([[2, "b", "0.4", 1, "random", "0.75", "0.125", "0", "2", "12.500"]])
+    assert (tmp_path / "al_selection.csv").read_text() == (
+        "epoch,image,score,rank_in_pool,strategy,dice,changed_fraction,clicks_85,clicks_90,lead_time_s\n"
+        "1,a,0.5,1,random,,,,,\n2,b,0.4,1,random,0.75,0.125,0,2,12.500\n")
+
+
+@pytest.mark.parametrize("cells", [["1.5", "", "", "", ""], ["", "-0.1", "", "", ""], ["", "", "21", "", ""],
+                                   ["", "", "", "two", ""], ["", "", "", "", "nan"]],
+                         ids=["dice above 1", "negative fraction", "21 clicks", "not a count", "NaN seconds"])
+def test_a_damaged_cost_cell_is_named_with_its_line(tmp_path, cells):
+    header = "epoch,image,score,rank_in_pool,strategy,dice,changed_fraction,clicks_85,clicks_90,lead_time_s\n"
+    (tmp_path / "al_selection.csv").write_text(header + "1,a,0.5,1,random,,,,,\n1,b,0.5,2,random," + ",".join(cells)
+                                               + "\n")
+    with pytest.raises(RunFolderError, match="al_selection.csv line 3 is incomplete or damaged"):
+        RunFolder(tmp_path).read_selection()

@@ -22,7 +22,7 @@ TINY = ["--demo", "--gpu", "cpu", "--img_size", str(SIZE), "--batch_size", str(B
         "--save_from_epoch", "1", "--val_limit", "4", "--base_lr", "1e-2", "--train_on", "labeled",
         "--precision", "float32", "--decode", "draft", "--strategy", "mask_difference",
         "--score_channels", "foreground", "--promptmode", "none", "--lora_width", "output", "--no_mem_embed", "frozen",
-        "--val_protocol", "isic", "--keep_best", "newest", "--first_round", "none"]
+        "--val_protocol", "isic", "--keep_best", "newest", "--first_round", "none", "--annotation_cost", "pixels"]
 
 
 def read_selection(run_dir: Path):
@@ -41,7 +41,8 @@ def demo_run(tmp_path_factory):
 def test_selection_log_lists_distinct_images_top_of_each_pool(demo_run):
     out, result = demo_run
     rows = read_selection(result["run_dir"])
-    assert list(rows[0]) == ["epoch", "image", "score", "rank_in_pool", "strategy"]
+    assert list(rows[0]) == ["epoch", "image", "score", "rank_in_pool", "strategy", "dice", "changed_fraction",
+                             "clicks_85", "clicks_90", "lead_time_s"]
     assert {r["strategy"] for r in rows} == {"mask_difference"}
     assert len(rows) == EPOCHS * BATCH
     names = [r["image"] for r in rows]
@@ -54,6 +55,49 @@ def test_selection_log_lists_distinct_images_top_of_each_pool(demo_run):
         scores = [float(r["score"]) for r in sorted(picked, key=lambda r: int(r["rank_in_pool"]))]
         assert scores == sorted(scores, reverse=True)
     assert sorted(result["labeled"]) == sorted(names)
+
+
+def test_each_selected_image_records_what_correcting_its_proposal_costs_and_the_epochs_sum_it(demo_run,
+                                                                                                metrics_rows):
+    """--annotation_cost pixels (issue 29). Epoch 1's proposals come from the untrained model (rebuilt here from the
+    run's config.txt): decoder 1 unprompted, its foreground logit upsampled bilinearly to the photo's size, > 0 (the
+    background logit is 0); against the photo's ground truth, Dice = 2|P&T| / (|P| + |T|) and changed_fraction =
+    |P != T| / (H x W). metrics.csv's changed_pixels after epoch e = the sum over the images selected up to e of
+    changed_fraction x H x W, each rounded; no clicks were simulated, so their cells and totals are empty."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    import datasets_skin
+    from run_folder import RunFolder
+    from sam_lora_image_encoder_prompt import build_model_from_settings
+
+    out, result = demo_run
+    run_dir = result["run_dir"]
+    rows = read_selection(run_dir)
+    model = build_model_from_settings({**settings.LEGACY, **RunFolder(run_dir).read_config()}).eval()
+    train_set = datasets_skin.SemiSupervisedSkinDataset(*datasets_skin.find_split(out / "demo_data", "Training"),
+                                                        img_size=SIZE, use_draft=True)  # the run's --decode draft
+    truths = {r["image"]: np.asarray(Image.open(out / "demo_data" / "Training_GroundTruth" /
+                                                f"{r['image']}_segmentation.png")) > 127 for r in rows}
+    for row in (r for r in rows if r["epoch"] == "1"):
+        with torch.no_grad():
+            logits = model.predict_logits(train_set[train_set.names.index(row["image"])]["image"][None], 1)
+        truth = truths[row["image"]]
+        predicted = (F.interpolate(logits[:, 1:], size=truth.shape, mode="bilinear")[0, 0] > 0).numpy()
+        both, total = np.count_nonzero(predicted & truth), np.count_nonzero(predicted) + np.count_nonzero(truth)
+        assert float(row["dice"]) == pytest.approx(2 * both / total if total else 1.0, abs=1e-4), row["image"]
+        assert float(row["changed_fraction"]) == pytest.approx(np.mean(predicted != truth), abs=1e-4), row["image"]
+    assert all(r["clicks_85"] == r["clicks_90"] == r["lead_time_s"] == "" for r in rows)
+    assert len({r["changed_fraction"] for r in rows}) > 1, "every image cost the same: the sums show nothing"
+    epochs = metrics_rows(run_dir)
+    for epoch in epochs:
+        upto = [r for r in rows if int(r["epoch"]) <= epoch["epoch"]]
+        assert epoch["changed_pixels"] == sum(round(float(r["changed_fraction"]) * truths[r["image"]].size)
+                                              for r in upto)
+        assert epoch["clicks_90"] is None and epoch["not_reached_90"] is None
+    log_text = (run_dir / "log.txt").read_text()
+    for epoch in epochs:
+        assert f"labeled {epoch['labeled']:4d} (so far {int(epoch['changed_pixels']):,} pixels changed) |" in log_text
 
 
 def test_every_artefact_is_written(demo_run):
@@ -169,7 +213,7 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path, metrics
     assert first["best_path"] is None and not list(run_dir.glob("best_model_dice*.pth"))
     # What a kill during epoch 2 leaves behind: its selection rows and a best checkpoint, but no new state.
     with open(run_dir / "al_selection.csv", "a") as f:
-        f.write("2,ISIC_9999999,0.5,1,mask_difference\n")
+        f.write("2,ISIC_9999999,0.5,1,mask_difference,0.5,0.25,,,\n")
     with open(run_dir / "metrics.csv", "a") as f:  # a kill after the epoch's row, before its state
         f.write(f"2,{2 * BATCH}" + ",0.5" * (len(metrics_rows(run_dir)[0]) - 2) + "\n")
     (run_dir / "best_model_dice0.9999.pth").write_bytes(b"unfinished epoch")
@@ -187,7 +231,7 @@ def test_killed_run_resumes_with_the_same_selections(demo_run, tmp_path, metrics
     # metrics.csv: the redone epoch's row replaces the unfinished one; the same numbers as uninterrupted
     got, want = metrics_rows(run_dir), metrics_rows(full["run_dir"])
     assert [r["epoch"] for r in got] == [1, 2]
-    for key in ("labeled", "loss", "dice_dec2", "dice", "hd95"):
+    for key in ("labeled", "loss", "dice_dec2", "dice", "hd95", "changed_pixels"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=1e-5), key
 
 
