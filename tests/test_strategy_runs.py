@@ -1,7 +1,8 @@
 """Every strategy of the registry in a real trainer run (64 px, 2 epochs, seeded random weights): the pools it is
 given, the image-encoder passes it makes (counted), the pretrained embeddings computed once per run, the picture
-of where the picks sit, --first_round, and a run killed mid-way (MDSAM_CRASH_AT) that resumes with the same
-selections and reads its cache instead of encoding again.
+of where the picks sit, --first_round, what each selected image cost to annotate (--annotation_cost clicks), and a
+run killed mid-way (MDSAM_CRASH_AT) that resumes with the same selections and reads its cache instead of encoding
+again.
 
 One module fixture runs each arm once; the runs share the data and every setting but the arm's. They run on one
 thread: at 64 px threads only add waiting, and the killed and the resumed processes then compute the same bits.
@@ -24,7 +25,8 @@ from synthetic_isic import make_synthetic_isic
 
 N_TRAIN, EPOCHS, BATCH, POOL, SEED = 8, 2, 2, 4, 7
 BASE = ["--demo", "--gpu", "cpu", "--img_size", "64", "--batch_size", str(BATCH), "--pool_size", str(POOL),
-        "--max_epochs", str(EPOCHS), "--val_limit", "1", "--save_from_epoch", str(EPOCHS + 1), "--seed", str(SEED)]
+        "--max_epochs", str(EPOCHS), "--val_limit", "1", "--save_from_epoch", str(EPOCHS + 1), "--seed", str(SEED),
+        "--annotation_cost", "clicks"]
 FIRST_ROUND = "typiclust@all+mask_difference"  # epoch 1 by TypiClust over every unlabeled image, then mask difference
 # every strategy of the registry (mask_difference in FIRST_ROUND's epoch 2, and alone in test_trainer_e2e.py)
 ARMS = {**{name: ["--strategy", name] for name in ActiveLearningStrategyFactory.available_strategies()
@@ -140,6 +142,30 @@ def test_encoder_passes_no_strategy_adds_one_and_the_pretrained_embeddings_are_m
             views = VIEWS.get(arm, 1)
             assert (passes.selecting(lora_on=False), passes.selecting(lora_on=True)) == (0, views * POOL * EPOCHS), arm
             assert not (run_dir / EMBEDDINGS_FILE).exists(), arm
+
+
+def test_every_strategy_records_what_each_selected_image_cost(runs, selection_rows, metrics_rows):
+    """Issue 29: every row of every strategy's al_selection.csv has its proposal's Dice and changed fraction and its
+    clicks to IoU 0.85 and 0.90 (0..20, or "not reached"; 0.85 never later than 0.90). They come from the model that
+    selected the image: in epoch 1 that is the untrained model for every strategy, so an image chosen there by two
+    strategies has the same cells. metrics.csv: clicks_90 after epoch e = the sum over the images selected up to e,
+    "not reached" counting 20, and not_reached_90 counts those."""
+    first_epoch = {}
+    for arm, (run_dir, _) in runs.items():
+        rows = selection_rows(run_dir)
+        for row in rows:
+            assert 0 <= float(row["dice"]) <= 1 and 0 <= float(row["changed_fraction"]) <= 1, (arm, row)
+            assert row["lead_time_s"] == "", "the simulation has no lead time"
+            counts = [20.5 if row[c] == "not reached" else int(row[c]) for c in ("clicks_85", "clicks_90")]
+            assert all(0 <= n <= 20 or n == 20.5 for n in counts) and counts[0] <= counts[1], (arm, row)
+            if row["epoch"] == "1":
+                cells = tuple(row[c] for c in ("dice", "changed_fraction", "clicks_85", "clicks_90"))
+                assert first_epoch.setdefault(row["image"], cells) == cells, (arm, row["image"])
+        for epoch in metrics_rows(run_dir):
+            upto = [r["clicks_90"] for r in rows if int(r["epoch"]) <= epoch["epoch"]]
+            assert epoch["clicks_90"] == sum(20 if n == "not reached" else int(n) for n in upto), arm
+            assert epoch["not_reached_90"] == upto.count("not reached"), arm
+    assert len(first_epoch) < len(runs) * BATCH, "no image was chosen in epoch 1 by two strategies"
 
 
 def test_tensorboard_shows_where_the_picks_sit(runs, tensorboard):
