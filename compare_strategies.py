@@ -12,8 +12,10 @@ by TypiClust over every unlabeled image, then mask difference on pools of 10); a
 OUTPUT/<arm>/seed<k>/Skin_<img_size>/ is one trainer.py run (the same flags for all; only the arm's --strategy,
 --pool_size and --first_round, and --seed differ), plus test_metrics.csv (its best checkpoint, else last_model.pth, on the Test split at original
 resolution) and run.log (what the processes printed). OUTPUT/zero_shot/ holds the untrained model's validation
-and Test metrics (the cold-start floor). The report: OUTPUT/curves.csv, OUTPUT/learning_curves.png,
-OUTPUT/summary.md; `tensorboard --logdir OUTPUT` shows every run's log side by side.
+and Test metrics (the cold-start floor) and its annotation cost per validation image. Every run records what each
+selected image cost to annotate (trainer.py --annotation_cost clicks, unless the flag is given otherwise). The
+report: OUTPUT/curves.csv, OUTPUT/learning_curves.png, OUTPUT/summary.md (against labeled images and against
+clicks); `tensorboard --logdir OUTPUT` shows every run's log side by side.
 
 Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpus (CUDA_VISIBLE_DEVICES);
 --print_commands prints the command lines of the missing runs for another scheduler; --collect only writes
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from comparison_report import TEST_CSV, ZERO_SHOT, CompareError, Job, Plan, run_state, write_report
+from comparison_report import (BUDGET_FRACTIONS, TEST_CSV, VAL_COSTS_CSV, ZERO_SHOT, CompareError, Job, Plan,
+                               run_state, write_report)
 from folder_lock import FolderLocked
 
 REPO = Path(__file__).resolve().parent
@@ -46,7 +49,6 @@ DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
 # --demo's arms (all: the README's command); fewer epochs than the trainer's demo, so that it stays under 5 minutes
 DEMO_STRATEGIES = ("mask_difference", "mask_difference_diverse", "typiclust@all", "random")
 DEMO_EPOCHS = 6
-BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
 DEMO_OUTPUT = "./output_compare_demo"
 DEMO_SEEDS = (1, 2)
 DEMO_TEST_IMAGES = 8
@@ -54,6 +56,8 @@ DEMO_CPU_JOBS = 2
 # The trainer's demo defaults, and every labeled image trained on each epoch (not the reference's one step on the
 # epoch's selection), so that each curve shows all the labels its strategy chose; flags given explicitly win.
 DEMO_TRAINER_FLAGS = ("--demo", "--train_on", "labeled")
+# Every run records the clicks each selected image costs (the click axis of the report); flags given explicitly win.
+COMPARISON_TRAINER_FLAGS = ("--annotation_cost", "clicks")
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
 IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images"}
 PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one run per strategy per seed (default 1 2 3; --demo: 1 2)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="label budgets of the summary table (default: 25/50/100%% of the final labeled count)")
+    p.add_argument("--click_budgets", nargs="+", type=int, default=None,
+                   help="click budgets of the summary's click table (default: 25/50/100%% of the range every arm "
+                        "reaches: the smallest final cumulative clicks of the runs)")
     p.add_argument("--gpus", default=None, help="comma-separated CUDA devices, e.g. 0,1 (default: 0 when CUDA "
                    "is present, else the CPU)")
     p.add_argument("--jobs", type=int, default=None,
@@ -126,8 +133,9 @@ def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
         if owned:  # an abbreviation too: the trainer's parser refuses it, but it reads as that flag to a person
             shown = name if name == owned else f"{name} ({owned} abbreviated)"
             raise CompareError(f"{shown} is set per run by compare_strategies.py; use {OWNED_TRAINER_FLAGS[owned]}")
-    if args.budgets is not None and min(args.budgets) < 1:
-        raise CompareError(f"--budgets must be >= 1 (got {min(args.budgets)})")
+    for flag, budgets in (("--budgets", args.budgets), ("--click_budgets", args.click_budgets)):
+        if budgets is not None and min(budgets) < 1:
+            raise CompareError(f"{flag} must be >= 1 (got {min(budgets)})")
     if args.jobs is not None and args.jobs < 1:
         raise CompareError(f"--jobs must be >= 1 (got {args.jobs})")
     if args.print_commands and args.collect:
@@ -246,7 +254,8 @@ def count_split(data_root: str, split: str) -> int:
 
 def make_runs(args: argparse.Namespace, trainer_flags: List[str], output: Path, data_root: str
               ) -> Tuple[List[Job], Job]:
-    base = list(DEMO_TRAINER_FLAGS if args.demo else ()) + list(trainer_flags) + ["--data_root", data_root]
+    base = list(COMPARISON_TRAINER_FLAGS) + list(DEMO_TRAINER_FLAGS if args.demo else ()) + list(trainer_flags) \
+        + ["--data_root", data_root]
     runs = []
     if args.demo and not any(flag.split("=")[0] == "--max_epochs" for flag in trainer_flags):
         base += ["--max_epochs", str(DEMO_EPOCHS)]
@@ -295,7 +304,7 @@ def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
     count_split(data_root, "Test")
     budgets, final = label_budgets(args, runs[0].args, n_train)
     plan = Plan(output, list(args.strategies), list(args.seeds), budgets, runs, zero, devices, final, n_train,
-                runs[0].args)
+                runs[0].args, args.click_budgets)
     check_existing(plan)
     return plan
 
@@ -497,20 +506,46 @@ def pick_checkpoint(run_dir: Path, keep_best: str = "newest") -> Path:
     return run_dir / LAST_MODEL
 
 
-def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int], device) -> dict:
-    """val.validate on ``split`` of the run's data (the first ``limit`` images), at original resolution."""
+def split_loader(settings: Dict[str, str], split: str, limit: Optional[int]):
+    """Batches of ``split`` of the run's data (the first ``limit`` images), as val.validate takes them."""
     from torch.utils.data import DataLoader, Subset
 
-    import val
     from datasets_skin import DEFAULT_MAX_IMAGE_PIXELS, ValSkinDataset, collate_val, find_split
 
     dataset = ValSkinDataset(*find_split(settings["data_root"], split), int(settings["img_size"]),
                              max_image_pixels=int(settings.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
-    loader = DataLoader(dataset, batch_size=int(settings["batch_size"]), shuffle=False,
-                        num_workers=int(settings["num_workers"]), collate_fn=collate_val)
-    return val.validate(predict, loader, int(settings["num_classes"]), device)
+    return DataLoader(dataset, batch_size=int(settings["batch_size"]), shuffle=False,
+                      num_workers=int(settings["num_workers"]), collate_fn=collate_val)
+
+
+def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int], device) -> dict:
+    """val.validate on ``split`` of the run's data (the first ``limit`` images), at original resolution."""
+    import val
+
+    return val.validate(predict, split_loader(settings, split, limit), int(settings["num_classes"]), device)
+
+
+def validation_costs(model, targs: argparse.Namespace, device) -> List[dict]:
+    """What correcting the untrained model's proposal of each validation image (the first --val_limit) would cost,
+    computed as the trainer computes a selected image's (proposal_costs with the runs' --annotation_cost, interactive
+    decoder and --click_mask_input; no gradients, scoring's autocast) against its ground truth: one row per image,
+    its name and the cost cells (annotation_cost.COST_COLUMNS)."""
+    import torch
+
+    import utils
+    from proposal_costs import COST_COLUMNS, interactive_decoder, proposal_costs
+    from run_folder import cost_cell
+
+    rows = []
+    for batch in split_loader(settings_of(targs), "Validation", targs.val_limit):
+        with torch.no_grad(), utils.autocast(device, dtype=utils.scoring_dtype(device, targs.precision)):
+            costs = proposal_costs(model, batch["image"], batch["mask_orig"], targs.annotation_cost,
+                                   interactive_decoder(targs.promptmode), targs.click_mask_input)
+        rows += [dict(name=name, **{c: cost_cell(row[c]) for c in COST_COLUMNS})
+                 for name, row in zip(batch["name"], costs)]
+    return rows
 
 
 def worker_device():
@@ -552,7 +587,8 @@ def score_run(run_dir: Path) -> None:
 
 
 def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
-    """The untrained model (what trainer.py starts from) on Validation and Test: the cold-start floor."""
+    """The untrained model (what trainer.py starts from) on Validation and Test: the cold-start floor; and what
+    correcting its proposal of each validation image would cost (DIR/val_costs.csv)."""
     import torch
 
     import utils
@@ -580,6 +616,9 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
         result = evaluate(predict, settings, split, limit, device)
         val.write_csv(result["rows"], out_dir / name)
         print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
+    costs = validation_costs(model, targs, device)
+    val.write_csv(costs, out_dir / VAL_COSTS_CSV)
+    print(f"zero-shot annotation cost ({targs.annotation_cost}) of {len(costs)} validation images: {VAL_COSTS_CSV}")
 
 
 # ----------------------------------------------------------------------------- main

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,7 +77,8 @@ def test_every_artefact_is_written(comparison, tensorboard):
         im.load()  # decodes the whole image
         assert im.format == "PNG" and im.width > 600 and im.height > 300
     rows = read_csv(comparison / "curves.csv")
-    assert list(rows[0])[:4] == ["strategy", "seed", "epoch", "labeled"]
+    assert list(rows[0])[:7] == ["strategy", "seed", "epoch", "labeled", "changed_pixels", "clicks_90",
+                                 "not_reached_90"]
     assert {"dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95"} <= set(rows[0])
     assert sorted((r["strategy"], int(r["seed"]), int(r["epoch"])) for r in rows) == \
         sorted((s, k, e) for s in STRATEGIES for k in SEEDS for e in range(1, EPOCHS + 1))
@@ -86,11 +88,22 @@ def test_every_artefact_is_written(comparison, tensorboard):
             run_dir = comparison / strategy / f"seed{seed}" / "Skin_64"
             assert (run_dir / "last_model.pth").is_file()
             assert len(read_csv(run_dir / "test_metrics.csv")) == N_TEST
+            # the runner asks every run for the clicks (issue 29): each selected image has them, each epoch the sums
+            selected = read_csv(run_dir / "al_selection.csv")
+            assert "annotation_cost: clicks" in (run_dir / "config.txt").read_text()
+            assert all(r["clicks_90"] != "" and r["changed_fraction"] != "" for r in selected)
+            curve = [r for r in rows if (r["strategy"], int(r["seed"])) == (strategy, seed)]
+            assert [int(r["clicks_90"]) for r in curve] == \
+                [sum(20 if s["clicks_90"] == "not reached" else int(s["clicks_90"]) for s in selected
+                     if int(s["epoch"]) <= int(r["epoch"])) for r in curve]
             events = tensorboard(run_dir / "log")  # under OUTPUT: `tensorboard --logdir OUTPUT` shows them all
             why = events["images"].get("al/why_selected", [])
             assert why == (list(range(1, EPOCHS + 1)) if strategy == "mask_difference" else [])
     assert len(read_csv(comparison / "zero_shot" / "val_metrics.csv")) == N_VAL
     assert len(read_csv(comparison / "zero_shot" / "test_metrics.csv")) == N_TEST
+    costs = read_csv(comparison / "zero_shot" / "val_costs.csv")
+    assert [r["name"] for r in costs] == [r["name"] for r in read_csv(comparison / "zero_shot" / "val_metrics.csv")]
+    assert all(r["clicks_90"] != "" and r["dice"] != "" for r in costs)
     summary = (comparison / "summary.md").read_text()
     assert "Not in this report" not in summary
     assert "too few seeds (n=2 < 6)" in summary and "No SAM2 checkpoint" in summary
@@ -135,7 +148,60 @@ def test_summary_numbers_are_recomputed_from_curves_csv_and_test_csvs(comparison
     assert len(against) == 1 and against[0].endswith(f"| {mean_pm_std([-d for d in diffs])} | 2 | too few seeds "
                                                      "(n=2 < 6) |"), "the paired difference to mask_difference"
     zero = statistics.mean(float(r["dice"]) for r in read_csv(comparison / "zero_shot" / "val_metrics.csv"))
-    assert table_row(summary, "Validation Dice", "zero-shot (untrained)")[2] == f"{zero:.4f}"
+    assert table_row(summary, "Validation Dice at label", "zero-shot (untrained)")[2] == f"{zero:.4f}"
+
+
+def test_the_click_table_is_recomputed_from_curves_csv(comparison):
+    """Issue 29, formulas: the range every arm reaches is 0 to the smallest final cumulative clicks_90 C; the
+    budgets 25/50/100 % of C; Dice @ N clicks = dice of the last epoch with clicks_90 <= N (missing: "–"); AUC = the
+    area under dice against clicks_90 from (0, zero-shot Dice), linear, up to C, over C; clicks / image = final
+    clicks_90 / labeled; the zero-shot row: its mean clicks per validation image (not reached = 20); the paired
+    differences as on the image axis."""
+    rows = read_csv(comparison / "curves.csv")
+    summary = (comparison / "summary.md").read_text()
+    zero = statistics.mean(float(r["dice"]) for r in read_csv(comparison / "zero_shot" / "val_metrics.csv"))
+
+    def curve(strategy, seed):
+        picked = [r for r in rows if r["strategy"] == strategy and int(r["seed"]) == seed]
+        return [(int(r["clicks_90"]), float(r["dice"]), int(r["labeled"]))
+                for r in sorted(picked, key=lambda r: int(r["epoch"]))]
+
+    reach = min(curve(a, k)[-1][0] for a in STRATEGIES for k in SEEDS)
+    budgets = sorted({max(1, round(f * reach)) for f in (0.25, 0.5, 1.0)})
+    header = table_row(summary, "Validation Dice at click", "strategy")
+    assert header[2:] == [f"Dice @ {b} clicks" for b in budgets] + [f"AUC (clicks, 0–{reach})", "clicks / image",
+                                                                   "not reached"]
+
+    def within(points, budget):
+        inside = [d for clicks, d, _ in points if clicks <= budget]
+        return inside[-1] if inside else None
+
+    def auc(points):
+        xs, ys = [0] + [c for c, _, _ in points], [zero] + [d for _, d, _ in points]
+        return float(np.mean(np.interp(np.linspace(0, reach, 100001), xs, ys)))  # the mean height over [0, C]
+
+    def cell(values, digits=4):
+        present = [v for v in values if v is not None]
+        if not present:
+            return "–"
+        text = f"{statistics.mean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"
+        return text + ("" if len(present) == len(values) else f" (n={len(present)})")
+
+    for strategy in STRATEGIES:
+        cells = table_row(summary, "Validation Dice at click", strategy)
+        points = [curve(strategy, k) for k in SEEDS]
+        assert cells[2:2 + len(budgets)] == [cell([within(p, b) for p in points]) for b in budgets]
+        assert float(cells[-3].split(" ± ")[0]) == pytest.approx(statistics.mean(auc(p) for p in points), abs=1e-4)
+        assert cells[-2] == cell([p[-1][0] / p[-1][2] for p in points], 2)
+    costs = read_csv(comparison / "zero_shot" / "val_costs.csv")
+    per_image = statistics.mean(20 if r["clicks_90"] == "not reached" else int(r["clicks_90"]) for r in costs)
+    zero_row = table_row(summary, "Validation Dice at click", "zero-shot (untrained)")
+    assert zero_row[-2:] == [f"{per_image:.2f}", f"{sum(r['clicks_90'] == 'not reached' for r in costs)} of {N_VAL}"]
+    assert zero_row[2] == f"{zero:.4f}"
+    diffs = [auc(curve("mask_difference", k)) - auc(curve("random", k)) for k in SEEDS]
+    paired = [line for line in summary.splitlines() if line.startswith("| mask_difference − random | AUC (clicks) |")]
+    assert len(paired) == 1 and float(paired[0].split("|")[3].split(" ± ")[0]) == \
+        pytest.approx(statistics.mean(diffs), abs=1e-4)
 
 
 def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
@@ -230,6 +296,7 @@ def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones
 @pytest.mark.parametrize("extra, message", [
     (["--seeds", "1", "1"], "--seeds lists 1 more than once"),
     (["--budgets", "50"], "--budgets 50: larger than the training set (8 images)"),
+    (["--click_budgets", "10", "0"], "--click_budgets must be >= 1 (got 0)"),
     (["--budgets", "4"], "--budgets 4: more than the runs will label (3 = min("),
     (["--label_budget", "9"], "--label_budget 9 is larger than the training set (8 images"),
     (["--gpus", "7"], "--gpus 7: no device 7"),
@@ -278,6 +345,30 @@ def test_an_arm_sets_its_own_pool_and_first_round_and_the_summary_says_so(data, 
     assert "## Paired difference to mask_difference" in summary and "## Paired difference to random" in summary
 
 
+def test_click_budgets_as_asked_and_runs_without_clicks_said(data, tmp_path):
+    """--click_budgets sets the click table's budgets; runs that recorded no clicks (--annotation_cost pixels) give
+    no click table but a line saying why, and no click rows in the paired differences."""
+    args, flags = cs.build_parser().parse_known_args(request(data, tmp_path / "c") + ["--click_budgets", "50", "5"])
+    plan = cs.make_plan(args, flags)
+    assert "--annotation_cost clicks" in " ".join(plan.runs[0].argv) and plan.trainer_args.annotation_cost == "clicks"
+
+    def curve(clicks, dice):
+        return [dict(labeled=2 * (e + 1), clicks_90=c, not_reached_90=0, dice=d) for e, (c, d) in
+                enumerate(zip(clicks, dice))]
+
+    res = report.Results({"mask_difference": {1: curve([4, 40], [0.3, 0.5])}, "random": {1: curve([6, 60], [0.2, 0.4])}},
+                         {"mask_difference": {}, "random": {}}, None, [])
+    summary = report.summary_markdown(plan, res)
+    assert table_row(summary, "Validation Dice at click", "strategy")[2:4] == ["Dice @ 5 clicks", "Dice @ 50 clicks"]
+    assert table_row(summary, "Validation Dice at click", "random")[2:4] == ["–", "0.2000"]
+    assert table_row(summary, "Validation Dice at click", "mask_difference")[2:6] == ["0.3000", "0.5000", "–", "10.00"]
+    assert "| mask_difference − random | Dice @ 50 clicks | 0.3000 | 1 |" in summary
+    res = report.Results({"random": {1: curve([None, None], [0.2, 0.4])}}, {"random": {}}, None, [])
+    summary = report.summary_markdown(plan, res)
+    assert "No click costs in these runs (trainer.py --annotation_cost clicks records them" in summary
+    assert "clicks |" not in summary.split("## Paired difference", 1)[1]
+
+
 def test_the_demo_shows_its_arms_in_fewer_epochs(tmp_path, capsys):
     assert cs.main(["--demo", "--output", str(tmp_path), "--print_commands"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -307,6 +398,17 @@ def test_checkpoint_choice_and_curve_statistics(tmp_path):
     curve = [dict(labeled=2, dice=0.2), dict(labeled=4, dice=None), dict(labeled=6, dice=0.6)]
     assert report.dice_at(curve, 3) == 0.6 and report.dice_at(curve, 2) == 0.2 and report.dice_at(curve, 7) is None
     assert report.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
+    # the click axis: Dice within a budget is the last epoch at or under it; the area from (0, the zero-shot Dice)
+    clicked = [dict(labeled=2, clicks_90=10, dice=0.2), dict(labeled=4, clicks_90=30, dice=None),
+               dict(labeled=6, clicks_90=50, dice=0.6)]
+    assert report.dice_within(clicked, 9) is None and report.dice_within(clicked, 10) == 0.2
+    assert report.dice_within(clicked, 49) == 0.2 and report.dice_within(clicked, 50) == 0.6
+    # 0..10: (0.1 + 0.2) / 2 x 10; 10..30: the line from (10, 0.2) to (50, 0.6) reaches 0.4 at 30
+    assert report.area_under_cost_curve(clicked, 0.1, 30) == pytest.approx((1.5 + (0.2 + 0.4) / 2 * 20) / 30)
+    assert report.area_under_cost_curve(clicked, 0.1, 50) == pytest.approx((1.5 + (0.2 + 0.6) / 2 * 40) / 50)
+    assert report.area_under_cost_curve(clicked, None, 30) is None, "no zero-shot Dice: no start"
+    assert report.area_under_cost_curve(clicked, 0.1, 60) is None, "the curve ends before the range"
+    assert report.area_under_cost_curve([dict(clicks_90=None, dice=0.5)], 0.1, 30) is None, "no clicks recorded"
     assert report.paired_test([0.1] * 5).startswith("too few seeds")
     assert report.paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == "0.0312"  # 2 / 2^6: every difference positive
 

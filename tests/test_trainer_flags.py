@@ -35,6 +35,8 @@ def run_main_expecting_error(argv, capsys) -> str:
         (["--demo", "--max_epochs", "0"], "--max_epochs must be >= 1"),
         (["--demo", "--val_limit", "0"], "--val_limit must be >= 1"),
         (["--demo", "--dice_weight", "1.5"], "--dice_weight must be in [0, 1]"),
+        (["--demo", "--click_mask_input"], "--click_mask_input changes how the clicks of --annotation_cost clicks "
+                                           "are simulated, but --annotation_cost is pixels"),
         (["--demo", "--module", "json"], "--module json"),
         (["--demo", "--module", "no_such_module_xyz"], "--module no_such_module_xyz: cannot be imported"),
         (["--demo", "--promptmode", "circle"], "--promptmode"),
