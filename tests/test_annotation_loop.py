@@ -5,6 +5,7 @@ round the requested masks are copied back into Training_GroundTruth and the run 
 the al_selection.csv, final Dice and final model of an uninterrupted --oracle ground_truth run with the same seed.
 The bad-input cases resume one shared waiting round (copied per test) and check that nothing changed.
 """
+import csv
 import json
 import os
 import shutil
@@ -73,6 +74,11 @@ def snapshot(*folders: Path) -> dict:
     run folder's owner lock aside: a refused run owns the folder while it checks it)."""
     return {p: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
             for folder in folders for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "owner.lock"}
+
+
+def read_csv_rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def resume_fails(argv, capsys) -> str:
@@ -274,15 +280,19 @@ def test_a_waiting_round_is_a_live_run(how, waiting_round, tmp_path, capsys):
 def test_accept_partial_sends_skipped_images_back_and_no_validation_split_keeps_last_model(waiting_round, tmp_path,
                                                                                           capsys):
     """The round comes back from Label Studio: one image annotated, one skipped; --accept_partial trains on the
-    annotated one (its mask in the round folder) and sends the skipped one back to the pool."""
+    annotated one (its mask in the round folder) and sends the skipped one back to the pool. Its al_selection.csv
+    row has the annotation cost against the mask the person returned (here the truth and a corner more), and the
+    lead time Label Studio recorded."""
     pytest.importorskip("label_studio_sdk.converter.brush")
     data, answers, out = copy_waiting_round(waiting_round, tmp_path)
     done, missing = waiting_round[3]["requested"]
     round_dir = out / f"Skin_{SIZE}" / "annotate" / "round_001"
     truth = np.asarray(Image.open(answers / f"{done}_segmentation.png")) > 127
+    returned = truth.copy()
+    returned[:12, :12] = True  # what the person drew: not the data set's truth
     export = tmp_path / "export.json"
     export.write_text(json.dumps(export_of(round_dir, {
-        f"{done}.jpg": [annotation([brush_region(truth)], 41, completed_by=7, lead_time=12.5)],
+        f"{done}.jpg": [annotation([brush_region(returned)], 41, completed_by=7, lead_time=12.5)],
         f"{missing}.jpg": [annotation([], 42, cancelled=True)]})))
     assert label_studio.main(["import", "--export", str(export), "--round_dir", str(round_dir)]) == 0
     assert f"{missing}.jpg (skipped)" in capsys.readouterr().out
@@ -297,6 +307,18 @@ def test_accept_partial_sends_skipped_images_back_and_no_validation_split_keeps_
     assert (rows[f"{done}.jpg"]["completed_by"], rows[f"{done}.jpg"]["lead_time_s"]) == ("7", "12.500")
     assert rows[f"{missing}.jpg"]["status"] == "skipped"
     assert [line.split(",")[1] for line in (run_dir / "al_selection.csv").read_text().splitlines()[1:]] == [done]
+    # the costs: the round's proposal (decoder 1 of the model that chose it, at the photo's size) against the mask
+    # returned: Dice = 2|P&M| / (|P| + |M|), changed_fraction = |P != M| / (H x W)
+    (row,) = read_csv_rows(run_dir / "al_selection.csv")
+    proposal = np.asarray(Image.open(round_dir / f"{done}_proposal.png")) > 127
+
+    def cost(mask):
+        both, total = np.count_nonzero(proposal & mask), np.count_nonzero(proposal) + np.count_nonzero(mask)
+        return (2 * both / total if total else 1.0), np.mean(proposal != mask)
+
+    assert cost(returned) != cost(truth), "the returned mask must tell apart where the costs come from"
+    assert (float(row["dice"]), float(row["changed_fraction"])) == pytest.approx(cost(returned), abs=2e-3)
+    assert row["lead_time_s"] == "12.5" and row["clicks_90"] == ""
     log_text = (run_dir / "log.txt").read_text()
     assert f"go back to the unlabeled pool: {missing}" in log_text
     assert log_text.count("no Validation split under") == 1 and "best Dice n/a (no Validation split)" in log_text
