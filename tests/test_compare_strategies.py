@@ -5,6 +5,7 @@ run at the end of its first epoch (MDSAM_CRASH_AT) and reruns the command: the f
 touched and the report must equal the uninterrupted one.
 """
 import csv
+import dataclasses
 import shutil
 import statistics
 import subprocess
@@ -359,7 +360,12 @@ def test_click_budgets_as_asked_and_runs_without_clicks_said(data, tmp_path):
     res = report.Results({"mask_difference": {1: curve([4, 40], [0.3, 0.5])}, "random": {1: curve([6, 60], [0.2, 0.4])}},
                          {"mask_difference": {}, "random": {}}, None, [])
     summary = report.summary_markdown(plan, res)
-    assert table_row(summary, "Validation Dice at click", "strategy")[2:4] == ["Dice @ 5 clicks", "Dice @ 50 clicks"]
+    assert "Range every arm reaches: 0 to 40 clicks (the smallest final cumulative count)." in summary
+    assert table_row(summary, "Validation Dice at click", "strategy")[2:5] == ["Dice @ 5 clicks", "Dice @ 50 clicks",
+                                                                              "AUC (clicks, 0–40)"]
+    default = report.summary_markdown(dataclasses.replace(plan, click_budgets=None), res)  # 25/50/100 % of 40
+    assert table_row(default, "Validation Dice at click", "strategy")[2:5] == \
+        ["Dice @ 10 clicks", "Dice @ 20 clicks", "Dice @ 40 clicks"]
     assert table_row(summary, "Validation Dice at click", "random")[2:4] == ["–", "0.2000"]
     assert table_row(summary, "Validation Dice at click", "mask_difference")[2:6] == ["0.3000", "0.5000", "–", "10.00"]
     assert "| mask_difference − random | Dice @ 50 clicks | 0.3000 | 1 |" in summary

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from annotation_cost import NOT_REACHED, Click
 from datasets_skin import resize_mask
@@ -133,3 +134,43 @@ def test_a_real_model_gives_its_proposals_pixel_cost_at_the_photos_size():
         assert fed_back["dice"] == row["dice"]  # the proposal does not depend on the mask prompt
         for value in (row["clicks_85"], row["clicks_90"], fed_back["clicks_90"]):
             assert value == NOT_REACHED or (isinstance(value, int) and 0 <= value <= 20)
+
+
+@pytest.mark.parametrize("promptmode, mode, mask_input, decoder", [("none", "pixels", False, 1),
+                                                                   ("point-box", "clicks", True, 2)])
+def test_the_trainers_cost_step_hands_over_the_runs_choices(synthetic_copy, monkeypatch, promptmode, mode,
+                                                            mask_input, decoder):
+    """epoch_steps.annotation_costs: the chosen images as the dataset gives them, their masks at the photo's size
+    from where the oracle accepted them, the run's --annotation_cost, interactive decoder and --click_mask_input;
+    eval mode without gradients, the model's training mode restored; --annotation_cost none computes nothing."""
+    import types
+
+    import datasets_skin
+    import epoch_steps
+
+    train_set = datasets_skin.SemiSupervisedSkinDataset(*datasets_skin.find_split(synthetic_copy, "Training"), S)
+    accepted = synthetic_copy / "accepted.png"  # a person's mask, accepted from elsewhere than the mask folder
+    Image.fromarray(np.full(train_set.samples[2].orig_size, 255, np.uint8)).save(accepted)
+    train_set.read_mask_from(2, accepted)
+    model = LesionClickModel().train()
+    seen = {}
+
+    def recorded(model, images, truths, mode, decoder, mask_input):
+        seen.update(images=images, truths=truths, mode=mode, decoder=decoder, mask_input=mask_input,
+                    training=model.training, grad=torch.is_grad_enabled())
+        return [dict.fromkeys(COST_COLUMNS, 0.5) for _ in truths]
+
+    monkeypatch.setattr(epoch_steps, "proposal_costs", recorded)
+    args = types.SimpleNamespace(annotation_cost=mode, promptmode=promptmode, click_mask_input=mask_input,
+                                 precision="float32")
+    run = types.SimpleNamespace(args=args, train_set=train_set, model=model, device=torch.device("cpu"))
+    rows = epoch_steps.annotation_costs(run, 1, [2, 0])
+    assert rows == [dict.fromkeys(COST_COLUMNS, 0.5)] * 2 and model.training
+    assert (seen["mode"], seen["decoder"], seen["mask_input"], seen["training"], seen["grad"]) == \
+        (mode, decoder, mask_input, False, False)
+    assert torch.equal(seen["images"], torch.stack([train_set[2]["image"], train_set[0]["image"]]))
+    assert seen["truths"][0].shape == train_set.samples[2].orig_size and seen["truths"][0].all()
+    np.testing.assert_array_equal(seen["truths"][1], datasets_skin.decode_mask(train_set.samples[0].mask_path, None))
+    seen.clear()
+    run.args = types.SimpleNamespace(**{**vars(args), "annotation_cost": "none"})
+    assert epoch_steps.annotation_costs(run, 1, [2, 0]) == [dict.fromkeys(COST_COLUMNS)] * 2 and not seen
