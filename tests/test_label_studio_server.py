@@ -154,7 +154,7 @@ def test_a_run_annotated_in_label_studio_learns_exactly_what_the_simulation_does
     # differ by ~1e-5 in their final weights); one thread makes the comparison exact.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    started, project, rounds = time.monotonic(), None, 0
+    started, project, rounds, lead_times = time.monotonic(), None, 0, {}
     try:
         result = trainer.main(argv)
         while "round_dir" in result:
@@ -176,6 +176,7 @@ def test_a_run_annotated_in_label_studio_learns_exactly_what_the_simulation_does
                 assert written.shape == (683, 1024) and not np.array_equal(written > 0, proposal)
             assert {row["image"]: row["lead_time_s"] for row in read_round(round_dir)} == \
                    {name: f"{seconds:.3f}" for name, seconds in done.lead_times.items()}
+            lead_times.update({Path(name).stem: seconds for name, seconds in done.lead_times.items()})
             result = trainer.main(argv + ["--resume"])
         report_figure(f"label studio: a trainer run of {rounds} rounds (real ISIC photos) out, annotated, exported, "
                       f"imported and trained in {time.monotonic() - started:.0f} s")
@@ -184,9 +185,18 @@ def test_a_run_annotated_in_label_studio_learns_exactly_what_the_simulation_does
         torch.set_num_threads(threads)
     run_dir, sim_dir = result["run_dir"], simulated["run_dir"]
     assert rounds == 2 and result["epochs"] == 2 and len(result["labeled"]) == 4
-    assert (run_dir / "al_selection.csv").read_text() == (sim_dir / "al_selection.csv").read_text()
+    # the same selections and annotation costs (the person returned the truth); the run adds Label Studio's lead times
+    rows, sim_rows = (list(csv.DictReader(open(d / "al_selection.csv", newline=""))) for d in (run_dir, sim_dir))
+    assert without_lead_time(rows) == without_lead_time(sim_rows)
+    assert {r["image"]: float(r["lead_time_s"]) for r in rows} == pytest.approx(lead_times, abs=5e-4)
+    assert len(lead_times) == 4 and all(r["lead_time_s"] == "" for r in sim_rows)
     state = torch.load(run_dir / "last_state.pth", weights_only=True)
     assert sorted(state["mask_sources"].values()) == ["annotate/round_001"] * 2 + ["annotate/round_002"] * 2
     want, got = (torch.load(d / "last_model.pth", weights_only=True) for d in (sim_dir, run_dir))
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not list((data / "Training_GroundTruth").iterdir()), "the loop wrote into the data set"
+
+
+def without_lead_time(rows: list) -> list:
+    """al_selection.csv rows without the lead time (a simulation has none)."""
+    return [{k: v for k, v in r.items() if k != "lead_time_s"} for r in rows]
