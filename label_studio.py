@@ -53,6 +53,10 @@ DOCUMENT_ROOT_VARIABLE = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 # The columns an import adds to the round's to_annotate.csv (after the trainer's ROUND_COLUMNS).
 ANNOTATION_COLUMNS = ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"]
 IMAGE_TAG, BRUSH_TAG, LESION_LABEL = "image", "lesion_mask", "lesion"
+# The smart tools (label_studio_backend.py answers them with a brush mask): a click (positive; Alt+click negative)
+# and a box. Their regions are prompts, not masks: an import leaves them aside.
+CLICK_TAG, BOX_TAG = "lesion_click", "lesion_box"
+PROMPT_TYPES = {"keypointlabels": CLICK_TAG, "rectanglelabels": BOX_TAG}
 # Keys of a task's data (besides IMAGE_TAG): what an export is checked against, and columns in Label Studio.
 RUN_KEY, ROUND_KEY, NAME_KEY = "mdsam_run", "mdsam_round", "mdsam_image"
 # A brush pixel is lesion when its alpha is above this: the mask files' own rule (> 127 of 255), so a
@@ -62,6 +66,10 @@ SDK_HINT = "pip install -r requirements-labelstudio.txt"
 LOCAL_FILES_URL = "/data/local-files/?d="
 SKIPPED, NOT_ANNOTATED = "skipped", "not_annotated"  # an image not returned: the annotator skipped it, or no one did
 MASK_FOLDER_NAMES = {masks for layouts in SPLIT_FOLDERS.values() for _, masks in layouts}
+# What a Label Studio 1.23 server needs in its environment to call an ML backend on this machine (127.0.0.1): it
+# refuses local addresses for the backend and for the webhook it makes for it unless both are off. Both let the
+# server's requests (ML backends, webhooks, imports from URLs) reach addresses of this machine and its network.
+ML_BACKEND_ENV = {"ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
 
 
 class LabelStudioError(ValueError):
@@ -110,7 +118,9 @@ def sdk_available() -> bool:
 
 def labelling_interface(num_classes: int = 1) -> str:
     """The labelling interface (Label Studio XML): the image, one brush label ``lesion`` (cyan, as the round's
-    overlays), and a header naming the image, its round and its rank in the pool."""
+    overlays), a header naming the image, its round and its rank in the pool, and the smart tools of an ML backend
+    (``label_studio_backend.py``): a click and a box labelled ``lesion`` that the backend turns into a brush mask,
+    shown once auto-annotation is on (without a backend they draw nothing the import takes)."""
     if num_classes != 1:
         raise ClassCountError(f"a Label Studio round has one label (lesion), so it needs exactly one foreground "
                               f"class; got {num_classes}")
@@ -121,6 +131,12 @@ def labelling_interface(num_classes: int = 1) -> str:
             f'  <BrushLabels name="{BRUSH_TAG}" toName="{IMAGE_TAG}">\n'
             f'    <Label value="{LESION_LABEL}" background="#00ffff"/>\n'
             f'  </BrushLabels>\n'
+            f'  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true">\n'
+            f'    <Label value="{LESION_LABEL}" smart="true" background="#ff8800"/>\n'
+            f'  </KeyPointLabels>\n'
+            f'  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true">\n'
+            f'    <Label value="{LESION_LABEL}" smart="true" background="#ff8800"/>\n'
+            f'  </RectangleLabels>\n'
             f'</View>\n')
 
 
@@ -218,6 +234,17 @@ def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_numbe
     local_files_url(round_dir, root)
     tasks = write_round_files(round_dir, items, run_id(round_dir.parent), round_number, root, num_classes)[1]
     return tasks, root
+
+
+def connect_ml_backend(call, project_id: int, backend_url: str, title: str = "MD-SAM-AL") -> dict:
+    """Connect project ``project_id`` to the ML backend at ``backend_url`` (label_studio_backend.py) with
+    interactive preannotations on; returns Label Studio's record of the connection (its ``id`` is the backend's).
+
+    ``call(method, path, json=...)``: an authenticated call of the server's REST API returning a response (raising
+    on an error status). Label Studio then asks the backend's /health and /setup, and adds a webhook to
+    ``backend_url``/webhook; a server that refuses a local address needs ``ML_BACKEND_ENV``."""
+    return call("POST", "/api/ml/", json=dict(url=backend_url, project=project_id, is_interactive=True,
+                                              title=title)).json()
 
 
 # ----------------------------------------------------------------------------- back: the export to masks
@@ -367,13 +394,22 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
     return pixels.reshape(height, width, 4)[..., 3] > ALPHA_THRESHOLD
 
 
+def is_prompt(region: object) -> bool:
+    """Whether a region is a click or box of the interface's smart tools: a prompt of the ML backend, whose answer
+    (a brush region) is the mask."""
+    return isinstance(region, dict) and PROMPT_TYPES.get(str(region.get("type", "")).lower()) == \
+        region.get("from_name") and region.get("to_name") == IMAGE_TAG
+
+
 def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, where: str) -> ReturnedMask:
-    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free)."""
+    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free); the
+    smart tools' clicks and boxes are left aside (``is_prompt``)."""
     name = task["data"][NAME_KEY]
     size = expected.sizes[name]
     mask = np.zeros(size, bool)
     for number, region in enumerate(annotation.get("result") or []):
-        mask |= region_mask(region, size, f"{where}, region {number + 1}")
+        if not is_prompt(region):
+            mask |= region_mask(region, size, f"{where}, region {number + 1}")
     who = annotation.get("completed_by")
     if isinstance(who, dict):  # some exports expand the user
         who = who.get("email") or who.get("id")

@@ -105,6 +105,13 @@ def export_of(round_dir: Path, annotations: Dict[str, List[dict]]) -> List[dict]
 
 # ----------------------------------------------------------------------------- a real server
 
+def label_studio_executable() -> str:
+    """The ``label-studio`` to test against: MDSAM_LABEL_STUDIO, else the one installed in its own virtualenv at
+    ~/.cache/mdsam/label-studio-1.23.2 when it is there, else "" (the server tests are skipped)."""
+    default = Path.home() / ".cache" / "mdsam" / "label-studio-1.23.2" / "bin" / "label-studio"
+    return os.environ.get("MDSAM_LABEL_STUDIO") or (str(default) if default.is_file() else "")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -129,10 +136,12 @@ class LabelStudioServer:
 
     EMAIL, PASSWORD = "annotator@example.org", "round-trip-Passw0rd"
 
-    def __init__(self, executable: str, where: Path, document_root: Path) -> None:
+    def __init__(self, executable: str, where: Path, document_root: Path, env: Optional[Dict[str, str]] = None
+                 ) -> None:
         self.where, self.document_root, self.port = where, document_root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "HOME": str(where / "home"), "LABEL_STUDIO_BASE_DATA_DIR": str(where / "data"),
+        self.env = {**os.environ, **(env or {}), "HOME": str(where / "home"),
+                    "LABEL_STUDIO_BASE_DATA_DIR": str(where / "data"),
                     "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                     "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
                     "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "0",

@@ -28,6 +28,7 @@ brush = pytest.importorskip("label_studio_sdk.converter.brush")
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZE_MASKS = REPO.parent / "shared" / "isic-sample-full" / "masks"  # 3024 x 2016 ISIC masks, when present
 FRONTEND_EXPORT = Path(__file__).parent / "data" / "label_studio_1.23_frontend_export.json"
+BACKEND_REQUESTS = Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json"  # what 1.23 sent
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,11 @@ def test_the_interface_is_one_lesion_brush_on_the_image():
     assert image.get("name") == "image" and image.get("value") == "$image"
     assert brushes.get("name") == "lesion_mask" and brushes.get("toName") == "image"
     assert [label.get("value") for label in brushes.findall("Label")] == ["lesion"]
+    # the smart tools of the ML backend (label_studio_backend.py): a click and a box labelled lesion
+    for tag, name in (("KeyPointLabels", "lesion_click"), ("RectangleLabels", "lesion_box")):
+        tool = view.find(tag)
+        assert (tool.get("name"), tool.get("toName"), tool.get("smart")) == (name, "image", "true")
+        assert [(label.get("value"), label.get("smart")) for label in tool.findall("Label")] == [("lesion", "true")]
     for classes in (0, 2, 3):
         with pytest.raises(label_studio.ClassCountError, match=f"one foreground class; got {classes}"):
             label_studio.labelling_interface(classes)
@@ -214,6 +220,33 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
         ["skipped", "", "", "", "", ""]]
     assert result.csv_path == fresh.round_dir / "to_annotate.csv"
     assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
+
+
+def test_the_smart_tools_clicks_and_box_are_prompts_the_import_leaves_aside(fresh, tmp_path):
+    """An annotation made with the ML backend keeps the annotator's clicks and box (regions as Label Studio 1.23.2
+    sent them to the backend, recorded in tests/data) beside the brush region the backend answered: the mask is the
+    brush alone, whatever the prompts."""
+    recorded = json.loads(BACKEND_REQUESTS.read_text())
+    prompts = [*recorded["predict_clicks"]["params"]["context"]["result"],
+               *recorded["predict_box"]["params"]["context"]["result"]]
+    assert sorted({r["type"] for r in prompts}) == ["keypointlabels", "rectanglelabels"]
+    first = fresh.items[0].sample.image_path.name
+    truth = fresh.answers[first]
+    export = write_export(tmp_path / "export.json", export_of(fresh.round_dir, {
+        first: [annotation(prompts[:1] + [brush_region(truth)] + prompts[1:], 21)]}))
+    result = label_studio.import_export(export, fresh.round_dir)
+    written = fresh.round_dir / f"{Path(first).stem}_segmentation.png"
+    assert result.written == [written]
+    np.testing.assert_array_equal(np.asarray(Image.open(written)), truth.astype(np.uint8) * 255)
+
+
+def test_a_click_region_of_another_tool_name_is_still_refused(fresh, tmp_path):
+    recorded = json.loads(BACKEND_REQUESTS.read_text())
+    click = dict(recorded["predict_click"]["params"]["context"]["result"][0], from_name="somebody_elses_points")
+    export = write_export(tmp_path / "export.json", export_of(fresh.round_dir, {
+        fresh.items[0].sample.image_path.name: [annotation([click], 22)]}))
+    with pytest.raises(label_studio.ExportError, match="a keypointlabels region somebody_elses_points->image"):
+        label_studio.import_export(export, fresh.round_dir)
 
 
 def test_strokes_drawn_in_label_studios_own_editor_come_back_as_their_union(tmp_path):

@@ -1,0 +1,381 @@
+"""label_studio_backend.py (issue 28): the ML backend's endpoints driven with the request bodies a real Label
+Studio 1.23.2 sent (recorded by tests/record_ml_backend_requests.py into tests/data), on a trainer's real round of
+non-square photos, with Label Studio's recorded off-centre clicks and box.
+
+Every mask is checked pixel for pixel against what ``LoRA_Sam.predict_logits`` gives for those prompts, computed
+here from the formulas (percent of the photo -> x * S / 100, y * S / 100 in the model's input; SAM2's labels 1 and 0;
+bilinear upsampling to the photo, logit > 0), so an x/y swap, percent read as pixels or a flipped ``is_positive``
+each changes it. Then every refusal, each answered with an error response while the server keeps serving.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+pytest.importorskip("flask")
+brush = pytest.importorskip("label_studio_sdk.converter.brush")
+
+import label_studio  # noqa: E402
+import label_studio_backend as backend_module  # noqa: E402
+import trainer  # noqa: E402
+from datasets_skin import decode_image, normalize_image  # noqa: E402
+from sam_lora_image_encoder_prompt import build_model  # noqa: E402
+from synthetic_isic import make_synthetic_isic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDED = json.loads((Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json").read_text())
+SIZE = 64
+RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", str(SIZE),
+       "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
+
+
+# ----------------------------------------------------------------------------- a trainer's round
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """``trainer.py --oracle folder`` on synthetic photos (200 px wide, 0.66-0.8 as high): round 1 waits for a
+    person, last_state.pth holds the model that proposed its masks, the round's Label Studio tasks point at its
+    copies (URLs relative to the --output folder, the document root)."""
+    where = tmp_path_factory.mktemp("backend")
+    data = make_synthetic_isic(where / "data", n_train=4, n_val=1, size=200, seed=5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
+        result = trainer.main(RUN + ["--oracle", "folder", "--data_root", str(data), "--output", str(where / "out")])
+    tasks = json.loads((result["round_dir"] / label_studio.TASKS_FILE).read_text())
+    return dict(where=where, out=where / "out", run_dir=result["run_dir"], round_dir=result["round_dir"],
+                tasks=tasks, data=data)
+
+
+def make_backend(run_dir: Path, out: Path, url: str = "http://127.0.0.1:9", token=None, entries: int = 8):
+    backend = backend_module.Backend(run_dir, url, token, out, torch.device("cpu"), entries)
+    return backend, backend_module.make_app(backend).test_client()
+
+
+@pytest.fixture(scope="module")
+def served(made):
+    return make_backend(made["run_dir"], made["out"])
+
+
+def request_for(kind: str, task_data: dict, image: str = None) -> dict:
+    """A recorded request body with its task's data replaced by one of our round's (``image``: another URL)."""
+    body = copy.deepcopy(RECORDED[kind])
+    body["tasks"][0]["data"] = dict(task_data, **({"image": image} if image else {}))
+    return body
+
+
+def regions(kind: str) -> list:
+    return RECORDED[kind]["params"]["context"]["result"]
+
+
+def decoded_mask(prediction: dict, size) -> np.ndarray:
+    """The one brush region of a prediction, as Label Studio decodes it (alpha > 127), at ``size`` (H, W)."""
+    (region,) = prediction["result"]
+    assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "lesion_mask", "image")
+    assert (region["original_height"], region["original_width"]) == size
+    return brush.decode_rle(region["value"]["rle"]).reshape(*size, 4)[..., 3] > 127
+
+
+def photo_of(made, task_data: dict) -> Path:
+    return made["round_dir"] / task_data["mdsam_image"]
+
+
+# ----------------------------------------------------------------------------- the independent computation
+
+def run_model(run_dir: Path, weights: str = "last_state.pth"):
+    """The run's model built here: hiera_t with the run's seeded random weights (config.txt: checkpoint none, seed
+    0), the trained tensors of last_state.pth over it (or a whole last_model.pth)."""
+    net = build_model("sam2.1_hiera_t", None, SIZE, seed=0).eval()
+    state = torch.load(run_dir / weights, weights_only=True)
+    if weights == "last_state.pth":
+        net.load_state_dict(state["trainable"], strict=False)
+    else:
+        net.load_state_dict(state)
+    return net
+
+
+def expected_mask(net, photo: Path, clicks=(), box=None, decoder: int = 1) -> np.ndarray:
+    """What LoRA_Sam.predict_logits gives for Label Studio's prompts: clicks (x %, y %, positive) and a box
+    (x %, y %, width %, height %) -> input pixels x * S / 100, y * S / 100 (the photo's W and H cancel); labels 1
+    positive, 0 negative; the logits upsampled bilinearly to the photo's H x W, lesion where logit > 0."""
+    width, height = Image.open(photo).size
+    image = normalize_image(decode_image(photo, SIZE))[None]  # the run's decode (full) and resize
+    points = None
+    if clicks:
+        points = (torch.tensor([[[x * SIZE / 100, y * SIZE / 100] for x, y, _ in clicks]], dtype=torch.float32),
+                  torch.tensor([[1 if positive else 0 for _, _, positive in clicks]]))
+    boxes = None
+    if box is not None:
+        x, y, w, h = box
+        boxes = torch.tensor([[x * SIZE / 100, y * SIZE / 100, (x + w) * SIZE / 100, (y + h) * SIZE / 100]])
+    with torch.no_grad():
+        logits = net.predict_logits(image, decoder, points=points, boxes=boxes)
+    upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return (upsampled[0, 1] > 0).numpy()
+
+
+def clicks_of(kind: str):
+    return [(r["value"]["x"], r["value"]["y"], r.get("is_positive", True)) for r in regions(kind)
+            if r["type"] == "keypointlabels"]
+
+
+def box_of(kind: str):
+    boxes = [r["value"] for r in regions(kind) if r["type"] == "rectanglelabels"]
+    return (boxes[0]["x"], boxes[0]["y"], boxes[0]["width"], boxes[0]["height"]) if boxes else None
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def test_the_recorded_requests_are_label_studios_smart_tools(made):
+    """What the fixtures hold (so that the tests below drive what they say): an off-centre positive click, then it
+    with a negative Alt+click, then a box, each as Label Studio 1.23.2's frontend made it."""
+    assert RECORDED["label_studio"] == "1.23.2"
+    assert RECORDED["setup"]["access_token"] == "<redacted>"
+    assert RECORDED["predict"]["params"]["context"] is None
+    assert [r["is_positive"] for r in regions("predict_click")] == [True]
+    assert [r.get("is_positive") for r in regions("predict_clicks")] == [True, False]
+    assert [r["type"] for r in regions("predict_box")] == ["rectanglelabels"]
+    (x, y, _), = clicks_of("predict_click")
+    assert abs(x - 50) > 2 and abs(y - 50) > 2 and abs(x - y) > 5  # off-centre, and x differs from y
+
+
+def test_health_and_setup_give_the_runs_id_as_model_version(made, served):
+    _, client = served
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["status"] == "UP"
+    setup = client.post("/setup", json=RECORDED["setup"])
+    run_id = (made["out"] / made["run_dir"].name / "annotate" / label_studio.RUN_ID_FILE).read_text().strip()
+    assert setup.status_code == 200 and setup.get_json() == {"model_version": run_id}
+    assert made["tasks"][0]["predictions"][0]["model_version"] == run_id  # the imported proposals' version
+    assert client.post("/webhook", json=RECORDED["webhook"]).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["predict_click", "predict_clicks", "predict_box"])
+def test_a_prompt_gives_the_mask_predict_logits_gives_at_the_photos_size(made, served, kind):
+    backend, client = served
+    task = made["tasks"][1]
+    photo = photo_of(made, task["data"])
+    size = Image.open(photo).size[::-1]
+    assert size[0] != size[1]  # a non-square photo
+    answer = client.post("/predict", json=request_for(kind, task["data"]))
+    assert answer.status_code == 200, answer.status
+    (prediction,) = answer.get_json()["results"]
+    assert prediction["model_version"] == backend.run.model_version()
+    want = expected_mask(run_model(made["run_dir"]), photo, clicks_of(kind), box_of(kind))
+    assert 0 < want.sum() < want.size  # a mask with an edge: a shifted prompt moves it
+    np.testing.assert_array_equal(decoded_mask(prediction, size), want)
+
+
+def test_a_task_opened_without_a_prompt_gets_the_rounds_proposal_unless_it_holds_it(made, served):
+    _, client = served
+    task = made["tasks"][0]
+    answer = client.post("/predict", json=request_for("predict", task["data"]))
+    (prediction,) = answer.get_json()["results"]
+    proposal = np.asarray(Image.open(made["round_dir"] / f"{Path(task['data']['mdsam_image']).stem}_proposal.png"))
+    np.testing.assert_array_equal(decoded_mask(prediction, proposal.shape), proposal > 0)  # what the trainer proposed
+    held = request_for("predict", task["data"])
+    held["tasks"][0].update(predictions=task["predictions"], total_predictions=1)  # the imported proposal
+    assert client.post("/predict", json=held).get_json() == {"results": []}
+
+
+def test_the_embedding_is_computed_once_per_task(made, served):
+    backend, client = served
+    net = backend.run.model()
+    calls = []
+    encode = net.encode
+    net.encode = lambda images: calls.append(1) or encode(images)
+    try:
+        task = made["tasks"][2]
+        for kind in ("predict_click", "predict_clicks", "predict_box", "predict_click"):
+            assert client.post("/predict", json=request_for(kind, task["data"])).status_code == 200
+    finally:
+        del net.encode
+    assert len(calls) == 1
+
+
+def test_the_cache_keeps_the_most_recently_used_tasks(made):
+    backend, client = make_backend(made["run_dir"], made["out"], entries=2)
+    first, second, third = (t["data"] for t in made["tasks"][:3])
+    for data in (first, second, first, third):  # the third pushes out the least recently used: the second
+        client.post("/predict", json=request_for("predict_click", data))
+    assert [key[0].rsplit("/", 1)[1] for key in backend.cache] == [first["mdsam_image"], third["mdsam_image"]]
+
+
+# ----------------------------------------------------------------------------- refusals: the server keeps serving
+
+def refused(client, made, image: str, status: int, message: str) -> None:
+    answer = client.post("/predict", json=request_for("predict_click", made["tasks"][0]["data"], image))
+    assert answer.status_code == status and message in answer.status  # the status line Label Studio shows
+    assert message in answer.get_json()["error"]
+    assert client.post("/predict", json=request_for("predict_click", made["tasks"][0]["data"])).status_code == 200
+
+
+def local(made, path: str) -> str:
+    return label_studio.LOCAL_FILES_URL + path
+
+
+def test_a_path_with_dot_dot_is_refused(made, served):
+    round_path = made["round_dir"].relative_to(made["out"]).as_posix()
+    refused(served[1], made, local(made, f"{round_path}/../../config.txt"), 403, "leaves the document root")
+    refused(served[1], made, local(made, str(made["run_dir"] / "config.txt")), 403, "leaves the document root")
+
+
+def test_a_link_out_of_the_round_folders_is_refused(made, served):
+    link = made["round_dir"] / "elsewhere.jpg"
+    link.symlink_to(made["data"] / "Validation_Data" / sorted(os.listdir(made["data"] / "Validation_Data"))[0])
+    try:
+        refused(served[1], made, local(made, link.relative_to(made["out"]).as_posix()), 403,
+                "outside the run's round folders")
+    finally:
+        link.unlink()
+
+
+def test_an_image_on_another_host_is_refused_and_never_asked_for(made, served):
+    with Recorder() as other:
+        refused(served[1], made, f"{other.url}/data/upload/1/photo.jpg", 403, "is not on Label Studio")
+        assert other.seen == []
+
+
+def test_an_image_elsewhere_on_label_studio_needs_a_token(made, served):
+    refused(served[1], made, "/data/upload/1/photo.jpg", 403, "no token")
+
+
+def test_an_unreadable_image_is_an_error(made, served):
+    broken = made["round_dir"] / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a JPEG")
+    try:
+        refused(served[1], made, local(made, broken.relative_to(made["out"]).as_posix()), 422, "cannot be read")
+    finally:
+        broken.unlink()
+
+
+def test_a_request_without_tasks_is_an_error(served):
+    answer = served[1].post("/predict", json={"tasks": []})
+    assert answer.status_code == 400 and "no tasks" in answer.status
+
+
+# ----------------------------------------------------------------------------- the token, to Label Studio only
+
+class Recorder:
+    """A server on 127.0.0.1 that keeps each request's path and Authorization header and serves ``photo``."""
+
+    def __init__(self, photo: bytes = b"") -> None:
+        seen, content = [], photo
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.send_response(200 if content else 404)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self.seen = seen
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "Recorder":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *args) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_image_fetched_from_label_studio_carries_the_token_there_only(made, caplog):
+    task = made["tasks"][1]
+    photo = photo_of(made, task["data"])
+    token = "legacy-token-0123456789abcdef"  # a legacy token goes as "Token ..." (a personal one is exchanged)
+    with Recorder(photo.read_bytes()) as studio, Recorder() as other:
+        _, client = make_backend(made["run_dir"], made["out"], studio.url, token)
+        answer = client.post("/predict", json=request_for("predict_click", task["data"], "/data/upload/7/photo.jpg"))
+        assert answer.status_code == 200, answer.status
+        assert studio.seen == [("/data/upload/7/photo.jpg", f"Token {token}")]
+        size = Image.open(photo).size[::-1]
+        want = expected_mask(run_model(made["run_dir"]), photo, clicks_of("predict_click"))
+        np.testing.assert_array_equal(decoded_mask(answer.get_json()["results"][0], size), want)
+        assert client.post("/predict", json=request_for("predict_click", task["data"], f"{other.url}/photo.jpg")
+                           ).status_code == 403
+        assert other.seen == [] and len(studio.seen) == 1
+    assert token not in caplog.text
+
+
+def test_the_token_file_must_be_private(tmp_path, monkeypatch):
+    path = tmp_path / "token"
+    path.write_text("a-token\n")
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        backend_module.read_token(path)
+    path.chmod(0o600)
+    assert backend_module.read_token(path) == "a-token"
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-the-environment")
+    assert backend_module.read_token(None) == "from-the-environment"
+
+
+# ----------------------------------------------------------------------------- the run's newest weights
+
+@pytest.fixture
+def copied(made, tmp_path):
+    """A copy of the run's output folder (a test may change its weights)."""
+    out = shutil.copytree(made["out"], tmp_path / "out", symlinks=True)
+    return dict(made, out=out, run_dir=out / made["run_dir"].name, round_dir=out / made["round_dir"].relative_to(
+        made["out"]))
+
+
+def test_newer_weights_are_loaded_and_bad_ones_answered_with_an_error(copied):
+    backend, client = make_backend(copied["run_dir"], copied["out"])
+    task = copied["tasks"][1]
+    photo, body = photo_of(copied, task["data"]), request_for("predict_click", task["data"])
+    size = Image.open(photo).size[::-1]
+    assert client.post("/predict", json=body).status_code == 200
+    # a finished run: last_model.pth, written after last_state.pth (its decoders changed: another mask)
+    trained = run_model(copied["run_dir"])
+    with torch.no_grad():
+        for mlp in trained.sam.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(-3)
+    final = copied["run_dir"] / "last_model.pth"
+    torch.save(trained.state_dict(), final)
+    answer = client.post("/predict", json=body)
+    want = expected_mask(run_model(copied["run_dir"], "last_model.pth"), photo, clicks_of("predict_click"))
+    assert not np.array_equal(want, expected_mask(run_model(copied["run_dir"]), photo, clicks_of("predict_click")))
+    np.testing.assert_array_equal(decoded_mask(answer.get_json()["results"][0], size), want)
+    # a damaged file, then another model's weights: errors; the server keeps serving and recovers
+    good = final.read_bytes()
+    final.write_bytes(good[: len(good) // 2])
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 500 and "last_model.pth" in answer.status
+    torch.save(build_model("sam2.1_hiera_t", None, SIZE, rank=8, seed=0).state_dict(), final)
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 500 and "another model" in answer.status, answer.status
+    final.write_bytes(good)
+    np.testing.assert_array_equal(decoded_mask(client.post("/predict", json=body).get_json()["results"][0], size),
+                                  want)
+    assert client.get("/health").status_code == 200
+
+
+def test_a_run_folder_without_config_is_refused_on_the_command_line(tmp_path):
+    command = [sys.executable, str(REPO / "label_studio_backend.py"), "--run", str(tmp_path), "--port", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--run" in done.stderr and "no config.txt" in done.stderr
+
+
+def test_the_trainer_does_not_import_the_server():
+    code = "import sys, trainer, label_studio; assert not {'label_studio_backend', 'flask'} & set(sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
