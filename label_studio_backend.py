@@ -387,10 +387,8 @@ class Backend:
     @staticmethod
     def holds_proposal(task: dict, version: str) -> bool:
         """Whether the task holds the run's proposal (a prediction of its model_version, imported with the round)."""
-        predictions = task.get("predictions") or []
-        if any(isinstance(p, dict) and p.get("model_version") == version for p in predictions):
-            return True
-        return (task.get("data") or {}).get(label_studio.RUN_KEY) == version and bool(task.get("total_predictions"))
+        predictions = task.get("predictions") or []  # Label Studio sends them whole
+        return any(isinstance(p, dict) and p.get("model_version") == version for p in predictions)
 
     @staticmethod
     def prediction(mask: Optional[np.ndarray], version: str) -> dict:

@@ -30,6 +30,7 @@ pytest.importorskip("flask")
 brush = pytest.importorskip("label_studio_sdk.converter.brush")
 
 import label_studio  # noqa: E402
+from annotation_rounds import hide_masks  # noqa: E402
 import label_studio_backend as backend_module  # noqa: E402
 import trainer  # noqa: E402
 from datasets_skin import decode_image, normalize_image  # noqa: E402
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECORDED = json.loads((Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json").read_text())
 SIZE = 64
 RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", str(SIZE),
-       "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
+       "--batch_size", "3", "--pool_size", "4", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
 
 
 # ----------------------------------------------------------------------------- a trainer's round
@@ -52,6 +53,7 @@ def made(tmp_path_factory):
     copies (URLs relative to the --output folder, the document root)."""
     where = tmp_path_factory.mktemp("backend")
     data = make_synthetic_isic(where / "data", n_train=4, n_val=1, size=200, seed=5)
+    hide_masks(data / "Training_GroundTruth", where / "answers")  # the person's to make
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
         result = trainer.main(RUN + ["--oracle", "folder", "--data_root", str(data), "--output", str(where / "out")])
@@ -188,6 +190,7 @@ def test_a_task_opened_without_a_prompt_gets_the_rounds_proposal_unless_it_holds
     np.testing.assert_array_equal(decoded_mask(prediction, proposal.shape), proposal > 0)  # what the trainer proposed
     held = request_for("predict", task["data"])
     held["tasks"][0].update(predictions=task["predictions"], total_predictions=1)  # the imported proposal
+    held["tasks"].append(copy.deepcopy(held["tasks"][0]))
     assert client.post("/predict", json=held).get_json() == {"results": []}
 
 
