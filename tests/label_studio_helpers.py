@@ -22,7 +22,7 @@ import numpy as np
 
 import annotation_rounds
 import label_studio
-from datasets_skin import MASK_SUFFIX, decode_mask, discover_samples, find_split
+from datasets_skin import MASK_SUFFIX, decode_image, decode_mask, discover_samples, find_split, normalize_image
 from synthetic_isic import make_synthetic_isic
 
 RUN_ID, ROUND = "run-under-test", 3
@@ -70,6 +70,73 @@ def make_round(where: Path, n_synthetic: int = 3, size: int = 300, real_photos: 
     annotation_rounds.write_round(round_dir, items)
     label_studio.write_round_files(round_dir, items, RUN_ID, ROUND, root)
     return MadeRound(data, round_dir, root, items, answers)
+
+
+# ----------------------------------------------------------------------------- a trainer's round and its model
+
+BACKEND_SIZE = 64
+BACKEND_RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size",
+               str(BACKEND_SIZE), "--batch_size", "3", "--pool_size", "4", "--max_epochs", "2", "--val_every", "2",
+               "--save_from_epoch", "9"]
+
+
+def trainer_round(where: Path) -> dict:
+    """``trainer.py --oracle folder`` on synthetic photos (200 px wide, 0.66-0.8 as high): round 1 waits for a
+    person, last_state.pth holds the model that proposed its masks, the round's Label Studio tasks point at its
+    copies (URLs relative to the --output folder, the document root)."""
+    import pytest
+
+    import trainer
+
+    data = make_synthetic_isic(where / "data", n_train=4, n_val=1, size=200, seed=5)
+    annotation_rounds.hide_masks(data / "Training_GroundTruth", where / "answers")  # the person's to make
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
+        result = trainer.main(BACKEND_RUN + ["--oracle", "folder", "--data_root", str(data), "--output",
+                                             str(where / "out")])
+    tasks = json.loads((result["round_dir"] / label_studio.TASKS_FILE).read_text())
+    return dict(where=where, out=where / "out", run_dir=result["run_dir"], round_dir=result["round_dir"],
+                tasks=tasks, data=data)
+
+
+def run_model(run_dir: Path, weights: str = "last_state.pth"):
+    """``trainer_round``'s model built here: hiera_t with the run's seeded random weights (config.txt: checkpoint
+    none, seed 0), the trained tensors of last_state.pth over it (or a whole last_model.pth)."""
+    import torch
+
+    from sam_lora_image_encoder_prompt import build_model
+
+    net = build_model("sam2.1_hiera_t", None, BACKEND_SIZE, seed=0).eval()
+    state = torch.load(run_dir / weights, weights_only=True)
+    if weights == "last_state.pth":
+        net.load_state_dict(state["trainable"], strict=False)
+    else:
+        net.load_state_dict(state)
+    return net
+
+
+def expected_mask(net, photo: Path, clicks=(), box=None, decoder: int = 1, size: int = BACKEND_SIZE) -> np.ndarray:
+    """What LoRA_Sam.predict_logits gives for Label Studio's prompts: clicks (x %, y %, positive) and a box
+    (x %, y %, width %, height %) -> input pixels x * S / 100, y * S / 100 (the photo's W and H cancel); labels 1
+    positive, 0 negative; the logits upsampled bilinearly to the photo's H x W, lesion where logit > 0."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    width, height = Image.open(photo).size
+    image = normalize_image(decode_image(photo, size))[None]  # the run's decode (full) and resize
+    points = None
+    if clicks:
+        points = (torch.tensor([[[x * size / 100, y * size / 100] for x, y, _ in clicks]], dtype=torch.float32),
+                  torch.tensor([[1 if positive else 0 for _, _, positive in clicks]]))
+    boxes = None
+    if box is not None:
+        x, y, w, h = box
+        boxes = torch.tensor([[x * size / 100, y * size / 100, (x + w) * size / 100, (y + h) * size / 100]])
+    with torch.no_grad():
+        logits = net.predict_logits(image, decoder, points=points, boxes=boxes)
+    upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return (upsampled[0, 1] > 0).numpy()
 
 
 # ----------------------------------------------------------------------------- Label Studio's formats

@@ -18,7 +18,6 @@ are replaced by "<redacted>" in the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile

@@ -77,6 +77,22 @@ def test_a_proposal_survives_the_sdk_rle_both_ways_at_full_size(name, mask):
     np.testing.assert_array_equal(label_studio.region_mask(region, (height, width), name), mask)
 
 
+def rle_edge_masks():
+    """Masks whose runs cross the RLE's field sizes (1, 2 and 64 pixels: 4, 8 and 256 values; 65 pixels: 260 values,
+    the 16-bit field; 16384 and 16385 pixels: 65536 values and one more, a second run), all lesion, all skin, mixed."""
+    for pixels in (1, 2, 3, 4, 64, 65, 16383, 16384, 16385, 40000):
+        yield np.ones((1, pixels), bool)
+        yield np.zeros((1, pixels), bool)
+    yield np.arange(12).reshape(3, 4) % 2 == 0
+    yield np.random.default_rng(4).random((40, 70)) > 0.3
+
+
+@pytest.mark.parametrize("mask", [*rle_edge_masks(), *(m for _, m in lesion_masks())], ids=lambda m: str(m.shape))
+def test_our_brush_rle_is_byte_for_byte_the_sdks(mask):
+    """label_studio.mask_rle computes from runs of pixels what the SDK's mask2rle computes from every RGBA value."""
+    assert label_studio.mask_rle(mask) == [int(v) for v in brush.mask2rle(mask.astype(np.uint8) * 255)]
+
+
 def test_lesion_is_alpha_above_127_and_regions_are_merged():
     """A stroke's pixel is lesion when its alpha > 127 (ALPHA_THRESHOLD); two regions: their union."""
     left, right = np.zeros((40, 50), bool), np.zeros((40, 50), bool)

@@ -16,50 +16,31 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 pytest.importorskip("flask")
 brush = pytest.importorskip("label_studio_sdk.converter.brush")
 
 import label_studio  # noqa: E402
-from annotation_rounds import hide_masks  # noqa: E402
 import label_studio_backend as backend_module  # noqa: E402
-import trainer  # noqa: E402
-from datasets_skin import decode_image, normalize_image  # noqa: E402
+from label_studio_helpers import BACKEND_SIZE as SIZE, expected_mask, run_model, trainer_round  # noqa: E402
 from sam_lora_image_encoder_prompt import build_model  # noqa: E402
-from synthetic_isic import make_synthetic_isic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED = json.loads((Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json").read_text())
-SIZE = 64
-RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", str(SIZE),
-       "--batch_size", "3", "--pool_size", "4", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
 
 
 # ----------------------------------------------------------------------------- a trainer's round
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """``trainer.py --oracle folder`` on synthetic photos (200 px wide, 0.66-0.8 as high): round 1 waits for a
-    person, last_state.pth holds the model that proposed its masks, the round's Label Studio tasks point at its
-    copies (URLs relative to the --output folder, the document root)."""
-    where = tmp_path_factory.mktemp("backend")
-    data = make_synthetic_isic(where / "data", n_train=4, n_val=1, size=200, seed=5)
-    hide_masks(data / "Training_GroundTruth", where / "answers")  # the person's to make
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
-        result = trainer.main(RUN + ["--oracle", "folder", "--data_root", str(data), "--output", str(where / "out")])
-    tasks = json.loads((result["round_dir"] / label_studio.TASKS_FILE).read_text())
-    return dict(where=where, out=where / "out", run_dir=result["run_dir"], round_dir=result["round_dir"],
-                tasks=tasks, data=data)
+    return trainer_round(tmp_path_factory.mktemp("backend"))
 
 
 def make_backend(run_dir: Path, out: Path, url: str = "http://127.0.0.1:9", token=None, entries: int = 8):
@@ -96,38 +77,6 @@ def photo_of(made, task_data: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- the independent computation
-
-def run_model(run_dir: Path, weights: str = "last_state.pth"):
-    """The run's model built here: hiera_t with the run's seeded random weights (config.txt: checkpoint none, seed
-    0), the trained tensors of last_state.pth over it (or a whole last_model.pth)."""
-    net = build_model("sam2.1_hiera_t", None, SIZE, seed=0).eval()
-    state = torch.load(run_dir / weights, weights_only=True)
-    if weights == "last_state.pth":
-        net.load_state_dict(state["trainable"], strict=False)
-    else:
-        net.load_state_dict(state)
-    return net
-
-
-def expected_mask(net, photo: Path, clicks=(), box=None, decoder: int = 1) -> np.ndarray:
-    """What LoRA_Sam.predict_logits gives for Label Studio's prompts: clicks (x %, y %, positive) and a box
-    (x %, y %, width %, height %) -> input pixels x * S / 100, y * S / 100 (the photo's W and H cancel); labels 1
-    positive, 0 negative; the logits upsampled bilinearly to the photo's H x W, lesion where logit > 0."""
-    width, height = Image.open(photo).size
-    image = normalize_image(decode_image(photo, SIZE))[None]  # the run's decode (full) and resize
-    points = None
-    if clicks:
-        points = (torch.tensor([[[x * SIZE / 100, y * SIZE / 100] for x, y, _ in clicks]], dtype=torch.float32),
-                  torch.tensor([[1 if positive else 0 for _, _, positive in clicks]]))
-    boxes = None
-    if box is not None:
-        x, y, w, h = box
-        boxes = torch.tensor([[x * SIZE / 100, y * SIZE / 100, (x + w) * SIZE / 100, (y + h) * SIZE / 100]])
-    with torch.no_grad():
-        logits = net.predict_logits(image, decoder, points=points, boxes=boxes)
-    upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return (upsampled[0, 1] > 0).numpy()
-
 
 def clicks_of(kind: str):
     return [(r["value"]["x"], r["value"]["y"], r.get("is_positive", True)) for r in regions(kind)
@@ -343,7 +292,7 @@ def copied(made, tmp_path):
 
 
 def test_newer_weights_are_loaded_and_bad_ones_answered_with_an_error(copied):
-    backend, client = make_backend(copied["run_dir"], copied["out"])
+    _, client = make_backend(copied["run_dir"], copied["out"])
     task = copied["tasks"][1]
     photo, body = photo_of(copied, task["data"]), request_for("predict_click", task["data"])
     size = Image.open(photo).size[::-1]

@@ -1,0 +1,108 @@
+"""The ML backend (label_studio_backend.py) connected to a real Label Studio 1.23.2 (issue 28): a trainer's round
+goes into a project, the backend is connected through the REST API as the trainer's ``--label_studio_backend`` will
+do (``label_studio.connect_ml_backend``, interactive on), and a click comes back as its mask through the request
+Label Studio's labelling page makes for a smart tool: ``POST /api/ml/{id}/interactive-annotating`` with the regions
+just drawn (the server then sends the backend ``/predict`` with them as ``params.context``).
+
+Skipped only where no ``label-studio`` executable is found (MDSAM_LABEL_STUDIO, or the virtualenv at
+~/.cache/mdsam/label-studio-1.23.2). The server is started with ML_BLOCK_LOCAL_IP=false and
+SSRF_PROTECTION_ENABLED=false, without which it refuses a backend on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("flask")
+brush = pytest.importorskip("label_studio_sdk.converter.brush")
+
+import label_studio  # noqa: E402
+import label_studio_backend  # noqa: E402
+from label_studio_helpers import (LabelStudioServer, expected_mask, label_studio_executable, run_model,  # noqa: E402
+                                  trainer_round)
+
+EXECUTABLE = label_studio_executable()
+pytestmark = pytest.mark.skipif(not EXECUTABLE, reason="no label-studio executable (set MDSAM_LABEL_STUDIO)")
+RECORDED = json.loads((Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json").read_text())
+STARTUP_S = 1200
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    return trainer_round(tmp_path_factory.mktemp("backend-server"))
+
+
+@pytest.fixture(scope="module")
+def server(made, report_figure):
+    running = LabelStudioServer(EXECUTABLE, made["where"] / "server", made["out"], env=label_studio.ML_BACKEND_ENV)
+    try:
+        report_figure(f"label studio (ML backend): server up after {running.wait_until_up(STARTUP_S):.0f} s")
+        running.authenticate()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def backend_url(made, server):
+    backend = label_studio_backend.Backend(made["run_dir"], server.url, None, made["out"], torch.device("cpu"))
+    http = label_studio_backend.serve(backend, "127.0.0.1", 0)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.port}"
+    http.shutdown()
+
+
+def test_a_click_on_the_labelling_page_comes_back_as_its_mask(made, server, backend_url, report_figure):
+    started = time.monotonic()
+    interface = (made["round_dir"] / label_studio.INTERFACE_FILE).read_text()
+    project = server.call("POST", "/api/projects/", json=dict(title="backend", label_config=interface)).json()["id"]
+    server.call("POST", "/api/storages/localfiles/", json=dict(project=project, path=str(made["round_dir"]),
+                                                              title="round 1", use_blob_urls=True))
+    server.call("POST", f"/api/projects/{project}/import", json=made["tasks"])
+    connected = label_studio.connect_ml_backend(server.call, project, backend_url)
+    ml = server.call("GET", f"/api/ml/{connected['id']}").json()
+    assert ml["is_interactive"] and ml["state"] == "CO"  # Label Studio asked /health and /setup: connected
+    run_id = made["tasks"][0]["predictions"][0]["model_version"]
+    assert ml["model_version"] == run_id  # /setup's answer: the imported proposals' version
+    webhooks = server.call("GET", "/api/webhooks/", params=dict(project=project)).json()
+    assert [w["url"] for w in webhooks] == [f"{backend_url}/webhook"]
+
+    task = server.call("GET", "/api/tasks/", params=dict(project=project)).json()["tasks"][1]
+    click = RECORDED["predict_click"]["params"]["context"]["result"]  # as the labelling page sends it
+    answer = server.call("POST", f"/api/ml/{connected['id']}/interactive-annotating",
+                         json=dict(task=task["id"], context=dict(result=click))).json()
+    assert "errors" not in answer, answer
+    (region,) = answer["data"]["result"]
+    assert answer["data"]["model_version"] == run_id
+    photo = made["round_dir"] / task["data"]["mdsam_image"]
+    size = Image.open(photo).size[::-1]
+    mask = brush.decode_rle(region["value"]["rle"]).reshape(*size, 4)[..., 3] > 127
+    x, y = click[0]["value"]["x"], click[0]["value"]["y"]
+    np.testing.assert_array_equal(mask, expected_mask(run_model(made["run_dir"]), photo, [(x, y, True)]))
+    report_figure(f"label studio (ML backend): project, backend connected, one click answered in "
+                  f"{time.monotonic() - started:.1f} s")
+
+
+def test_an_error_of_the_backend_is_shown_by_label_studio(made, server, backend_url):
+    """A refused image: Label Studio keeps the backend's status line (its message) in the errors it returns to the
+    labelling page, and the backend keeps serving."""
+    interface = (made["round_dir"] / label_studio.INTERFACE_FILE).read_text()
+    project = server.call("POST", "/api/projects/", json=dict(title="refusal", label_config=interface)).json()["id"]
+    bad = dict(made["tasks"][0], data=dict(made["tasks"][0]["data"], image="/data/local-files/?d=../etc/passwd"))
+    server.call("POST", f"/api/projects/{project}/import", json=[bad])
+    connected = label_studio.connect_ml_backend(server.call, project, backend_url)
+    (task,) = server.call("GET", "/api/tasks/", params=dict(project=project)).json()["tasks"]
+    click = RECORDED["predict_click"]["params"]["context"]["result"]
+    answer = server.call("POST", f"/api/ml/{connected['id']}/interactive-annotating",
+                         json=dict(task=task["id"], context=dict(result=click))).json()
+    assert "leaves the document root" in " ".join(answer["errors"]), answer
+    import requests
+
+    assert requests.get(f"{backend_url}/health", timeout=30).status_code == 200
