@@ -161,27 +161,32 @@ RLE_HEADER = f"{8 - 1:05b}" + "".join(f"{bits - 1:04b}" for bits in RLE_FIELD_BI
 
 def mask_rle(mask: np.ndarray) -> List[int]:
     """The brush RLE of the H x W bool ``mask`` (every channel of RGBA 255 on the mask, 0 elsewhere): the bytes
-    ``label_studio_sdk.converter.brush.mask2rle(mask * 255)`` gives, computed from the mask's runs of pixels (a
-    photo-size mask has thousands, its RGBA values millions: the SDK takes ~0.5 s for a 3024 x 2016 mask)."""
+    ``label_studio_sdk.converter.brush.mask2rle(mask * 255)`` gives, computed from the mask's runs of pixels in a
+    few array operations (the SDK walks every RGBA value: ~0.5 s for a 3024 x 2016 mask)."""
     flat = np.asarray(mask, bool).ravel()
     if not flat.size:
         raise ValueError("an empty mask has no brush RLE")
     ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]) + 1, flat.size)
-    lengths = np.diff(np.append(0, ends)) * 4  # four channels per pixel
-    parts = [f"{flat.size * 4:032b}", RLE_HEADER]
-    for length, lesion in zip(lengths.tolist(), flat[ends - 1].tolist()):
-        value = "11111111" if lesion else "00000000"
-        if length <= 256:  # the smallest length field that holds it
-            index = next(i for i, bits in enumerate(RLE_FIELD_BITS) if length <= 2 ** bits)
-            parts.append(f"1{index:02b}{length - 1:0{RLE_FIELD_BITS[index]}b}{value}")
-            continue
-        while length > 2 ** 16:  # longer runs: 65536 values at a time, the rest in the 16-bit field
-            parts.append(f"111{2 ** 16 - 1:016b}{value}")
-            length -= 2 ** 16
-        parts.append(f"111{length - 1:016b}{value}")
-    bits = "".join(parts)
-    bits += "0" * (8 - len(bits) % 8)
-    return list(int(bits, 2).to_bytes(len(bits) // 8, "big"))
+    lengths = np.diff(np.append(0, ends)).astype(np.int64) * 4  # four channels per pixel
+    values = np.where(flat[ends - 1], 255, 0).astype(np.int64)
+    # a run longer than 256 values: 65536 at a time, then the rest, each in the 16-bit field (as the SDK)
+    chunks = np.where(lengths > 256, -(-lengths // 2 ** 16), 1)
+    last = np.cumsum(chunks) - 1
+    lengths, values = np.repeat(lengths, chunks), np.repeat(values, chunks)
+    within = np.arange(len(lengths)) - np.repeat(last - chunks + 1, chunks)
+    lengths = np.where(lengths > 256, np.where(within < np.repeat(chunks, chunks) - 1, 2 ** 16,
+                                               lengths - within * 2 ** 16), lengths)
+    index = np.where(np.repeat(chunks, chunks) > 1, 3, np.searchsorted(2 ** np.array(RLE_FIELD_BITS), lengths))
+    field = np.array(RLE_FIELD_BITS)[index]
+    # each run: 1, the field's index (2 bits), the length - 1 (field bits), the value (8 bits), as one number
+    codes = ((((4 + index) << field) + (lengths - 1)) << 8) + values
+    widths = 11 + field
+    shifts = widths[:, None] - 1 - np.arange(widths.max())
+    bits = (codes[:, None] >> np.maximum(shifts, 0) & 1)[shifts >= 0].astype(np.uint8)
+    header = np.array([int(b) for b in f"{flat.size * 4:032b}{RLE_HEADER}"], np.uint8)
+    stream = np.concatenate([header, bits])
+    stream = np.append(stream, np.zeros(8 - len(stream) % 8, np.uint8))  # a whole zero byte when whole, as the SDK
+    return np.packbits(stream).tolist()
 
 
 def brush_result(mask: np.ndarray) -> dict:

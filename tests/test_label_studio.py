@@ -197,7 +197,8 @@ def test_without_the_sdk_the_module_imports_and_says_how_to_enable():
             "print('label_studio_sdk' in sys.modules)\n"  # imported on first use only (it takes seconds)
             "sys.modules['label_studio_sdk'] = None\n"  # from here on, as if it were not installed
             "print(ls.sdk_available())\n"
-            "try:\n    ls.brush_result(numpy.ones((2, 2), bool))\n"
+            "region = ls.brush_result(numpy.ones((2, 2), bool))\n"  # our own RLE: no SDK needed
+            "try:\n    ls.region_mask(region, (2, 2), 'an export')\n"  # the SDK decodes what Label Studio drew
             "except ls.SdkMissingError as error:\n    print(error)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
