@@ -423,8 +423,9 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
                           f"{width}x{height} (W x H)")
     if value.get("format") != "rle" or not isinstance(value.get("rle"), list):
         raise ExportError(f"{where}: a brush region without RLE (format {value.get('format')!r})")
+    decode_rle = brush_module().decode_rle  # SdkMissingError is a ValueError: not a damaged RLE
     try:
-        pixels = brush_module().decode_rle(value["rle"])
+        pixels = decode_rle(value["rle"])
     except (ValueError, IndexError, TypeError) as err:
         raise ExportError(f"{where}: its brush RLE cannot be decoded ({type(err).__name__})") from None
     if pixels.size != height * width * 4:
