@@ -299,12 +299,12 @@ def prompts_of(regions: Sequence[dict], photo_size: Tuple[int, int]) -> Prompts:
     drawn counts (SAM2 takes one box per prompt). Other regions (a brush stroke) are not prompts."""
     height, width = photo_size
     points, labels, boxes = [], [], []
-    for number_, region in enumerate(regions):
+    for place, region in enumerate(regions):
         kind = str(region.get("type", "")).lower() if isinstance(region, dict) else ""
         if kind not in label_studio.PROMPT_TYPES:
             continue
-        where, value = f"context region {number_ + 1} ({kind})", region.get("value") or {}
-        if region.get("value", {}).get("rotation"):
+        where, value = f"context region {place + 1} ({kind})", region.get("value") or {}
+        if value.get("rotation"):
             raise RequestError(f"{where}: a rotated box ({value['rotation']} degrees); draw it unrotated")
         x, y = number(value, "x", where) / 100 * width, number(value, "y", where) / 100 * height
         if kind == "keypointlabels":
