@@ -35,8 +35,7 @@ import annotation_rounds  # noqa: E402
 import label_studio  # noqa: E402
 import label_studio_backend  # noqa: E402
 from datasets_skin import discover_samples  # noqa: E402
-from label_studio_helpers import LabelStudioServer, label_studio_executable  # noqa: E402
-from record_ml_backend_requests import CHROMIUM_FLAGS  # noqa: E402
+from label_studio_helpers import LabelStudioServer, label_studio_executable, labelling_page  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 
 PHOTO = REPO.parent / "shared" / "isic-sample" / "images" / "ISIC_0012660.jpg"
@@ -65,30 +64,8 @@ def make_run(where: Path) -> Path:
 def photograph(server: LabelStudioServer, project: int, task: int, profile: Path, shot: Path) -> int:
     """Log in, open the task, Auto-Annotation on, the smart click tool, one click on the lesion; returns how many
     requests to other hosts were refused. Positions are the 1280 x 800 page's (see tests/record_ml_backend_requests)."""
-    from playwright.sync_api import sync_playwright
-
-    refused = []
-
-    def only_local(route):
-        if route.request.url.startswith((server.url, "blob:", "data:")):
-            return route.continue_()
-        refused.append(route.request.url)
-        return route.abort()
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 800})
-        page = browser.new_page()
-        page.route("**/*", only_local)
-        page.goto(f"{server.url}/user/login/")
-        page.fill("input[name=email]", server.EMAIL)
-        page.fill("input[name=password]", server.PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
-        page.goto(f"{server.url}/projects/{project}/data?task={task}")
-        page.wait_for_selector("canvas", timeout=120_000)
-        page.wait_for_load_state("networkidle")
+    refused: list = []
+    with labelling_page(server, f"/projects/{project}/data?task={task}", profile, refused) as page:
         time.sleep(3)
         page.get_by_text("Auto-Annotation").click()
         page.mouse.move(924, 617)  # the toolbar's Auto-Detect group opens
@@ -101,7 +78,6 @@ def photograph(server: LabelStudioServer, project: int, task: int, profile: Path
             page.mouse.click(560, 430)  # on the lesion, left of the image's centre
         time.sleep(5)  # the brush region is drawn after the answer
         page.screenshot(path=str(shot))
-        browser.close()
     return len(refused)
 
 

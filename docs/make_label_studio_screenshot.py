@@ -28,12 +28,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import annotation_rounds  # noqa: E402
 import label_studio  # noqa: E402
 from datasets_skin import decode_mask, discover_samples  # noqa: E402
-from label_studio_helpers import LabelStudioServer, hand_over  # noqa: E402
+from label_studio_helpers import LabelStudioServer, hand_over, labelling_page  # noqa: E402
 
 PHOTO = REPO.parent / "shared" / "isic-sample" / "images" / "ISIC_0012660.jpg"
 OUT = REPO / "docs" / "label_studio_round.png"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def make_photo_round(where: Path) -> Path:
@@ -53,33 +51,10 @@ def make_photo_round(where: Path) -> Path:
 
 def photograph(server: LabelStudioServer, page_path: str, profile: Path, shot: Path) -> int:
     """Log in and screenshot ``page_path``; returns how many requests to other hosts were refused."""
-    from playwright.sync_api import sync_playwright
-
-    refused = []
-
-    def only_local(route):
-        if route.request.url.startswith((server.url, "blob:", "data:")):
-            return route.continue_()
-        refused.append(route.request.url)
-        return route.abort()
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1280, "height": 800})
-        page = browser.new_page()
-        page.route("**/*", only_local)
-        page.goto(f"{server.url}/user/login/")
-        page.fill("input[name=email]", server.EMAIL)
-        page.fill("input[name=password]", server.PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
-        page.goto(f"{server.url}{page_path}")
-        page.wait_for_selector("canvas", timeout=120_000)
-        page.wait_for_load_state("networkidle")
+    refused: list = []
+    with labelling_page(server, page_path, profile, refused) as page:
         time.sleep(5)  # the brush region is drawn after the image has loaded
         page.screenshot(path=str(shot))
-        browser.close()
     return len(refused)
 
 

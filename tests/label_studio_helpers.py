@@ -14,9 +14,10 @@ import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -289,6 +290,43 @@ class LabelStudioServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def labelling_page(server: LabelStudioServer, page_path: str, profile: Path, refused: List[str]) -> Iterator:
+    """Headless Debian Chromium (driven by ``playwright``, no browser download; 1280 x 800) logged in to ``server``
+    and showing ``page_path`` once its canvas has loaded: yields the playwright page. Every request to another host
+    is refused and its URL appended to ``refused``."""
+    from playwright.sync_api import sync_playwright
+
+    def only_local(route):
+        if route.request.url.startswith((server.url, "blob:", "data:")):
+            return route.continue_()
+        refused.append(route.request.url)
+        return route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 800})
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_local)
+            page.goto(f"{server.url}/user/login/")
+            page.fill("input[name=email]", server.EMAIL)
+            page.fill("input[name=password]", server.PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{server.url}{page_path}")
+            page.wait_for_selector("canvas", timeout=120_000)
+            page.wait_for_load_state("networkidle")
+            yield page
+        finally:
+            browser.close()
 
 
 def hand_over(server: LabelStudioServer, round_dir: Path, project_id: Optional[int] = None) -> int:

@@ -18,7 +18,6 @@ are replaced by "<redacted>" in the file.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import threading
@@ -30,13 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import label_studio  # noqa: E402
-from label_studio_helpers import LabelStudioServer, free_port, label_studio_executable, make_round  # noqa: E402
+from label_studio_helpers import (LabelStudioServer, free_port, label_studio_executable, labelling_page,  # noqa: E402
+                                  make_round)
 
 PHOTO = REPO.parent / "shared" / "isic-sample" / "images" / "ISIC_0012660.jpg"  # 1024 x 683
 OUT = Path(__file__).parent / "data"
 FIXTURE = "label_studio_1.23_ml_backend_requests.json"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 class Capture(BaseHTTPRequestHandler):
@@ -84,23 +82,7 @@ def browse(server: LabelStudioServer, project: int, task: int, profile: Path) ->
     """Log in, open the task, turn auto-annotation on and use the smart tools (the toolbar's Auto-Detect group):
     a click (positive), an Alt+click (negative), a box. Positions are the 1280 x 800 page's, found by looking at
     its screenshots; label 2 is the click tool's "lesion", label 3 the box tool's."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-            headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 800})
-        page = browser.new_page()
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
-            (server.url, "blob:", "data:")) else route.abort())
-        page.goto(f"{server.url}/user/login/")
-        page.fill("input[name=email]", server.EMAIL)
-        page.fill("input[name=password]", server.PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
-        page.goto(f"{server.url}/projects/{project}/data?task={task}")
-        page.wait_for_selector("canvas", timeout=120_000)
-        page.wait_for_load_state("networkidle")
+    with labelling_page(server, f"/projects/{project}/data?task={task}", profile, []) as page:
         time.sleep(3)
         page.get_by_text("Auto-Annotation").click()
         for tool, label, act in (((865, 599), "2", lambda: page.mouse.click(560, 430)),
@@ -115,7 +97,6 @@ def browse(server: LabelStudioServer, project: int, task: int, profile: Path) ->
             act()
             time.sleep(4)
         page.screenshot(path=str(profile.parent / "smart_tools.png"))
-        browser.close()
 
 
 def alt_click(page, x: int, y: int) -> None:
