@@ -150,7 +150,7 @@ class RunModel:
         weights = newest_weights(self.run_dir)
         stamp = file_stamp(weights)
         if self.net is None or stamp != self.stamp:
-            self.net = self.load(weights)  # a failure keeps the model there was, and the next call tries again
+            self.net = self.load(weights)  # a failure is the request's error; the next request tries again
             self.stamp, self.weights = stamp, weights
             log.info("model: %s", weights.name if weights else "zero-shot (no weights written yet)")
         return self.net
@@ -408,18 +408,21 @@ class Backend:
         encoded = self.encoded(image_source(image, self.run.run_dir, self.document_root, self.label_studio_url), net)
         prompts = prompts_of(regions, encoded.photo_size)
         points, box = to_model_input(prompts, encoded.photo_size, self.run.img_size)
+        points = None if points is None else tuple(t.to(self.device) for t in points)
+        box = None if box is None else box.to(self.device)
         decoder = 1 if prompts.empty() else self.run.decoder
         with torch.no_grad():
             logits = net.predict_logits(None, decoder, points=points, boxes=box, features=encoded.features)
         return val.logits_to_label_map(logits[0], encoded.photo_size) > 0
 
     def encoded(self, source: ImageSource, net) -> Encoded:
-        """The image's features, from the cache or one image-encoder pass (the cache is for the current weights)."""
-        key = (source.key, self.run.stamp)
+        """The image's features, from the cache or one image-encoder pass (the cache is for the current weights;
+        a file of the round folders is known by its stamp too)."""
+        key = (source.key, file_stamp(source.path), self.run.stamp)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        for old in [k for k in self.cache if k[1] != self.run.stamp]:  # features of replaced weights
+        for old in [k for k in self.cache if k[-1] != self.run.stamp]:  # features of replaced weights
             del self.cache[old]
         pixels, photo_size = self.photo(source)
         with torch.no_grad():
