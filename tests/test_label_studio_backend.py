@@ -333,7 +333,7 @@ def test_the_trainer_does_not_import_the_server():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
 
 
-# ----------------------------------------------------------------------------- with trained weights: what a prompt means
+# ----------------------------------------------------------------------------- trained weights: what a prompt means
 
 OFFICIAL = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"  # git-ignored; nothing here downloads it
 PHOTO = REPO.parent / "shared" / "isic-sample" / "images" / "ISIC_0012660.jpg"  # 1024 x 683, its lesion left of centre
