@@ -162,7 +162,7 @@ RLE_HEADER = f"{8 - 1:05b}" + "".join(f"{bits - 1:04b}" for bits in RLE_FIELD_BI
 def mask_rle(mask: np.ndarray) -> List[int]:
     """The brush RLE of the H x W bool ``mask`` (every channel of RGBA 255 on the mask, 0 elsewhere): the bytes
     ``label_studio_sdk.converter.brush.mask2rle(mask * 255)`` gives, computed from the mask's runs of pixels in a
-    few array operations (the SDK walks every RGBA value: ~0.5 s for a 3024 x 2016 mask)."""
+    few array operations (the SDK walks every RGBA value: 49-85 ms for a full-size ISIC mask, 1.3-6.9 ms here)."""
     flat = np.asarray(mask, bool).ravel()
     if not flat.size:
         raise ValueError("an empty mask has no brush RLE")
@@ -180,9 +180,9 @@ def mask_rle(mask: np.ndarray) -> List[int]:
     field = np.array(RLE_FIELD_BITS)[index]
     # each run: 1, the field's index (2 bits), the length - 1 (field bits), the value (8 bits), as one number
     codes = ((((4 + index) << field) + (lengths - 1)) << 8) + values
-    widths = 11 + field
-    shifts = widths[:, None] - 1 - np.arange(widths.max())
-    bits = (codes[:, None] >> np.maximum(shifts, 0) & 1)[shifts >= 0].astype(np.uint8)
+    widths = 11 + field  # at most 27 bits: each code's bits are the last ``width`` of its 32-bit big-endian form
+    every = np.unpackbits(codes.astype(">u4").view(np.uint8)).reshape(-1, 32)
+    bits = every[np.arange(32) >= 32 - widths[:, None]]
     header = np.array([int(b) for b in f"{flat.size * 4:032b}{RLE_HEADER}"], np.uint8)
     stream = np.concatenate([header, bits])
     stream = np.append(stream, np.zeros(8 - len(stream) % 8, np.uint8))  # a whole zero byte when whole, as the SDK
