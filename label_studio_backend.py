@@ -533,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache_entries", default=DEFAULT_CACHE_ENTRIES, type=int,
                         help="tasks whose image embedding is kept (least recently used first out)")
     parser.add_argument("--gpu", default=None, help="a CUDA device index; default: the first GPU, else the CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: torch's, one per core); on a CPU shared with other work, "
+                             "1 answers a click several times faster (docs/ml_backend.md)")
     return parser
 
 
@@ -542,6 +545,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cache_entries < 1:
         parser.exit(2, "label_studio_backend.py: --cache_entries must be at least 1\n")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.exit(2, "label_studio_backend.py: --threads must be at least 1\n")
+        torch.set_num_threads(args.threads)
     try:
         token = read_token(args.label_studio_token_file)
     except PermissionError as err:

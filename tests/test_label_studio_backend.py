@@ -322,10 +322,40 @@ def test_newer_weights_are_loaded_and_bad_ones_answered_with_an_error(copied):
     assert client.get("/health").status_code == 200
 
 
-def test_a_run_folder_without_config_is_refused_on_the_command_line(tmp_path):
-    command = [sys.executable, str(REPO / "label_studio_backend.py"), "--run", str(tmp_path), "--port", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--run" in done.stderr and "no config.txt" in done.stderr
+def test_a_run_folder_without_config_or_a_readable_token_file_is_refused_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        backend_module.main(["--run", str(tmp_path), "--port", "0"])
+    assert stopped.value.code == 2 and "--run" in capsys.readouterr().err
+    token = tmp_path / "token"
+    token.write_text("secret-token-7")
+    token.chmod(0o640)
+    with pytest.raises(SystemExit) as stopped:
+        backend_module.main(["--run", str(tmp_path), "--label_studio_token_file", str(token)])
+    said = capsys.readouterr().err
+    assert stopped.value.code == 2 and "--label_studio_token_file" in said and "chmod 600" in said
+    assert "secret-token-7" not in said
+
+
+def test_the_command_serves_on_127_0_0_1_until_stopped(made):
+    """As docs/ml_backend.md starts it (port 0: a free one, printed), with the token from the environment."""
+    import requests
+
+    command = [sys.executable, str(REPO / "label_studio_backend.py"), "--run", str(made["run_dir"]), "--port", "0",
+               "--threads", "1"]
+    env = {**os.environ, "LABEL_STUDIO_API_KEY": "never-printed-token-42"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]  # the model it loaded, then where it listens
+        line = "".join(lines)
+        assert "on http://127.0.0.1:" in lines[1], line
+        url = lines[1].split(" on ", 1)[1].split(";")[0]
+        assert requests.get(f"{url}/health", timeout=60).json()["status"] == "UP"
+        body = request_for("predict_click", made["tasks"][0]["data"])
+        assert requests.post(f"{url}/predict", json=body, timeout=300).status_code == 200
+    finally:
+        process.terminate()
+        output = line + process.communicate(timeout=60)[0]
+    assert "never-printed-token-42" not in output
 
 
 def test_the_trainer_does_not_import_the_server():
