@@ -3,7 +3,8 @@ the way back from its JSON export to masks.
 
 Out (``write_round_files``, after ``annotation_rounds.write_round`` has written the round folder):
 
-    label_studio_interface.xml   the labelling interface: BrushLabels on the image, one label ``lesion``
+    label_studio_interface.xml   the labelling interface: BrushLabels on the image, one label ``lesion``, and the
+                                 smart tools (a click, a box) that label_studio_backend.py answers with a mask
     label_studio_tasks.json      one task per selected image, the model's proposal as a prediction
 
 Each task's image is served by a Label Studio *Local Files* storage whose path is the round folder: it holds the
@@ -21,9 +22,12 @@ to the trainer's ``--output`` folder.
 Back (``import_export``, or ``python3 label_studio.py import --export EXPORT.json --round_dir ROUND``): the export
 becomes ``<name>_segmentation.png`` (0/255, the image's size) in the round folder, and the round's
 ``to_annotate.csv`` gains who annotated each image and how long it took (status, mask, completed_by, lead_time_s,
-task and annotation ids). ``trainer.py --resume`` takes each mask from there. The brush RLE is encoded and decoded
-by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module imports, and says how to
-enable it.
+task and annotation ids). ``trainer.py --resume`` takes each mask from there; the smart tools' clicks and boxes are
+prompts, left aside. The brush RLE is encoded here (``mask_rle``: byte for byte the SDK's encoding, from runs of
+pixels) and decoded by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module
+imports, and says how to enable it.
+
+An ML backend is connected to a project with ``connect_ml_backend`` (one REST call; the caller authenticates).
 """
 from __future__ import annotations
 

@@ -379,6 +379,8 @@ class Backend:
                 return {"results": [self.prediction(self.answer_prompts(tasks[0], regions), version)]}
             if all(self.holds_proposal(task, version) for task in tasks):
                 return {"results": []}
+            # Label Studio 1.23 sends no task holding a prediction of the version /setup gave, so a batch mixing
+            # both is not one of its requests; its tasks that hold the proposal would get an empty prediction
             return {"results": [self.prediction(None if self.holds_proposal(task, version) else
                                                 self.answer_prompts(task, []), version) for task in tasks]}
 
