@@ -90,6 +90,28 @@ def test_a_click_on_the_labelling_page_comes_back_as_its_mask(made, server, back
                   f"{time.monotonic() - started:.1f} s")
 
 
+def test_a_task_opened_without_a_prediction_gets_the_rounds_proposal_once(made, server, backend_url):
+    """Label Studio asks /predict (no context) for a task without any prediction when it is opened and the project
+    prelabels with predictions; the answer is the round's proposal, stored under the run's model_version. A task
+    that holds the imported proposal is never asked for."""
+    interface = (made["round_dir"] / label_studio.INTERFACE_FILE).read_text()
+    project = server.call("POST", "/api/projects/", json=dict(title="opened", label_config=interface)).json()["id"]
+    held, bare = made["tasks"][0], {"data": made["tasks"][1]["data"]}
+    server.call("POST", f"/api/projects/{project}/import", json=[held, bare])
+    label_studio.connect_ml_backend(server.call, project, backend_url)
+    server.call("PATCH", f"/api/projects/{project}/", json=dict(evaluate_predictions_automatically=True))
+    run_id = held["predictions"][0]["model_version"]
+    for task in server.call("GET", "/api/tasks/", params=dict(project=project)).json()["tasks"]:
+        opened = server.call("GET", f"/api/tasks/{task['id']}/").json()
+        (prediction,) = opened["predictions"]  # one: the imported proposal, or the backend's answer
+        assert prediction["model_version"] == run_id
+        name = opened["data"]["mdsam_image"]
+        proposal = np.asarray(Image.open(made["round_dir"] / f"{Path(name).stem}_proposal.png")) > 0
+        (region,) = prediction["result"]
+        mask = brush.decode_rle(region["value"]["rle"]).reshape(*proposal.shape, 4)[..., 3] > 127
+        np.testing.assert_array_equal(mask, proposal)
+
+
 def test_an_error_of_the_backend_is_shown_by_label_studio(made, server, backend_url):
     """A refused image: Label Studio keeps the backend's status line (its message) in the errors it returns to the
     labelling page, and the backend keeps serving."""
