@@ -233,13 +233,15 @@ class Selection:
     """What a strategy chose: ``chosen`` (dataset indices, in the order chosen), ``scores`` (every pool image;
     higher = more worth annotating), ``ranking`` (optional: the whole pool in the strategy's order of preference,
     for a strategy that chooses a set rather than the top scores; default: by score), ``details`` (optional, per
-    image) and ``figure`` (optional 3 x H x W picture in [0, 1] for TensorBoard, e.g. why these were chosen)."""
+    image), ``figure`` (optional 3 x H x W picture in [0, 1] for TensorBoard, e.g. why these were chosen) and
+    ``strategy``, the name of the strategy that chose (al_selection.csv's strategy column)."""
 
     chosen: List[int]
     scores: Scores
     ranking: Optional[List[int]] = None
     details: Dict[int, dict] = field(default_factory=dict)
     figure: Optional[torch.Tensor] = None
+    strategy: str = ""  # the name of the strategy that made it (set by Strategy.select)
 
     def ranks(self) -> Dict[int, int]:
         """1-based rank of each pool image in ``ranking`` (default: highest score first, ties by index)."""
@@ -282,11 +284,12 @@ class Strategy(ABC):
         if context.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {context.batch_size}")
         if not pool:
-            return Selection([], {})
+            return Selection([], {}, strategy=self.name)
         selection = self.choose(context)
         bad = [index for index, value in selection.scores.items() if not np.isfinite(value)]
         if bad:
             raise RuntimeError(f"{self.name}: non-finite scores for images {bad[:5]} (model produced NaN/inf?)")
+        selection.strategy = self.name
         return selection
 
     @abstractmethod
@@ -495,8 +498,9 @@ class PretrainedEmbeddings:
     """The pretrained encoder's embedding (``embedding_vectors``, LoRA off) of each image a strategy asks for,
     computed once per run: kept in the run folder's EMBEDDINGS_FILE (without a run folder: in memory only), keyed
     by ``SelectionContext.feature_key`` (model config, checkpoint, image size, ...) and, per image, by the digest of
-    its encoder input (``image_digest``). A file made with other settings, or one that cannot be read, is rebuilt,
-    and the log says why: it is a cache, nothing a person wrote.
+    its encoder input (``image_digest``). A file made with other settings, one that cannot be read, or one whose
+    vectors are not finite or not as wide as the encoder's (checked when it first encodes an image), is rebuilt, and
+    the log says why: it is a cache, nothing a person wrote.
 
     The file: dict(key={setting: text}, digests=[N hex strings], vectors=N x 256 float32 tensor).
     """
@@ -504,6 +508,7 @@ class PretrainedEmbeddings:
     def __init__(self) -> None:
         self._key: Optional[Dict[str, str]] = None
         self._vectors: Dict[str, torch.Tensor] = {}
+        self._width: Optional[int] = None  # the encoder's, once it has encoded an image in this process
         self._file_outdated = False
 
     def vectors(self, context: SelectionContext, indices: Sequence[int]) -> np.ndarray:
@@ -512,22 +517,42 @@ class PretrainedEmbeddings:
         path = None if context.run_dir is None else Path(context.run_dir) / EMBEDDINGS_FILE
         self._load(path, {name: str(value) for name, value in context.feature_key.items()})
         digests = {int(i): image_digest(context.dataset[int(i)]["image"]) for i in indices}
+        encoded = self._encode_missing(context, digests)
+        if self._drop_other_widths(path):
+            encoded += self._encode_missing(context, digests)
+        if encoded:
+            log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", encoded,
+                     len(set(digests.values())) - encoded, "" if path is None else f" ({path})")
+        if path is not None and (encoded or self._file_outdated):
+            atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
+                                   vectors=torch.stack(list(self._vectors.values()))), path)
+            self._file_outdated = False
+        return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
+
+    def _encode_missing(self, context: SelectionContext, digests: Dict[int, str]) -> int:
+        """Encode the images of ``digests`` (index -> digest) whose vector is not kept; how many were encoded."""
         new = list({digest: index for index, digest in digests.items() if digest not in self._vectors}.values())
         if new:
             with scoring_mode(context.model, context.device):
                 for batch, images in context.batches(new, "pretrained embeddings"):
                     vectors = embedding_vectors(context.encode_pretrained(images)).cpu()
                     self._vectors.update(zip((digests[i] for i in batch), vectors))
-            log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", len(new),
-                     len(set(digests.values())) - len(new), "" if path is None else f" ({path})")
-        if path is not None and (new or self._file_outdated):
-            atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
-                                   vectors=torch.stack(list(self._vectors.values()))), path)
-            self._file_outdated = False
-        return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
+                    self._width = vectors.shape[1]
+        return len(new)
+
+    def _drop_other_widths(self, path: Optional[Path]) -> bool:
+        """Drop the vectors (a damaged file's) whose width is not the encoder's, once that is known, saying so;
+        whether there were any."""
+        other = sorted({len(v) for v in self._vectors.values()} - {self._width}) if self._width is not None else []
+        if other:
+            self._outdated(path, f"its vectors are {', '.join(map(str, other))} wide, the encoder's {self._width}")
+            self._vectors = {d: v for d, v in self._vectors.items() if len(v) == self._width}
+        return bool(other)
 
     def _load(self, path: Optional[Path], key: Dict[str, str]) -> None:
-        """Take the file's vectors when it was made with ``key``; otherwise say why it is rebuilt."""
+        """Take the file's vectors when it was made with ``key`` and they are usable (2-D, floating point, finite,
+        one per digest; their width is checked against the encoder's by ``_drop_other_widths``); otherwise say why
+        it is rebuilt."""
         if key != self._key:
             self._key, self._vectors = key, {}
         if path is None or not path.is_file():
@@ -535,7 +560,9 @@ class PretrainedEmbeddings:
         try:
             stored = load_torch_file(path)
             stored_key, digests, vectors = dict(stored["key"]), list(stored["digests"]), stored["vectors"]
-            if vectors.dim() != 2 or len(digests) != len(vectors):
+            if not vectors.is_floating_point():
+                raise ValueError(f"vectors of dtype {vectors.dtype}, not floating point")
+            if vectors.dim() != 2 or len(digests) != len(vectors) or not all(isinstance(d, str) for d in digests):
                 raise ValueError(f"{len(digests)} digests for vectors of shape {tuple(vectors.shape)}")
         except (CheckpointFileError, KeyError, TypeError, ValueError, AttributeError) as err:
             self._outdated(path, f"it cannot be read: {err}")
@@ -544,6 +571,10 @@ class PretrainedEmbeddings:
                    if stored_key.get(name) != key.get(name)]
         if changed:
             self._outdated(path, "it was made with other settings: " + "; ".join(changed))
+            return
+        broken = int((~torch.isfinite(vectors).all(dim=1)).sum())
+        if broken:
+            self._outdated(path, f"it holds NaN or inf in the vectors of {broken} image(s)")
             return
         self._vectors.update(zip(digests, vectors.float()))
 
@@ -744,6 +775,15 @@ def parse_pool_size(text: str) -> PoolSize:
     raise StrategySettingError(f"expected a number of images >= 1 or {ALL_UNLABELED!r}, got {text!r}")
 
 
+def draw_pool(unlabeled: Sequence[int], pool_size: PoolSize, seed: int, epoch: int) -> List[int]:
+    """The epoch's random pool: ``pool_size`` unlabeled images drawn by the (seed, epoch) generator, or all of them."""
+    if pool_size == ALL_UNLABELED:
+        return sorted(int(i) for i in unlabeled)
+    rng = np.random.default_rng([seed, epoch])
+    size = min(pool_size, len(unlabeled))
+    return sorted(int(i) for i in rng.choice(np.asarray(unlabeled), size=size, replace=False))
+
+
 @dataclass(frozen=True)
 class StrategyChoice:
     """A strategy and the pool it selects from: "NAME" or "NAME@POOL" (POOL: a number of images or "all"; without
@@ -769,6 +809,49 @@ def parse_first_round(text: str) -> str:
     return NO_FIRST_ROUND if text == NO_FIRST_ROUND else str(StrategyChoice.parse(text))
 
 
-def first_round_choice(text: str) -> Optional[StrategyChoice]:
-    """The strategy choice of a --first_round value (None for "none")."""
-    return None if text in (NO_FIRST_ROUND, None) else StrategyChoice.parse(text)
+@dataclass(frozen=True)
+class EpochSelector:
+    """Who selects in an epoch: a strategy and the size of the random pool it selects from."""
+
+    strategy: Strategy
+    pool_size: PoolSize
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """Which strategy selects in each epoch of a run, and from which pool, decided once when the run starts:
+    ``first`` (--first_round) in epoch 1 when given, ``later`` (--strategy over --pool_size) in every other epoch.
+    Each strategy is built once, so what it keeps between epochs (the embedding cache) is kept for the run."""
+
+    later: EpochSelector
+    first: Optional[EpochSelector] = None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, object]) -> "SelectionPlan":
+        """The plan of a run's settings (the trainer's flags, or a run folder's config): strategy, pool_size,
+        first_round ("none" or NAME[@POOL], its pool defaulting to pool_size) and each strategy's parameters."""
+        def selector(name: str, pool_size: PoolSize) -> EpochSelector:
+            return EpochSelector(ActiveLearningStrategyFactory.from_settings(name, settings), pool_size)
+
+        pool_size = settings["pool_size"]
+        first = settings.get("first_round", NO_FIRST_ROUND)
+        first = None if first in (NO_FIRST_ROUND, None) else StrategyChoice.parse(str(first))
+        return cls(selector(str(settings["strategy"]), pool_size),
+                   None if first is None else selector(first.name, first.pool_size or pool_size))
+
+    def for_epoch(self, epoch: int) -> EpochSelector:
+        return self.first if epoch == 1 and self.first is not None else self.later
+
+    @property
+    def selectors(self) -> List[EpochSelector]:
+        """Every selector of the run: ``later``, then ``first`` when given."""
+        return [self.later] + ([self.first] if self.first is not None else [])
+
+    def parameters(self) -> List[Parameter]:
+        """The parameters of every strategy the run uses, once each (settings a resumed run must repeat)."""
+        found = {p.name: p for s in self.selectors for p in s.strategy.parameters}
+        return list(found.values())

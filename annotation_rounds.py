@@ -1,9 +1,6 @@
-"""Rounds of annotation by a person (the trainer's ``--oracle folder``): the oracles, the files of a round, and the
-checks of the masks the person saves.
-
-One loop, two oracles (how a selected image gets its mask): ``GroundTruthOracle`` (the simulation: every mask is
-there) and ``FolderOracle`` (a person: a new selection becomes a round in the run folder and the run stops;
-at ``--resume`` the checked round is that epoch's selection again, with its masks ready).
+"""Rounds of annotation by a person (the oracles of oracles.py other than the simulation): the files of a round,
+the checks of the masks the person saves, and the round accepted at ``--resume`` (that epoch's selection again,
+with its masks ready).
 
 A round folder (the trainer writes ``OUTPUT/Skin_{S}/annotate/round_{NNN}/``) holds, per selected image:
 
@@ -25,16 +22,16 @@ import csv
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 
 from datasets_skin import (GREY_MASK_MODES, MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image,
-                           read_image_size, read_mask)
-from run_folder import ResumeState, RunFolder, csv_text
-from safe_io import WriteError, atomic_path, atomic_write_text
+                           read_image_size, read_mask, turned_mask_hint)
+from run_folder import ResumeState, RunFolder
+from safe_io import WriteError, atomic_path, atomic_write_text, csv_text
 
 ROUND_CSV = "to_annotate.csv"
 WHY_SELECTED = "why_selected.png"  # the strategy's picture of why these images were chosen, when it made one
@@ -124,7 +121,8 @@ def mask_problem(sample: SampleFiles, path: Optional[Path] = None) -> Tuple[Opti
         return f"{path}: unreadable ({err})", None
     if (height, width) != tuple(sample.orig_size):
         return (f"{path}: {width}x{height} pixels, but its image {sample.image_path.name} is "
-                f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"), None
+                f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"
+                + turned_mask_hint(sample.image_path, sample.orig_size, (height, width))), None
     if content.kind == "0/255":
         return None, None
     if content.kind == "0/1":
@@ -205,46 +203,15 @@ def hide_masks(mask_dir: PathLike, answers_dir: PathLike) -> Path:
 class AcceptedRound:
     """A round whose masks passed the checks at --resume: its epoch, the images to label now (in selection
     order), the pool's scores, the picture of why they were chosen (3 x H x W in [0, 1]) if the round has one,
-    and the masks taken from the round folder (image name -> that folder, relative to the run folder)."""
+    the masks taken from the round folder (image name -> that folder, relative to the run folder), and the strategy
+    that selected it."""
 
     epoch: int
     chosen: List[int]
     scores: Dict[int, float]
     figure: Optional[np.ndarray] = None
     mask_sources: Dict[str, str] = field(default_factory=dict)
-
-
-class GroundTruthOracle:
-    """``--oracle ground_truth`` (the simulation): every selected image's mask is there already."""
-
-    def __init__(self, notes: Sequence[str] = ()) -> None:
-        self.notes = list(notes)  # said once at the start (e.g. masks accepted with a remark)
-        self.mask_sources: Dict[str, str] = {}  # image -> the round folder its mask was accepted from (folder runs)
-
-    def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
-        """The selection of ``epoch`` made before the run stopped for annotation, if any."""
-        return None
-
-    def has_masks(self, epoch: int) -> bool:
-        """Whether the masks of ``epoch``'s selection can be read now."""
-        return True
-
-
-class FolderOracle(GroundTruthOracle):
-    """``--oracle folder``: a person saves the masks. Only a round accepted at --resume has them. ``mask_sources``:
-    the masks of earlier rounds and of the accepted one that were taken from a round folder."""
-
-    def __init__(self, accepted: Optional[AcceptedRound] = None, notes: Sequence[str] = (),
-                 mask_sources: Optional[Mapping[str, str]] = None) -> None:
-        super().__init__(notes)
-        self.accepted = accepted
-        self.mask_sources = dict(mask_sources or {})
-
-    def earlier_selection(self, epoch: int) -> Optional[AcceptedRound]:
-        return self.accepted if self.accepted is not None and self.accepted.epoch == epoch else None
-
-    def has_masks(self, epoch: int) -> bool:
-        return self.earlier_selection(epoch) is not None
+    strategy: str = ""  # the strategy that selected it ("": a marker written before it was recorded)
 
 
 class RoundError(Exception):
@@ -264,26 +231,6 @@ def make_mask_folder(sample: SampleFiles) -> None:
         sample.mask_path.parent.mkdir(exist_ok=True)
     except OSError as err:
         raise WriteError(sample.mask_path.parent, err) from err
-
-
-def write_round_for_person(folder: RunFolder, epoch: int, items: Sequence[RoundItem], pool_scores: Dict[str, float],
-                           figure: Optional[np.ndarray] = None,
-                           hand_over: Optional[Callable[[Path], None]] = None) -> Path:
-    """The round of ``epoch``: its files (``write_round``; the strategy's picture as why_selected.png; then
-    ``hand_over(round folder)``, e.g. the Label Studio files), then the marker that the run waits for them (with
-    the selection and the pool's scores, so that --resume continues this epoch exactly as an uninterrupted run
-    would). Returns the round folder."""
-    folder_path = round_dir(folder, epoch)
-    make_mask_folder(items[0].sample)
-    write_round(folder_path, items)
-    if figure is not None:
-        with atomic_path(folder_path / WHY_SELECTED) as tmp:
-            Image.fromarray(figure).save(tmp)
-    if hand_over is not None:
-        hand_over(folder_path)
-    folder.write_awaiting(dict(epoch=epoch, round_dir=str(folder_path.relative_to(folder.path)),
-                               images=[item.sample.image_path.name for item in items], pool_scores=pool_scores))
-    return folder_path
 
 
 @dataclass
@@ -352,7 +299,8 @@ def accept_round(folder: RunFolder, state: ResumeState, samples: Sequence[Sample
     in_round = len(check.mask_sources)
     notes = check.notes + [f"round {waiting['epoch']}: {len(check.chosen)} masks accepted, {in_round} from the round "
                            f"folder, {len(check.chosen) - in_round} from {samples[0].mask_path.parent}"]
-    return AcceptedRound(waiting["epoch"], check.chosen, scores, figure, check.mask_sources), notes
+    return AcceptedRound(waiting["epoch"], check.chosen, scores, figure, check.mask_sources,
+                         waiting.get("strategy", "")), notes
 
 
 def label_existing_masks(samples: Sequence[SampleFiles]) -> Tuple[List[int], List[str]]:
@@ -391,25 +339,3 @@ def masks_saved_early(samples: Sequence[SampleFiles], labeled_names: Sequence[st
     early = [s.mask_path.name for s in samples if s.name not in asked and s.mask_path.is_file()]
     return [f"{len(early)} masks are saved for images no round has selected yet; they are not used until a round "
             f"selects their image: {', '.join(early)}"] if early else []
-
-
-def make_oracle(folder_oracle: bool, folder: RunFolder, state: Optional[ResumeState], dataset,
-                accept_partial: bool) -> GroundTruthOracle:
-    """The oracle of a run (``folder_oracle``: a person's rounds; else the simulation), after every check of its
-    masks, nothing written before: a resumed run's waiting round is accepted (``state``: its ResumeState) and
-    ``dataset`` reads every labeled mask from where it was accepted; a new folder run's images that have masks are
-    its initial labeled set (marked in ``dataset``). Raises RoundError."""
-    accepted, notes = accept_round(folder, state, dataset.samples, folder_oracle,
-                                   accept_partial) if state is not None else (None, [])
-    if not folder_oracle:
-        return GroundTruthOracle()
-    if state is None:
-        labeled, notes = label_existing_masks(dataset.samples)
-        dataset.mark_labeled(labeled)
-        return FolderOracle(None, notes)
-    sources = {**state.mask_sources, **(accepted.mask_sources if accepted is not None else {})}
-    for i, sample in enumerate(list(dataset.samples)):
-        if sample.name in sources:
-            dataset.read_mask_from(i, accepted_mask_path(folder, sample, sources))
-    notes += masks_saved_early(dataset.samples, state.labeled_names, accepted)
-    return FolderOracle(accepted, notes, sources)

@@ -19,12 +19,12 @@ Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpu
 --print_commands prints the command lines of the missing runs for another scheduler; --collect only writes
 the report. A rerun skips finished runs and resumes interrupted ones; runs made with other settings are an
 error, never reused or overwritten. A run folder another process owns (folder_lock: another invocation's trainer
-or scoring) is skipped and named, and the command exits 1.
+or scoring) is skipped and named, and the command exits 1. The report's tables, curves and statistics are
+comparison_report.py's.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import queue
 import re
@@ -37,19 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
+from comparison_report import TEST_CSV, ZERO_SHOT, CompareError, Job, Plan, run_state, write_report
 from folder_lock import FolderLocked
 
 REPO = Path(__file__).resolve().parent
 TRAINER = REPO / "trainer.py"
-BASELINES = ("mask_difference", "random")  # summary.md: every arm's paired difference to each of them
 DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
 # --demo's arms (all: the README's command); fewer epochs than the trainer's demo, so that it stays under 5 minutes
 DEMO_STRATEGIES = ("mask_difference", "mask_difference_diverse", "typiclust@all", "random")
 DEMO_EPOCHS = 6
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
-MIN_SEEDS_FOR_P = 6  # a two-sided Wilcoxon signed-rank p can go below 0.05 only from 6 pairs on (2/2^6)
 DEMO_OUTPUT = "./output_compare_demo"
 DEMO_SEEDS = (1, 2)
 DEMO_TEST_IMAGES = 8
@@ -57,8 +54,6 @@ DEMO_CPU_JOBS = 2
 # The trainer's demo defaults, and every labeled image trained on each epoch (not the reference's one step on the
 # epoch's selection), so that each curve shows all the labels its strategy chose; flags given explicitly win.
 DEMO_TRAINER_FLAGS = ("--demo", "--train_on", "labeled")
-TEST_CSV = "test_metrics.csv"
-ZERO_SHOT = "zero_shot"
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
 IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images"}
 PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
@@ -66,13 +61,6 @@ OWNED_TRAINER_FLAGS = {"--strategy": "--strategies", "--seed": "--seeds", "--gpu
                        "--first_round": "an arm FIRST+STRATEGY in --strategies (e.g. typiclust@all+mask_difference)",
                        "--resume": "nothing (a rerun resumes interrupted runs by itself)"}
 ARM_SETTINGS = {"strategy", "pool_size", "first_round"}  # what an arm sets; the runs share every other setting
-REPORT_METRICS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("threshold_jaccard", "thresholded Jaccard"),
-                  ("hd95", "HD95 (px)"))
-
-
-class CompareError(Exception):
-    """A problem with the request; the message names the flag or file. Nothing has been run or written."""
-
 
 # ----------------------------------------------------------------------------- flags
 
@@ -170,12 +158,12 @@ def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1) -> 
 
 def resolve_trainer_args(argv: Sequence[str]) -> argparse.Namespace:
     """trainer.py's own parsing and checks of ``argv`` (a bad flag exits 2 with trainer.py's message)."""
-    import trainer
+    import settings
 
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
     try:
-        return trainer.prepare_args(parser, parser.parse_args(argv), argv)
-    except trainer.UsageError as err:
+        return settings.prepare_args(parser, parser.parse_args(argv), argv)
+    except settings.UsageError as err:
         parser.error(str(err))
 
 
@@ -192,12 +180,12 @@ def settings_of(args: argparse.Namespace) -> Dict[str, str]:
 
 def read_config(run_dir: Path) -> Dict[str, str]:
     """A run's config.txt, its paths normalised as in ``settings_of``; a setting an older trainer did not record
-    reads as the value that reproduces how that run was made (trainer.LEGACY)."""
-    import trainer
+    reads as the value that reproduces how that run was made (settings.LEGACY)."""
     from run_folder import RunFolder
+    from settings import LEGACY
 
     recorded = RunFolder(run_dir).read_config()
-    return {key: normalized(key, str(value)) for key, value in {**trainer.LEGACY, **recorded}.items()}
+    return {key: normalized(key, str(value)) for key, value in {**LEGACY, **recorded}.items()}
 
 
 def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List[str]:
@@ -238,49 +226,12 @@ class Arm:
         return ["--strategy", self.strategy.name] + pool + first
 
 
-@dataclass
-class Job:
-    """One (arm, seed) trainer run and its Test scoring, or the zero-shot evaluation (strategy ``zero_shot``)."""
-
-    strategy: str                 # the arm's text (its folder), or zero_shot
-    seed: int
-    run_dir: Path
-    argv: List[str]               # trainer.py flags, without --gpu and --resume
-    args: argparse.Namespace      # what trainer.py makes of them
-
-    @property
-    def settings(self) -> Dict[str, str]:
-        return settings_of(self.args)
-
-    @property
-    def name(self) -> str:
-        return ZERO_SHOT if self.strategy == ZERO_SHOT else f"{self.strategy}/seed{self.seed}"
-
-    @property
-    def log_path(self) -> Path:
-        return (self.run_dir if self.strategy == ZERO_SHOT else self.run_dir.parent) / "run.log"
-
-
-@dataclass
-class Plan:
-    output: Path
-    strategies: List[str]         # the arms' texts, in the order asked
-    seeds: List[int]
-    budgets: List[int]
-    runs: List[Job]
-    zero_shot: Job
-    devices: List[Optional[str]]
-    final_labeled: int
-    n_train: int
-    trainer_args: argparse.Namespace  # of the first run (what the runs share)
-
-
 def demo_data(output: Path) -> Path:
     """The demo's synthetic data set (with a Test split), written once into OUTPUT/demo_data (atomically)."""
-    import trainer
+    from settings import DEMO_DATA
     from synthetic_isic import ensure_synthetic_isic
 
-    ensure_synthetic_isic(output / "demo_data", **dict(trainer.DEMO_DATA, n_test=DEMO_TEST_IMAGES))
+    ensure_synthetic_isic(output / "demo_data", **dict(DEMO_DATA, n_test=DEMO_TEST_IMAGES))
     return output / "demo_data"
 
 
@@ -360,14 +311,14 @@ def check_existing(plan: Plan) -> None:
         strategy, seed = run_dir.parent.parent.name, run_dir.parent.name[len("seed"):]
         run = wanted.get((strategy, seed))
         ignore = set() if run is not None and run.run_dir == run_dir else ARM_SETTINGS | {"seed"}
-        diff = differences(plan.runs[0].settings if run is None else run.settings, read_config(run_dir), ignore)
+        diff = differences(settings_of((plan.runs[0] if run is None else run).args), read_config(run_dir), ignore)
         if run is not None and run.run_dir != run_dir:
             diff.insert(0, f"run folder {run_dir.name}, now {run.run_dir.name}")
         if diff:
             problems.append(f"{run_dir.relative_to(plan.output)}: {'; '.join(diff)}")
     zero_config = plan.zero_shot.run_dir / "config.txt"
     if zero_config.is_file():
-        diff = differences(plan.zero_shot.settings, read_config(zero_config.parent), ARM_SETTINGS)
+        diff = differences(settings_of(plan.zero_shot.args), read_config(zero_config.parent), ARM_SETTINGS)
         if diff:
             problems.append(f"{ZERO_SHOT}: {'; '.join(diff)}")
     if problems:
@@ -377,20 +328,6 @@ def check_existing(plan: Plan) -> None:
 
 
 # ----------------------------------------------------------------------------- running
-
-def run_state(run: Job) -> str:
-    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished
-    (the trainer's run folder says which, run_folder.RunFolder.status)."""
-    from run_folder import RunFolder
-
-    d = run.run_dir
-    if run.strategy == ZERO_SHOT:
-        return "finished" if (d / "val_metrics.csv").is_file() and (d / TEST_CSV).is_file() else "new"
-    status = RunFolder(d).status()
-    if status == "finished":
-        return "finished" if (d / TEST_CSV).is_file() else "trained"
-    return {"dead": "aborted", "waiting": "interrupted"}.get(status, status)
-
 
 def set_aside_name(run_dir: Path) -> Path:
     n = 1
@@ -485,6 +422,10 @@ def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
     if state == "finished":
         print(f"{label} {run.name}: finished meanwhile (skipped)")
         return True
+    if state == "lost":
+        print(f"{label} {run.name}: FAILED: {run.run_dir} records finished epochs but its last_state.pth is gone: "
+              "restore it (the run then resumes), or delete the run folder (it is then run afresh)", flush=True)
+        return False
     if state == "aborted":
         aside = set_aside(run.run_dir)
         where = f"set aside as {aside.name}" if aside else "gone meanwhile"
@@ -511,8 +452,6 @@ def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
 def execute(plan: Plan) -> Tuple[List[str], List[str]]:
     """Every pending job, len(plan.devices) at once, each on a free device slot: (the names of failed ones, those of
     runs skipped because another process owns their folder, with its pid)."""
-    from folder_lock import FolderLocked
-
     todo = pending(plan)
     finished = len(plan.runs) + 1 - len(todo)
     if finished:
@@ -641,280 +580,6 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
         result = evaluate(predict, settings, split, limit, device)
         val.write_csv(result["rows"], out_dir / name)
         print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
-
-
-# ----------------------------------------------------------------------------- reading finished runs
-
-def run_curve(run: Job) -> List[dict]:
-    """One row per finished epoch (the run's metrics.csv): strategy, seed, epoch, labeled and every validation
-    metric (None where the epoch was not validated)."""
-    import val
-    from run_folder import RunFolder
-
-    rows = RunFolder(run.run_dir).read_metrics()
-    names = [k for k in (rows[0] if rows else {}) if val.is_metric_column(k)]
-    return [dict(strategy=run.strategy, seed=run.seed, epoch=row["epoch"], labeled=row["labeled"],
-                 **{m: row.get(m) for m in names}) for row in rows]
-
-
-def csv_means(path: Path, names: Sequence[str]) -> Dict[str, float]:
-    """Mean over the images (rows) of a per-image metrics CSV, per metric."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {m: float(np.mean([float(r[m]) for r in rows])) for m in names}
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def dice_at(curve: Sequence[dict], budget: int) -> Optional[float]:
-    """Validation Dice of the first validated epoch with at least ``budget`` labeled images."""
-    return next((r["dice"] for r in curve if r["labeled"] >= budget and r["dice"] is not None), None)
-
-
-def area_under_curve(curve: Sequence[dict]) -> Optional[float]:
-    """Trapezoidal area under Dice vs labeled images over the validated epochs, divided by the labeled range
-    (first to last validated epoch), so it lies in [0, 1]; one validated epoch: its Dice."""
-    points = [(r["labeled"], r["dice"]) for r in curve if r["dice"] is not None]
-    if len(points) < 2:
-        return points[0][1] if points else None
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
-    return area / (points[-1][0] - points[0][0])
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
-    """Mean and sample standard deviation (n - 1; None for one value)."""
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
-
-
-def fmt(values: Sequence[Optional[float]], digits: int = 4) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "–"
-    mean, std = mean_std(present)
-    text = f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
-    return text + ("" if len(present) == len(values) else f" (n={len(present)})")
-
-
-def paired_test(diffs: Sequence[float]) -> str:
-    """Two-sided Wilcoxon signed-rank p of paired differences, only where it can be below 0.05."""
-    if len(diffs) < MIN_SEEDS_FOR_P:
-        return f"too few seeds (n={len(diffs)} < {MIN_SEEDS_FOR_P})"
-    if not any(diffs):
-        return "all differences 0"
-    from scipy.stats import wilcoxon
-
-    return f"{wilcoxon(diffs).pvalue:.3g}"
-
-
-# ----------------------------------------------------------------------------- the report
-
-@dataclass
-class Results:
-    curves: Dict[str, Dict[int, List[dict]]]        # strategy -> seed -> one row per epoch
-    tests: Dict[str, Dict[int, Dict[str, float]]]   # strategy -> seed -> Test-split means
-    zero: Optional[Dict[str, Dict[str, float]]]     # {"val": ..., "test": ...} of the untrained model
-    missing: List[str]
-    n_test: int = 0
-
-
-def gather(plan: Plan) -> Results:
-    """What the finished runs (and the zero-shot evaluation, if done) hold."""
-    names = [m for m, _ in REPORT_METRICS]
-    res = Results({s: {} for s in plan.strategies}, {s: {} for s in plan.strategies}, None, [])
-    for run in plan.runs:
-        state = run_state(run)
-        if state != "finished":
-            res.missing.append(f"{run.name} ({state})")
-            continue
-        if not (run.run_dir / "metrics.csv").is_file():
-            res.missing.append(f"{run.name} (no metrics.csv: made by an older trainer.py; rerun it elsewhere)")
-            continue
-        res.curves[run.strategy][run.seed] = run_curve(run)
-        res.tests[run.strategy][run.seed] = csv_means(run.run_dir / TEST_CSV, names)
-        with open(run.run_dir / TEST_CSV) as f:
-            res.n_test = sum(1 for _ in f) - 1
-    if run_state(plan.zero_shot) == "finished":
-        res.zero = dict(val=csv_means(plan.zero_shot.run_dir / "val_metrics.csv", names),
-                        test=csv_means(plan.zero_shot.run_dir / TEST_CSV, names))
-    else:
-        res.missing.append(f"{ZERO_SHOT} (not evaluated)")
-    return res
-
-
-def curve_rows(res: Results) -> List[dict]:
-    rows = [row for per_seed in res.curves.values() for seed in sorted(per_seed) for row in per_seed[seed]]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    return [{k: row.get(k) for k in columns} for row in rows]
-
-
-def budget_table(plan: Plan, res: Results) -> List[str]:
-    lines = ["| strategy | seeds | " + " | ".join(f"Dice @ {b}" for b in plan.budgets) + " | AUC |",
-             "|---" * (len(plan.budgets) + 3) + "|"]
-    for strategy, per_seed in res.curves.items():
-        cells = [fmt([dice_at(per_seed[s], b) for s in sorted(per_seed)]) for b in plan.budgets]
-        auc = fmt([area_under_curve(per_seed[s]) for s in sorted(per_seed)])
-        lines.append(f"| {strategy} | {len(per_seed)} | " + " | ".join(cells) + f" | {auc} |")
-    if res.zero:
-        zero = f"{res.zero['val']['dice']:.4f}"
-        lines.append("| zero-shot (untrained) | – | " + " | ".join([zero] * len(plan.budgets)) + " | – |")
-    return lines
-
-
-def test_table(res: Results) -> List[str]:
-    lines = ["| strategy | seeds | " + " | ".join(label for _, label in REPORT_METRICS) + " |",
-             "|---" * (len(REPORT_METRICS) + 2) + "|"]
-    for strategy, per_seed in res.tests.items():
-        cells = [fmt([per_seed[s][m] for s in sorted(per_seed)], 2 if m == "hd95" else 4) for m, _ in REPORT_METRICS]
-        lines.append(f"| {strategy} | {len(per_seed)} | " + " | ".join(cells) + " |")
-    if res.zero:
-        cells = [fmt([res.zero["test"][m]], 2 if m == "hd95" else 4) for m, _ in REPORT_METRICS]
-        lines.append("| zero-shot (untrained) | – | " + " | ".join(cells) + " |")
-    return lines
-
-
-def paired_table(plan: Plan, res: Results, baseline: str) -> List[str]:
-    """Every other arm minus ``baseline`` for the same seed, at each budget and in AUC."""
-    base = res.curves.get(baseline)
-    if not base:
-        return [f"No finished `{baseline}` runs, so no paired differences to it."]
-    lines = ["| strategy | at | mean difference ± std | seeds | Wilcoxon p (two-sided) |", "|---|---|---|---|---|"]
-    measures = [(f"Dice @ {b}", lambda curve, b=b: dice_at(curve, b)) for b in plan.budgets]
-    for strategy, per_seed in res.curves.items():
-        if strategy == baseline:
-            continue
-        for label, measure in measures + [("AUC", area_under_curve)]:
-            pairs = [(measure(per_seed[s]), measure(base[s])) for s in sorted(set(per_seed) & set(base))]
-            diffs = [a - b for a, b in pairs if a is not None and b is not None]
-            if diffs:
-                lines.append(f"| {strategy} − {baseline} | {label} | {fmt(diffs)} | {len(diffs)} | "
-                             f"{paired_test(diffs)} |")
-    return lines
-
-
-def pool_text(pool: object) -> str:
-    return "every unlabeled image" if str(pool) == "all" else f"pools of {pool}"
-
-
-def arms_table(plan: Plan) -> List[str]:
-    """What each arm ran (from its first run's trainer settings): the strategy of epoch 1 and of later epochs,
-    with their pools."""
-    from active_learning_strategies import first_round_choice
-
-    lines = ["| arm | epoch 1 | epochs 2+ |", "|---|---|---|"]
-    for arm in plan.strategies:
-        t = next(run.args for run in plan.runs if run.strategy == arm)
-        first = first_round_choice(t.first_round)
-        later = f"{t.strategy} over {pool_text(t.pool_size)}"
-        start = later if first is None else f"{first.name} over {pool_text(first.pool_size or t.pool_size)}"
-        lines.append(f"| {arm} | {start} | {later} |")
-    return lines
-
-
-def summary_markdown(plan: Plan, res: Results) -> str:
-    t = plan.trainer_args
-    weights = "none (seeded random weights)" if t.checkpoint.lower() == "none" else Path(t.checkpoint).name
-    lines = [
-        "# Active-learning strategies compared", "",
-        f"{len(plan.strategies)} arms × {len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); "
-        f"trainer.py settings shared by every run: model {Path(t.model_cfg).name}, checkpoint {weights}, img_size "
-        f"{t.img_size}, batch_size {t.batch_size}, max_epochs {t.max_epochs}, "
-        f"label_budget {t.label_budget}, train_on {t.train_on}, val_limit {t.val_limit}; "
-        f"{plan.n_train} training images, final labeled count {plan.final_labeled}. Each arm's strategy and pools:",
-        ""] + arms_table(plan) + [""]
-    if t.checkpoint.lower() == "none":
-        lines += ["**No SAM2 checkpoint: every model started from random weights. These numbers show that the "
-                  "pipeline works, not how the strategies compare on SAM2.1.**", ""]
-    if res.missing:
-        lines += [f"Not in this report (unfinished): {', '.join(res.missing)}.", ""]
-    lines += ["## Validation Dice at label budgets (mean ± std over seeds)", ""] + budget_table(plan, res)
-    lines += ["", f"## Test split ({res.n_test} images, original resolution; mean ± std over seeds)", ""]
-    lines += test_table(res)
-    for baseline in BASELINES:
-        lines += ["", f"## Paired difference to {baseline} (same seed)", ""] + paired_table(plan, res, baseline)
-    lines += ["", "## How the numbers are made", "",
-              "- Dice @ B: validation Dice (val.py; mean over the validation images) of the first validated epoch "
-              "at which at least B images are labeled (columns of curves.csv: labeled, dice).",
-              "- AUC: area under validation Dice against the number of labeled images (trapezoids between "
-              "validated epochs) divided by the labeled range from the first to the last of them: in [0, 1].",
-              "- mean ± std: over seeds; std is the sample standard deviation (n − 1); a single seed shows no std; "
-              "(n=k) marks a cell with fewer seeds than the row.",
-              "- Test: each run's best checkpoint (best_model_dice*.pth, else last_model.pth) on every Test "
-              "image at its original resolution; the per-image values are in the run's test_metrics.csv. HD95 "
-              "in pixels; thresholded Jaccard is 0 for images below 0.65.",
-              f"- Paired differences: each arm minus {' and minus '.join(BASELINES)} (the method and the usual "
-              "baseline) for the same seed. A two-sided Wilcoxon "
-              f"signed-rank p (scipy) is given from {MIN_SEEDS_FOR_P} seeds on; with fewer, no p below 0.05 is "
-              "possible, so none is claimed. A difference within the seeds' spread is no evidence either way.",
-              "- zero-shot: the untrained model (what every run starts from) on the same images.", "",
-              f"Curves: learning_curves.png, curves.csv. TensorBoard: `tensorboard --logdir {plan.output}`."]
-    return "\n".join(lines) + "\n"
-
-
-def band(per_seed: Dict[int, List[dict]], metric: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x = labeled counts; mean and sample std over the seeds validated there (std 0 for one seed)."""
-    by_x: Dict[int, List[float]] = {}
-    for curve in per_seed.values():
-        for row in curve:
-            if row.get(metric) is not None:
-                by_x.setdefault(row["labeled"], []).append(row[metric])
-    x = np.array(sorted(by_x))
-    stats = [mean_std(by_x[v]) for v in x]
-    return x, np.array([m for m, _ in stats]), np.array([s or 0.0 for _, s in stats])
-
-
-def plot_curves(plan: Plan, res: Results, path: Path) -> None:
-    """learning_curves.png: validation Dice and HD95 against labeled images, mean ± std band per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from safe_io import atomic_path
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
-    panels = (("dice", "validation Dice (higher is better)"), ("hd95", "validation HD95, pixels (lower is better)"))
-    for ax, (metric, label) in zip(axes, panels):
-        for i, (strategy, per_seed) in enumerate(res.curves.items()):
-            if not per_seed:
-                continue
-            x, mean, std = band(per_seed, metric)
-            ax.plot(x, mean, marker="o", markersize=3, color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
-                    label=f"{strategy} ({len(per_seed)} seeds)")
-            ax.fill_between(x, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2, linewidth=0)
-        if res.zero:
-            ax.axhline(res.zero["val"][metric], color="0.3", linestyle="--", linewidth=1,
-                       label="zero-shot (untrained)")
-        for b in plan.budgets:
-            ax.axvline(b, color="0.6", linestyle=":", linewidth=1)
-            ax.text(b, 1.0, f" {b}", transform=ax.get_xaxis_transform(), fontsize=8, color="0.4", va="bottom")
-        ax.set_xlabel("labeled images (dotted: label budgets of summary.md)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"Validation metrics against annotation cost: mean ± std over seeds "
-                 f"({plan.trainer_args.img_size} px, {Path(plan.trainer_args.model_cfg).name})")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def write_report(plan: Plan) -> Results:
-    """curves.csv, learning_curves.png and summary.md in OUTPUT, from the finished runs only."""
-    import val
-    from safe_io import atomic_write_text
-
-    res = gather(plan)
-    rows = curve_rows(res)
-    if not rows:
-        raise CompareError(f"--output {plan.output}: no finished runs to report on "
-                           f"(unfinished: {', '.join(res.missing)})")
-    val.write_csv(rows, plan.output / "curves.csv")
-    plot_curves(plan, res, plan.output / "learning_curves.png")
-    atomic_write_text(plan.output / "summary.md", summary_markdown(plan, res))
-    print(f"report: {plan.output / 'summary.md'}, {plan.output / 'learning_curves.png'}, "
-          f"{plan.output / 'curves.csv'}\nview the runs side by side: tensorboard --logdir {plan.output}")
-    return res
 
 
 # ----------------------------------------------------------------------------- main

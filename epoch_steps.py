@@ -1,10 +1,12 @@
 """The steps of one active-learning epoch, each a function of the ``Run`` that trainer.start_run builds:
 
     select_batch -> (the oracle) -> annotate -> train_one_epoch -> validate_epoch -> record_epoch
-        -> save_checkpoints        ... and at the end finish_run, or write_round_for_person to stop for masks
+        -> save_checkpoints        ... and at the end finish_run, or hand_over_round to stop for a person's masks
 
-trainer.main's loop calls them in that order. A step that cannot go on raises ``RunStopped`` (the trainer says
-what to do); nothing here reads command-line flags (``run.args`` are the prepared, read-only settings).
+trainer.main's loop calls them in that order. The steps return their numbers; ``record_epoch`` alone writes an
+epoch's numbers, each to metrics.csv and TensorBoard under one name. A step that cannot go on raises
+``RunStopped`` (the trainer says what to do); nothing here reads command-line flags (``run.args`` are the
+prepared, read-only settings).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,44 +25,44 @@ from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-import annotation_rounds
 import datasets_skin
-import label_studio
 import tb_images
 import utils
 import val
-from active_learning_strategies import (ALL_UNLABELED, PoolSize, Selection, SelectionContext, Strategy,
-                                        default_score_batch_size, first_round_choice)
+from active_learning_strategies import (Selection, SelectionContext, SelectionPlan, default_score_batch_size,
+                                        draw_pool)
+from annotation_rounds import RoundItem
+from oracles import Oracle
 from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
 from sam2.build_sam import state_mismatch
 from safe_io import atomic_torch_save
+from settings import CHECKPOINT_HINT, MAY_CHANGE_ON_RESUME, Settings
 
 log = logging.getLogger("trainer")
-CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 
 
 @dataclass
 class Run:
     """Everything one active-learning run works with (built by ``trainer.start_run``)."""
 
-    args: object  # trainer.Settings (read-only)
+    args: Settings
     folder: RunFolder
     device: torch.device
-    strategy: Strategy  # --strategy; epoch 1 uses first_round instead when there is one (--first_round)
+    plan: SelectionPlan  # which strategy selects in each epoch, from which pool
     train_set: datasets_skin.SemiSupervisedSkinDataset
-    val_set: Optional[Dataset]  # None: no Validation split (--oracle folder only)
+    val_set: Optional[Dataset]  # None: no Validation split (a person's oracle only)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    oracle: annotation_rounds.GroundTruthOracle
+    oracle: Oracle
     resume_keys: Sequence[str]  # the settings last_state.pth records (a resume must repeat them)
     writer: Optional[SummaryWriter] = None  # log/: our tags, per epoch at the 1-based epoch
     reference_writer: Optional[SummaryWriter] = None  # log/reference/: the reference's tags (REFERENCE_TAGS)
     truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
     start_epoch: int = 1
+    saved_epoch: int = 0  # the epoch last_state.pth holds (0: none saved)
     best_dice: float = -1.0
     best_path: Optional[Path] = None
-    first_round: Optional[Strategy] = None
 
     @property
     def run_dir(self) -> Path:
@@ -152,14 +154,15 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
         group["lr"] = run.args.base_lr
     log_base_lr_change(run, state.settings.get("base_lr"))
+    log_changed_settings(run, {**run.folder.read_config(), **state.settings})
     run.scaler.load_state_dict(state.scaler)
     lost = sorted(set(state.labeled_names) - set(run.train_set.names))
     if lost:
         raise RunFolderError(f"{len(lost)} labeled images of the run are no longer in {run.args.data_root} (e.g. "
                              f"{lost[0]})")
     run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
-    run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
-    run.best_path = Path(state.best_path) if state.best_path else None
+    run.start_epoch, run.saved_epoch, run.best_dice = state.epoch + 1, state.epoch, state.best_dice
+    run.best_path = state.best_checkpoint(run.run_dir)
     run.folder.reopen(state, note, keep_earlier_bests=run.args.keep_best == "all")
     run.folder.write_images(images)
     if added:
@@ -167,6 +170,15 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
                  ", ".join(added))
     log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
              run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
+
+
+def log_changed_settings(run: Run, recorded: Dict[str, object]) -> None:
+    """Say which of the settings a resume may change (MAY_CHANGE_ON_RESUME) it changes, from their ``recorded``
+    values (the state's, else config.txt's)."""
+    for key in MAY_CHANGE_ON_RESUME:
+        now = getattr(run.args, key)
+        if key in recorded and str(recorded[key]) != str(now):
+            log.info("--%s is now %s (it was %s)", key, now, recorded[key])
 
 
 def log_base_lr_change(run: Run, old_lr: object) -> None:
@@ -218,31 +230,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def draw_pool(unlabeled: Sequence[int], pool_size: PoolSize, seed: int, epoch: int) -> List[int]:
-    """The epoch's random pool: ``pool_size`` unlabeled images drawn by the (seed, epoch) generator, or all of them."""
-    if pool_size == ALL_UNLABELED:
-        return sorted(int(i) for i in unlabeled)
-    rng = np.random.default_rng([seed, epoch])
-    size = min(pool_size, len(unlabeled))
-    return sorted(int(i) for i in rng.choice(np.asarray(unlabeled), size=size, replace=False))
+def labels_left(run: Run) -> int:
+    """How many more images the run may label: the unlabeled ones, fewer under --label_budget; 0 = the run is over."""
+    left = len(run.train_set.unlabeled_indices)
+    if run.args.label_budget is not None:
+        left = min(left, run.args.label_budget - len(run.train_set.labeled_indices))
+    return max(left, 0)
 
 
 def labels_wanted(run: Run) -> int:
     """How many images this epoch selects: --batch_size, fewer to end exactly at --label_budget or when the
-    unlabeled images run out; 0 = the run is over."""
-    wanted = min(run.args.batch_size, len(run.train_set.unlabeled_indices))
-    if run.args.label_budget is not None:
-        wanted = min(wanted, run.args.label_budget - len(run.train_set.labeled_indices))
-    return max(wanted, 0)
-
-
-def epoch_strategy(run: Run, epoch: int) -> Tuple[Strategy, PoolSize]:
-    """The strategy that selects in ``epoch`` and its pool size: --first_round's in epoch 1 when given, else
-    --strategy's with --pool_size."""
-    first = first_round_choice(run.args.first_round)
-    if epoch == 1 and run.first_round is not None and first is not None:
-        return run.first_round, first.pool_size or run.args.pool_size
-    return run.strategy, run.args.pool_size
+    unlabeled images run out."""
+    return min(run.args.batch_size, labels_left(run))
 
 
 def feature_key(args) -> Dict[str, str]:
@@ -262,43 +261,46 @@ def feature_key(args) -> Dict[str, str]:
 
 @stops_on_bad_file
 def select_batch(run: Run, epoch: int, k: int) -> Selection:
-    """The strategy's choice of k images from a fresh random pool of unlabeled images."""
+    """The epoch's strategy's choice of k images from a fresh random pool of unlabeled images."""
     args, unlabeled = run.args, run.train_set.unlabeled_indices
-    strategy, pool_size = epoch_strategy(run, epoch)
+    selector = run.plan.for_epoch(epoch)
     context = SelectionContext(
-        run.model, run.train_set, draw_pool(unlabeled, pool_size, args.seed, epoch), k, run.device,
+        run.model, run.train_set, draw_pool(unlabeled, selector.pool_size, args.seed, epoch), k, run.device,
         unlabeled=unlabeled, labeled=run.train_set.labeled_indices, seed=epoch_seed(args.seed, epoch),
         batch_size=args.score_batch_size or default_score_batch_size(run.device, args.batch_size),
         num_workers=args.num_workers, run_dir=run.run_dir, progress=True,
         autocast_dtype=utils.scoring_dtype(run.device, args.precision), feature_key=feature_key(args))
-    selection = strategy.select(context)
+    selection = selector.strategy.select(context)
     check_finite(run, epoch, "scoring the pool",
                  {run.train_set.names[i]: torch.tensor(float(s)) for i, s in selection.scores.items()})
     return selection
 
 
-def earlier_selection(run: Run, epoch: int) -> Optional[Selection]:
-    """The selection of a round accepted at --resume (made before the run stopped for its masks), if any."""
-    accepted = run.oracle.earlier_selection(epoch)
+def resumed_selection(run: Run, epoch: int) -> Optional[Selection]:
+    """The selection of the round whose masks came back while the run was stopped (the oracle accepted it at
+    --resume), if any; named by the strategy its marker records (a marker written before that: the plan's)."""
+    accepted = run.oracle.resumed_round(epoch)
     if accepted is None:
         return None
     figure = None if accepted.figure is None else tb_images.from_png_array(accepted.figure)
-    return Selection(list(accepted.chosen), dict(accepted.scores), figure=figure)
+    return Selection(list(accepted.chosen), dict(accepted.scores), figure=figure,
+                     strategy=accepted.strategy or run.plan.for_epoch(epoch).name)
 
 
 @stops_on_bad_file
-def annotate(run: Run, epoch: int, selection: Selection) -> None:
-    """Mark the chosen images labeled (their masks are read only from now on) and log the selection."""
+def annotate(run: Run, epoch: int, selection: Selection) -> Dict[str, float]:
+    """Mark the chosen images labeled (their masks are read only from now on), log the selection; its numbers."""
     train_set, writer, chosen = run.train_set, run.writer, selection.chosen
     train_set.mark_labeled(chosen)
-    rank, scores, strategy = selection.ranks(), selection.scores, epoch_strategy(run, epoch)[0].name
-    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], strategy] for i in chosen])
+    rank, scores = selection.ranks(), selection.scores
+    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], selection.strategy]
+                                 for i in chosen])
     writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
-    writer.add_scalar("al/labeled", len(train_set.labeled_indices), epoch)
-    writer.add_scalar("al/selected_score_mean", float(np.mean([scores[i] for i in chosen])), epoch)
     writer.add_image("al/selected", tb_images.selected_grid([train_set[i] for i in chosen]), epoch)
     if selection.figure is not None:  # the strategy's picture of why these images (e.g. the masks compared)
         writer.add_image("al/why_selected", selection.figure, epoch)
+    return dict(labeled=len(train_set.labeled_indices),
+                selected_score_mean=float(np.mean([scores[i] for i in chosen])))
 
 
 def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
@@ -322,9 +324,9 @@ def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[s
 @stops_on_bad_file
 def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]:
     """Train on this epoch's selection (--train_on selected: one step when it fits one batch) or the labeled set
-    (labeled); image-weighted mean of every loss part (each step's parts also go to the reference's tags). Batch
-    order and prompt points come from generators seeded by (seed, epoch), never from what scoring drew, so a
-    restarted process or another strategy trains with the same draws."""
+    (labeled); image-weighted mean of every loss part (each step's parts also go to the reference's tags) and the
+    learning rate. Batch order and prompt points come from generators seeded by (seed, epoch), never from what
+    scoring drew, so a restarted process or another strategy trains with the same draws."""
     args = run.args
     # by index, then shuffled: what is learned depends on the images, not on the order a strategy ranked them in
     train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else sorted(chosen)
@@ -346,7 +348,7 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
             sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
         for tag, name in REFERENCE_TAGS.items():
             run.reference_writer.add_scalar(tag, float(parts[name]), epoch - 1)
-    return {k: v / len(train_idx) for k, v in sums.items()}
+    return {**{k: v / len(train_idx) for k, v in sums.items()}, "lr": run.optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()
@@ -392,10 +394,10 @@ def resume_state(run: Run, epoch: int) -> ResumeState:
     accepted, when not in the mask folder)."""
     labeled = run.labeled_names
     return ResumeState(
-        epoch, {k: getattr(run.args, k) for k in run.resume_keys},
+        epoch, {k: getattr(run.args, k) for k in (*run.resume_keys, *MAY_CHANGE_ON_RESUME)},
         {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad},
         run.optimizer.state_dict(), run.scaler.state_dict(), labeled, run.best_dice,
-        str(run.best_path) if run.best_path else "",
+        run.best_path.name if run.best_path else "",
         {name: source for name, source in run.oracle.mask_sources.items() if name in labeled})
 
 
@@ -406,6 +408,7 @@ def save_state(run: Run, epoch: int) -> None:
                          for key, value in per.items() if torch.is_tensor(value)}
     check_finite(run, epoch, "saving last_state.pth", {**state.trainable, **optimizer_tensors})
     run.folder.save_state(state, before_rename=lambda: utils.crash_point("checkpoint_write", epoch))
+    run.saved_epoch = epoch
 
 
 def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
@@ -425,28 +428,32 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
         old_best.unlink()
 
 
-def record_epoch(run: Run, epoch: int, losses: Dict[str, float], metrics: Dict[str, float],
-                 times: Dict[str, float]) -> None:
-    """metrics.csv's row of the epoch (written before its state, so a saved epoch always has its row), TensorBoard
-    and the log line."""
+def record_epoch(run: Run, epoch: int, numbers: Dict[str, Dict[str, Optional[float]]]) -> None:
+    """Write the epoch's numbers, the one writer of them: ``numbers`` is group -> column -> value (the steps'
+    returns: al, train, val, time); each goes to metrics.csv as ``column`` (its row written before the epoch's
+    state, so a saved epoch always has its row) and to TensorBoard as ``group/column``, with the peak memory
+    (memory/peak_memory_gb, on CUDA). A validation skipped this epoch leaves its columns empty. Then the log line."""
     for level, line in run.train_set.mask_notes.news():  # 0/1 masks, other values, empty masks: once each
         log.log(level, line)
-    peak = utils.peak_memory_gb(run.device)  # None off CUDA
-    row = {"epoch": epoch, "labeled": len(run.labeled_names), **losses, **dict.fromkeys(val.METRIC_NAMES),
-           **metrics, **times, "peak_memory_gb": peak}
-    run.folder.write_metrics_row(row)
-    for group, values in (("train", losses), ("val", metrics), ("time", times)):
-        for name, value in values.items():
-            run.writer.add_scalar(f"{group}/{name}", value, epoch)
-    run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], epoch)
-    if peak is not None:
-        run.writer.add_scalar("memory/peak_gb", peak, epoch)
+    numbers = {**numbers, "val": {**dict.fromkeys(val.METRIC_NAMES), **numbers.get("val", {})},
+               "memory": {"peak_memory_gb": utils.peak_memory_gb(run.device)}}  # None off CUDA
+    run.folder.write_metrics_row({"epoch": epoch, **{k: v for values in numbers.values() for k, v in values.items()}})
+    for group, values in numbers.items():
+        for column, value in values.items():
+            if value is not None:
+                run.writer.add_scalar(f"{group}/{column}", value, epoch)
     run.writer.flush()
-    val_text = f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}" if metrics else "val skipped"
-    log.info("epoch %3d/%d | labeled %4d | loss %.4f (dec1 %.4f, dec2 %.4f) | %s | time scoring %.1fs train %.1fs "
-             "val %.1fs%s", epoch, run.args.max_epochs, len(run.labeled_names), losses["loss"], losses["loss_dec1"],
-             losses["loss_dec2"], val_text, times["scoring_s"], times["train_s"], times["val_s"],
-             "" if peak is None else f" | peak memory {peak:.2f} GiB")
+    log.info(epoch_line(run, epoch, numbers))
+
+
+def epoch_line(run: Run, epoch: int, numbers: Dict[str, Dict[str, Optional[float]]]) -> str:
+    losses, metrics, times = numbers["train"], numbers["val"], numbers["time"]
+    peak = numbers["memory"]["peak_memory_gb"]
+    val_text = "val skipped" if metrics["dice"] is None else f"val dice {metrics['dice']:.4f} hd95 {metrics['hd95']:.2f}"
+    return (f"epoch {epoch:3d}/{run.args.max_epochs} | labeled {numbers['al']['labeled']:4d} | loss {losses['loss']:.4f} "
+            f"(dec1 {losses['loss_dec1']:.4f}, dec2 {losses['loss_dec2']:.4f}) | {val_text} | time scoring "
+            f"{times['scoring_s']:.1f}s train {times['train_s']:.1f}s val {times['val_s']:.1f}s"
+            + ("" if peak is None else f" | peak memory {peak:.2f} GiB"))
 
 
 @contextmanager
@@ -485,45 +492,17 @@ def finish_run(run: Run, epochs: int) -> dict:
     return result(run, epochs)
 
 
-def write_round_for_person(run: Run, epoch: int, selection: Selection) -> Path:
-    """--oracle folder: the round of ``epoch`` for a person (annotation_rounds.write_round_for_person).
-    last_state.pth holds the model and optimiser that made this selection (the end of epoch - 1); the round's
-    marker holds the selection and the pool's scores, so that a resume continues this epoch exactly as an
-    uninterrupted run would. Returns the round folder. A mask folder that cannot be made (a read-only data
-    folder) stops it before anything is written."""
+def hand_over_round(run: Run, epoch: int, selection: Selection) -> Path:
+    """A person's oracle: give them the round of ``epoch`` (the selected images with the model's proposals at
+    their original size) and return its folder. last_state.pth holds the model and optimiser that made this
+    selection (the end of epoch - 1), so that a resume continues this epoch exactly as an uninterrupted run
+    would."""
     samples, ranks, chosen = run.train_set.samples, selection.ranks(), selection.chosen
-    annotation_rounds.make_mask_folder(samples[chosen[0]])
     if not run.folder.file("last_state.pth").is_file():  # else it holds the end of epoch - 1 already
         save_state(run, epoch - 1)
     logits = predict(run, torch.stack([run.train_set[i]["image"] for i in chosen]))
-    items = [annotation_rounds.RoundItem(samples[i], selection.scores[i], ranks[i],
-                                         val.logits_to_label_map(one, samples[i].orig_size) > 0)
+    items = [RoundItem(samples[i], selection.scores[i], ranks[i], val.logits_to_label_map(one, samples[i].orig_size) > 0)
              for i, one in zip(chosen, logits)]
     figure = None if selection.figure is None else tb_images.to_png_array(selection.figure)
-    return annotation_rounds.write_round_for_person(
-        run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()}, figure,
-        hand_over=lambda folder: write_label_studio_round(run, epoch, folder, items))
-
-
-def write_label_studio_round(run: Run, epoch: int, folder: Path, items: Sequence[annotation_rounds.RoundItem]) -> None:
-    """The round's Label Studio files (``label_studio.write_trainer_round``) and how to use them; without the SDK,
-    or for a round Label Studio cannot take (--num_classes, a document root that does not hold the run), one line
-    saying why: the PNG round is written either way."""
-    try:
-        tasks, root = label_studio.write_trainer_round(folder, items, epoch, run.args.output, run.args.num_classes)
-    except label_studio.SdkMissingError:
-        log.info("no Label Studio files for this round: label-studio-sdk is not installed (to enable them: %s)",
-                 label_studio.SDK_HINT)
-        return
-    except label_studio.ClassCountError:
-        log.warning("no Label Studio files for this round: their interface has one label (lesion), and this run "
-                    "has --num_classes %d; annotate the PNG round", run.args.num_classes)
-        return
-    except label_studio.RoundFolderError as err:
-        log.warning("no Label Studio files for this round: %s", err)
-        return
-    log.info("round %d for Label Studio (the server started with %s=%s): a Local Files storage on the round "
-             "folder, then import %s into the run's project (its labelling interface: %s)", epoch,
-             label_studio.DOCUMENT_ROOT_VARIABLE, root, tasks.name, label_studio.INTERFACE_FILE)
-    log.info("after annotating, export JSON; `python3 label_studio.py import --export EXPORT.json --round_dir %s` "
-             "writes the masks into the round folder", folder)
+    return run.oracle.hand_over(run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()},
+                                figure, selection.strategy)

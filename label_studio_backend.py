@@ -55,6 +55,7 @@ import val
 from datasets_skin import DatasetError, decode_image, normalize_image, read_image_size
 from run_folder import LAST_MODEL, STATE, RunFolder, RunFolderError
 from sam2.build_sam import state_mismatch
+from proposal_costs import interactive_decoder
 from sam_lora_image_encoder_prompt import prompt_mode_of
 
 log = logging.getLogger("label_studio_backend")
@@ -120,7 +121,7 @@ def file_stamp(path: Optional[Path]) -> Optional[Tuple[str, int, int]]:
 class RunModel:
     """The model of a run folder with its newest weights, read-only (``model()`` reloads when they changed).
 
-    The settings are config.txt's (compare_strategies.read_config: an absent key is its trainer.LEGACY value), the
+    The settings are config.txt's (compare_strategies.read_config: an absent key is its settings.LEGACY value), the
     model the one loader's (compare_strategies.load_run_model): last_model.pth is a full state dict, last_state.pth
     holds the trained tensors (loaded over the model of the run's settings, as a resume does), no file at all is the
     zero-shot model."""
@@ -135,8 +136,8 @@ class RunModel:
         self.settings = read_config(self.run_dir)
         self.img_size = int(self.settings["img_size"])
         self.use_draft = self.settings.get("decode") == "draft"
-        # decoder 2 where the run trained it on prompts, else decoder 1 (the two are the same under "none")
-        self.decoder = 2 if prompt_mode_of(self.settings.get("promptmode", "none")) != "none" else 1
+        # decoder 2 where the run trained it on prompts, else decoder 1: the cost of annotation's choice
+        self.decoder = interactive_decoder(prompt_mode_of(self.settings.get("promptmode", "none")))
         self.net, self.stamp, self.weights = None, None, None
 
     def model_version(self) -> str:
@@ -238,12 +239,12 @@ def read_token(token_file: Optional[Path]) -> Optional[str]:
         return os.environ.get(TOKEN_VARIABLE) or None
     try:
         mode = token_file.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise PermissionError(f"{token_file} may be read by others (mode {stat.filemode(mode)}); "
-                                  f"`chmod 600 {token_file}`")
-        token = token_file.read_text().strip()
+        token = token_file.read_text().strip() if not mode & (stat.S_IRWXG | stat.S_IRWXO) else None
     except OSError as err:
         raise PermissionError(f"cannot use {token_file}: {err}") from None
+    if token is None:
+        raise PermissionError(f"{token_file} may be read by others (mode {stat.filemode(mode)}); "
+                              f"`chmod 600 {token_file}`")
     if not token:
         raise PermissionError(f"{token_file} is empty; put the personal access token of Label Studio there")
     return token

@@ -8,9 +8,9 @@ softmax foreground probability == sigmoid(SAM2 mask logit) and the untrained mod
 exactly zero-shot SAM2 (single-mask output with SAM2's stability fallback off: class c is
 always token c-1, the only heads the loss trains).
 
-The prompt helpers at the top of this module (largest component, EDT centre point,
-random point, box) are the one implementation of DESIGN decision 3; both the training
-forward and the active-learning strategies use them.
+``prompts_from_logits`` turns a batch of predicted masks into prompts with prompt_geometry's rules (largest
+component, EDT centre point, random point, box), the one implementation of DESIGN decision 3; both the training
+forward and the active-learning strategies use it.
 
 `LoRA_Sam` also reads the reference implementation's checkpoints (its full state_dict through
 `load_state_dict`, its LoRA-only file through `load_lora_parameters`), reproducing its LoRA exactly.
@@ -29,17 +29,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 
-from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
+from prompt_geometry import (box_from_mask, center_point_from_mask, largest_component, mask_box_to_input,
+                             mask_point_to_input, random_point_from_mask)
+from safe_io import CheckpointFileError, atomic_torch_save, first_names, load_torch_file, unloadable_file_message
 from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
                             state_mismatch)
+from utils import nonfinite_names
 
 logger = logging.getLogger(__name__)
-
-ArrayLike = Union[np.ndarray, torch.Tensor]
-Point = Tuple[float, float]
-Box = Tuple[float, float, float, float]
 
 PROMPT_MODES = ("none", "point", "box", "point-box")
 NO_MEM_EMBED_KEY = "sam.no_mem_embed"
@@ -49,10 +47,6 @@ BOX_CORNER_LABELS = (2, 3)
 LORA_FILE_PREFIXES = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
 # "input": q/v updates as wide as the block's input, as the reference code; "output": as wide as q/v
 LORA_WIDTHS = ("input", "output")
-
-# 8-connectivity: pixels touching diagonally belong to the same component.
-_CONNECTIVITY = np.ones((3, 3), dtype=bool)
-
 
 def prompt_mode_of(text: str) -> str:
     """A prompt mode by name, or in the reference trainer's integer form (its ``--promptmode`` is an int, default 0):
@@ -70,95 +64,8 @@ def prompt_mode_of(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Prompt helpers (mask pixel coordinates: x = column index, y = row index)
+# Prompts derived from predicted masks (the geometry is prompt_geometry's)
 # --------------------------------------------------------------------------------------
-
-
-def _as_bool_mask(mask: ArrayLike) -> np.ndarray:
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D H x W mask, got shape {mask.shape}")
-    return mask.astype(bool, copy=False)
-
-
-def _image_centre(shape: Tuple[int, int]) -> Point:
-    """Centre of an H x W grid in pixel-index coordinates (x, y)."""
-    height, width = shape
-    return (width - 1) / 2.0, (height - 1) / 2.0
-
-
-def largest_component(mask: ArrayLike) -> np.ndarray:
-    """H x W bool -> H x W bool holding only the largest 8-connected foreground component.
-
-    Ties go to the component met first in raster order. An empty mask gives an empty mask.
-    """
-    mask = _as_bool_mask(mask)
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
-    if count == 0:
-        return np.zeros_like(mask)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    return labels == int(np.argmax(sizes)) + 1
-
-
-def center_point_from_mask(mask: ArrayLike) -> Point:
-    """(x, y) of the pixel deepest inside the largest component of `mask`.
-
-    "Deepest" is the maximum of the Euclidean distance transform; the image border counts
-    as background so that a lesion cut by the border is not centred on the border. The
-    first maximum in raster order wins ties. An empty mask gives the image centre.
-    """
-    component = largest_component(mask)
-    if not component.any():
-        return _image_centre(component.shape)
-    distance = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return float(col), float(row)
-
-
-def random_point_from_mask(mask: ArrayLike, generator: np.random.Generator) -> Point:
-    """(x, y) of a pixel drawn uniformly from the largest component of `mask`.
-
-    An empty mask gives the image centre (and draws nothing from `generator`).
-    """
-    component = largest_component(mask)
-    flat = np.flatnonzero(component)
-    if flat.size == 0:
-        return _image_centre(component.shape)
-    row, col = np.unravel_index(int(flat[generator.integers(flat.size)]), component.shape)
-    return float(col), float(row)
-
-
-def box_from_mask(mask: ArrayLike) -> Box:
-    """(x0, y0, x1, y1): first and last column / row of the largest component (inclusive).
-
-    An empty mask gives the whole image.
-    """
-    component = largest_component(mask)
-    if not component.any():
-        height, width = component.shape
-        return 0.0, 0.0, float(width - 1), float(height - 1)
-    rows = np.flatnonzero(component.any(axis=1))
-    cols = np.flatnonzero(component.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
-
-
-def mask_point_to_input(point: Point, mask_shape: Tuple[int, int], image_size: int) -> Point:
-    """Pixel index on an h x w mask -> pixel index on the S x S model input.
-
-    The centre of mask cell `col` is input coordinate (col + 0.5) * S / w in continuous
-    units; the prompt encoder adds half a pixel to pixel indices, hence the final -0.5.
-    """
-    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
-    return (point[0] + 0.5) * scale_x - 0.5, (point[1] + 0.5) * scale_y - 0.5
-
-
-def mask_box_to_input(box: Box, mask_shape: Tuple[int, int], image_size: int) -> Box:
-    """Inclusive cell bounds on an h x w mask -> first / last covered input pixel indices."""
-    scale_y, scale_x = image_size / mask_shape[0], image_size / mask_shape[1]
-    x0, y0, x1, y1 = box
-    return x0 * scale_x, y0 * scale_y, (x1 + 1) * scale_x - 1, (y1 + 1) * scale_y - 1
 
 
 def foreground_mask(logits: torch.Tensor) -> torch.Tensor:
@@ -680,6 +587,7 @@ class LoRA_Sam(nn.Module):
         decoder_idx: int,
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Run mask decoder 1 or 2 on encoded features with optional prompts.
 
@@ -688,6 +596,9 @@ class LoRA_Sam(nn.Module):
         points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
         B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
         the official predictor a box becomes two corner points placed before the clicks.
+        mask_input: B x 1 x S/4 x S/4 mask logits of a previous prediction (SAM2's mask prompt: the official
+        predictor's ``mask_input``, its low-res logits clamped to +-32, fed back as they are), or None (no mask
+        prompt); another shape is a ``MaskInputError``.
         The channel layout is fixed by num_classes (see the class docstring).
 
         Returns dict(low_res_logits=B x (C+1) x S/4 x S/4 (channel 0 zero, channel c = mask
@@ -698,8 +609,9 @@ class LoRA_Sam(nn.Module):
         batch, grid = image_embed.shape[0], tuple(image_embed.shape[-2:])
         stride = self.sam.backbone_stride
         prompt_encoder = self.sam.sam_prompt_encoder
+        _check_mask_input(mask_input, batch, grid)
         sparse, dense = prompt_encoder(
-            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None,
+            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=mask_input,
             image_embedding_size=grid, input_image_size=(grid[0] * stride, grid[1] * stride),
         )
         # Without prompts SAM2's prompt encoder returns batch 1; share it across the batch.
@@ -723,17 +635,19 @@ class LoRA_Sam(nn.Module):
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
         features: Optional[Dict[str, object]] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The one prediction path: decoder ``decoder_idx`` with these prompts -> B x (C+1) x S/4 x S/4 float32
         class logits.
 
         images: B x 3 x S x S normalised images; or pass their ``encode`` features instead (images None) to run
-        several decoders on one image-encoder pass. Prompts as in ``decode``. Gradients and precision are the
-        caller's (``torch.no_grad``, ``utils.autocast``).
+        several decoders on one image-encoder pass. Prompts (points, boxes, mask_input) as in ``decode``.
+        Gradients and precision are the caller's (``torch.no_grad``, ``utils.autocast``).
         """
         if features is None:
             features = self.encode(images)
-        return self.decode(features, decoder_idx, points=points, boxes=boxes)["low_res_logits"].float()
+        return self.decode(features, decoder_idx, points=points, boxes=boxes,
+                           mask_input=mask_input)["low_res_logits"].float()
 
     def _decoder(self, decoder_idx: int) -> nn.Module:
         if decoder_idx == 1:
@@ -832,6 +746,21 @@ def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
     return prompt_mode or "point"
 
 
+class MaskInputError(ValueError):
+    """A mask prompt (``LoRA_Sam.decode``'s ``mask_input``) of the wrong shape."""
+
+
+def _check_mask_input(mask_input: Optional[torch.Tensor], batch: int, grid: Tuple[int, int]) -> None:
+    """B x 1 x 4*grid x 4*grid (the S/4 low-res logits of one class per image), or None."""
+    if mask_input is None:
+        return
+    expected = (batch, 1, 4 * grid[0], 4 * grid[1])
+    if not isinstance(mask_input, torch.Tensor) or tuple(mask_input.shape) != expected:
+        shape = tuple(mask_input.shape) if isinstance(mask_input, torch.Tensor) else type(mask_input).__name__
+        raise MaskInputError(f"mask_input must be B x 1 x S/4 x S/4 low-res logits, here {expected} (one foreground "
+                             f"channel per image at the decoder's output size), got {shape}")
+
+
 def _merge_points_and_boxes(
     points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]], boxes: Optional[torch.Tensor]
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -874,6 +803,11 @@ class ModelInputError(ValueError):
         return f"{flag}{shown}: {self}"
 
 
+# What build_model_from_settings reads of a run's settings.
+MODEL_SETTINGS = ("model_cfg", "checkpoint", "img_size", "rank", "num_classes", "module", "lora_ckpt", "seed",
+                  "lora_width", "no_mem_embed")
+
+
 def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: int = 4,
                 num_classes: int = 1, module: str = "sam_lora_image_encoder_prompt",
                 device: Union[torch.device, str] = "cpu", lora_ckpt: Optional[str] = None,
@@ -902,6 +836,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("checkpoint", unloadable_file_message(err.path, err.cause)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
+    if checkpoint is not None:
+        _refuse_nonfinite("checkpoint", checkpoint, sam.state_dict())
     net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width,
                          train_no_mem_embed=train_no_mem_embed).to(device)
     if lora_ckpt:
@@ -909,12 +845,23 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
             net.load_lora_parameters(lora_ckpt)
         except (CheckpointFileError, ValueError) as err:
             raise ModelInputError("lora_ckpt", str(err)) from None
+        lora_file = {k: v for k, v in net.state_dict().items() if net._is_lora_file_key(k)}
+        _refuse_nonfinite("lora_ckpt", lora_ckpt, lora_file)
     if state is not None:
         try:
             load_model_state(net, state, weights)
         except ModelFileError as err:
             raise ModelInputError("weights", str(err), holds=err.holds) from None
     return net
+
+
+def _refuse_nonfinite(source: str, path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ModelInputError naming ``path`` and its first tensors that hold NaN or inf: a model started from them
+    could only produce NaN (checked once, when the model is built)."""
+    bad = nonfinite_names(dict(tensors))
+    if bad:
+        raise ModelInputError(source, f"{path} holds NaN or inf in {first_names(bad)}: it is damaged (or saved from "
+                                      "a diverged run); use an intact file")
 
 
 # --------------------------------------------------------------------------------------
@@ -925,7 +872,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
 class ModelFileError(CheckpointFileError):
     """A file given as a trained model holds something else. ``holds`` says what: "resume_state" (the trainer's
     last_state.pth), "sam2_weights" (official SAM2 weights), "lora_file" (``save_lora_parameters``),
-    "other_model" (a LoRA_Sam of another size, rank or class count) or "no_state_dict"."""
+    "other_model" (a LoRA_Sam of another size, rank or class count), "no_state_dict" or "nonfinite" (a LoRA_Sam
+    holding NaN or inf)."""
 
     def __init__(self, message: str, holds: str) -> None:
         super().__init__(message)
@@ -953,6 +901,12 @@ def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torc
     if not any(".attn.qkv.base." in k or REFERENCE_QKV_KEY.search(k) for k in tensors):
         raise ModelFileError(f"{path} is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a "
                              f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise ModelFileError(f"{path} holds NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''} "
+                             f"({first_names(bad)}): "
+                             "a model saved after training diverged, whose scores would mean nothing; use a "
+                             "checkpoint saved before the divergence", "nonfinite")
     return tensors
 
 
@@ -983,18 +937,22 @@ def _read_full_weights(path: Union[str, os.PathLike], device: Union[torch.device
         raise ModelInputError("weights", str(err), holds=getattr(err, "holds", None)) from None
 
 
-def build_model_from_settings(settings: Dict[str, object], device: Union[torch.device, str] = "cpu",
+def build_model_from_settings(settings: Mapping[str, object], device: Union[torch.device, str] = "cpu",
                               weights: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
-    """The model a run's settings describe (trainer flags, or config.txt's text): model_cfg, checkpoint ("none" =
-    seeded random weights), img_size, rank, num_classes, module, lora_ckpt, seed, lora_width, no_mem_embed
-    ("trainable" | "frozen"). With ``weights`` (a trained full state_dict) the SAM2 checkpoint is not read: every
-    weight comes from that file."""
-    def text(key: str, default: Optional[str] = None) -> Optional[str]:
-        value = settings.get(key, default)
+    """The model a run's settings describe: model_cfg, checkpoint ("none" = seeded random weights), img_size, rank,
+    num_classes, module, lora_ckpt, seed, lora_width, no_mem_embed ("trainable" | "frozen"), each required (the
+    trainer's prepared flags, or a run folder's ``{**settings.LEGACY, **config}``: a setting an older config.txt
+    lacks means how that run was made, not today's default). Values may be text (config.txt's). With ``weights``
+    (a trained full state_dict) the SAM2 checkpoint is not read: every weight comes from that file."""
+    missing = [key for key in MODEL_SETTINGS if key not in settings]
+    if missing:
+        raise KeyError(f"the model settings lack {', '.join(missing)}")
+
+    def text(key: str) -> Optional[str]:
+        value = settings[key]
         return None if value is None or str(value) in ("None", "none") else str(value)
 
     return build_model(text("model_cfg"), None if weights is not None else text("checkpoint"),
-                       int(settings["img_size"]), int(settings.get("rank", 4)), int(settings.get("num_classes", 1)),
-                       text("module", __name__), device, None if weights is not None else text("lora_ckpt"),
-                       int(settings.get("seed", 0)), weights, text("lora_width", "input"),
-                       text("no_mem_embed", "trainable") == "trainable")
+                       int(settings["img_size"]), int(settings["rank"]), int(settings["num_classes"]),
+                       text("module"), device, None if weights is not None else text("lora_ckpt"),
+                       int(settings["seed"]), weights, text("lora_width"), text("no_mem_embed") == "trainable")

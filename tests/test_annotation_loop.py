@@ -22,8 +22,9 @@ import trainer
 import val
 from datasets_skin import SampleFiles
 from label_studio_helpers import annotation, brush_region, export_of
-from sam_lora_image_encoder_prompt import build_model
 from run_copies import copy_runs
+from run_folder import AWAITING
+from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
 
 SIZE, ROUNDS = 64, 2
@@ -88,7 +89,7 @@ def test_a_round_holds_images_proposals_overlays_and_where_each_mask_goes(waitin
     run_dir = out / f"Skin_{SIZE}"
     folder = run_dir / "annotate" / "round_001"
     assert result["round_dir"] == folder and result["epochs"] == 0 and result["labeled"] == []
-    assert (run_dir / trainer.AWAITING_FILE).is_file() and (run_dir / "last_state.pth").is_file()
+    assert (run_dir / AWAITING).is_file() and (run_dir / "last_state.pth").is_file()
     rows = annotation_rounds.read_round(folder)
     assert list(rows[0]) == ["image", "score", "rank_in_pool", "save_mask_as"]
     assert [int(r["rank_in_pool"]) for r in rows] == [1, 2]
@@ -165,7 +166,7 @@ def play_annotator(data: Path, answers: Path, out: Path, extra, in_round_folder:
             Image.fromarray((np.asarray(Image.open(first_mask)) > 127).astype(np.uint8)).save(first_mask)
         masks.update({folder / f"{n}_segmentation.png": (folder / f"{n}_segmentation.png").read_bytes()
                       for n in names})
-        assert (out / f"Skin_{SIZE}" / trainer.AWAITING_FILE).is_file()
+        assert (out / f"Skin_{SIZE}" / AWAITING).is_file()
         results.append(trainer.main(folder_argv(data, out, *extra, "--resume")))
     return results, masks
 
@@ -188,7 +189,7 @@ def test_annotator_in_the_loop_gives_exactly_the_simulation(promptmode, in_round
     want, got = (torch.load(d / "last_model.pth", weights_only=True) for d in (sim_dir, run_dir))
     for key in want:
         assert torch.equal(got[key], want[key]), key
-    assert not (run_dir / trainer.AWAITING_FILE).exists()
+    assert not (run_dir / AWAITING).exists()
     # what the person wrote is untouched, and nothing else lands in the mask folder
     assert sorted(p.name.replace("_segmentation.png", "") for p in masks) == results[-1]["labeled"]
     assert len(masks) == ROUNDS and {p: p.read_bytes() for p in masks} == masks
@@ -262,7 +263,7 @@ def test_a_waiting_round_is_a_live_run(how, waiting_round, tmp_path, capsys):
     before = snapshot(data, out)
     if how == "plain rerun":
         err = resume_fails(folder_argv(data, out, *WAITING), capsys)
-        assert f"already holds a run ({out / f'Skin_{SIZE}' / trainer.AWAITING_FILE})" in err and "--resume" in err
+        assert f"already holds a run ({out / f'Skin_{SIZE}' / AWAITING})" in err and "--resume" in err
     else:
         argv = [a for a in folder_argv(data, out, *WAITING, "--resume") if a not in ("--oracle", "folder")]
         err = resume_fails(argv, capsys)
@@ -304,7 +305,7 @@ def test_accept_partial_sends_skipped_images_back_and_no_validation_split_keeps_
     assert state["epoch"] == 1 and state["labeled_names"] == [done]
     assert state["mask_sources"] == {done: "annotate/round_001"}
     assert (run_dir / "last_model.pth").is_file() and not list(run_dir.glob("best_model_dice*.pth"))
-    assert not (run_dir / trainer.AWAITING_FILE).exists()
+    assert not (run_dir / AWAITING).exists()
     assert not list((data / "Training_GroundTruth").iterdir())
 
 
@@ -364,7 +365,7 @@ def test_a_round_also_goes_out_as_label_studio_tasks_of_the_run(waiting_round):
     assert f"label_studio.py import --export EXPORT.json --round_dir {folder}`" in said
 
 
-@pytest.mark.parametrize("case", ["no sdk", "two classes", "root elsewhere"])
+@pytest.mark.parametrize("case", ["no sdk", "root elsewhere"])
 def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, ground_truth_data, tmp_path,
                                                                         monkeypatch):
     data, _ = unlabeled_copy(ground_truth_data, tmp_path)
@@ -372,8 +373,6 @@ def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, gr
     if case == "no sdk":
         for module in ("label_studio_sdk", "label_studio_sdk.converter", "label_studio_sdk.converter.brush"):
             monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
-    elif case == "two classes":
-        extra += ["--num_classes", "2"]
     else:
         monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path / "elsewhere"))
     result = trainer.main(folder_argv(data, tmp_path / "out", *extra))
@@ -382,7 +381,6 @@ def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, gr
     said = (result["run_dir"] / "log.txt").read_text()
     assert said.count("no Label Studio files for this round: ") == 1
     assert {"no sdk": "label-studio-sdk is not installed (to enable them: pip install -r requirements-labelstudio.txt)",
-            "two classes": "one label (lesion), and this run has --num_classes 2; annotate the PNG round",
             "root elsewhere": f"is not inside the Label Studio document root {tmp_path / 'elsewhere'}"}[case] in said
 
 
@@ -460,7 +458,7 @@ def test_a_changed_mask_of_an_earlier_round_is_refused_at_resume_naming_the_file
         assert err.count("a mask accepted in an earlier round, read again for training") == 2
         assert snapshot(data, out) == before
         if waits:
-            (out / f"Skin_{SIZE}" / trainer.AWAITING_FILE).rename(tmp_path / "awaiting.json")
+            (out / f"Skin_{SIZE}" / AWAITING).rename(tmp_path / "awaiting.json")
             before = snapshot(data, out)
 
 
@@ -509,3 +507,24 @@ def test_a_returned_mask_is_read_by_its_mode(mode, pixels, problem, tmp_path):
     path = tmp_path / ("m.jpg" if mode == "CMYK" else "m.png")
     found, _ = annotation_rounds.mask_problem(sample, path)
     assert (found is None) if problem is None else (problem in found and found.startswith(str(path)))
+
+
+@pytest.mark.parametrize("orientation", [6, None])
+def test_a_mask_drawn_on_the_turned_image_says_exif(orientation, tmp_path):
+    """Issue 26: a mask in the orientation a viewer shows (the image turned by its EXIF tag) was refused with a size
+    message that did not say why the sizes were swapped. Without the tag, the turned size is still pointed out."""
+    image = tmp_path / "x.jpg"
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.new("RGB", (12, 8), (200, 150, 120)).save(image, exif=exif)
+    sample = SampleFiles("x", image, tmp_path / "x_segmentation.png", (8, 12))  # (H, W)
+    Image.new("L", (8, 12)).save(sample.mask_path)  # W x H swapped
+    problem, _ = annotation_rounds.mask_problem(sample)
+    said = "its EXIF orientation tag (6) shows it turned" if orientation else "drawn on a turned copy"
+    assert problem.startswith(f"{sample.mask_path}: 8x12 pixels, but its image x.jpg is 12x8 (W x H); the mask has "
+                              f"the image's size turned by 90 degrees: ") and said in problem, problem
+    assert problem.endswith("masks follow the pixels as stored (read without the EXIF turn, as the reference "
+                            "does): turn the mask back"), problem
+    Image.new("L", (9, 12)).save(sample.mask_path)
+    assert "EXIF" not in annotation_rounds.mask_problem(sample)[0]

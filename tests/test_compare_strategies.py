@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import active_learning_strategies
 import compare_strategies as cs
-import epoch_steps
+import comparison_report as report
 from run_copies import copy_runs
 
 STRATEGIES, SEEDS, EPOCHS, BATCH, POOL, BUDGET = ("mask_difference", "random"), (1, 2), 2, 2, 4, 3
@@ -149,7 +150,7 @@ def test_every_strategy_of_a_seed_draws_the_same_pools(comparison, data):
             labeled = set()
             for epoch in range(1, EPOCHS + 1):
                 unlabeled = [i for i in range(len(names)) if i not in labeled]
-                pool = {names[i] for i in epoch_steps.draw_pool(unlabeled, POOL, seed, epoch)}
+                pool = {names[i] for i in active_learning_strategies.draw_pool(unlabeled, POOL, seed, epoch)}
                 chosen = {r["image"] for r in rows if int(r["epoch"]) == epoch}
                 assert len(chosen) == labeled_after(epoch) - len(labeled) and chosen <= pool, (strategy, seed, epoch)
                 labeled |= {names.index(n) for n in chosen}
@@ -222,7 +223,7 @@ def test_print_commands_lists_missing_runs_and_collect_reports_the_finished_ones
     assert cs.main(request(data, out, "--collect")) == 0
     assert len(read_csv(out / "curves.csv")) == (len(STRATEGIES) * len(SEEDS) - 1) * EPOCHS
     summary = (out / "summary.md").read_text()
-    assert "Not in this report (unfinished): random/seed2 (new), zero_shot (not evaluated)." in summary
+    assert "Not in this report: random/seed2 (new), zero_shot (not evaluated)." in summary
     assert table_row(summary, "Validation Dice", "random")[1] == "1"
 
 
@@ -269,7 +270,7 @@ def test_an_arm_sets_its_own_pool_and_first_round_and_the_summary_says_so(data, 
     assert "--strategy random --seed 1" in plain and "--first_round" not in plain and plain.count("--pool_size") == 1
     args, flags = cs.build_parser().parse_known_args(request(data, tmp_path / "arms") + ["--strategies", *arms])
     plan = cs.make_plan(args, flags)
-    summary = cs.summary_markdown(plan, cs.Results({a: {} for a in arms}, {a: {} for a in arms}, None, []))
+    summary = report.summary_markdown(plan, report.Results({a: {} for a in arms}, {a: {} for a in arms}, None, []))
     assert "| typiclust@all+mask_difference@3 | typiclust over every unlabeled image | mask_difference over pools of " \
            "3 |" in summary
     assert "| coreset@all | coreset over every unlabeled image | coreset over every unlabeled image |" in summary
@@ -304,10 +305,10 @@ def test_checkpoint_choice_and_curve_statistics(tmp_path):
     with pytest.raises(cs.CompareError, match="holds 2 best_model_dice"):
         cs.pick_checkpoint(tmp_path)  # two with keep_best newest: something else wrote one
     curve = [dict(labeled=2, dice=0.2), dict(labeled=4, dice=None), dict(labeled=6, dice=0.6)]
-    assert cs.dice_at(curve, 3) == 0.6 and cs.dice_at(curve, 2) == 0.2 and cs.dice_at(curve, 7) is None
-    assert cs.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
-    assert cs.paired_test([0.1] * 5).startswith("too few seeds")
-    assert cs.paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == "0.0312"  # 2 / 2^6: every difference positive
+    assert report.dice_at(curve, 3) == 0.6 and report.dice_at(curve, 2) == 0.2 and report.dice_at(curve, 7) is None
+    assert report.area_under_curve(curve) == pytest.approx((6 - 2) * (0.2 + 0.6) / 2 / (6 - 2))
+    assert report.paired_test([0.1] * 5).startswith("too few seeds")
+    assert report.paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == "0.0312"  # 2 / 2^6: every difference positive
 
 
 # ----------------------------------------------------------------------------- issue 18: one owner per run folder
@@ -327,9 +328,13 @@ def test_runs_another_process_owns_are_skipped_and_named_and_aborted_runs_are_se
     held = out / "random" / "seed2" / "Skin_64"
     (held / "test_metrics.csv").unlink()
     aborted = out / "mask_difference" / "seed2" / "Skin_64"
-    finished = ("last_state.pth", "last_model.pth", "test_metrics.csv")
-    for name in finished:
+    finished = ("last_state.pth", "last_model.pth", "test_metrics.csv", "al_selection.csv", "metrics.csv")
+    for name in finished[:3]:
         (aborted / name).unlink()
+    for name in finished[3:]:  # killed in its first epoch: records of epoch 1 at most
+        lines = (aborted / name).read_text().splitlines(keepends=True)
+        (aborted / name).unlink()
+        (aborted / name).write_text("".join(line for line in lines if line[:2] in ("ep", "1,")))
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], cwd=cs.REPO, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

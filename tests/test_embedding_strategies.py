@@ -228,6 +228,41 @@ def test_a_cache_of_other_settings_or_a_damaged_one_is_rebuilt_and_said(tmp_path
     assert model.images_encoded(lora_on=False) == 9, "rebuilt: used again"
 
 
+@pytest.mark.parametrize("damage, why", [
+    ("a NaN vector", "it holds NaN or inf in the vectors of 1 image(s)"),
+    ("an infinite vector", "it holds NaN or inf in the vectors of 1 image(s)"),
+    ("vectors of another width", "its vectors are 3 wide, the encoder's 2"),
+    ("integer vectors", "it cannot be read: vectors of dtype torch.int64, not floating point"),
+    ("vectors of another shape", "it cannot be read: 3 digests for vectors of shape (3, 1, 2)"),
+])
+def test_a_damaged_cache_is_checked_on_load_rebuilt_and_said(tmp_path, strategy_log, damage, why):
+    """Issue 26: a NaN vector was an EmbeddingSelectionError traceback, vectors of another width (cached for some
+    images, new ones encoded) a RuntimeError from torch.stack. Every vector is checked (shape, width, finite); a
+    damaged file is rebuilt, as any unusable cache is, and the log says why."""
+    model = VectorSam()
+    select("alps", model, [0, 5, 8], 2, run_dir=tmp_path, feature_key=KEY)
+    path = tmp_path / EMBEDDINGS_FILE
+    stored = torch.load(path, weights_only=True)
+    vectors = stored["vectors"]
+    if damage in ("a NaN vector", "an infinite vector"):
+        vectors[1, 0] = float("nan") if damage == "a NaN vector" else float("inf")
+    elif damage == "vectors of another width":
+        vectors = torch.cat([vectors, torch.zeros(3, 1)], dim=1)
+    elif damage == "integer vectors":
+        vectors = vectors.round().long()
+    else:
+        vectors = vectors[:, None]
+    torch.save(dict(stored, vectors=vectors), path)
+    again = select("alps", VectorSam(), [0, 5, 8, 6], 2, run_dir=tmp_path, feature_key=KEY)  # a resumed run
+    assert f"{path} is not used ({why}); rebuilding it" in strategy_log
+    assert [line for line in strategy_log if "encoded" in line][-1] == \
+        f"pretrained embeddings: 4 image(s) encoded, 0 from the cache ({path})"
+    rebuilt = torch.load(path, weights_only=True)
+    assert rebuilt["vectors"].shape == (4, 2) and torch.isfinite(rebuilt["vectors"]).all()
+    torch.testing.assert_close(rebuilt["vectors"].norm(dim=1), torch.ones(4))
+    assert again.chosen == select("alps", VectorSam(), [0, 5, 8, 6], 2, feature_key=KEY).chosen, "as from no file"
+
+
 def test_an_image_whose_pixels_changed_is_encoded_again(tmp_path):
     model, data = VectorSam(), dataset()
     select("alps", model, [0, 5], 1, data=data, run_dir=tmp_path, feature_key=KEY)
@@ -305,6 +340,7 @@ def test_strategy_choices_and_pool_sizes_parse_or_say_why():
     (["--strategy", "probcover", "--probcover_delta", "-1"], "argument --probcover_delta: expected a number > 0"),
 ])
 def test_bad_strategy_flags_are_one_line(argv, message, tmp_path, capsys):
+    import settings
     import trainer
 
     with pytest.raises(SystemExit) as stop:
@@ -315,15 +351,15 @@ def test_bad_strategy_flags_are_one_line(argv, message, tmp_path, capsys):
 
 
 def test_new_parameters_have_one_way_in_and_a_resume_repeats_them():
-    import trainer
+    import settings
 
-    args = vars(trainer.build_parser().parse_args(["--probcover_delta", "0.3", "--coreset_features", "current",
+    args = vars(settings.build_parser().parse_args(["--probcover_delta", "0.3", "--coreset_features", "current",
                                                    "--pool_size", "all", "--first_round", "typiclust@all"]))
     assert ActiveLearningStrategyFactory.from_settings("probcover", args).delta == 0.3
     assert ActiveLearningStrategyFactory.from_settings("coreset", args).features == "current"
     assert args["pool_size"] == "all" and args["first_round"] == "typiclust@all"
-    assert "probcover_delta" in trainer.resume_keys("probcover") and "first_round" in trainer.resume_keys("random")
-    assert "coreset_features" in trainer.resume_keys("mask_difference", "coreset@all"), "the first round's too"
-    assert "coreset_features" not in trainer.resume_keys("mask_difference")
-    assert trainer.LEGACY["first_round"] == "none", "runs made before --first_round had none"
+    assert "probcover_delta" in settings.resume_keys("probcover") and "first_round" in settings.resume_keys("random")
+    assert "coreset_features" in settings.resume_keys("mask_difference", "coreset"), "the first round's too"
+    assert "coreset_features" not in settings.resume_keys("mask_difference")
+    assert settings.LEGACY["first_round"] == "none", "runs made before --first_round had none"
     assert MaskDifferenceStrategy.parameters == ActiveLearningStrategyFactory.parameters_of("mask_difference_diverse")

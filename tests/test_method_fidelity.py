@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import settings
 import trainer
 import utils
 import val
@@ -50,7 +51,7 @@ def test_one_training_step_reaches_every_trained_decoder_parameter(promptmode, n
     for c in range(1, num_classes + 1):  # one rectangle per class, and a few ignored rows
         labels[:, 16 * c : 16 * c + 40, 20 * c : 20 * c + 36] = c
     labels[:, :4] = 255
-    prompt_idx = -1 if promptmode == "none" else 0  # as trainer.main maps --promptmode
+    prompt_idx = -1 if promptmode == "none" else 0  # as epoch_steps.train_step maps --promptmode
     outputs = net(images, num_classes > 1, SIZE, prompt_idx, promptmode, generator=np.random.default_rng(0))
     utils.dual_decoder_loss(outputs, labels, dice_weight=0.8)["loss"].backward()
 
@@ -96,7 +97,7 @@ def test_seed_readme_snippet_verbatim_predicts_what_validation_predicted(tmp_pat
     from sam2.build_sam import build_sam2
 
     model_cfg = "sam2.1_hiera_t"
-    ckpt = trainer.DEMO_SETTINGS["checkpoint"]
+    ckpt = settings.DEMO_SETTINGS["checkpoint"]
     ckpt = None if ckpt == "none" else ckpt
     sam = build_sam2(model_cfg, ckpt)
     pkg = import_module("sam_lora_image_encoder_prompt")

@@ -13,9 +13,11 @@ import torch
 
 import datasets_skin as ds
 import epoch_steps
+import settings
 import trainer
 import val
 from run_folder import ResumeState, RunFolder, SettingsDiffer
+from sam_lora_image_encoder_prompt import build_model_from_settings
 
 # The Quick Start of the user's README (batch 4, pool 10, one class), at the tiny model and size, two epochs;
 # --promptmode 0 as the reference's own default writes it; no best checkpoint (--save_from_epoch past the end).
@@ -73,7 +75,7 @@ def test_under_promptmode_none_both_decoders_stay_identical(quick_start, tensorb
               if k.startswith("sam.sam_mask_decoder2.")}
     assert first and sorted(first) == sorted(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
-    start = trainer.build_model_from_settings(folder.read_config()).state_dict()
+    start = build_model_from_settings({**settings.LEGACY, **folder.read_config()}).state_dict()
     assert any(not torch.equal(first[k], start["sam.sam_mask_decoder." + k]) for k in first), "training moved them"
     for row in metrics_rows(result["run_dir"]):
         assert row["loss"] == row["loss_dec1"] == row["loss_dec2"]
@@ -81,18 +83,18 @@ def test_under_promptmode_none_both_decoders_stay_identical(quick_start, tensorb
 
 
 def test_the_reference_s_integer_promptmode():
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
     assert parser.parse_args(["--promptmode", "0"]).promptmode == "none"
     with pytest.raises(SystemExit):
         parser.parse_args(["--promptmode", "1"])
 
 
 def test_the_reference_protocol_validates_the_first_20_by_name(tmp_path):
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
 
     def prepared(*flags):
         argv = ["--demo", "--output", str(tmp_path), *flags]
-        return trainer.prepare_args(parser, parser.parse_args(argv), argv)
+        return settings.prepare_args(parser, parser.parse_args(argv), argv)
 
     assert prepared("--val_protocol", "reference").val_limit == 20
     assert prepared("--val_protocol", "reference", "--val_limit", "5").val_limit == 5
@@ -102,10 +104,10 @@ def test_the_reference_protocol_validates_the_first_20_by_name(tmp_path):
 def test_a_run_folder_without_the_new_settings_resumes_as_it_was_made(tmp_path):
     """An older last_state.pth records none of this issue's settings: it continues with their LEGACY values (how it
     was made), and a run with today's defaults is refused, naming each of them."""
-    keys = trainer.resume_keys("mask_difference")
+    keys = settings.resume_keys("mask_difference")
     assert {"train_on", "precision", "decode", "score_channels", "no_mem_embed", "val_protocol"} <= set(keys)
     new = ("no_mem_embed", "val_protocol", "precision", "decode", "score_channels", "lora_width")
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
     now = vars(parser.parse_args([]))
     made = {k: now[k] for k in keys if k not in new} | {"train_on": "labeled"}
     folder = RunFolder(tmp_path / "Skin_512")
@@ -114,13 +116,13 @@ def test_a_run_folder_without_the_new_settings_resumes_as_it_was_made(tmp_path):
     folder.write_config(made)  # the records of epoch 1, complete
     folder.append_selection([[1, "a", "0.5", 1, "mask_difference"]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
-    as_made = dict(now, train_on="labeled", **{k: trainer.LEGACY[k] for k in new})
-    assert folder.open_for_run(as_made, keys, trainer.LEGACY, True)[1].epoch == 1
+    as_made = dict(now, train_on="labeled", **{k: settings.LEGACY[k] for k in new})
+    assert folder.open_for_run(as_made, keys, settings.LEGACY, True)[1].epoch == 1
     with pytest.raises(SettingsDiffer) as differ:
-        folder.open_for_run(dict(now, train_on="labeled"), keys, trainer.LEGACY, True)
-    assert sorted(k for k, _, _ in differ.value.changes) == sorted(k for k in new if trainer.LEGACY[k] != now[k])
+        folder.open_for_run(dict(now, train_on="labeled"), keys, settings.LEGACY, True)
+    assert sorted(k for k, _, _ in differ.value.changes) == sorted(k for k in new if settings.LEGACY[k] != now[k])
     assert len(differ.value.changes) == 5  # all but val_protocol, whose default is how older runs validated
-    assert trainer.LEGACY["keep_best"] == "newest", "compare_strategies reads an older config.txt with it"
+    assert settings.LEGACY["keep_best"] == "newest", "compare_strategies reads an older config.txt with it"
 
 
 class FixedLogits(torch.nn.Module):
@@ -158,7 +160,8 @@ def fake_run(run_dir: Path, keep_best: str) -> types.SimpleNamespace:
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     return types.SimpleNamespace(
-        args=types.SimpleNamespace(save_from_epoch=1, keep_best=keep_best, base_lr=1e-3, batch_size=1), model=model,
+        args=types.SimpleNamespace(save_from_epoch=1, val_every=1, keep_best=keep_best, base_lr=1e-3, batch_size=1),
+        model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), folder=RunFolder(run_dir),
         run_dir=run_dir, resume_keys=("batch_size",), labeled_names=[], best_dice=-1.0, best_path=None,
         oracle=types.SimpleNamespace(mask_sources={}))

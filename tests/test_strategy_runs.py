@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import epoch_steps
+import active_learning_strategies
 import trainer
 from active_learning_strategies import EMBEDDINGS_FILE, ActiveLearningStrategyFactory
 from sam_lora_image_encoder_prompt import LoRA_Sam
@@ -89,11 +89,11 @@ def runs(data, tmp_path_factory, one_thread):
 
 
 def pools(names, rows, pool_sizes):
-    """The pool of each epoch, recomputed from the selections before it (epoch_steps.draw_pool's rule)."""
+    """The pool of each epoch, recomputed from the selections before it (active_learning_strategies.draw_pool's rule)."""
     labeled, found = set(), {}
     for epoch, pool_size in enumerate(pool_sizes, start=1):
         unlabeled = [i for i in range(len(names)) if names[i] not in labeled]
-        found[epoch] = {names[i] for i in epoch_steps.draw_pool(unlabeled, pool_size, SEED, epoch)}
+        found[epoch] = {names[i] for i in active_learning_strategies.draw_pool(unlabeled, pool_size, SEED, epoch)}
         labeled |= {r["image"] for r in rows if int(r["epoch"]) == epoch}
     return found
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import settings
 import trainer
 from synthetic_isic import make_synthetic_isic
 
@@ -128,17 +129,23 @@ def test_tensorboard_holds_validation_and_training_scalars(demo_run, tensorboard
 
 def test_metrics_csv_holds_every_epoch_as_tensorboard_does(demo_run, tensorboard, metrics_rows):
     """metrics.csv: one row per epoch with the labeled count, every loss part, every validation metric and the
-    time split; the same numbers TensorBoard shows."""
+    time split; every per-epoch scalar is in both, under one name: the TensorBoard tag is <group>/<column>, with
+    the same numbers (peak memory is empty off CUDA, so it is in neither here)."""
     _, result = demo_run
     rows = metrics_rows(result["run_dir"])
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     assert [r["labeled"] for r in rows] == [BATCH * e for e in range(1, EPOCHS + 1)]
     scalars = tensorboard(result["run_dir"] / "log")["scalars"]
-    for column, tag in (("loss", "train/loss"), ("ce_dec2", "train/ce_dec2"), ("dice_dec1", "train/dice_dec1"),
-                        ("dice", "val/dice"), ("hd95", "val/hd95"), ("specificity", "val/specificity"),
-                        ("threshold_jaccard", "val/threshold_jaccard"), ("scoring_s", "time/scoring_s"),
-                        ("val_s", "time/val_s")):
-        assert [r[column] for r in rows] == pytest.approx([v for _, v in sorted(scalars[tag])], rel=1e-6), column
+    filled = {column for column in rows[0] if column != "epoch" and any(r[column] is not None for r in rows)}
+    by_column = {tag.split("/", 1)[1]: tag for tag in scalars}
+    assert len(by_column) == len(scalars), "a column under two TensorBoard groups"
+    assert set(by_column) == filled
+    assert {"lr", "selected_score_mean", "loss", "ce_dec2", "dice", "hd95", "scoring_s"} <= filled
+    assert "peak_memory_gb" in rows[0]
+    for column, tag in by_column.items():
+        assert sorted(step for step, _ in scalars[tag]) == [r["epoch"] for r in rows if r[column] is not None], tag
+        assert [r[column] for r in rows if r[column] is not None] == \
+            pytest.approx([v for _, v in sorted(scalars[tag])], rel=1e-6), column
 
 
 def test_existing_run_is_not_overwritten(demo_run, capsys):
@@ -380,7 +387,7 @@ def test_demo_killed_while_writing_its_data_leaves_no_half_data_set(demo_run, tm
     assert len(left) == 1 and left[0].startswith(".tmp-demo_data-"), left
     trainer.main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Skin_64", "demo_data"]
-    assert len(list((tmp_path / "demo_data" / "Training_Data").glob("*.jpg"))) == trainer.DEMO_DATA["n_train"]
+    assert len(list((tmp_path / "demo_data" / "Training_Data").glob("*.jpg"))) == settings.DEMO_DATA["n_train"]
     same_selection(tmp_path / "Skin_64", full, 1)
 
 

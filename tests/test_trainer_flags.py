@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import epoch_steps
+import active_learning_strategies
+import settings
 import trainer
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
@@ -29,7 +30,8 @@ def run_main_expecting_error(argv, capsys) -> str:
         (["--demo", "--pool_size", "3", "--batch_size", "4"], "--pool_size: the pool (3) must be >= --batch_size (4)"),
         (["--demo", "--img_size", "100"], "--img_size must be a positive multiple of 32 (got 100)"),
         (["--demo", "--img_size", "0"], "--img_size must be a positive multiple of 32"),
-        (["--demo", "--num_classes", "5"], "--num_classes must be 1..4"),
+        (["--demo", "--num_classes", "5"], "--num_classes 5: the masks are read as binary"),
+        (["--demo", "--num_classes", "2"], "so they carry one class, lesion: use --num_classes 1"),
         (["--demo", "--max_epochs", "0"], "--max_epochs must be >= 1"),
         (["--demo", "--val_limit", "0"], "--val_limit must be >= 1"),
         (["--demo", "--dice_weight", "1.5"], "--dice_weight must be in [0, 1]"),
@@ -89,7 +91,8 @@ def test_existing_run_folder_is_refused_without_resume(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "config.txt").write_text("earlier run\n")
     err = run_main_expecting_error(["--demo", "--img_size", "128", "--output", str(tmp_path)], capsys)
-    assert "already holds a run" in err and "--resume" in err
+    assert f"{run_dir} holds a run that stopped before finishing its first epoch" in err
+    assert "config.txt lacks img_size, batch_size, pool_size and " in err and "choose another --output" in err
     assert (run_dir / "config.txt").read_text() == "earlier run\n"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt", "owner.lock"], "only the lock it held meanwhile"
 
@@ -105,23 +108,23 @@ def test_missing_cuda_index_lists_devices(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_settings_yield_to_explicit_flags(tmp_path):
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
     argv = ["--demo", "--img_size", "64", "--max_epochs", "50", "--output", str(tmp_path)]
-    args = trainer.prepare_args(parser, parser.parse_args(argv), argv)
+    args = settings.prepare_args(parser, parser.parse_args(argv), argv)
     assert args.img_size == 64 and args.max_epochs == 50  # given explicitly (50 is also the default)
     assert args.model_cfg == "sam2.1_hiera_t"
-    assert args.pool_size == trainer.DEMO_SETTINGS["pool_size"]
-    assert args.batch_size == trainer.DEMO_SETTINGS["batch_size"]
+    assert args.pool_size == settings.DEMO_SETTINGS["pool_size"]
+    assert args.batch_size == settings.DEMO_SETTINGS["batch_size"]
     assert args.data_root == str(tmp_path / "demo_data")
 
 
 def test_settings_are_read_only_after_preparation(tmp_path):
     """No step can change a setting behind the others' back: prepared settings refuse assignment, and the paths
     resolved in preparation come back as values (the parsed namespace is left as parsed)."""
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
     argv = ["--demo", "--output", str(tmp_path), "--model_cfg", "sam2/configs/sam2.1/sam2.1_hiera_t.yaml"]
     parsed = parser.parse_args(argv)
-    args = trainer.prepare_args(parser, parsed, argv)
+    args = settings.prepare_args(parser, parsed, argv)
     with pytest.raises(AttributeError, match="read-only"):
         args.checkpoint = "other.pt"
     assert Path(args.model_cfg).is_file() and args.data_root == str(tmp_path / "demo_data")
@@ -130,12 +133,12 @@ def test_settings_are_read_only_after_preparation(tmp_path):
 
 def test_pool_is_reproducible_per_epoch_and_drawn_from_the_unlabeled():
     unlabeled = list(range(0, 40, 3))
-    first = epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=3)
-    assert first == epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    first = active_learning_strategies.draw_pool(unlabeled, 5, seed=1, epoch=3)
+    assert first == active_learning_strategies.draw_pool(unlabeled, 5, seed=1, epoch=3)
     assert len(set(first)) == 5 and set(first) <= set(unlabeled)
-    others = {tuple(epoch_steps.draw_pool(unlabeled, 5, seed=1, epoch=e)) for e in range(1, 8)}
+    others = {tuple(active_learning_strategies.draw_pool(unlabeled, 5, seed=1, epoch=e)) for e in range(1, 8)}
     assert len(others) > 1, "pools of different epochs should differ"
-    assert epoch_steps.draw_pool(unlabeled[:3], 5, seed=1, epoch=3) == unlabeled[:3]
+    assert active_learning_strategies.draw_pool(unlabeled[:3], 5, seed=1, epoch=3) == unlabeled[:3]
 
 
 def test_cli_prints_help_and_flag_errors():

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import epoch_steps
+import settings
 import trainer
-from run_folder import RunFolder
+from run_folder import AWAITING, DIVERGED, RunFolder
 from synthetic_isic import make_synthetic_isic
 
 SMALL = ["--demo", "--gpu", "cpu", "--img_size", "64", "--batch_size", "2", "--pool_size", "2", "--val_limit", "1",
@@ -71,7 +72,7 @@ def test_diverged_run_stops_in_its_epoch_and_keeps_the_last_good_checkpoints(sma
     assert len(saved) == 2 and "last_state.pth" in saved, "epoch 1 saved its best and its state"
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.pth")} == saved, "epoch 1's checkpoints were touched"
     assert all(all_tensors_finite(p) for p in run_dir.glob("*.pth")), "a checkpoint holds NaN or inf"
-    record = json.loads((run_dir / trainer.DIVERGED_FILE).read_text())
+    record = json.loads((run_dir / DIVERGED).read_text())
     assert record["epoch"] == 2 and record["base_lr"] == 1e3
     # --base_lr may change now (other settings may not)
     err = refused(argv + ["--resume", "--pool_size", "3", "--base_lr", "1e-3"], capsys)
@@ -103,7 +104,7 @@ def test_resume_after_divergence_may_lower_base_lr_and_uses_it(small_data, tmp_p
     state = torch.load(run_dir / "last_state.pth", weights_only=True)
     assert state["epoch"] == 2 and state["args"]["base_lr"] == 5e-4
     assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {5e-4}
-    assert not (run_dir / trainer.DIVERGED_FILE).exists(), "the record goes with the next finished epoch"
+    assert not (run_dir / DIVERGED).exists(), "the record goes with the next finished epoch"
     err = refused(argv + ["--resume", "--max_epochs", "3", "--base_lr", "1e-4"], capsys)
     assert "--base_lr was 0.0005, now 0.0001" in err
 
@@ -135,12 +136,12 @@ def test_step_skipped_by_the_fp16_gradient_scaler_is_not_divergence(tmp_path):
     assert run.scaler.get_scale() == 2.0 ** 126, "the scaler saw inf gradients, skipped the step, lowered its scale"
     assert float(model.w.detach()) == 1.0 and bool(torch.isfinite(parts["loss"]))
     epoch_steps.check_finite(run, 1, "training step 1", {"loss": parts["loss"], "w": model.w})  # no stop
-    assert not (tmp_path / trainer.DIVERGED_FILE).exists()
+    assert not (tmp_path / DIVERGED).exists()
     with pytest.raises(epoch_steps.RunStopped) as stop:
         epoch_steps.check_finite(run, 3, "training step 1", {"loss": torch.tensor(float("inf")), "w": model.w})
     message = str(trainer.stopped(args, stop.value))
     assert re.search(r"diverged in epoch 3 .*lower --base_lr \(e\.g\. 0\.0001\)", message), message
-    assert json.loads((tmp_path / trainer.DIVERGED_FILE).read_text())["tensors"] == ["loss"]
+    assert json.loads((tmp_path / DIVERGED).read_text())["tensors"] == ["loss"]
 
 
 def test_mask_kinds_are_each_logged_once_per_run(tmp_path):
@@ -167,14 +168,14 @@ def test_mask_kinds_are_each_logged_once_per_run(tmp_path):
 def test_run_that_diverged_in_epoch_1_may_be_rerun_with_a_lower_base_lr(tmp_path):
     """A run that diverged in epoch 1 left no last_state.pth (a dead run): a rerun may lower --base_lr while
     diverged.json says why it stopped; other settings, or --base_lr without that record, are refused."""
-    parser = trainer.build_parser()
+    parser = settings.build_parser()
 
     def args_of(*argv):
         argv = ["--demo", "--output", str(tmp_path), *argv]
-        return trainer.prepare_args(parser, parser.parse_args(argv), argv)
+        return settings.prepare_args(parser, parser.parse_args(argv), argv)
 
     def dead_run(args, run_dir):
-        return trainer.open_run_folder(args, RunFolder(run_dir))[0]
+        return trainer.open_run_folder(args, RunFolder(run_dir), settings.resume_keys(args.strategy))[0]
 
     run_dir = tmp_path / "Skin_128"
     run_dir.mkdir()
@@ -182,12 +183,12 @@ def test_run_that_diverged_in_epoch_1_may_be_rerun_with_a_lower_base_lr(tmp_path
     (run_dir / "config.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(vars(first).items())))
     (run_dir / "al_selection.csv").write_text("epoch,image,score,rank_in_pool\n1,ISIC_0000001,0.5,1\n")
     assert dead_run(first, run_dir)
-    with pytest.raises(trainer.UsageError, match=r"other settings \(--base_lr was 1000.0, now 0.001\)"):
+    with pytest.raises(settings.UsageError, match=r"other settings \(--base_lr was 1000.0, now 0.001\)"):
         dead_run(args_of("--base_lr", "1e-3"), run_dir)
-    (run_dir / trainer.DIVERGED_FILE).write_text('{"epoch": 1}\n')
+    (run_dir / DIVERGED).write_text('{"epoch": 1}\n')
     assert dead_run(args_of("--base_lr", "1e-3"), run_dir)
-    with pytest.raises(trainer.UsageError, match=r"--pool_size was 6, now 8"):
+    with pytest.raises(settings.UsageError, match=r"--pool_size was 6, now 8"):
         dead_run(args_of("--base_lr", "1e-3", "--pool_size", "8"), run_dir)
-    (run_dir / trainer.AWAITING_FILE).write_text("{}\n")
-    with pytest.raises(trainer.UsageError, match="already holds a run"):  # a round waiting for masks: live
+    (run_dir / AWAITING).write_text("{}\n")
+    with pytest.raises(settings.UsageError, match="already holds a run"):  # a round waiting for masks: live
         dead_run(first, run_dir)
