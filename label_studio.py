@@ -236,10 +236,12 @@ class RoundExpectation:
 
 @dataclass(frozen=True)
 class ReturnedMask:
-    """One image's mask from the export (H x W bool), who made it and in how many seconds."""
+    """One image's answer in the export: its mask (H x W bool; None for a task that came back without one:
+    skipped, or not annotated), who answered and in how many seconds, the task and annotation ids ("" where
+    there is none)."""
 
     image: str
-    mask: np.ndarray
+    mask: Optional[np.ndarray]
     completed_by: str
     lead_time: Optional[float]
     task_id: object
@@ -249,10 +251,12 @@ class ReturnedMask:
 @dataclass
 class ExportContent:
     """What an export holds for a round: the masks, the images not returned (image -> SKIPPED or
-    NOT_ANNOTATED), and how many tasks of earlier rounds of the run were left aside."""
+    NOT_ANNOTATED) and the tasks that hold them (image -> its answer without a mask, where the export has its
+    task), and how many tasks of earlier rounds of the run were left aside."""
 
     masks: Dict[str, ReturnedMask] = field(default_factory=dict)
     not_returned: Dict[str, str] = field(default_factory=dict)
+    unreturned_tasks: Dict[str, ReturnedMask] = field(default_factory=dict)
     earlier_round_tasks: int = 0
 
 
@@ -367,26 +371,33 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
     return pixels.reshape(height, width, 4)[..., 3] > ALPHA_THRESHOLD
 
 
-def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, where: str) -> ReturnedMask:
-    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free)."""
-    name = task["data"][NAME_KEY]
-    size = expected.sizes[name]
-    mask = np.zeros(size, bool)
-    for number, region in enumerate(annotation.get("result") or []):
-        mask |= region_mask(region, size, f"{where}, region {number + 1}")
+def task_answer(task: dict, annotation: Optional[dict], mask: Optional[np.ndarray] = None) -> ReturnedMask:
+    """The answer ``annotation`` (None: none) of ``task``: who gave it, in how many seconds, the ids."""
+    annotation = annotation or {}
     who = annotation.get("completed_by")
     if isinstance(who, dict):  # some exports expand the user
         who = who.get("email") or who.get("id")
     lead_time = annotation.get("lead_time")
     lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None  # seconds; absent in old exports
-    return ReturnedMask(name, mask, "" if who is None else str(who), lead_time, task.get("id"), annotation.get("id"))
+    return ReturnedMask(task["data"][NAME_KEY], mask, "" if who is None else str(who), lead_time, task.get("id"),
+                        annotation.get("id", ""))
 
 
-def export_content(tasks: List[dict], expected: RoundExpectation, export_path: Path) -> ExportContent:
-    """Every mask the export holds for the round, after every check (one ``ExportError`` for the first problem)."""
+def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, where: str) -> ReturnedMask:
+    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free)."""
+    size = expected.sizes[task["data"][NAME_KEY]]
+    mask = np.zeros(size, bool)
+    for number, region in enumerate(annotation.get("result") or []):
+        mask |= region_mask(region, size, f"{where}, region {number + 1}")
+    return task_answer(task, annotation, mask)
+
+
+def export_content(tasks: List[dict], expected: RoundExpectation, source: object) -> ExportContent:
+    """Every mask ``tasks`` hold for the round, after every check (one ``ExportError`` for the first problem);
+    ``source`` (the export file, or the project's address) names where they come from in messages."""
     content = ExportContent()
     for task in tasks:
-        where = f"{export_path}: task {task.get('id')}"
+        where = f"{source}: task {task.get('id')}"
         if task_round(task, expected, where) < expected.round_number:
             content.earlier_round_tasks += 1
             continue
@@ -398,9 +409,10 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
                               f"{', '.join(str(a.get('id')) for a in submitted)}); keep one in Label Studio, "
                               "delete the others, and export again")
         if not submitted:
-            skipped = any(a.get("was_cancelled") for a in task.get("annotations") or [])
-            if name not in content.masks:
-                content.not_returned[name] = SKIPPED if skipped else NOT_ANNOTATED
+            skips = [a for a in task.get("annotations") or [] if a.get("was_cancelled")]
+            if name not in content.masks and content.not_returned.get(name) != SKIPPED:
+                content.not_returned[name] = SKIPPED if skips else NOT_ANNOTATED
+                content.unreturned_tasks[name] = task_answer(task, skips[-1] if skips else None)
             continue
         if name in content.masks:
             raise ExportError(f"{where}: image {name} is annotated in two tasks ({content.masks[name].task_id} and "
@@ -408,8 +420,9 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
         content.masks[name] = annotation_mask(task, submitted[0], expected, f"{where}, annotation "
                                                                             f"{submitted[0].get('id')}")
         content.not_returned.pop(name, None)
+        content.unreturned_tasks.pop(name, None)
     if not content.masks and not content.not_returned:
-        raise ExportError(f"{export_path}: no task of round {expected.round_number} ({content.earlier_round_tasks} "
+        raise ExportError(f"{source}: no task of round {expected.round_number} ({content.earlier_round_tasks} "
                           f"of earlier rounds); import the round's {TASKS_FILE} into the project, annotate, and "
                           "export again")
     for name in expected.sizes:  # Label Studio leaves tasks without any annotation out of its exports
@@ -481,13 +494,15 @@ def round_csv_text(content: ExportContent, expected: RoundExpectation) -> str:
     then status, mask file, completed_by, lead_time_s, task and annotation ids (replacing an earlier import's)."""
     rows = [ROUND_COLUMNS + ANNOTATION_COLUMNS]
     for row in expected.rows:
-        name, got = row["image"], content.masks.get(row["image"])
+        name = row["image"]
+        got = content.masks.get(name) or content.unreturned_tasks.get(name)
+        status = "annotated" if name in content.masks else content.not_returned.get(name, NOT_ANNOTATED)
+        said = [status, mask_target(expected.round_dir, name).name if name in content.masks else ""]
         if got is None:
-            said = [content.not_returned.get(name, NOT_ANNOTATED), "", "", "", "", ""]
+            said += ["", "", "", ""]
         else:
             lead = "" if got.lead_time is None else f"{got.lead_time:.3f}"
-            said = ["annotated", mask_target(expected.round_dir, name).name, got.completed_by, lead, got.task_id,
-                    got.annotation_id]
+            said += [got.completed_by, lead, got.task_id, got.annotation_id]
         rows.append([row[c] for c in ROUND_COLUMNS] + said)
     return csv_text(rows)
 
@@ -500,12 +515,25 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     data set's mask folder), the export (this run, this round's images and sizes, this interface, one annotation
     per task) and the masks already there (one ``MaskClashError`` listing every file that would be overwritten or
     duplicated; a mask equal to the export's is left as it is, so importing a later export again works)."""
-    round_dir, export_path = Path(round_dir), Path(export_path)
+    expected = target_round(round_dir)
+    export_path = Path(export_path)
+    return write_returned(export_content(read_export(export_path), expected, export_path), expected)
+
+
+def target_round(round_dir: PathLike) -> RoundExpectation:
+    """What the masks of a round folder must match (``read_expectation``), after checking that the folder is not
+    inside a data set's mask folder."""
     expected = read_expectation(round_dir)
-    in_dataset = dataset_masks(expected)
-    check_target(round_dir, in_dataset)
-    content = export_content(read_export(export_path), expected, export_path)
-    clashes, unchanged = existing_masks(content, round_dir, in_dataset)
+    check_target(expected.round_dir, dataset_masks(expected))
+    return expected
+
+
+def write_returned(content: ExportContent, expected: RoundExpectation) -> ImportResult:
+    """The masks of ``content`` (an export's, or those pulled through the API) -> ``<name>_segmentation.png`` in the
+    round folder, and what came back for each image into its to_annotate.csv: after the check that nothing would
+    be overwritten or duplicated (one ``MaskClashError`` listing every such file; nothing written)."""
+    round_dir = expected.round_dir
+    clashes, unchanged = existing_masks(content, round_dir, dataset_masks(expected))
     if clashes:
         raise MaskClashError(f"{len(clashes)} mask file(s) there already, never overwritten: "
                              f"{'; '.join(clashes)}. Move them away (or fix the annotation) and import again")
@@ -530,7 +558,8 @@ def summary(result: ImportResult, round_dir: Path) -> str:
         lines.append(f"not returned ({len(result.not_returned)}, they go back to the pool with --accept_partial): "
                      + ", ".join(f"{name} ({why})" for name, why in result.not_returned.items()))
     lines.append(f"who annotated and how long: {result.csv_path}")
-    lines.append("continue the run with: python3 trainer.py <the run's flags> --resume")
+    lines.append("continue the run with: python3 trainer.py <the run's flags> --resume"
+                 + (" --accept_partial" if result.not_returned else ""))
     return "\n".join(lines)
 
 
