@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -41,8 +43,8 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
-from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
+from annotation_rounds import PROPOSAL_SUFFIX, ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
+from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, SampleFiles, decode_mask, read_image_size
 from run_folder import csv_text
 from safe_io import atomic_path, atomic_write_text
 
@@ -218,6 +220,40 @@ def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_numbe
     local_files_url(round_dir, root)
     tasks = write_round_files(round_dir, items, run_id(round_dir.parent), round_number, root, num_classes)[1]
     return tasks, root
+
+
+def folder_round_items(round_dir: Path) -> List[RoundItem]:
+    """The items of a round read back from its folder: to_annotate.csv, the image copies, the proposals."""
+    items = []
+    try:
+        for row in read_round(round_dir):
+            image = round_dir / row["image"]
+            proposal = decode_mask(round_dir / f"{image.stem}{PROPOSAL_SUFFIX}", None).astype(bool)
+            sample = SampleFiles(image.stem, image, Path(row["save_mask_as"]), read_image_size(image))
+            items.append(RoundItem(sample, float(row["score"]), int(row["rank_in_pool"]), proposal))
+    except (OSError, csv.Error, DatasetError, KeyError, TypeError, ValueError) as err:
+        raise RoundFolderError(f"{round_dir}: not a round folder the trainer wrote ({type(err).__name__}: {err}); "
+                               f"give OUTPUT/Skin_S/annotate/round_NNN") from None
+    if not items:
+        raise RoundFolderError(f"{round_dir / ROUND_CSV} lists no image")
+    return items
+
+
+def write_folder_round_files(round_dir: PathLike) -> Tuple[Path, Path]:
+    """The Label Studio files of a round the trainer wrote without them (label-studio-sdk was not installed then):
+    its items read back from the folder, the run's id, the round number of the folder's name (round_NNN), the
+    document root of ``document_root`` (the run's output folder unless LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
+    holds it). Returns their paths; raises RoundFolderError, SdkMissingError."""
+    round_dir = Path(os.path.abspath(round_dir))
+    number = re.fullmatch(r"round_(\d+)", round_dir.name)
+    if number is None or round_dir.parent.name != "annotate":
+        raise RoundFolderError(f"{round_dir} is not a round folder (OUTPUT/Skin_S/annotate/round_NNN)")
+    brush_module()
+    items, output = folder_round_items(round_dir), round_dir.parent.parent.parent
+    root = document_root(output)
+    if root != output and root not in round_dir.parents:
+        root = output
+    return write_round_files(round_dir, items, run_id(round_dir.parent), int(number.group(1)), root)
 
 
 # ----------------------------------------------------------------------------- back: the export to masks
@@ -563,22 +599,74 @@ def summary(result: ImportResult, round_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def push_summary(pushed, round_dir: Path) -> str:
+    """What ``label_studio.py push`` says when the round is in the project: where to annotate, what next."""
+    return "\n".join([f"annotate in Label Studio: {pushed.project_url} (Label All Tasks)",
+                      f"then: python3 label_studio.py pull --round_dir {round_dir}"])
+
+
+def api_command(args: argparse.Namespace) -> str:
+    """``push`` or ``pull`` through Label Studio's API (label_studio_api); what to print."""
+    import label_studio_api  # pylint: disable=import-outside-toplevel
+
+    client = label_studio_api.connect(args.label_studio_url, label_studio_api.read_token(args.label_studio_token_file))
+    if args.command == "push":
+        return push_summary(label_studio_api.push_round(client, args.round_dir), args.round_dir)
+    return summary(label_studio_api.pull_round(client, args.round_dir, args.accept_partial), args.round_dir)
+
+
+def error_flag(err: LabelStudioError, args: argparse.Namespace) -> Optional[str]:
+    """The flag (or variable) an error is about, for the one line the command says."""
+    import label_studio_api  # pylint: disable=import-outside-toplevel
+
+    if isinstance(err, label_studio_api.TokenError):
+        return "--label_studio_token_file" if args.label_studio_token_file else f"${label_studio_api.TOKEN_VARIABLE}"
+    if isinstance(err, label_studio_api.ServerUnreachableError):
+        return "--label_studio_url"
+    if isinstance(err, label_studio_api.RoundNotDoneError):
+        return "--accept_partial"
+    return next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind) and f != "--export"), None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="The Label Studio hand-over of an --oracle folder round.")
+    parser = argparse.ArgumentParser(description="The Label Studio hand-over of a round: by files (import) or "
+                                                 "through Label Studio's API (push, pull).")
     commands = parser.add_subparsers(dest="command", required=True)
     back = commands.add_parser("import", help="a Label Studio JSON export -> <name>_segmentation.png masks in "
                                               "the round folder (never over an existing mask); who and how long "
                                               "into its to_annotate.csv")
     back.add_argument("--export", required=True, type=Path, help="the project's export (Export -> JSON)")
-    back.add_argument("--round_dir", required=True, type=Path,
-                      help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
+    push = commands.add_parser("push", help="add the round's tasks (the model's proposals as predictions) to the "
+                                            "run's Label Studio project through its API; the project is made at "
+                                            "the first push")
+    pull = commands.add_parser("pull", help="the round's annotations through Label Studio's API -> "
+                                            "<name>_segmentation.png masks in the round folder, as import does")
+    pull.add_argument("--accept_partial", action="store_true",
+                      help="write the masks there are while images are neither annotated nor skipped")
+    for command in (back, push, pull):
+        command.add_argument("--round_dir", required=True, type=Path,
+                             help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
+    for command in (push, pull):
+        command.add_argument("--label_studio_url", default="http://127.0.0.1:8080",
+                             help="the Label Studio server (default %(default)s)")
+        command.add_argument("--label_studio_token_file", type=Path, default=None,
+                             help="a file holding your personal access token, readable by you alone (default: "
+                                  "$LABEL_STUDIO_API_KEY)")
     args = parser.parse_args(argv)
+    progress = logging.StreamHandler(sys.stdout)  # what the API calls log (the project made, how images go)
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("trainer.label_studio").addHandler(progress)
+    logging.getLogger("trainer.label_studio").setLevel(logging.INFO)
     try:
-        result = import_export(args.export, args.round_dir)
+        said = (summary(import_export(args.export, args.round_dir), args.round_dir) if args.command == "import"
+                else api_command(args))
     except LabelStudioError as err:
-        flag = next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
-        parser.exit(2, f"label_studio.py import: {flag + ': ' if flag else ''}{err}\n")
-    print(summary(result, args.round_dir))
+        flag = (next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
+                if args.command == "import" else error_flag(err, args))
+        parser.exit(2, f"label_studio.py {args.command}: {flag + ': ' if flag else ''}{err}\n")
+    finally:
+        logging.getLogger("trainer.label_studio").removeHandler(progress)
+    print(said)
     return 0
 
 

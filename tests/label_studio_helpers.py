@@ -296,33 +296,42 @@ class AnnotatedRound:
     export_path: Path
 
 
+def annotate_task(server: LabelStudioServer, task_id: int, mask: Optional[np.ndarray], lead_time: float) -> dict:
+    """What a person's Submit or Skip in the labelling view posts for a task: ``mask`` (H x W bool) as one brush
+    region corrected from the proposal (RLE encoded by Label Studio's SDK); all False: the proposal's region
+    deleted, no region; None: Skip (a cancelled annotation). Returns the annotation made."""
+    from label_studio_sdk.converter import brush
+
+    task = server.call("GET", f"/api/tasks/{task_id}/").json()
+    if mask is None:
+        body = dict(result=[], was_cancelled=True, lead_time=lead_time)
+    else:
+        height, width = mask.shape
+        region = dict(id="stroke", type="brushlabels", from_name=label_studio.BRUSH_TAG,
+                      to_name=label_studio.IMAGE_TAG, original_width=width, original_height=height,
+                      image_rotation=0, origin="manual",
+                      value=dict(format="rle", rle=brush.mask2rle(mask.astype(np.uint8) * 255),
+                                 brushlabels=[label_studio.LESION_LABEL]))
+        body = dict(result=[region] if mask.any() else [], lead_time=lead_time,
+                    parent_prediction=task["predictions"][0]["id"])
+    return server.call("POST", f"/api/tasks/{task_id}/annotations/", json=body).json()
+
+
 def annotate_in_label_studio(server: LabelStudioServer, round_dir: Path, submitted: Dict[str, Optional[np.ndarray]],
                              export_path: Path, project_id: Optional[int] = None) -> AnnotatedRound:
     """The hand-over of any round folder with Label Studio files (this test's, or one the trainer wrote): a
     project with the round's interface (or ``project_id``, the run's project), a Local Files storage on the round
     folder, its tasks imported, each image's ``submitted`` mask posted as an annotation (None: skipped), and the
     project's JSON export written to ``export_path``. Then ``label_studio.py import`` and ``trainer.py --resume``."""
-    from label_studio_sdk.converter import brush
-
     project_id = hand_over(server, round_dir, project_id)
     this_round = {t["data"]["mdsam_round"] for t in json.loads((round_dir / label_studio.TASKS_FILE).read_text())}
     lead_times = {}
     for task in server.call("GET", "/api/tasks/", params=dict(project=project_id, page_size=1000)).json()["tasks"]:
         if task["data"]["mdsam_round"] not in this_round:  # the run's project: earlier rounds are annotated
             continue
-        name, full = task["data"]["mdsam_image"], server.call("GET", f"/api/tasks/{task['id']}/").json()
-        mask, lead_times[name] = submitted[name], 5.0 + len(lead_times)
-        if mask is None:
-            body = dict(result=[], was_cancelled=True, lead_time=lead_times[name])
-        else:
-            height, width = mask.shape
-            region = dict(id="stroke", type="brushlabels", from_name=label_studio.BRUSH_TAG,
-                          to_name=label_studio.IMAGE_TAG, original_width=width, original_height=height,
-                          image_rotation=0, origin="manual",
-                          value=dict(format="rle", rle=brush.mask2rle(mask.astype(np.uint8) * 255),
-                                     brushlabels=[label_studio.LESION_LABEL]))
-            body = dict(result=[region], lead_time=lead_times[name], parent_prediction=full["predictions"][0]["id"])
-        server.call("POST", f"/api/tasks/{task['id']}/annotations/", json=body)
+        name = task["data"]["mdsam_image"]
+        lead_times[name] = 5.0 + len(lead_times)
+        annotate_task(server, task["id"], submitted[name], lead_times[name])
     export = server.call("GET", f"/api/projects/{project_id}/export", params=dict(exportType="JSON"))
     export_path.write_bytes(export.content)
     return AnnotatedRound(project_id, submitted, lead_times, export_path)
