@@ -243,11 +243,17 @@ def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, ca
     assert api.push_round(client, made.round_dir).created == {}  # the original keeps its project
 
 
-def test_a_round_the_server_cannot_read_is_uploaded(client, tmp_path, caplog):
-    made = make_round(tmp_path / "elsewhere", n_synthetic=2, size=160)  # outside the server's document root
+@pytest.mark.parametrize("case", ["outside the server's document root", "addresses for another root"])
+def test_a_round_the_server_cannot_serve_is_uploaded(client, server, tmp_path, caplog, case):
+    if case == "outside the server's document root":
+        made, why = make_round(tmp_path / "elsewhere", n_synthetic=2, size=160), \
+            "must be a subdirectory of LOCAL_FILES_DOCUMENT_ROOT"
+    else:  # inside it, but the tasks' addresses relative to another root (the trainer's shell without the variable)
+        made = make_round(server.document_root / "test_label_studio_api" / "other_root", n_synthetic=2, size=160)
+        why = "did not serve /data/local-files/?d=out/Skin_512/annotate/round_003/"
     with caplog.at_level(logging.INFO, logger="trainer.label_studio"):
         pushed = api.push_round(client, made.round_dir)
-    assert pushed.images_from == api.UPLOAD and "must be a subdirectory of LOCAL_FILES_DOCUMENT_ROOT" in pushed.why
+    assert pushed.images_from == api.UPLOAD and why in pushed.why
     assert "uploaded through the import API" in caplog.text
     for name, (task_id,) in pushed.created.items():
         with client.calling("test"):
@@ -298,16 +304,23 @@ def test_a_server_that_stops_is_named_and_a_restart_loses_nothing(fresh_label_st
 # ----------------------------------------------------------------------------- the commands
 
 def test_push_and_pull_commands_say_what_to_do_and_never_the_token(server, made, tmp_path, capsys, monkeypatch):
+    printed = []
+
+    def output():
+        said = capsys.readouterr()
+        printed.append(said.out + said.err)
+        return said
+
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", server.token)
     common = ["--round_dir", str(made.round_dir), "--label_studio_url", server.url]
     assert label_studio.main(["push", *common]) == 0
-    said = capsys.readouterr()
+    said = output()
     project = json.loads((made.round_dir.parent / api.PROJECT_FILE).read_text())["project"]
     assert f"annotate in Label Studio: {server.url}/projects/{project}" in said.out
     assert f"label_studio.py pull --round_dir {made.round_dir}" in said.out
     with pytest.raises(SystemExit) as refused:
         label_studio.main(["pull", *common])
-    err = capsys.readouterr().err
+    err = output().err
     assert refused.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("label_studio.py pull: --accept_partial: ") and "neither annotated nor skipped" in err
     token_file = tmp_path / "token"
@@ -315,17 +328,16 @@ def test_push_and_pull_commands_say_what_to_do_and_never_the_token(server, made,
     token_file.chmod(0o644)
     with pytest.raises(SystemExit):
         label_studio.main(["pull", *common, "--label_studio_token_file", str(token_file)])
-    err = capsys.readouterr().err
+    err = output().err
     assert err.startswith("label_studio.py pull: --label_studio_token_file: ") and "chmod 600" in err
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", server.token[:-4] + "AAAA")  # a signature that is not the server's
     with pytest.raises(SystemExit):
         label_studio.main(["push", *common])
-    err = capsys.readouterr().err
+    err = output().err
     assert err.startswith("label_studio.py push: $LABEL_STUDIO_API_KEY: ") and "refused the token" in err
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", server.token)
     assert label_studio.main(["pull", *common, "--accept_partial"]) == 0
-    said = capsys.readouterr()
-    assert said.out.strip().splitlines()[-1].endswith("--resume --accept_partial")
-    everything = said.out + said.err + "".join(p.read_text(errors="replace") for p in
-                                               made.round_dir.parent.parent.rglob("*") if p.is_file())
+    assert output().out.strip().splitlines()[-1].endswith("--resume --accept_partial")
+    everything = "".join(printed) + "".join(p.read_text(errors="replace") for p in
+                                            made.round_dir.parent.parent.rglob("*") if p.is_file())
     assert server.token.split(".")[2] not in everything and server.token.split(".")[1] not in everything
