@@ -1,5 +1,5 @@
-"""The Label Studio hand-over of an ``--oracle folder`` round: the files Label Studio imports as they are, and
-the way back from its JSON export to masks.
+"""The Label Studio hand-over of a person's round: the files Label Studio imports as they are, the way back from
+its JSON export to masks, and the same round trip through Label Studio's API (no file to carry).
 
 Out (``write_round_files``, after ``annotation_rounds.write_round`` has written the round folder):
 
@@ -24,6 +24,14 @@ becomes ``<name>_segmentation.png`` (0/255, the image's size) in the round folde
 task and annotation ids). ``trainer.py --resume`` takes each mask from there. The brush RLE is encoded and decoded
 by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module imports, and says how to
 enable it.
+
+Through the API (``label_studio_api`` makes the calls; ``python3 label_studio.py push`` / ``pull --round_dir
+ROUND``, and what ``--oracle label_studio`` calls): ``push_round`` adds the round's tasks to the run's project
+(made at the first push, recorded in the run folder; a copied run folder gets its own), the images through a Local
+Files storage on the round folder when the server serves them from there, else uploaded; tasks already there are
+found by their ``mdsam_*`` data and never made twice. ``round_progress`` says how many are annotated and skipped.
+``pull_round`` reads the round's annotations and writes them by ``write_returned``, the function ``import_export``
+writes an export's with: the same masks, the same CSV columns, never over a mask.
 """
 from __future__ import annotations
 
@@ -38,11 +46,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 from PIL import Image
 
+import label_studio_api
 from annotation_rounds import PROPOSAL_SUFFIX, ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
 from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, SampleFiles, decode_mask, read_image_size
 from run_folder import csv_text
@@ -64,6 +73,7 @@ SDK_HINT = "pip install -r requirements-labelstudio.txt"
 LOCAL_FILES_URL = "/data/local-files/?d="
 SKIPPED, NOT_ANNOTATED = "skipped", "not_annotated"  # an image not returned: the annotator skipped it, or no one did
 MASK_FOLDER_NAMES = {masks for layouts in SPLIT_FOLDERS.values() for _, masks in layouts}
+log = logging.getLogger("trainer.label_studio")  # under the trainer's logger: a run's lines go to its log.txt
 
 
 class LabelStudioError(ValueError):
@@ -580,6 +590,191 @@ def write_returned(content: ExportContent, expected: RoundExpectation) -> Import
                         round_dir / ROUND_CSV, content)
 
 
+# ----------------------------------------------------------------------------- through Label Studio's API
+
+def run_folder_of(round_dir: Path) -> Path:
+    """The run folder of a round folder (RUN/annotate/round_NNN)."""
+    return Path(os.path.abspath(round_dir)).parent.parent
+
+
+def round_tasks(client: label_studio_api.Client, project_id: int, expected: RoundExpectation,
+                fields: str = "all") -> List[dict]:
+    """The project's tasks of the round (by their data's run and round number)."""
+    return label_studio_api.find_tasks(client, project_id, {RUN_KEY: expected.run_id,
+                                                            ROUND_KEY: expected.round_number}, fields)
+
+
+def tasks_by_image(tasks: List[dict]) -> Dict[str, List[int]]:
+    """image name -> the ids of its tasks."""
+    found: Dict[str, List[int]] = {}
+    for task in tasks:
+        found.setdefault(task["data"][NAME_KEY], []).append(task["id"])
+    return found
+
+
+def local_files_root(round_dir: Path, tasks: List[dict]) -> Optional[Path]:
+    """The document root the tasks' image addresses were written for (None when they are not Local Files
+    addresses of the round folder's images)."""
+    roots = set()
+    for task in tasks:
+        url = str(task["data"].get(IMAGE_TAG, ""))
+        relative = parse_qs(urlsplit(url).query).get("d", [""])[0] if url.startswith(LOCAL_FILES_URL) else ""
+        image = Path(os.path.abspath(round_dir / task["data"][NAME_KEY])).as_posix()
+        if not relative or not image.endswith("/" + relative):
+            return None
+        roots.add(image[:-len(relative) - 1] or "/")
+    return Path(roots.pop()) if len(roots) == 1 else None
+
+
+def served_images(client: label_studio_api.Client, project_id: int, round_dir: Path,
+                  tasks: List[dict]) -> Tuple[List[dict], str, str]:
+    """``tasks`` with the addresses their images are served at: through a Local Files storage on the round folder
+    when the server serves them from there (the addresses of the tasks file: the server on this machine, its
+    document root the one they were written for), else uploaded. (tasks, LOCAL_FILES or UPLOAD, why)."""
+    root = local_files_root(round_dir, tasks)
+    if root is None:
+        why = f"the round's {TASKS_FILE} holds no Local Files addresses of its images"
+    else:
+        served, why = label_studio_api.local_files_storage(client, project_id, round_dir, tasks[0]["data"][IMAGE_TAG])
+        if served:
+            return tasks, label_studio_api.LOCAL_FILES, f"{why} (document root {root})"
+        why += (f": its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not {root} (the root the round's addresses were "
+                "written for), or it runs on another machine")
+    addresses = label_studio_api.upload_files(client, project_id, [round_dir / t["data"][NAME_KEY] for t in tasks])
+    tasks = [dict(t, data={**t["data"], IMAGE_TAG: addresses[t["data"][NAME_KEY]]}) for t in tasks]
+    return tasks, label_studio_api.UPLOAD, f"uploaded through the import API: {why}"
+
+
+@dataclass
+class PushedRound:
+    """A round pushed: the project's id and address, the tasks made now and those found there already (image ->
+    task ids), how its images reach the server (LOCAL_FILES or UPLOAD, "" when nothing was added) and why, and
+    notes (an image in several tasks)."""
+
+    project_id: int
+    project_url: str
+    created: Dict[str, List[int]]
+    existing: Dict[str, List[int]]
+    images_from: str
+    why: str
+    notes: List[str] = field(default_factory=list)
+
+
+def push_round(client: label_studio_api.Client, round_dir: PathLike) -> PushedRound:
+    """Add the round's tasks to the run's project (``label_studio_api.ensure_project``, with the round's interface):
+    each image's task of the round's tasks file (written here first for a round without one:
+    ``write_folder_round_files``), the model's proposal its prediction, the image served as ``served_images``
+    says. Tasks already in the project (the same run, round and image) are kept, never made twice. Logged."""
+    round_dir = Path(round_dir)
+    if not (round_dir / TASKS_FILE).is_file():
+        write_folder_round_files(round_dir)
+    expected = target_round(round_dir)
+    tasks = json.loads((round_dir / TASKS_FILE).read_text())
+    project_id = label_studio_api.ensure_project(client, run_folder_of(round_dir), expected.run_id,
+                                                 (round_dir / INTERFACE_FILE).read_text())
+    url, where = client.project_url(project_id), f"round {expected.round_number}"
+    existing = tasks_by_image(round_tasks(client, project_id, expected, "task_only"))
+    notes = [f"{name} has {len(ids)} tasks in {url} (ids {', '.join(map(str, ids))}): annotate one, delete the "
+             "others" for name, ids in existing.items() if len(ids) > 1]
+    for note in notes:
+        log.warning("%s: %s", where, note)
+    missing = [t for t in tasks if t["data"][NAME_KEY] not in existing]
+    if not missing:
+        log.info("%s: its %d tasks are in %s already; nothing added", where, len(tasks), url)
+        return PushedRound(project_id, url, {}, existing, "", "nothing to add", notes)
+    missing, images_from, why = served_images(client, project_id, round_dir, missing)
+    label_studio_api.add_tasks(client, project_id, missing, f"the tasks of {where}")
+    now = tasks_by_image(round_tasks(client, project_id, expected, "task_only"))
+    created = {name: [i for i in ids if i not in existing.get(name, [])] for name, ids in now.items()}
+    created = {name: ids for name, ids in created.items() if ids}
+    log.info("%s: %d task(s) added to %s%s; images: %s", where, sum(map(len, created.values())), url,
+             f" ({len(existing)} there already)" if existing else "", why)
+    return PushedRound(project_id, url, created, existing, images_from, why, notes)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where a round stands in Label Studio: its images annotated, skipped, left to do, and without a task."""
+
+    round_number: int
+    annotated: List[str]
+    skipped: List[str]
+    left: List[str]
+    no_task: List[str]
+
+    @property
+    def done(self) -> bool:
+        """Every image of the round annotated or skipped."""
+        return not self.left and not self.no_task
+
+    def line(self) -> str:
+        total = len(self.annotated) + len(self.skipped) + len(self.left) + len(self.no_task)
+        return (f"round {self.round_number}: {len(self.annotated)} of {total} annotated, {len(self.skipped)} skipped"
+                + (f", {len(self.no_task)} without a task" if self.no_task else ""))
+
+
+def pushed_project(client: label_studio_api.Client, round_dir: Path) -> Tuple[RoundExpectation, int]:
+    """The round's expectation and the project it was pushed to, read from the run's record (a copy of the run
+    folder reads the project its original pushed the round to). ``ProjectGoneError`` when the run has no project
+    on this server, or its project is gone."""
+    expected = target_round(round_dir)
+    run_dir = run_folder_of(round_dir)
+    record = label_studio_api.read_project_record(run_dir)
+    if record is None or label_studio_api.normal_url(record["url"]) != client.url:
+        where = "no Label Studio project" if record is None else f"its project on {record['url']}"
+        raise label_studio_api.ProjectGoneError(
+            f"{client.url}: round {expected.round_number} ({round_dir}) was not pushed to this server (the run has "
+            f"{where}); push it first: python3 label_studio.py push --round_dir {round_dir}")
+    project_id = int(record["project"])
+    label_studio_api.check_project(client, project_id, run_dir)
+    return expected, project_id
+
+
+def round_progress(client: label_studio_api.Client, round_dir: PathLike) -> RoundProgress:
+    """How many of the round's images are annotated, skipped, left (one light listing of its tasks, no results:
+    Label Studio's counts of submitted and cancelled annotations)."""
+    expected, project_id = pushed_project(client, Path(round_dir))
+    order = ["left", SKIPPED, "annotated"]  # an image in two tasks: the furthest one counts
+    state: Dict[str, str] = {}
+    for task in round_tasks(client, project_id, expected, "task_only"):
+        now = ("annotated" if (task.get("total_annotations") or 0) > 0 else
+               SKIPPED if (task.get("cancelled_annotations") or 0) > 0 else "left")
+        state[task["data"][NAME_KEY]] = max(now, state.get(task["data"][NAME_KEY], "left"), key=order.index)
+    names = sorted(expected.sizes)
+    return RoundProgress(expected.round_number, [n for n in names if state.get(n) == "annotated"],
+                         [n for n in names if state.get(n) == SKIPPED], [n for n in names if state.get(n) == "left"],
+                         [n for n in names if n not in state])
+
+
+def pull_round(client: label_studio_api.Client, round_dir: PathLike, accept_partial: bool = False) -> ImportResult:
+    """The round's annotations, read through the API (no export file), -> ``<name>_segmentation.png`` in the round
+    folder and who answered and how long into its to_annotate.csv, by ``write_returned`` (the rules of
+    ``label_studio.py import``: never over a mask). Refused, nothing written: an image without a task
+    (``TaskGoneError``), tasks neither annotated nor skipped unless ``accept_partial`` (``RoundNotDoneError``,
+    listing them), every check of an export (``ExportError``, ``MaskClashError``)."""
+    round_dir = Path(round_dir)
+    expected, project_id = pushed_project(client, round_dir)
+    tasks = round_tasks(client, project_id, expected)
+    source = client.project_url(project_id)
+    no_task = sorted(set(expected.sizes) - set(tasks_by_image(tasks)))
+    if no_task:
+        raise label_studio_api.TaskGoneError(
+            f"{source}: round {expected.round_number} has no task for {', '.join(no_task)} (deleted by hand?); push "
+            f"the round again to make them: python3 label_studio.py push --round_dir {round_dir}")
+    content = export_content(tasks, expected, source)
+    waiting = [(name, client.task_url(project_id, content.unreturned_tasks[name].task_id))
+               for name, why in content.not_returned.items() if why == NOT_ANNOTATED]
+    if waiting and not accept_partial:
+        raise label_studio_api.RoundNotDoneError(
+            f"{source}: round {expected.round_number} has {len(waiting)} image(s) neither annotated nor skipped: "
+            + ", ".join(f"{name} ({url})" for name, url in waiting) + "; annotate or skip them, or accept the round "
+            "as it is (--accept_partial: they go back to the pool)", waiting)
+    result = write_returned(content, expected)
+    log.info("round %d pulled from %s: %d mask(s) written, %d already there, %d not returned",
+             expected.round_number, source, len(result.written), len(result.unchanged), len(result.not_returned))
+    return result
+
+
 # ----------------------------------------------------------------------------- command line
 
 FLAG_OF_ERROR = {ExportError: "--export", RoundFolderError: "--round_dir", MaskClashError: "--round_dir"}
@@ -606,19 +801,15 @@ def push_summary(pushed, round_dir: Path) -> str:
 
 
 def api_command(args: argparse.Namespace) -> str:
-    """``push`` or ``pull`` through Label Studio's API (label_studio_api); what to print."""
-    import label_studio_api  # pylint: disable=import-outside-toplevel
-
+    """``push`` or ``pull`` through Label Studio's API; what to print."""
     client = label_studio_api.connect(args.label_studio_url, label_studio_api.read_token(args.label_studio_token_file))
     if args.command == "push":
-        return push_summary(label_studio_api.push_round(client, args.round_dir), args.round_dir)
-    return summary(label_studio_api.pull_round(client, args.round_dir, args.accept_partial), args.round_dir)
+        return push_summary(push_round(client, args.round_dir), args.round_dir)
+    return summary(pull_round(client, args.round_dir, args.accept_partial), args.round_dir)
 
 
-def error_flag(err: LabelStudioError, args: argparse.Namespace) -> Optional[str]:
-    """The flag (or variable) an error is about, for the one line the command says."""
-    import label_studio_api  # pylint: disable=import-outside-toplevel
-
+def error_flag(err: Exception, args: argparse.Namespace) -> Optional[str]:
+    """The flag (or variable) an error of ``push`` or ``pull`` is about, for the one line the command says."""
     if isinstance(err, label_studio_api.TokenError):
         return "--label_studio_token_file" if args.label_studio_token_file else f"${label_studio_api.TOKEN_VARIABLE}"
     if isinstance(err, label_studio_api.ServerUnreachableError):
@@ -653,19 +844,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              help="a file holding your personal access token, readable by you alone (default: "
                                   "$LABEL_STUDIO_API_KEY)")
     args = parser.parse_args(argv)
-    progress = logging.StreamHandler(sys.stdout)  # what the API calls log (the project made, how images go)
+    progress = logging.StreamHandler(sys.stdout)  # what push and pull log (the project made, how images go)
     progress.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("trainer.label_studio").addHandler(progress)
-    logging.getLogger("trainer.label_studio").setLevel(logging.INFO)
+    log.addHandler(progress)
+    log.setLevel(logging.INFO)
     try:
         said = (summary(import_export(args.export, args.round_dir), args.round_dir) if args.command == "import"
                 else api_command(args))
-    except LabelStudioError as err:
+    except (LabelStudioError, label_studio_api.ApiError) as err:
         flag = (next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
                 if args.command == "import" else error_flag(err, args))
         parser.exit(2, f"label_studio.py {args.command}: {flag + ': ' if flag else ''}{err}\n")
     finally:
-        logging.getLogger("trainer.label_studio").removeHandler(progress)
+        log.removeHandler(progress)
     print(said)
     return 0
 

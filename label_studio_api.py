@@ -1,23 +1,14 @@
-"""Label Studio through its REST API: the run's project, a round's tasks pushed, its progress, its annotations
-pulled back into masks, with no file a person downloads, uploads or types the path of. ``label_studio.py push`` /
-``pull`` call it; so will ``--oracle label_studio``.
-
-What a caller does (a round folder written as ``label_studio.write_round_files`` writes it, in a run folder
-``OUTPUT/Skin_S/annotate/round_NNN``):
-
-    client = connect(url, read_token(token_file))    # the token checked against the server once
-    pushed = push_round(client, round_dir)           # the run's project (made or found), the round's tasks added
-    round_progress(client, round_dir).line()         # "round 3: 2 of 4 annotated, 1 skipped"
-    result = pull_round(client, round_dir)           # masks into the round folder, as label_studio.py import
-
-Every call of a round is safe to repeat: a push finds the round's tasks already in the project by their
-``mdsam_run``/``mdsam_round``/``mdsam_image`` and adds only those missing (never a duplicate), and a pull writes
-through ``label_studio.write_returned``, which never overwrites a mask and leaves one identical to the server's.
+"""Label Studio's REST API as this project uses it: the personal access token, an authenticated connection whose
+faults are typed errors naming the server, the run's project (made once, recorded in the run folder), tasks
+found by their data, a Local Files storage that is checked to serve, images uploaded, tasks added. It knows
+nothing of a round's files: ``label_studio.py`` builds the round's push, progress and pull on it (``push_round``,
+``round_progress``, ``pull_round``; its ``push`` / ``pull`` commands).
 
 The run's project is recorded in ``annotate/label_studio_project.json`` with the server's address and the run
 folder's identity (absolute path and inode): a ``cp -r`` copy of the run folder (another inode) or another server
-gets a project of its own at its next push, logged, so a copy never writes into the original's project. The
-token is not recorded anywhere.
+gets a project of its own at its next push, logged, so a copy never writes into the original's project. A project
+made by a push killed before it was recorded is found again by its description (the run id and folder). The token
+is recorded nowhere.
 
 The calls, and what makes them: Label Studio's SDK (``label_studio_sdk.LabelStudio``, 2.1) where it has the call;
 plain HTTP, through the SDK's own authenticated client (so the same token refresh), where it has not:
@@ -26,20 +17,19 @@ plain HTTP, through the SDK's own authenticated client (so the same token refres
     the run's project                SDK projects.create / get / list    /api/projects/
     a Local Files storage            SDK import_storage.local.list / validate / create / delete
                                                                          /api/storages/localfiles/
-    a round's tasks added            SDK projects.import_tasks           POST /api/projects/{id}/import (JSON)
-    a round's tasks found            SDK tasks.list (Data Manager filters on data.mdsam_*)   GET /api/tasks/
+    tasks added                      SDK projects.import_tasks           POST /api/projects/{id}/import (JSON)
+    tasks found by their data        SDK tasks.list (a Data Manager filter)   GET /api/tasks/
     an image uploaded                plain HTTP (the SDK's import takes JSON only)
                                                          POST /api/projects/{id}/import?commit_to_project=false
     an uploaded image's address      SDK files.list                      GET  /api/projects/{id}/file-uploads
-    an image served from the storage plain HTTP (a file, not an API call)  GET /data/local-files/?d=...
+    an image served from a storage   plain HTTP (a file, not an API call)  GET /data/local-files/?d=...
 
 A personal access token (Label Studio 1.23: a JWT refresh token) is exchanged by the SDK for access tokens that
-live 5 minutes, renewed before each call once expired (tests/test_label_studio_api.py checks it against 1.23.2).
-
-Faults are typed errors (``ApiError`` and its kinds), each naming the server's address and the project or task,
-raised before anything is written: a token missing, readable by others, expired, revoked or of another server
-(``TokenError``); a server that does not answer (``ServerUnreachableError``); the project or a task deleted by
-hand (``ProjectGoneError``, ``TaskGoneError``); a round's tasks not all answered (``RoundNotDoneError``).
+live 5 minutes, and again once one has expired (tests/test_label_studio_api.py checks it against 1.23.2).
+Faults (``ApiError`` and its kinds) are raised before anything is written: a token missing, readable by others,
+expired, revoked or of another server (``TokenError``); a server that does not answer (``ServerUnreachableError``)
+or refuses a call (``ServerRefusedError``); the project or tasks deleted by hand (``ProjectGoneError``,
+``TaskGoneError``); tasks not yet answered (``RoundNotDoneError``).
 """
 from __future__ import annotations
 
@@ -53,11 +43,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
-import label_studio
 from datasets_skin import PathLike
 from safe_io import atomic_write_text
 
-log = logging.getLogger("trainer.label_studio")  # under the trainer's logger: a run's lines go to its log.txt
+log = logging.getLogger("trainer.label_studio")  # label_studio's logger: under the trainer's, into its log.txt
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"  # the SDK's own variable
@@ -67,7 +56,7 @@ TOKEN_PAGE = "Account & Settings -> Personal Access Token"  # where Label Studio
 TITLE_LENGTH = 50  # Label Studio's longest project title
 
 
-class ApiError(label_studio.LabelStudioError):
+class ApiError(ValueError):
     """A call to Label Studio that cannot be done; the message names the server's address and what to do."""
 
 
@@ -85,15 +74,16 @@ class ServerRefusedError(ApiError):
 
 
 class ProjectGoneError(ApiError):
-    """The run's project is not on the server (deleted by hand?), or the round was never pushed to this server."""
+    """The run's project is not on the server (deleted by hand?), or not on this server; or its record in the
+    run folder is unreadable."""
 
 
 class TaskGoneError(ApiError):
-    """Images of the round have no task in the project (deleted by hand?)."""
+    """Images of a round have no task in the project (deleted by hand?)."""
 
 
 class RoundNotDoneError(ApiError):
-    """Tasks of the round are neither annotated nor skipped; ``waiting``: (image, task's address) of each."""
+    """Tasks of a round are neither annotated nor skipped; ``waiting``: (image, task's address) of each."""
 
     def __init__(self, message: str, waiting: List[Tuple[str, str]]) -> None:
         super().__init__(message)
@@ -235,11 +225,6 @@ def connect(url: str, token: Token) -> Client:
 
 # ----------------------------------------------------------------------------- the run's project
 
-def run_folder_of(round_dir: Path) -> Path:
-    """The run folder of a round folder (RUN/annotate/round_NNN)."""
-    return Path(os.path.abspath(round_dir)).parent.parent
-
-
 def folder_identity(run_dir: Path) -> Dict[str, object]:
     """What tells this run folder from a copy of it: its absolute path and its inode (a ``cp -r`` copy has
     another inode, even at the same path on another disk)."""
@@ -255,9 +240,8 @@ def read_project_record(run_dir: Path) -> Optional[dict]:
         record = json.loads(path.read_text())
         int(record["project"]), str(record["url"]), record["run_folder"], int(record["inode"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise label_studio.RoundFolderError(f"{path}: not a record of the run's Label Studio project "
-                                            f"({type(err).__name__}: {err}); delete it to make a new project at "
-                                            "the next push") from None
+        raise ProjectGoneError(f"{path}: not a record of the run's Label Studio project ({type(err).__name__}: "
+                               f"{err}); delete it to make a new project at the next push") from None
     return record
 
 
@@ -327,236 +311,68 @@ def ensure_project(client: Client, run_dir: Path, run_id: str, interface: str) -
     return project_id
 
 
-# ----------------------------------------------------------------------------- a round's tasks
+# ----------------------------------------------------------------------------- tasks and images
 
-def round_filter(run_id: str, round_number: int) -> str:
-    """A Data Manager query for the tasks of one round of one run (their data's mdsam_run and mdsam_round)."""
-    items = [dict(filter=f"filter:tasks:data.{label_studio.RUN_KEY}", operator="equal", type="String",
-                  value=run_id),
-             dict(filter=f"filter:tasks:data.{label_studio.ROUND_KEY}", operator="equal", type="Number",
-                  value=round_number)]
+def data_filter(data: Mapping[str, object]) -> str:
+    """A Data Manager query for the tasks whose data has each of these values (text or number)."""
+    items = [dict(filter=f"filter:tasks:data.{key}", operator="equal",
+                  type="Number" if isinstance(value, (int, float)) else "String", value=value)
+             for key, value in data.items()]
     return json.dumps(dict(filters=dict(conjunction="and", items=items)))
 
 
-def round_tasks(client: Client, project_id: int, run_id: str, round_number: int, fields: str = "all") -> List[dict]:
-    """The project's tasks of the round (with their annotations unless ``fields`` is "task_only"), checked on
-    their data here as well as filtered by the server."""
-    with client.calling(f"listing the tasks of round {round_number}",
-                        gone=f"{client.project_url(project_id)}: the run's project is not on the server "
-                             "(deleted by hand?)"):
+def find_tasks(client: Client, project_id: int, data: Mapping[str, object], fields: str = "all") -> List[dict]:
+    """The project's tasks whose data holds ``data`` (with their annotations and predictions unless ``fields`` is
+    "task_only"), filtered by the server and checked again here."""
+    with client.calling("listing tasks", gone=f"{client.project_url(project_id)}: the run's project is not on the "
+                                              "server (deleted by hand?)"):
         tasks = [t.model_dump() for t in client.sdk.tasks.list(project=project_id, fields=fields,
-                                                                  query=round_filter(run_id, round_number))]
-    return [t for t in tasks if t["data"].get(label_studio.RUN_KEY) == run_id
-            and t["data"].get(label_studio.ROUND_KEY) == round_number]
+                                                                  query=data_filter(data))]
+    return [t for t in tasks if all(t["data"].get(key) == value for key, value in data.items())]
 
 
-def tasks_by_image(tasks: List[dict]) -> Dict[str, List[int]]:
-    """image name -> the ids of its tasks."""
-    found: Dict[str, List[int]] = {}
-    for task in tasks:
-        found.setdefault(task["data"][label_studio.NAME_KEY], []).append(task["id"])
-    return found
+def add_tasks(client: Client, project_id: int, tasks: List[dict], what: str) -> None:
+    """Import ``tasks`` (Label Studio's JSON: data and predictions) into the project, in one request."""
+    with client.calling(f"adding {what}"):
+        client.sdk.projects.import_tasks(id=project_id, request=tasks)
 
 
-def local_files_root(round_dir: Path, tasks: List[dict]) -> Optional[Path]:
-    """The document root the tasks file's image addresses were written for (None when they are not Local Files
-    addresses of this round folder's images)."""
-    prefix = label_studio.LOCAL_FILES_URL
-    roots = set()
-    for task in tasks:
-        url = str(task["data"].get(label_studio.IMAGE_TAG, ""))
-        relative = parse_qs(urlsplit(url).query).get("d", [""])[0] if url.startswith(prefix) else ""
-        image = Path(os.path.abspath(round_dir / task["data"][label_studio.NAME_KEY]))
-        if not relative or not image.as_posix().endswith("/" + relative):
-            return None
-        roots.add(image.as_posix()[:-len(relative) - 1] or "/")
-    return Path(roots.pop()) if len(roots) == 1 else None
-
-
-def local_files_storage(client: Client, project_id: int, round_dir: Path, tasks: List[dict]) -> Tuple[bool, str]:
-    """A Local Files storage of the project on the round folder, when the server can serve the round's images
-    through it: (True, how) after it served one of them byte for byte; else (False, why), nothing left made."""
-    root = local_files_root(round_dir, tasks)
-    if root is None:
-        return False, f"the round's {label_studio.TASKS_FILE} holds no Local Files addresses of its images"
-    path = os.path.abspath(round_dir)
+def local_files_storage(client: Client, project_id: int, folder: Path, probe_url: str) -> Tuple[bool, str]:
+    """A Local Files storage of the project on ``folder`` when the server serves its files through it: (True,
+    how) once the file of ``probe_url`` (an address under the storage, of a file in ``folder``) came back byte for
+    byte; else (False, why), and no storage made here is left."""
+    path = os.path.abspath(folder)
     with client.calling("listing the project's Local Files storages"):
         existing = [s.id for s in client.sdk.import_storage.local.list(project=project_id) if s.path == path]
     made = None
     if not existing:
         try:
             with client.calling("checking a Local Files storage"):
-                client.sdk.import_storage.local.validate(project=project_id, path=path, title=round_dir.name)
+                client.sdk.import_storage.local.validate(project=project_id, path=path, title=folder.name)
         except ServerRefusedError as err:
             return False, f"the server cannot read {path} as Local Files ({err})"
         with client.calling("making a Local Files storage"):
-            made = client.sdk.import_storage.local.create(project=project_id, path=path, title=round_dir.name,
+            made = client.sdk.import_storage.local.create(project=project_id, path=path, title=folder.name,
                                                           use_blob_urls=True).id
-    first = tasks[0]["data"]
-    with client.calling("fetching an image through the storage"):
-        served = client.http("GET", first[label_studio.IMAGE_TAG].lstrip("/"), check=False)
-    if served.status_code == 200 and served.content == (round_dir / first[label_studio.NAME_KEY]).read_bytes():
-        how = f"a Local Files storage on {path} (document root {root})"
-        return True, how if made is None else how + f", storage {made} made"
+    probe = folder / os.path.basename(parse_qs(urlsplit(probe_url).query).get("d", [""])[0])
+    with client.calling("fetching a file through the storage"):
+        served = client.http("GET", probe_url.lstrip("/"), check=False)
+    if served.status_code == 200 and probe.is_file() and served.content == probe.read_bytes():
+        return True, f"a Local Files storage on {path}" + ("" if made is None else f" (storage {made} made)")
     if made is not None:
-        with client.calling("removing the storage that does not serve the round"):
+        with client.calling("removing the storage that does not serve"):
             client.sdk.import_storage.local.delete(id=made)
-    return False, (f"the server did not serve {first[label_studio.IMAGE_TAG]} from {path} (answer "
-                   f"{served.status_code}): its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not {root}, or it runs "
-                   "on another machine")
+    return False, f"the server did not serve {probe_url} from {path} (answer {served.status_code})"
 
 
-def upload_images(client: Client, project_id: int, round_dir: Path, names: List[str]) -> Dict[str, str]:
-    """Upload the round's images ``names`` into the project (files only, no tasks); image name -> its address."""
+def upload_files(client: Client, project_id: int, files: List[Path]) -> Dict[str, str]:
+    """Upload ``files`` into the project (files only, no tasks); file name -> its address on the server."""
     addresses = {}
-    for name in names:
-        with open(round_dir / name, "rb") as image, client.calling(f"uploading {name}"):
+    for path in files:
+        with open(path, "rb") as image, client.calling(f"uploading {path.name}"):
             answer = client.http("POST", f"api/projects/{project_id}/import", params=dict(commit_to_project="false"),
-                                 files=dict(file=(name, image)))
-        (upload_id,) = answer.json()["file_upload_ids"]
-        with client.calling(f"reading the address of the uploaded {name}"):
+                                 files=dict(file=(path.name, image)))
+            (upload_id,) = answer.json()["file_upload_ids"]
             (upload,) = client.sdk.files.list(id=project_id, ids=json.dumps([upload_id]))
-        addresses[name] = "/data/" + upload.file
+        addresses[path.name] = "/data/" + upload.file
     return addresses
-
-
-@dataclass
-class PushedRound:
-    """A round pushed: the project's id and address, the tasks made now and those found there already (image ->
-    task ids), how its images reach the server (LOCAL_FILES or UPLOAD) and why."""
-
-    project_id: int
-    project_url: str
-    created: Dict[str, List[int]]
-    existing: Dict[str, List[int]]
-    images_from: str
-    why: str
-    notes: List[str] = field(default_factory=list)
-
-
-def push_round(client: Client, round_dir: PathLike) -> PushedRound:
-    """Add the round's tasks to the run's project (``ensure_project``): each image's task from the round's
-    tasks file (``label_studio.write_round_files``; written here first for a round without one), the model's
-    proposal as its prediction, the image through a Local Files storage on the round folder when the server can
-    serve it from there, else uploaded. Tasks already in the project (the same run, round and image) are kept and
-    not made again. Logged."""
-    round_dir = Path(round_dir)
-    if not (round_dir / label_studio.TASKS_FILE).is_file():
-        label_studio.write_folder_round_files(round_dir)
-    expected = label_studio.target_round(round_dir)
-    tasks = json.loads((round_dir / label_studio.TASKS_FILE).read_text())
-    run_dir = run_folder_of(round_dir)
-    interface = (round_dir / label_studio.INTERFACE_FILE).read_text()
-    project_id = ensure_project(client, run_dir, expected.run_id, interface)
-    existing = tasks_by_image(round_tasks(client, project_id, expected.run_id, expected.round_number, "task_only"))
-    notes = [f"{name} has {len(ids)} tasks in the project (ids {', '.join(map(str, ids))}): annotate one, delete "
-             "the others" for name, ids in existing.items() if len(ids) > 1]
-    missing = [t for t in tasks if t["data"][label_studio.NAME_KEY] not in existing]
-    where = f"round {expected.round_number}"
-    if not missing:
-        log.info("%s: its %d tasks are in %s already; nothing added", where, len(tasks), client.project_url(project_id))
-        return PushedRound(project_id, client.project_url(project_id), {}, existing, "", "nothing to add", notes)
-    served, why = local_files_storage(client, project_id, round_dir, missing)
-    if served:
-        images_from = LOCAL_FILES
-    else:
-        images_from = UPLOAD
-        addresses = upload_images(client, project_id, round_dir, [t["data"][label_studio.NAME_KEY] for t in missing])
-        missing = [dict(t, data={**t["data"], label_studio.IMAGE_TAG: addresses[t["data"][label_studio.NAME_KEY]]})
-                   for t in missing]
-        why = f"uploaded through the import API: {why}"
-    with client.calling(f"adding the tasks of {where}"):
-        client.sdk.projects.import_tasks(id=project_id, request=missing)
-    now = tasks_by_image(round_tasks(client, project_id, expected.run_id, expected.round_number, "task_only"))
-    created = {name: [i for i in ids if i not in existing.get(name, [])] for name, ids in now.items()}
-    created = {name: ids for name, ids in created.items() if ids}
-    log.info("%s: %d task(s) added to %s%s; images: %s", where, sum(map(len, created.values())),
-             client.project_url(project_id), f" ({len(existing)} there already)" if existing else "", why)
-    for note in notes:
-        log.warning("%s: %s", where, note)
-    return PushedRound(project_id, client.project_url(project_id), created, existing, images_from, why, notes)
-
-
-# ----------------------------------------------------------------------------- a round's progress and its masks
-
-@dataclass(frozen=True)
-class RoundProgress:
-    """Where a round stands in Label Studio: its images annotated, skipped, left to do, and without a task."""
-
-    round_number: int
-    annotated: List[str]
-    skipped: List[str]
-    left: List[str]
-    no_task: List[str]
-
-    @property
-    def done(self) -> bool:
-        """Every image of the round annotated or skipped."""
-        return not self.left and not self.no_task
-
-    def line(self) -> str:
-        total = len(self.annotated) + len(self.skipped) + len(self.left) + len(self.no_task)
-        return (f"round {self.round_number}: {len(self.annotated)} of {total} annotated, {len(self.skipped)} skipped"
-                + (f", {len(self.no_task)} without a task" if self.no_task else ""))
-
-
-def pushed_project(client: Client, round_dir: Path) -> Tuple[label_studio.RoundExpectation, int]:
-    """The round's expectation and the project it was pushed to (read from the run's record: a copy of the run
-    folder reads the project its original pushed the round to). ``ProjectGoneError`` when there is none on this
-    server."""
-    expected = label_studio.target_round(round_dir)
-    run_dir = run_folder_of(round_dir)
-    record = read_project_record(run_dir)
-    if record is None or normal_url(record["url"]) != client.url:
-        where = "no Label Studio project" if record is None else f"its project on {record['url']}"
-        raise ProjectGoneError(f"{client.url}: round {expected.round_number} ({round_dir}) was not pushed to this "
-                               f"server (the run has {where}); push it first: python3 label_studio.py push "
-                               f"--round_dir {round_dir}")
-    project_id = int(record["project"])
-    check_project(client, project_id, run_dir)
-    return expected, project_id
-
-
-def round_progress(client: Client, round_dir: PathLike) -> RoundProgress:
-    """How many of the round's images are annotated, skipped, left (one light listing of its tasks: no results)."""
-    expected, project_id = pushed_project(client, Path(round_dir))
-    order = ["left", label_studio.SKIPPED, "annotated"]  # an image in two tasks: the furthest one counts
-    state: Dict[str, str] = {}
-    for task in round_tasks(client, project_id, expected.run_id, expected.round_number, "task_only"):
-        name = task["data"][label_studio.NAME_KEY]
-        now = ("annotated" if (task.get("total_annotations") or 0) > 0 else
-               label_studio.SKIPPED if (task.get("cancelled_annotations") or 0) > 0 else "left")
-        state[name] = max(now, state.get(name, "left"), key=order.index)
-    names = sorted(expected.sizes)
-    return RoundProgress(expected.round_number, [n for n in names if state.get(n) == "annotated"],
-                         [n for n in names if state.get(n) == label_studio.SKIPPED],
-                         [n for n in names if state.get(n) == "left"], [n for n in names if n not in state])
-
-
-def pull_round(client: Client, round_dir: PathLike, accept_partial: bool = False) -> label_studio.ImportResult:
-    """The round's annotations, read through the API (no export file), -> ``<name>_segmentation.png`` in the round
-    folder and who answered and how long into its to_annotate.csv, by ``label_studio.write_returned`` (the rules of
-    ``label_studio.py import``: never over a mask). Refused, nothing written: an image without a task
-    (``TaskGoneError``), tasks neither annotated nor skipped unless ``accept_partial`` (``RoundNotDoneError``,
-    listing them), every check of an export (``label_studio.ExportError``, ``MaskClashError``)."""
-    round_dir = Path(round_dir)
-    expected, project_id = pushed_project(client, round_dir)
-    tasks = round_tasks(client, project_id, expected.run_id, expected.round_number)
-    source = client.project_url(project_id)
-    no_task = sorted(set(expected.sizes) - set(tasks_by_image(tasks)))
-    if no_task:
-        raise TaskGoneError(f"{source}: round {expected.round_number} has no task for {', '.join(no_task)} (deleted "
-                            f"by hand?); push the round again to make them: python3 label_studio.py push "
-                            f"--round_dir {round_dir}")
-    content = label_studio.export_content(tasks, expected, source)
-    waiting = [(name, client.task_url(project_id, content.unreturned_tasks[name].task_id))
-               for name, why in content.not_returned.items() if why == label_studio.NOT_ANNOTATED]
-    if waiting and not accept_partial:
-        raise RoundNotDoneError(f"{source}: round {expected.round_number} has {len(waiting)} image(s) neither "
-                                "annotated nor skipped: " + ", ".join(f"{n} ({u})" for n, u in waiting)
-                                + "; annotate or skip them, or accept the round as it is (--accept_partial: they "
-                                "go back to the pool)", waiting)
-    result = label_studio.write_returned(content, expected)
-    log.info("round %d pulled from %s: %d mask(s) written, %d already there, %d not returned", expected.round_number,
-             source, len(result.written), len(result.unchanged), len(result.not_returned))
-    return result

@@ -1,13 +1,14 @@
-"""Label Studio through its API (label_studio_api, ``label_studio.py push`` / ``pull``) against a real Label Studio
-1.23.2: a round pushed (its images through a Local Files storage, or uploaded when the server cannot read them),
-annotated through the REST API as a person would (brush RLE from Label Studio's SDK, a region erased, a task
-skipped), pulled without an export file into masks equal pixel for pixel to those submitted; the SDK's token
-refresh; and each fault as one typed error naming the server, the project or the task, with nothing written:
-a token that is missing, readable by others, garbage, expired or revoked; a server that does not answer or
-restarts; a project or a task deleted by hand; the same round pushed twice; a copied run folder.
+"""Label Studio through its API (label_studio_api; label_studio's push_round, round_progress, pull_round and its
+``push`` / ``pull`` commands) against a real Label Studio 1.23.2: a round pushed (its images through a Local Files
+storage, or uploaded when the server cannot serve them from the round folder), annotated through the REST API as a
+person would (brush RLE from Label Studio's SDK, a region erased, a task skipped), pulled without an export file
+into masks equal pixel for pixel to those submitted; the SDK's token refresh; and each fault as one typed error
+naming the server, the project or the task, with nothing written: a token that is missing, readable by others,
+garbage, expired or revoked; a server that does not answer or restarts; a project or a task deleted by hand; the
+same round pushed twice; a copied run folder.
 
-The server is the session's (tests/conftest.py, ``label_studio``); the tests that stop or revoke start their own
-from the same migrated database (``fresh_label_studio``).
+The server is the session's (tests/conftest.py, ``label_studio``); the test that stops a server and revokes its
+token starts its own from the same migrated database (``fresh_label_studio``).
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ def round_rows(round_dir: Path) -> dict:
 
 
 def task_ids(client: api.Client, project_id: int) -> dict:
-    return api.tasks_by_image(api.round_tasks(client, project_id, RUN_ID, ROUND, "task_only"))
+    """image -> the ids of its tasks of the round in the project."""
+    return label_studio.tasks_by_image(api.find_tasks(client, project_id, dict(mdsam_run=RUN_ID, mdsam_round=ROUND),
+                                                      "task_only"))
 
 
 # ----------------------------------------------------------------------------- the token
@@ -144,7 +147,7 @@ def test_a_round_goes_out_is_annotated_as_a_person_would_and_comes_back_pixel_fo
     made = make_round(where, n_synthetic=3, size=160, real_photos=REAL_PHOTOS, document_root=server.document_root)
     names = [item.sample.image_path.name for item in made.items]
     started = time.monotonic()
-    pushed = api.push_round(client, made.round_dir)
+    pushed = label_studio.push_round(client, made.round_dir)
     assert pushed.images_from == api.LOCAL_FILES and sorted(pushed.created) == sorted(names)
     record = json.loads((made.round_dir.parent / api.PROJECT_FILE).read_text())
     assert record["project"] == pushed.project_id and record["url"] == server.url
@@ -161,23 +164,23 @@ def test_a_round_goes_out_is_annotated_as_a_person_would_and_comes_back_pixel_fo
         np.testing.assert_array_equal(label_studio.region_mask(region, proposal.shape, "t"), proposal)
 
     # annotated as a person would: a correction with a band erased, a proposal deleted, a skip, one left
-    assert api.round_progress(client, made.round_dir).line() == f"round {ROUND}: 0 of 4 annotated, 0 skipped"
+    assert label_studio.round_progress(client, made.round_dir).line() == f"round {ROUND}: 0 of 4 annotated, 0 skipped"
     corrected = made.answers[names[0]].copy()
     corrected[: corrected.shape[0] // 4] = False  # the eraser over the top quarter
     answers = {names[0]: corrected, names[1]: np.zeros_like(made.answers[names[1]]), names[2]: None}
     lead = {name: 11.5 + i for i, name in enumerate(names)}
     made_ids = {name: annotate_task(server, pushed.created[name][0], mask, lead[name])["id"]
                 for name, mask in answers.items()}
-    assert api.round_progress(client, made.round_dir).line() == f"round {ROUND}: 2 of 4 annotated, 1 skipped"
+    assert label_studio.round_progress(client, made.round_dir).line() == f"round {ROUND}: 2 of 4 annotated, 1 skipped"
     csv_before = (made.round_dir / "to_annotate.csv").read_text()
     with pytest.raises(api.RoundNotDoneError) as waiting:
-        api.pull_round(client, made.round_dir)  # the fourth image is neither annotated nor skipped
+        label_studio.pull_round(client, made.round_dir)  # the fourth image is neither annotated nor skipped
     task_url = f"{server.url}/projects/{pushed.project_id}/data?task={pushed.created[names[3]][0]}"
     assert waiting.value.waiting == [(names[3], task_url)] and f"{names[3]} ({task_url})" in str(waiting.value)
     assert (made.round_dir / "to_annotate.csv").read_text() == csv_before
     assert not list(made.round_dir.glob("*_segmentation.png")), "a refused pull wrote masks"
 
-    result = api.pull_round(client, made.round_dir, accept_partial=True)
+    result = label_studio.pull_round(client, made.round_dir, accept_partial=True)
     report_figure(f"label studio API: a round of {len(names)} images pushed, annotated and pulled in "
                   f"{time.monotonic() - started:.1f} s")
     assert result.not_returned == {names[2]: "skipped", names[3]: "not_annotated"}
@@ -195,32 +198,33 @@ def test_a_round_goes_out_is_annotated_as_a_person_would_and_comes_back_pixel_fo
     assert rows[names[3]] == ["not_annotated", "", "", "", str(pushed.created[names[3]][0]), ""]
     assert not list((made.data_root / "Training_GroundTruth").iterdir()), "the pull wrote into the data set"
 
-    again = api.pull_round(client, made.round_dir, accept_partial=True)  # the same masks again: left as they are
+    again = label_studio.pull_round(client, made.round_dir, accept_partial=True)  # the same masks: left as they are
     assert again.written == [] and len(again.unchanged) == 2
 
 
 def test_the_same_round_pushed_twice_makes_no_task_twice_and_a_deleted_task_is_named_then_made_again(client, made,
                                                                                                       server):
-    first = api.push_round(client, made.round_dir)
-    again = api.push_round(client, made.round_dir)
+    first = label_studio.push_round(client, made.round_dir)
+    again = label_studio.push_round(client, made.round_dir)
     assert again.created == {} and again.existing == first.created
     assert task_ids(client, first.project_id) == first.created
     gone_name, (gone_id,) = sorted(first.created.items())[0]
     server.call("DELETE", f"/api/tasks/{gone_id}/")  # deleted by hand
     with pytest.raises(api.TaskGoneError, match=rf"projects/{first.project_id}: round {ROUND} has no task for "
                                                 rf"{gone_name} .*label_studio.py push --round_dir"):
-        api.pull_round(client, made.round_dir, accept_partial=True)
+        label_studio.pull_round(client, made.round_dir, accept_partial=True)
     assert not list(made.round_dir.glob("*_segmentation.png"))
-    third = api.push_round(client, made.round_dir)
+    third = label_studio.push_round(client, made.round_dir)
     assert list(third.created) == [gone_name] and third.created[gone_name] != [gone_id]
     assert sorted(task_ids(client, first.project_id)) == sorted(first.created)
 
 
 def test_a_deleted_project_is_named_at_pull_and_push(client, made, server):
-    pushed = api.push_round(client, made.round_dir)
+    pushed = label_studio.push_round(client, made.round_dir)
     server.call("DELETE", f"/api/projects/{pushed.project_id}/")  # deleted by hand
-    for call in (lambda: api.pull_round(client, made.round_dir, accept_partial=True),
-                 lambda: api.push_round(client, made.round_dir), lambda: api.round_progress(client, made.round_dir)):
+    for call in (lambda: label_studio.pull_round(client, made.round_dir, accept_partial=True),
+                 lambda: label_studio.push_round(client, made.round_dir),
+                 lambda: label_studio.round_progress(client, made.round_dir)):
         with pytest.raises(api.ProjectGoneError, match=rf"{server.url}/projects/{pushed.project_id}: the run's "
                                                        "project .* is not on the server"):
             call()
@@ -228,19 +232,20 @@ def test_a_deleted_project_is_named_at_pull_and_push(client, made, server):
 
 
 def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, caplog):
-    original = api.push_round(client, made.round_dir)
+    original = label_studio.push_round(client, made.round_dir)
     run_dir = made.round_dir.parent.parent
     copy = shutil.copytree(run_dir, run_dir.parent / "Skin_512_copy")  # cp -r
     copied_round = copy / "annotate" / made.round_dir.name
-    assert api.round_progress(client, copied_round).line().startswith(f"round {ROUND}: 0 of 2")  # reads the original's
+    progress = label_studio.round_progress(client, copied_round)  # the copy reads its original's project
+    assert progress.line().startswith(f"round {ROUND}: 0 of 2")
     with caplog.at_level(logging.INFO, logger="trainer.label_studio"):
-        pushed = api.push_round(client, copied_round)
+        pushed = label_studio.push_round(client, copied_round)
     assert pushed.project_id != original.project_id and sorted(pushed.created) == sorted(original.created)
     assert f"{copy} is a copy of the run folder {run_dir}" in caplog.text
     assert task_ids(client, original.project_id) == original.created  # nothing written into the original's
     assert json.loads((copy / "annotate" / api.PROJECT_FILE).read_text())["project"] == pushed.project_id
     assert json.loads((run_dir / "annotate" / api.PROJECT_FILE).read_text())["project"] == original.project_id
-    assert api.push_round(client, made.round_dir).created == {}  # the original keeps its project
+    assert label_studio.push_round(client, made.round_dir).created == {}  # the original keeps its project
 
 
 @pytest.mark.parametrize("case", ["outside the server's document root", "addresses for another root"])
@@ -252,7 +257,7 @@ def test_a_round_the_server_cannot_serve_is_uploaded(client, server, tmp_path, c
         made = make_round(server.document_root / "test_label_studio_api" / "other_root", n_synthetic=2, size=160)
         why = "did not serve /data/local-files/?d=out/Skin_512/annotate/round_003/"
     with caplog.at_level(logging.INFO, logger="trainer.label_studio"):
-        pushed = api.push_round(client, made.round_dir)
+        pushed = label_studio.push_round(client, made.round_dir)
     assert pushed.images_from == api.UPLOAD and why in pushed.why
     assert "uploaded through the import API" in caplog.text
     for name, (task_id,) in pushed.created.items():
@@ -268,7 +273,7 @@ def test_a_round_written_without_label_studio_files_gets_them_at_its_push(client
     for name in (label_studio.TASKS_FILE, label_studio.INTERFACE_FILE):
         (made.round_dir / name).unlink()  # the SDK was not installed when the trainer wrote the round
     monkeypatch.setenv(label_studio.DOCUMENT_ROOT_VARIABLE, str(server.document_root))  # the server's shell's
-    pushed = api.push_round(client, made.round_dir)
+    pushed = label_studio.push_round(client, made.round_dir)
     tasks = json.loads((made.round_dir / label_studio.TASKS_FILE).read_text())
     assert sorted(t["data"]["mdsam_image"] for t in tasks) == sorted(pushed.created)
     assert {t["data"]["mdsam_round"] for t in tasks} == {ROUND} and pushed.images_from == api.LOCAL_FILES
@@ -282,18 +287,19 @@ def test_a_server_that_stops_is_named_and_a_restart_loses_nothing(fresh_label_st
     server = fresh_label_studio(tmp_path / "root")
     made = make_round(tmp_path / "root" / "run", n_synthetic=2, size=160, document_root=tmp_path / "root")
     client = api.connect(server.url, api.Token(server.token, "the test"))
-    pushed = api.push_round(client, made.round_dir)
+    pushed = label_studio.push_round(client, made.round_dir)
     names = sorted(pushed.created)
     for name in names:
         annotate_task(server, pushed.created[name][0], made.answers[name], 3.0)
     server.stop()
-    for call in (lambda: api.pull_round(client, made.round_dir), lambda: api.push_round(client, made.round_dir)):
+    for call in (lambda: label_studio.pull_round(client, made.round_dir),
+                 lambda: label_studio.push_round(client, made.round_dir)):
         with pytest.raises(api.ServerUnreachableError, match=rf"{server.url} does not answer"):
             call()
     assert not list(made.round_dir.glob("*_segmentation.png"))
     server.start()
     server.wait_until_up(300)
-    result = api.pull_round(client, made.round_dir)  # the same client: its access token outlives the restart
+    result = label_studio.pull_round(client, made.round_dir)  # the same client: its access token outlives the restart
     assert len(result.written) == 2 and result.not_returned == {}
     server.call("POST", "/api/token/blacklist/", json=dict(refresh=server.token))  # the token revoked
     with pytest.raises(api.TokenError, match=rf"{server.url} refused the token from the test"):
