@@ -51,6 +51,18 @@ def made(server, request) -> MadeRound:
     return make_round(where, n_synthetic=2, size=160, document_root=server.document_root)
 
 
+@pytest.fixture
+def said(caplog):
+    """What label_studio's push and pull log, as text (``said()``); caught on their own logger, since a trainer run
+    earlier in the session stops the trainer's logger from passing records on."""
+    logger = logging.getLogger("trainer.label_studio")
+    logger.addHandler(caplog.handler)
+    level, logger.level = logger.level, logging.INFO
+    yield lambda: caplog.text
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
 def round_rows(round_dir: Path) -> dict:
     """image -> its row of the round's to_annotate.csv (after the trainer's four columns)."""
     with open(round_dir / "to_annotate.csv", newline="") as f:
@@ -231,17 +243,16 @@ def test_a_deleted_project_is_named_at_pull_and_push(client, made, server):
     assert not list(made.round_dir.glob("*_segmentation.png"))
 
 
-def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, caplog):
+def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, said):
     original = label_studio.push_round(client, made.round_dir)
     run_dir = made.round_dir.parent.parent
     copy = shutil.copytree(run_dir, run_dir.parent / "Skin_512_copy")  # cp -r
     copied_round = copy / "annotate" / made.round_dir.name
     progress = label_studio.round_progress(client, copied_round)  # the copy reads its original's project
     assert progress.line().startswith(f"round {ROUND}: 0 of 2")
-    with caplog.at_level(logging.INFO, logger="trainer.label_studio"):
-        pushed = label_studio.push_round(client, copied_round)
+    pushed = label_studio.push_round(client, copied_round)
     assert pushed.project_id != original.project_id and sorted(pushed.created) == sorted(original.created)
-    assert f"{copy} is a copy of the run folder {run_dir}" in caplog.text
+    assert f"{copy} is a copy of the run folder {run_dir}" in said()
     assert task_ids(client, original.project_id) == original.created  # nothing written into the original's
     assert json.loads((copy / "annotate" / api.PROJECT_FILE).read_text())["project"] == pushed.project_id
     assert json.loads((run_dir / "annotate" / api.PROJECT_FILE).read_text())["project"] == original.project_id
@@ -249,17 +260,16 @@ def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, ca
 
 
 @pytest.mark.parametrize("case", ["outside the server's document root", "addresses for another root"])
-def test_a_round_the_server_cannot_serve_is_uploaded(client, server, tmp_path, caplog, case):
+def test_a_round_the_server_cannot_serve_is_uploaded(client, server, tmp_path, said, case):
     if case == "outside the server's document root":
         made, why = make_round(tmp_path / "elsewhere", n_synthetic=2, size=160), \
             "must be a subdirectory of LOCAL_FILES_DOCUMENT_ROOT"
     else:  # inside it, but the tasks' addresses relative to another root (the trainer's shell without the variable)
         made = make_round(server.document_root / "test_label_studio_api" / "other_root", n_synthetic=2, size=160)
         why = "did not serve /data/local-files/?d=out/Skin_512/annotate/round_003/"
-    with caplog.at_level(logging.INFO, logger="trainer.label_studio"):
-        pushed = label_studio.push_round(client, made.round_dir)
+    pushed = label_studio.push_round(client, made.round_dir)
     assert pushed.images_from == api.UPLOAD and why in pushed.why
-    assert "uploaded through the import API" in caplog.text
+    assert "uploaded through the import API" in said()
     for name, (task_id,) in pushed.created.items():
         with client.calling("test"):
             task = client.sdk.tasks.get(id=str(task_id))
