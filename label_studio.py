@@ -637,7 +637,7 @@ def served_images(client: label_studio_api.Client, project_id: int, round_dir: P
     else:
         served, why = label_studio_api.local_files_storage(client, project_id, round_dir, tasks[0]["data"][IMAGE_TAG])
         if served:
-            return tasks, label_studio_api.LOCAL_FILES, f"{why} (document root {root})"
+            return tasks, label_studio_api.LOCAL_FILES, f"{why}; document root {root}"
         why += (f": its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not {root} (the root the round's addresses were "
                 "written for), or it runs on another machine")
     addresses = label_studio_api.upload_files(client, project_id, [round_dir / t["data"][NAME_KEY] for t in tasks])

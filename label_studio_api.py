@@ -358,7 +358,7 @@ def local_files_storage(client: Client, project_id: int, folder: Path, probe_url
     with client.calling("fetching a file through the storage"):
         served = client.http("GET", probe_url.lstrip("/"), check=False)
     if served.status_code == 200 and probe.is_file() and served.content == probe.read_bytes():
-        return True, f"a Local Files storage on {path}" + ("" if made is None else f" (storage {made} made)")
+        return True, f"a Local Files storage on {path}" + ("" if made is None else f", storage {made} made")
     if made is not None:
         with client.calling("removing the storage that does not serve"):
             client.sdk.import_storage.local.delete(id=made)
