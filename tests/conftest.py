@@ -167,8 +167,6 @@ def label_studio_data(tmp_path_factory, report_figure) -> Path:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
-    if os.environ.get("DEV_LS_DATA"):  # DEV ONLY, REVERT
-        return Path(os.environ["DEV_LS_DATA"])
     started = time.monotonic()
     data = label_studio_helpers.migrated_data(executable, tmp_path_factory.mktemp("label-studio-data"),
                                               LABEL_STUDIO_MIGRATE_S)
