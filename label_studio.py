@@ -838,7 +838,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command.add_argument("--round_dir", required=True, type=Path,
                              help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
     for command in (push, pull):
-        command.add_argument("--label_studio_url", default="http://127.0.0.1:8080",
+        command.add_argument("--label_studio_url", default=label_studio_api.DEFAULT_URL,
                              help="the Label Studio server (default %(default)s)")
         command.add_argument("--label_studio_token_file", type=Path, default=None,
                              help="a file holding your personal access token, readable by you alone (default: "

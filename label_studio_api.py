@@ -38,7 +38,6 @@ import logging
 import os
 import stat
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
@@ -255,7 +254,7 @@ def project_description(run_id: str, run_dir: Path) -> str:
     return f"MD-SAM-AL run {run_id} in {os.path.abspath(run_dir)}"
 
 
-def recorded_project(client: Client, run_dir: Path, run_id: str) -> Optional[int]:
+def recorded_project(client: Client, run_dir: Path) -> Optional[int]:
     """The id of the run's project on this server when the record is this run folder's, this server's, and the
     project is there; None (with the reason logged) when a new project is due; ``ProjectGoneError`` when the
     recorded project of this very run folder was deleted."""
@@ -290,7 +289,7 @@ def ensure_project(client: Client, run_dir: Path, run_id: str, interface: str) -
     """The run's project on this server: the recorded one (``recorded_project``), else one a killed push made
     before recording it (found by its description), else a new one (title: the run folder; the round's
     ``interface``; the run's ``model_version``). Recorded in ``annotate/label_studio_project.json``; logged."""
-    project_id = recorded_project(client, run_dir, run_id)
+    project_id = recorded_project(client, run_dir)
     if project_id is not None:
         return project_id
     description = project_description(run_id, run_dir)

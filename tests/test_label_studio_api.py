@@ -16,7 +16,6 @@ import base64
 import csv
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -134,7 +133,7 @@ def test_the_sdk_refreshes_an_expired_access_token_against_1_23_2(server, client
     assert refreshes == ["/api/token/refresh/"] and tokens.api_key != expired
 
 
-def test_a_wrong_or_expired_token_and_a_server_that_does_not_answer_are_named(server, tmp_path):
+def test_a_wrong_or_expired_token_and_a_server_that_does_not_answer_are_named(server):
     with pytest.raises(api.TokenError) as wrong:
         api.connect(server.url, api.Token("not-a-token-at-all", "$LABEL_STUDIO_API_KEY"))
     assert f"{server.url} refused the token from $LABEL_STUDIO_API_KEY" in str(wrong.value)
@@ -154,7 +153,7 @@ def test_a_wrong_or_expired_token_and_a_server_that_does_not_answer_are_named(se
 # ----------------------------------------------------------------------------- a round out and back
 
 def test_a_round_goes_out_is_annotated_as_a_person_would_and_comes_back_pixel_for_pixel(server, client,
-                                                                                      report_figure, tmp_path):
+                                                                                      report_figure):
     where = server.document_root / "test_label_studio_api" / "round_trip"
     made = make_round(where, n_synthetic=3, size=160, real_photos=REAL_PHOTOS, document_root=server.document_root)
     names = [item.sample.image_path.name for item in made.items]
@@ -243,7 +242,7 @@ def test_a_deleted_project_is_named_at_pull_and_push(client, made, server):
     assert not list(made.round_dir.glob("*_segmentation.png"))
 
 
-def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, server, said):
+def test_a_copied_run_folder_makes_a_project_of_its_own(client, made, said):
     original = label_studio.push_round(client, made.round_dir)
     run_dir = made.round_dir.parent.parent
     copy = shutil.copytree(run_dir, run_dir.parent / "Skin_512_copy")  # cp -r
