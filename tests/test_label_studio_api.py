@@ -56,7 +56,8 @@ def said(caplog):
     earlier in the session stops the trainer's logger from passing records on."""
     logger = logging.getLogger("trainer.label_studio")
     logger.addHandler(caplog.handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not by assignment: that would leave the logger's cache of levels as it was
     yield lambda: caplog.text
     logger.removeHandler(caplog.handler)
     logger.setLevel(level)
