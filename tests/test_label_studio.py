@@ -235,7 +235,7 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
         ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"],
         ["annotated", names[0].name, "4", "31.500", "100", "11"],
         ["annotated", names[1].name, "5", "2.000", "101", "12"],
-        ["skipped", "", "", "", "", ""]]
+        ["skipped", "", "1", "7.250", "102", "13"]]  # a skip keeps its task, who skipped and after how long
     assert result.csv_path == fresh.round_dir / "to_annotate.csv"
     assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
 
@@ -424,6 +424,8 @@ def test_the_command_writes_masks_or_says_in_one_line_what_is_wrong(fresh, tmp_p
     assert label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)]) == 0
     said = capsys.readouterr().out
     assert f"mask(s) written to {fresh.round_dir}: 1" in said and "--accept_partial" in said
+    # two images not returned: the command that continues the run is the one that takes them back to the pool
+    assert said.strip().splitlines()[-1].endswith("trainer.py <the run's flags> --resume --accept_partial")
     write_export(export, [edited(good_task(fresh), mdsam_run="run-B")])
     with pytest.raises(SystemExit) as exit_info:
         label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
