@@ -85,10 +85,11 @@ BACKEND_RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu",
                "--save_from_epoch", "9"]
 
 
-def trainer_round(where: Path) -> dict:
+def trainer_round(where: Path, document_root: Optional[Path] = None) -> dict:
     """``trainer.py --oracle folder`` on synthetic photos (200 px wide, 0.66-0.8 as high): round 1 waits for a
     person, last_state.pth holds the model that proposed its masks, the round's Label Studio tasks point at its
-    copies (URLs relative to the --output folder, the document root)."""
+    copies (URLs relative to ``document_root``, which holds ``where``; default: the --output folder). ``root``: the
+    document root the URLs are relative to."""
     import pytest
 
     import trainer
@@ -96,12 +97,15 @@ def trainer_round(where: Path) -> dict:
     data = make_synthetic_isic(where / "data", n_train=4, n_val=1, size=200, seed=5)
     annotation_rounds.hide_masks(data / "Training_GroundTruth", where / "answers")  # the person's to make
     with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
+        if document_root is None:
+            patch.delenv(label_studio.DOCUMENT_ROOT_VARIABLE, raising=False)
+        else:
+            patch.setenv(label_studio.DOCUMENT_ROOT_VARIABLE, str(document_root))
         result = trainer.main(BACKEND_RUN + ["--oracle", "folder", "--data_root", str(data), "--output",
                                              str(where / "out")])
     tasks = json.loads((result["round_dir"] / label_studio.TASKS_FILE).read_text())
     return dict(where=where, out=where / "out", run_dir=result["run_dir"], round_dir=result["round_dir"],
-                tasks=tasks, data=data)
+                tasks=tasks, data=data, root=document_root or where / "out")
 
 
 def run_model(run_dir: Path, weights: str = "last_state.pth"):
