@@ -77,6 +77,19 @@ def make_round(where: Path, n_synthetic: int = 3, size: int = 300, real_photos: 
     return MadeRound(data, round_dir, root, items, answers)
 
 
+def real_format_data(root: Path, training: List[Path], validation: List[Path]) -> Path:
+    """The ISIC photos ``training`` / ``validation`` with their masks (the sibling ``masks`` folder), in the README
+    layout under ``root``."""
+    for split, photos in (("Training", training), ("Validation", validation)):
+        (root / f"{split}_Data").mkdir(parents=True)
+        (root / f"{split}_GroundTruth").mkdir()
+        for photo in photos:
+            shutil.copyfile(photo, root / f"{split}_Data" / photo.name)
+            mask = f"{photo.stem}{MASK_SUFFIX}"
+            shutil.copyfile(photo.parent.parent / "masks" / mask, root / f"{split}_GroundTruth" / mask)
+    return root
+
+
 # ----------------------------------------------------------------------------- a trainer's round and its model
 
 BACKEND_SIZE = 64

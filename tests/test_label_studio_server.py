@@ -24,7 +24,7 @@ from PIL import Image
 import trainer
 from annotation_rounds import hide_masks, read_round
 from label_studio_helpers import (RUN_ID, LabelStudioServer, MadeRound, annotate_in_label_studio, listening_addresses,
-                                  make_round)
+                                  make_round, real_format_data)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683) with their masks
@@ -108,18 +108,6 @@ def test_a_round_goes_out_is_annotated_and_comes_back_as_the_submitted_masks(ser
 
 
 # ----------------------------------------------------------------------------- a trainer run annotated in Label Studio
-
-def real_format_data(root: Path, training: list, validation: list) -> Path:
-    """The ISIC photos ``training`` / ``validation`` with their masks, in the README layout under ``root``."""
-    for split, photos in (("Training", training), ("Validation", validation)):
-        (root / f"{split}_Data").mkdir(parents=True)
-        (root / f"{split}_GroundTruth").mkdir()
-        for photo in photos:
-            shutil.copyfile(photo, root / f"{split}_Data" / photo.name)
-            mask = f"{photo.stem}_segmentation.png"
-            shutil.copyfile(SAMPLE / "masks" / mask, root / f"{split}_GroundTruth" / mask)
-    return root
-
 
 RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", "64",
        "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
