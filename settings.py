@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from importlib import import_module
 from pathlib import Path
@@ -19,6 +20,7 @@ import datasets_skin
 import val
 from active_learning_strategies import (ALL_UNLABELED, NO_FIRST_ROUND, ActiveLearningStrategyFactory, SelectionPlan,
                                         parse_first_round, parse_pool_size)
+from label_studio_api import TOKEN_VARIABLE
 from oracles import ORACLES
 from proposal_costs import COST_MODES
 from run_folder import run_dir_of
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
 DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
+DEFAULT_LABEL_STUDIO_URL = "http://127.0.0.1:8080"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
 # Why --num_classes is 1: the masks are read as lesion / background (datasets_skin.read_mask, as the reference's
@@ -80,6 +83,17 @@ def add_model_flags(model: argparse._ArgumentGroup) -> None:
                             "code, or kept at the checkpoint's value")
 
 
+def add_cost_flags(cost: argparse._ArgumentGroup) -> None:
+    cost.add_argument("--annotation_cost", default="pixels", choices=COST_MODES,
+                      help="pixels: the proposal's Dice and the fraction of the photo's pixels to change (one more "
+                           "encoder pass per selected image); clicks: also the clicks of RITM's simulated annotator "
+                           "to IoU 0.85 and 0.90 (up to 20 decoder calls per image); none: nothing")
+    cost.add_argument("--click_mask_input", action="store_true",
+                      help="--annotation_cost clicks: each prediction gets the previous one as SAM2's mask prompt, "
+                           "as RITM's models do (off: the run never trains that path, and the Label Studio backend "
+                           "answers a person's clicks without it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer.py", formatter_class=_HelpFormatter, allow_abbrev=False,
                                 description="Cold-start active learning with SAM2: select, annotate, fine-tune, "
@@ -122,22 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder: images without a mask are unlabeled; each round writes the selection with the "
                          "model's proposal masks (and Label Studio's tasks) to OUTPUT/Skin_{img_size}/annotate/"
                          "round_NNN/ and stops; a person saves the masks there or in the dataset's mask folder, then "
-                         "--resume continues")
-    al.add_argument("--accept_partial", action="store_true", help="--oracle folder, --resume: accept a round with "
+                         "--resume continues. label_studio: the same round goes to the run's Label Studio project "
+                         "through its API and comes back through it at --resume (or --wait)")
+    al.add_argument("--accept_partial", action="store_true", help="a person's oracle, --resume: accept a round with "
                     "some masks missing (their images go back to the unlabeled pool)")
+    al.add_argument("--label_studio_url", default=DEFAULT_LABEL_STUDIO_URL, help="--oracle label_studio: the server")
+    al.add_argument("--label_studio_token_file", default=None, help="--oracle label_studio: a file holding your "
+                    f"personal access token, readable by you alone (default: ${TOKEN_VARIABLE}); never a flag value")
+    al.add_argument("--wait", action="store_true", help="--oracle label_studio: instead of stopping, wait until every "
+                    "task of the round is annotated or skipped, then go on (skipped images go back to the pool)")
+    al.add_argument("--label_studio_backend", default=None, metavar="URL", help="--oracle label_studio: connect "
+                    "this ML backend (label_studio_backend.py) to the run's project, interactive")
     al.add_argument("--label_budget", type=int, default=None, help="stop once this many images are labeled (the "
                     "last selection is cut to reach it exactly, then trained on and validated); default: no budget")
-    cost = p.add_argument_group("annotation cost: what correcting each selected image's proposal costs, from the "
-                                "model that selected it (al_selection.csv, metrics.csv; docs/annotation_cost.md); "
-                                "nothing selected or learned changes")
-    cost.add_argument("--annotation_cost", default="pixels", choices=COST_MODES,
-                      help="pixels: the proposal's Dice and the fraction of the photo's pixels to change (one more "
-                           "encoder pass per selected image); clicks: also the clicks of RITM's simulated annotator "
-                           "to IoU 0.85 and 0.90 (up to 20 decoder calls per image); none: nothing")
-    cost.add_argument("--click_mask_input", action="store_true",
-                      help="--annotation_cost clicks: each prediction gets the previous one as SAM2's mask prompt, "
-                           "as RITM's models do (off: the run never trains that path, and the Label Studio backend "
-                           "answers a person's clicks without it)")
+    add_cost_flags(p.add_argument_group("annotation cost: what correcting each selected image's proposal costs, "
+                                        "from the model that selected it (al_selection.csv, metrics.csv; "
+                                        "docs/annotation_cost.md); nothing selected or learned changes"))
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--base_lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     opt.add_argument("--max_epochs", type=int, default=50, help="active-learning epochs (one selection each)")
@@ -171,9 +185,10 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
                     "lora_width", "no_mem_embed", "val_protocol", "first_round", "keep_best", "val_limit")
-# Settings a resume may change (they change neither selections nor which checkpoint is best): the resume state
-# records them, and a resume that changes one says so in the log.
-MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch", "annotation_cost", "click_mask_input")
+# Settings a resume may change (they change neither selections nor which checkpoint is best; the oracle only
+# between the folder and Label Studio, both a person: oracles.oracle_switch): the resume state records them, and a
+# resume that changes one says so in the log.
+MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch", "oracle", "annotation_cost", "click_mask_input")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
               keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, annotation_cost="none",
               click_mask_input=False,
@@ -229,6 +244,7 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     check_numbers(settings)
     check_together(settings)
     check_paths(settings)
+    check_label_studio(settings)
     check_output(settings)
     return settings
 
@@ -274,6 +290,17 @@ def check_together(args: argparse.Namespace) -> None:
         raise UsageError(f"--click_mask_input changes how the clicks of --annotation_cost clicks are simulated, but "
                          f"--annotation_cost is {args.annotation_cost}: pass --annotation_cost clicks, or leave "
                          "--click_mask_input out")
+
+
+def check_label_studio(args: argparse.Namespace) -> None:
+    """The Label Studio flags belong to --oracle label_studio; --wait holds no torchrun job's GPUs for hours."""
+    given = [f"--{flag}" for flag in ("wait", "label_studio_backend") if getattr(args, flag)]
+    if given and args.oracle != "label_studio":
+        raise UsageError(f"{given[0]} needs --oracle label_studio (it waits for, or helps, a person annotating in "
+                         "Label Studio)")
+    if args.wait and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
+                         "without --wait (each round stops the run), then continue with --resume")
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -29,13 +29,16 @@ from torch.utils.data import Dataset
 
 import annotation_rounds
 import datasets_skin
+import label_studio
+import label_studio_api
 import oracles
 import utils
 from active_learning_strategies import Selection, SelectionPlan
 from epoch_steps import (Run, RunStopped, annotate, annotation_costs, close_writers, cumulative_costs, epoch_seed,
                          finish_run, hand_over_round, labels_left, labels_wanted, log_base_lr_change, log_start,
                          open_writers, record_epoch, restore, result, resumed_selection, save_checkpoints,
-                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch)
+                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch,
+                         wait_for_round)
 from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
                         SettingsDiffer, run_dir_of)
 from safe_io import WriteError, first_names
@@ -120,13 +123,16 @@ def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, 
         raise UsageError(f"--data_root {args.data_root}: {err}") from None
 
 
-def round_error(err: annotation_rounds.RoundError) -> UsageError:
+def round_error(err: annotation_rounds.RoundError, oracle: str) -> UsageError:
     """A round that cannot go on, as the one message naming what to do."""
-    if err.reason == "needs_folder_oracle":
-        return UsageError(f"--resume: {err}; continue it with --oracle folder; nothing was changed")
+    if err.reason == "needs_person_oracle":
+        return UsageError(f"--resume: {err}; continue it with --oracle folder or --oracle label_studio; nothing was "
+                          "changed")
+    if err.reason == "oracle_switch":
+        return UsageError(f"--oracle {oracle}: {err}; resume it with the oracle it was made with; nothing was changed")
     if err.reason == "nothing_to_select":
-        return UsageError(f"--oracle folder: {err}; train on them with --oracle ground_truth, or add images without "
-                          "masks")
+        return UsageError(f"--oracle {oracle}: {err}; train on them with --oracle ground_truth, or add images "
+                          "without masks")
     if err.reason == "bad_existing_masks":
         return UsageError(f"--data_root: {err}:\n  " + "\n  ".join(err.problems) + "\nfix or remove them (an image "
                           "without a mask is one to annotate)")
@@ -140,13 +146,34 @@ def round_error(err: annotation_rounds.RoundError) -> UsageError:
 
 def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> oracles.Oracle:
-    """The oracle of --oracle, after every check of its masks (nothing is written before)."""
+    """The oracle of --oracle, after every check of its masks (nothing is written before, but a waiting round's
+    masks pulled from Label Studio into its round folder)."""
     try:
-        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output))
+        client = label_studio_client(args) if args.oracle == oracles.LabelStudioOracle.name else None
+        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output),
+                                   client, args.label_studio_backend, args.wait)
     except annotation_rounds.RoundError as err:
-        raise round_error(err) from None
+        raise round_error(err, args.oracle) from None
     except RunFolderError as err:
         raise UsageError(f"--resume: {err}") from None
+    except (label_studio.LabelStudioError, label_studio_api.ApiError) as err:
+        raise label_studio_error(args, err) from None
+
+
+def label_studio_client(args: Settings) -> label_studio_api.Client:
+    """--oracle label_studio: the server of --label_studio_url with the token of --label_studio_token_file (or
+    $LABEL_STUDIO_API_KEY), checked now; Label Studio's SDK is needed (it encodes and decodes the masks)."""
+    label_studio.brush_module()
+    return label_studio_api.connect(args.label_studio_url, label_studio_api.read_token(args.label_studio_token_file))
+
+
+def label_studio_error(args: Settings, err: Exception) -> UsageError:
+    """An error of Label Studio or of a round through it, as one line naming the flag (or variable) it is about.
+    Nothing is half-written: a round is pushed before the run says it waits, and pulled before it is checked."""
+    flag = label_studio.error_flag(err, args) or ("--resume" if args.resume else "--oracle label_studio")
+    if isinstance(err, label_studio.SdkMissingError):
+        flag = "--oracle label_studio"
+    return UsageError(f"{flag}: {err}")
 
 
 def tidy_run_folder(run: Run, dead: bool) -> None:
@@ -247,10 +274,9 @@ def interrupted(run: Optional[Run]) -> str:
             "command with --resume to continue from there")
 
 
-def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
-    """Hand the round to a person, say where each mask goes and the one command that continues; stop."""
-    folder = hand_over_round(run, epoch, selection)
-    for line in annotation_rounds.round_instructions(folder, epoch):
+def stop_for_annotation(run: Run, epoch: int, folder: Path, selection: Selection, argv: Sequence[str]) -> dict:
+    """The round handed to a person: say where each mask goes and the one command that continues; stop."""
+    for line in run.oracle.instructions(folder, epoch):
         log.info(line)
     script = "trainer.py" if Path.cwd().resolve() == REPO else str(REPO / "trainer.py")
     kept = [a for a in argv if a not in ("--accept_partial", "--accept_new_images")]  # answers to this round only
@@ -287,8 +313,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 selection = resumed_selection(run, epoch) or select_batch(run, epoch, wanted)
 
             # 2) the oracle: ground_truth has the masks; a person's oracle hands the round over and the run stops
+            #    (with --wait, the run waits until the person's masks are back, then goes on with them)
             if not run.oracle.has_masks(epoch):
-                return stop_for_annotation(run, epoch, selection, argv)
+                round_folder = hand_over_round(run, epoch, selection)
+                if not args.wait:
+                    return stop_for_annotation(run, epoch, round_folder, selection, argv)
+                selection = wait_for_round(run, epoch, round_folder)
             # what correcting each proposal costs, against its mask (only now are the selected masks read)
             with timed(times, "cost_s"):
                 costs = annotation_costs(run, epoch, selection.chosen)
@@ -315,6 +345,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.exit(2, f"{parser.prog}: error: {stopped(args, err)}\n")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
         parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
+    except annotation_rounds.RoundError as err:  # the masks of a round waited for (--wait)
+        parser.exit(2, f"{parser.prog}: error: {round_error(err, args.oracle)}\n")
+    except (label_studio.LabelStudioError, label_studio_api.ApiError) as err:
+        parser.exit(2, f"{parser.prog}: error: {label_studio_error(args, err)}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}\n")
     finally:
