@@ -5,6 +5,7 @@ exactly the masks submitted; the token is nowhere in what the run writes or prin
 the run's project when one is given. Real ISIC photos (the shared downscaled sample) at 64 px."""
 from __future__ import annotations
 
+import csv
 import os
 import threading
 import time
@@ -132,6 +133,16 @@ def test_rounds_go_out_and_come_back_through_the_api_and_the_model_trains_on_the
     assert done["epochs"] == 2 and len(done["labeled"]) == 1 + len(tasks)
     trained_on = torch.load(run_dir / "last_state.pth", weights_only=True)["mask_sources"]
     assert sorted(trained_on.values()) == ["annotate/round_001"] + ["annotate/round_002"] * len(tasks)
+    # issue 29: each selected image's lead time as Label Studio recorded it, and its cost against the mask the person
+    # submitted (the round's proposal vs the correction: changed pixels / all pixels), not against the truth
+    with open(run_dir / "al_selection.csv", newline="") as f:
+        selected = {row["image"]: row for row in csv.DictReader(f)}
+    assert {name: float(row["lead_time_s"]) for name, row in selected.items()} == \
+        {Path(kept).stem: 12.5, **{Path(name).stem: 20.0 for name in tasks}}
+    proposal = np.asarray(Image.open(round_1 / kept.replace(".jpg", "_proposal.png"))) > 127
+    assert np.mean(proposal != submitted) != np.mean(proposal != truth[kept])
+    assert float(selected[Path(kept).stem]["changed_fraction"]) == \
+        pytest.approx(np.mean(proposal != submitted), abs=2e-3)
 
     # the token: in no file of the run, and never printed
     printed = capfd.readouterr()
@@ -178,6 +189,8 @@ def test_with_wait_the_run_goes_on_while_a_person_annotates(label_studio, token_
     report_figure(f"label studio oracle: a --wait run of 2 rounds in {time.monotonic() - started:.0f} s")
     assert result["epochs"] == 2 and "round_dir" not in result  # it never stopped
     assert len(result["labeled"]) == 3  # 2 + 2 selected, 1 skipped
+    with open(run_dir / "al_selection.csv", newline="") as f:  # the lead times of the rounds waited for
+        assert [row["lead_time_s"] for row in csv.DictReader(f)] == ["5"] * 3
     said = (run_dir / "log.txt").read_text()
     assert "round 1: 0 of 2 annotated, 0 skipped" in said and "round 2: 2 of 2 annotated, 0 skipped" in said
     assert "round 1: 1 of 2 annotated, 1 skipped" in said
