@@ -657,7 +657,7 @@ class LoRA_Sam(nn.Module):
         image_size: int,
         prompt_idx: int = -1,
         prompt_mode: Optional[str] = None,
-        generator: Optional[np.random.Generator] = None,
+        generator: Optional[Union[np.random.Generator, Sequence[np.random.Generator]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Both decoders on one image-encoder pass (the reference's call signature).
 
@@ -674,7 +674,8 @@ class LoRA_Sam(nn.Module):
           prompt_mode (only read when prompt_idx is 0 or 1): "point" (also when None), "box" (box only: the
             `_r` outputs are then the same tensors as the main ones), "point-box" (box plus point); "none"
             turns prompting off like prompt_idx -1.
-        generator: draws the random points (default: seeded from torch's global RNG).
+        generator: draws the random points: one generator per image (a list: what an image draws depends on it
+          alone), or one drawn from in batch order (default: seeded from torch's global RNG).
 
         Returns low_res_logits{1,2} (B x (C+1) x S/4 x S/4), iou_predictions{1,2} (B x C),
         masks{1,2} (logits bilinearly upsampled to S), and for the prompted decoder p also
@@ -696,7 +697,9 @@ class LoRA_Sam(nn.Module):
             free_out = self.decode(features, free)
             if generator is None:
                 generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-            prompts = prompts_from_logits(free_out["low_res_logits"], image_size, [generator] * batched_input.shape[0])
+            generators = list(generator) if isinstance(generator, (list, tuple)) else \
+                [generator] * batched_input.shape[0]
+            prompts = prompts_from_logits(free_out["low_res_logits"], image_size, generators)
             main = self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "center"))
             rand = main if mode == "box" else self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "random"))
             outputs = {free: free_out, prompted: main, f"{prompted}_r": rand}
