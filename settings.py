@@ -29,6 +29,7 @@ DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
+PROMPT_DRAWS = ("per_image", "per_epoch")
 
 
 class UsageError(Exception):
@@ -63,6 +64,11 @@ def add_model_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
     model.add_argument("--promptmode", default="none", type=promptmode_flag, metavar="{none,point,box,point-box,0}",
                        help="none (or the reference's 0): no prompts; else decoder 2 trains on prompts from decoder 1")
+    model.add_argument("--prompt_draw", default="per_image", choices=PROMPT_DRAWS,
+                       help="prompted modes: where each training image's random prompt point comes from. per_image: a "
+                            "generator of its own, seeded by (seed, epoch, image), so a batch split across processes "
+                            "draws the same; per_epoch: one generator per epoch drawn in batch order (how runs made "
+                            "before per_image drew; one process only)")
     model.add_argument("--precision", default="float32", choices=["float32", "mixed"],
                        help="on CUDA. float32: training and validation in float32, pool scoring under fp16 autocast "
                             "(the reference code); mixed: all three under autocast (bf16 where supported, else fp16 "
@@ -153,13 +159,15 @@ BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
                     "lora_width", "no_mem_embed", "val_protocol", "first_round")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
-              keep_best="newest", first_round=NO_FIRST_ROUND,
+              keep_best="newest", first_round=NO_FIRST_ROUND, prompt_draw="per_epoch",
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
-def resume_keys(*strategies: str) -> Tuple[str, ...]:
-    """The settings a resumed run must repeat: BASE_RESUME_KEYS and the parameters of the strategies it uses
-    (``SelectionPlan.names``)."""
-    return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in strategies for p in STRATEGIES.parameters_of(n)))
+def resume_keys(*strategies: str, prompted: bool = False) -> Tuple[str, ...]:
+    """The settings a resumed run must repeat: BASE_RESUME_KEYS, the parameters of the strategies it uses
+    (``SelectionPlan.names``) and, when it trains on prompts (``prompted``), how it draws them (nothing is drawn
+    under --promptmode none)."""
+    return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in strategies for p in STRATEGIES.parameters_of(n))) \
+        + (("prompt_draw",) if prompted else ())
 
 
 class Settings(argparse.Namespace):
@@ -207,6 +215,14 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     check_paths(settings)
     check_output(settings)
     return settings
+
+
+def check_processes(args: argparse.Namespace, processes: int) -> None:
+    """What a run on several processes (torchrun) cannot do."""
+    if processes > 1 and args.promptmode != "none" and args.prompt_draw == "per_epoch":
+        raise UsageError("--prompt_draw per_epoch draws the prompt points of a batch from one generator, so what an "
+                         "image draws depends on how the batch is split across processes: run it in one process "
+                         "(python3 trainer.py, also to --resume a run made that way), or use --prompt_draw per_image")
 
 
 def demo_data_root(args: argparse.Namespace) -> Optional[Path]:

@@ -9,14 +9,18 @@ Every epoch:
 
     python trainer.py --data_root /data/ISIC2017 --output ./output --gpu 0
     python trainer.py --demo        # synthetic data, sam2.1_hiera_t, CPU, no download
+    torchrun --standalone --nproc_per_node 4 trainer.py <the same flags>   # one run on 4 GPUs (docs/several_gpus.md)
 
 This file holds the set-up and the loop. The flags and their checks are settings.py, the steps of an epoch
 epoch_steps.py, the run folder's files and rules run_folder.py, the oracles oracles.py, the strategies
 active_learning_strategies.py. Nothing below this file reads command-line flags; every error of the command line
-or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> parser.exit in main).
+or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> exit_with in main). Under torchrun
+every process runs this file (``distributed.Ranks``): rank 0 owns and writes the run folder and gives the others what
+they need from it; an error any rank finds stops them all at the same step, and rank 0 prints the line.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import shlex
 import sys
@@ -28,18 +32,20 @@ from torch.utils.data import Dataset
 
 import annotation_rounds
 import datasets_skin
+import distributed
 import oracles
 import utils
 from active_learning_strategies import Selection, SelectionPlan
+from distributed import Ranks
 from epoch_steps import (Run, RunStopped, annotate, close_writers, epoch_seed, finish_run, hand_over_round,
-                         labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, record_epoch,
-                         restore, result, resumed_selection, save_checkpoints, select_batch, start_afresh, stop_reason,
-                         timed, train_one_epoch, validate_epoch)
+                         labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, parallel_model,
+                         record_epoch, restore, restore_training, result, resumed_selection, save_checkpoints,
+                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch)
 from run_folder import FolderInUse, FolderLocked, ResumeState, RunFolder, RunFolderError, SettingsDiffer, run_dir_of
 from safe_io import WriteError
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
-from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, demo_data_root, prepare_args,
-                      resume_keys)
+from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, check_processes, demo_data_root,
+                      prepare_args, resume_keys)
 from synthetic_isic import ensure_synthetic_isic
 
 log = logging.getLogger("trainer")
@@ -73,7 +79,10 @@ def open_run_folder(args: Settings, folder: RunFolder, keys: Sequence[str],
         raise UsageError(f"--resume: {err}") from None
 
 
-def pick_device(args: Settings) -> torch.device:
+def pick_device(args: Settings, ranks: Ranks) -> torch.device:
+    """--gpu; under torchrun the GPU of the process's LOCAL_RANK (or the CPU without CUDA), --gpu ignored."""
+    if ranks.active:
+        return ranks.device()
     try:
         return utils.select_device(args.gpu)
     except utils.DeviceError as err:
@@ -92,9 +101,8 @@ def make_model(args: Settings, device: torch.device) -> torch.nn.Module:
         raise UsageError(err.after_flag(MODEL_FLAGS[err.source], getattr(args, err.source))) from None
 
 
-def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:
-    """The training set and the validation subset (None: no Validation split, --oracle folder only); with --demo
-    its synthetic data set is written first, once."""
+def write_demo_data(args: Settings) -> None:
+    """With --demo, its synthetic data set, written once (by rank 0 under torchrun)."""
     root = demo_data_root(args)
     try:
         if root is not None and ensure_synthetic_isic(root, seed=args.seed, **DEMO_DATA):
@@ -102,6 +110,10 @@ def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, 
     except OSError as err:
         raise UsageError(f"--output: cannot write the demo data {root} ({err.strerror or err}); remove {root} "
                          "or choose another --output") from None
+
+
+def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:
+    """The training set and the validation subset (None: no Validation split, --oracle folder only)."""
     try:
         return datasets_skin.training_and_validation(args.data_root, args.img_size, args.oracle != "ground_truth",
                                                      args.val_limit, args.num_workers > 0, args.decode == "draft",
@@ -142,6 +154,23 @@ def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
         raise UsageError(f"--resume: {err}") from None
 
 
+def make_shared_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
+                       train_set: datasets_skin.SemiSupervisedSkinDataset, ranks: Ranks) -> oracles.Oracle:
+    """The oracle, made by rank 0 (which reads the run folder and a person's masks); the other ranks get it with
+    the images it labeled and the masks it accepted from round folders (no shared file system is assumed)."""
+    def made() -> tuple:
+        oracle = make_oracle(args, folder, state, train_set)
+        accepted = [i for i, name in enumerate(train_set.names) if name in oracle.mask_sources] if ranks.active else []
+        return oracle, train_set.labeled_indices, {i: train_set.resized_mask(i) for i in accepted}
+
+    oracle, labeled, masks = ranks.from_first(made)
+    if not ranks.first:
+        train_set.mark_labeled(labeled)
+        for index, mask in masks.items():
+            train_set.use_mask(index, mask)
+    return oracle
+
+
 def tidy_run_folder(run: Run, dead: bool) -> None:
     """At start and resume, logged: remove the temporary files that killed writes left in the run folder, and
     clear a dead run (see ``check_dead_run``)."""
@@ -167,17 +196,19 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
-def start_run(args: Settings, argv: Sequence[str]) -> Run:
+def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     """Own and check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
-    Everything that can fail on bad input fails before the folder is created."""
+    Everything that can fail on bad input fails before the folder is created. Under torchrun rank 0 alone owns,
+    reads and writes the folder, and gives the other ranks the resume state and the oracle."""
     folder, plan = RunFolder(run_dir_of(args.output, args.img_size)), SelectionPlan.from_settings(vars(args))
-    keys = resume_keys(*(selector.name for selector in plan.selectors))
-    dead, state = open_run_folder(args, folder, keys)
-    device = pick_device(args)
+    keys = resume_keys(*(selector.name for selector in plan.selectors), prompted=args.promptmode != "none")
+    dead, state = ranks.from_first(open_run_folder, args, folder, keys)
+    device = pick_device(args, ranks)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
-    train_set, val_set = load_data(args)
-    oracle = make_oracle(args, folder, state, train_set)
-    model = make_model(args, device)
+    ranks.from_first(write_demo_data, args)  # the demo's data: written by rank 0, read by every rank (one machine)
+    train_set, val_set = ranks.together(load_data, args)
+    oracle = make_shared_oracle(args, folder, state, train_set, ranks)
+    model = ranks.together(make_model, args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.compile:
         model.compile_image_encoder()
@@ -185,9 +216,24 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
                                   weight_decay=0.01)
     fp16 = args.precision == "mixed" and utils.amp_dtype(device) == torch.float16
     run = Run(args, folder, device, plan, train_set, val_set, model, optimizer,
-              torch.amp.GradScaler("cuda", enabled=fp16), oracle, keys)
+              torch.amp.GradScaler("cuda", enabled=fp16), oracle, keys, ranks=ranks)
+    ranks.together(take_over_folder, run, dead, state, argv)
+    run.parallel = parallel_model(run)
+    return run
 
-    open_run_folder(args, folder, keys, create=True)
+
+def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: Sequence[str]) -> None:
+    """Rank 0 (the one process without torchrun): create or reopen the run folder, its log and TensorBoard writers,
+    and continue from ``state`` (--resume) or start afresh. The other ranks take the state's training part."""
+    args, folder = run.args, run.folder
+    if not run.ranks.first:
+        if state is not None:
+            try:
+                restore_training(run, state)
+            except RunFolderError as err:
+                raise UsageError(f"--resume: {err}") from None
+        return
+    open_run_folder(args, folder, run.resume_keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
     tidy_run_folder(run, dead)
     if state is not None:
@@ -199,7 +245,6 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
         start_afresh(run)
     open_writers(run)
     log_start(run, argv)
-    return run
 
 
 # ----------------------------------------------------------------------------- stopping mid-run
@@ -229,7 +274,12 @@ def stopped(args: Settings, err: RunStopped) -> UsageError:
 
 
 def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
-    """Hand the round to a person, say where each mask goes and the one command that continues; stop."""
+    """Hand the round to a person, say where each mask goes and the one command that continues; stop (rank 0 writes
+    the round; every rank stops, exit code 0)."""
+    return run.ranks.from_first(hand_over, run, epoch, selection, argv)
+
+
+def hand_over(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
     folder = hand_over_round(run, epoch, selection)
     for line in annotation_rounds.round_instructions(folder, epoch):
         log.info(line)
@@ -240,16 +290,51 @@ def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequen
     return result(run, epoch - 1, round_dir=folder, requested=[run.train_set.names[i] for i in selection.chosen])
 
 
+# ----------------------------------------------------------------------------- processes
+
+def quiet(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser of a rank other than 0: the same checks, its messages (help, errors) left to rank 0."""
+    parser._print_message = lambda message, file=None: None  # argparse prints through this one method
+    return parser
+
+
+def exit_with(ranks: Ranks, message: str) -> None:
+    """Exit code 2, rank 0 printing ``message``; every rank waits until it is printed (torchrun stops the other
+    processes as soon as one has exited, and itself returns 1, whatever their codes)."""
+    if ranks.first:
+        print(message, file=sys.stderr, flush=True)
+    ranks.barrier()
+    sys.exit(2)
+
+
+def as_restarted(args: Settings, ranks: Ranks) -> Settings:
+    """torchrun --max-restarts starts the same command again after a process failed (TORCHELASTIC_RESTART_COUNT
+    > 0): a restart continues the run its folder holds, as --resume does (a folder still without a run starts
+    it; other settings are refused, as on any --resume)."""
+    count = distributed.restart_count()
+    if count == 0 or args.resume:
+        return args
+    status = ranks.from_first(lambda: RunFolder(run_dir_of(args.output, args.img_size)).status())
+    if status == "new":
+        return args
+    log.info("torchrun restarted the run's processes (restart %d): continuing the run in --output %s as with "
+             "--resume", count, args.output)
+    return Settings(**{**vars(args), "resume": True})
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    add_log_handler(logging.StreamHandler(sys.stdout))
+    ranks = Ranks.from_environment()  # torchrun's processes, or this one alone
+    parser = build_parser() if ranks.first else quiet(build_parser())
+    add_log_handler(logging.StreamHandler(sys.stdout) if ranks.first else logging.NullHandler())
     run = None
     try:
         args = prepare_args(parser, parser.parse_args(argv), argv)
-        run = start_run(args, argv)
+        check_processes(args, ranks.size)
+        args = as_restarted(args, ranks)
+        run = start_run(args, argv, ranks)  # ranks.together / from_first below: an error of any rank stops them all
 
         # ---- the active-learning loop: one selection and one round of fine-tuning per epoch
         epoch = run.start_epoch - 1
@@ -265,39 +350,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
             # 1) score a fresh random pool and select (or the round resumed, selected before the stop)
             with timed(times, "scoring_s"):
-                selection = resumed_selection(run, epoch) or select_batch(run, epoch, wanted)
+                selection = resumed_selection(run, epoch) or ranks.together(select_batch, run, epoch, wanted)
 
             # 2) the oracle: ground_truth has the masks; a person's oracle hands the round over and the run stops
             if not run.oracle.has_masks(epoch):
                 return stop_for_annotation(run, epoch, selection, argv)
-            labeled = annotate(run, epoch, selection)  # only now are the selected masks read
+            labeled = ranks.together(annotate, run, epoch, selection)  # only now are the selected masks read
             utils.crash_point("selected", epoch)
 
             # 3) fine-tune both decoders (+ LoRA, prompt encoder) on the labeled set or this epoch's selection
             with timed(times, "train_s"):
-                losses = train_one_epoch(run, epoch, selection.chosen)
+                losses = ranks.together(train_one_epoch, run, epoch, selection.chosen)
 
             # 4) validate with decoder 1, no prompt (how the model is used); always after the last selection
             last = epoch == args.max_epochs or labels_left(run) == 0
             with timed(times, "val_s"):
-                metrics = validate_epoch(run, epoch) if epoch % args.val_every == 0 or last else {}
+                metrics = ranks.together(validate_epoch, run, epoch) if epoch % args.val_every == 0 or last else {}
 
-            # 5) record the epoch's numbers, then checkpoint: the best full state_dict, the resume state
-            record_epoch(run, epoch, dict(al=labeled, train=losses, val=metrics, time=times))
-            save_checkpoints(run, epoch, metrics)
+            # 5) record the epoch's numbers, then checkpoint: the best full state_dict, the resume state (rank 0)
+            ranks.from_first(record_epoch, run, epoch, dict(al=labeled, train=losses, val=metrics, time=times))
+            ranks.from_first(save_checkpoints, run, epoch, metrics)
             utils.crash_point("epoch_end", epoch)
 
-        return finish_run(run, epoch)
+        return ranks.from_first(finish_run, run, epoch)
     except RunStopped as err:
-        parser.exit(2, f"{parser.prog}: error: {stopped(args, err)}\n")
+        exit_with(ranks, f"{parser.prog}: error: {stopped(args, err)}")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
-        parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
+        exit_with(ranks, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}")
     finally:
         if run is not None:
             close_writers(run)
         for handler in list(log.handlers):  # the console and log.txt
             log.removeHandler(handler)
             handler.close()
+        ranks.close()
 
 
 if __name__ == "__main__":
