@@ -141,7 +141,13 @@ class Ranks:
         return SumOverRanks.apply(tensor) if self.active else tensor
 
     def close(self) -> None:
+        """Leave the process group, once every rank has come here (a rank that tore its connections down while
+        another still used them could make that one abort); after a rank's death the barrier fails at once."""
         if self.active and dist.is_initialized():
+            try:
+                dist.barrier(group=self._objects)
+            except RuntimeError:
+                pass
             dist.destroy_process_group()
 
     # ---- the exchange of results and errors

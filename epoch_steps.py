@@ -345,7 +345,7 @@ def parallel_model(run: Run) -> Optional[torch.nn.Module]:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(LossInputs(run.model), device_ids=[run.device.index] if run.device.type == "cuda"
-                                   else None, find_unused_parameters=True, broadcast_buffers=False)
+                                   else None, find_unused_parameters=True)
 
 
 def batch_share(run: Run, batch: dict) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
@@ -424,6 +424,9 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
     return {**{k: v / len(train_idx) for k, v in sums.items()}, "lr": run.optimizer.param_groups[0]["lr"]}
 
 
+SHOWN_VALIDATION_IMAGES = 4  # in TensorBoard's val/prediction_over_gt, with the predictions validation made
+
+
 @torch.no_grad()
 def predict(run: Run, images: torch.Tensor) -> torch.Tensor:
     """How the model is used after training: decoder 1, no prompt, eval mode. B x 3 x S x S -> B x (C+1) x S/4 x S/4."""
@@ -440,10 +443,13 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     image's row, gathered in image order (never a mean of the ranks' means)."""
     if run.val_set is None:
         return {}
+    shown: List[torch.Tensor] = []  # the picture's logits: the first images, which begin rank 0's share
 
     def checked_predict(images: torch.Tensor) -> torch.Tensor:
         logits = predict(run, images)
         check_finite(run, epoch, "validation", {"predicted logits": logits})
+        if run.ranks.first and len(shown) < SHOWN_VALIDATION_IMAGES:
+            shown.extend(logits[:SHOWN_VALIDATION_IMAGES - len(shown)].cpu())
         return logits
 
     share = Subset(run.val_set, run.ranks.share(range(len(run.val_set))))
@@ -457,9 +463,8 @@ def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
         result = val.validate(checked_predict, batches, run.args.num_classes, run.device, truths=run.truths,
                               gather=run.ranks.gather)
     if run.ranks.first:
-        shown = [run.val_set[i] for i in range(min(4, len(run.val_set)))]
         run.writer.add_image("val/prediction_over_gt", tb_images.prediction_grid(
-            shown, checked_predict(torch.stack([s["image"] for s in shown]))), epoch)
+            [run.val_set[i] for i in range(len(shown))], torch.stack(shown)), epoch)
     return {k: float(v) for k, v in result["mean"].items()}
 
 

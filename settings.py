@@ -195,9 +195,12 @@ def existing_path(path: str) -> Optional[Path]:
     return next((c for c in (Path(path), REPO / path) if c.exists()), None)
 
 
-def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> Settings:
+def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
+                 writes_output: bool = True) -> Settings:
     """The run's settings: --demo's defaults, the default --output and demo data root, --checkpoint and
-    --model_cfg resolved relative to this repository; then every flag check (nothing is written)."""
+    --model_cfg resolved relative to this repository; then every flag check (nothing is written). Without
+    ``writes_output`` (a process that writes nothing there: a rank other than 0 under torchrun, maybe on another
+    machine) --output is not checked."""
     values = dict(vars(args))
     given = explicit_flags(parser, argv) if args.demo else set()
     values.update({k: v for k, v in DEMO_SETTINGS.items() if args.demo and k not in given})
@@ -213,7 +216,8 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     settings = Settings(**values)
     check_numbers(settings)
     check_paths(settings)
-    check_output(settings)
+    if writes_output:
+        check_output(settings)
     return settings
 
 

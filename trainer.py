@@ -235,6 +235,9 @@ def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: S
         return
     open_run_folder(args, folder, run.resume_keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
+    if args.resume and "--resume" not in argv:
+        log.info("torchrun restarted the run's processes (restart %d): continuing the run as with --resume",
+                 distributed.restart_count())
     tidy_run_folder(run, dead)
     if state is not None:
         try:
@@ -315,11 +318,7 @@ def as_restarted(args: Settings, ranks: Ranks) -> Settings:
     if count == 0 or args.resume:
         return args
     status = ranks.from_first(lambda: RunFolder(run_dir_of(args.output, args.img_size)).status())
-    if status == "new":
-        return args
-    log.info("torchrun restarted the run's processes (restart %d): continuing the run in --output %s as with "
-             "--resume", count, args.output)
-    return Settings(**{**vars(args), "resume": True})
+    return args if status == "new" else Settings(**{**vars(args), "resume": True})
 
 
 # ----------------------------------------------------------------------------- main
@@ -331,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     add_log_handler(logging.StreamHandler(sys.stdout) if ranks.first else logging.NullHandler())
     run = None
     try:
-        args = prepare_args(parser, parser.parse_args(argv), argv)
+        args = prepare_args(parser, parser.parse_args(argv), argv, writes_output=ranks.first)
         check_processes(args, ranks.size)
         args = as_restarted(args, ranks)
         run = start_run(args, argv, ranks)  # ranks.together / from_first below: an error of any rank stops them all

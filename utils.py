@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -233,8 +234,12 @@ def crash_point(point: str, epoch: int) -> None:
 
     Points: ``selected``, ``train_batch`` (after the first optimiser step), ``checkpoint_write`` (last_state.pth
     written to its temporary file, not yet renamed), ``epoch_end`` (trainer.py, per epoch) and ``synthetic_data``
-    (synthetic_isic.py; there the number is how many image/mask pairs have been written)."""
-    if os.environ.get(CRASH_ENV) == f"{point}:{epoch}":
+    (synthetic_isic.py; there the number is how many image/mask pairs have been written). ``<point>:<epoch>@<rank>``
+    ends only that rank of a run on several processes (torchrun's RANK), with SIGKILL."""
+    crash, _, rank = os.environ.get(CRASH_ENV, "").partition("@")
+    if crash == f"{point}:{epoch}" and rank in ("", os.environ.get("RANK", "0")):
+        if rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         os._exit(3)
     pause = os.environ.get(PAUSE_ENV, "").split(":", 2)
     if pause[:2] == [point, str(epoch)] and len(pause) == 3:
