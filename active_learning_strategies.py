@@ -518,8 +518,9 @@ class PretrainedEmbeddings:
     """The pretrained encoder's embedding (``embedding_vectors``, LoRA off) of each image a strategy asks for,
     computed once per run: kept in the run folder's EMBEDDINGS_FILE (without a run folder: in memory only), keyed
     by ``SelectionContext.feature_key`` (model config, checkpoint, image size, ...) and, per image, by the digest of
-    its encoder input (``image_digest``). A file made with other settings, or one that cannot be read, is rebuilt,
-    and the log says why: it is a cache, nothing a person wrote.
+    its encoder input (``image_digest``). A file made with other settings, one that cannot be read, or one whose
+    vectors are not finite or not as wide as the encoder's (checked when it first encodes an image), is rebuilt, and
+    the log says why: it is a cache, nothing a person wrote.
 
     The file: dict(key={setting: text}, digests=[N hex strings], vectors=N x 256 float32 tensor).
     """
@@ -527,6 +528,7 @@ class PretrainedEmbeddings:
     def __init__(self) -> None:
         self._key: Optional[Dict[str, str]] = None
         self._vectors: Dict[str, torch.Tensor] = {}
+        self._width: Optional[int] = None  # the encoder's, once it has encoded an image in this process
         self._file_outdated = False
 
     def vectors(self, context: SelectionContext, indices: Sequence[int]) -> np.ndarray:
@@ -543,6 +545,22 @@ class PretrainedEmbeddings:
             self._received(*ranks.from_first(self._held_after_load, path, key))
         digests = dict(ranks.gather(lambda: [(int(i), image_digest(context.dataset[int(i)]["image"]))
                                              for i in ranks.share(indices)]))
+        encoded = self._encode_missing(context, digests)
+        if self._drop_other_widths(path):
+            encoded += self._encode_missing(context, digests)
+        if encoded:
+            log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", encoded,
+                     len(set(digests.values())) - encoded, "" if path is None else f" ({path})")
+        if path is not None and (encoded or self._file_outdated):
+            ranks.from_first(lambda: atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
+                                                            vectors=torch.stack(list(self._vectors.values()))), path))
+            self._file_outdated = False
+        return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
+
+    def _encode_missing(self, context: SelectionContext, digests: Dict[int, str]) -> int:
+        """Encode the images of ``digests`` (index -> digest) whose vector is not kept, each rank its share; how many
+        were encoded."""
+        ranks = context.ranks
         new = list({digest: index for index, digest in digests.items() if digest not in self._vectors}.values())
         if new:
             def encode_share() -> List[Tuple[str, torch.Tensor]]:
@@ -553,17 +571,22 @@ class PretrainedEmbeddings:
                         found += zip((digests[i] for i in batch), vectors)
                 return found
 
-            self._vectors.update(ranks.gather(encode_share))
-            log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", len(new),
-                     len(set(digests.values())) - len(new), "" if path is None else f" ({path})")
-        if path is not None and (new or self._file_outdated):
-            ranks.from_first(lambda: atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
-                                                            vectors=torch.stack(list(self._vectors.values()))), path))
-            self._file_outdated = False
-        return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
+            found = ranks.gather(encode_share)
+            self._vectors.update(found)
+            self._width = len(found[0][1])
+        return len(new)
+
+    def _drop_other_widths(self, path: Optional[Path]) -> bool:
+        """Drop the vectors (a damaged file's) whose width is not the encoder's, once that is known, saying so;
+        whether there were any."""
+        other = sorted({len(v) for v in self._vectors.values()} - {self._width}) if self._width is not None else []
+        if other:
+            self._outdated(path, f"its vectors are {', '.join(map(str, other))} wide, the encoder's {self._width}")
+            self._vectors = {d: v for d, v in self._vectors.items() if len(v) == self._width}
+        return bool(other)
 
     def _held_after_load(self, path: Optional[Path], key: Dict[str, str]) -> tuple:
-        """``_load``, then what this object holds, as rank 0 sends it: (key, digests, N x 256 vectors, outdated)."""
+        """``_load``, then what this object holds, as rank 0 sends it: (key, digests, N x D vectors, outdated)."""
         self._load(path, key)
         vectors = torch.stack(list(self._vectors.values())) if self._vectors else None
         return self._key, list(self._vectors), vectors, self._file_outdated
@@ -574,7 +597,9 @@ class PretrainedEmbeddings:
         self._vectors = dict(zip(digests, vectors)) if vectors is not None else {}
 
     def _load(self, path: Optional[Path], key: Dict[str, str]) -> None:
-        """Take the file's vectors when it was made with ``key``; otherwise say why it is rebuilt."""
+        """Take the file's vectors when it was made with ``key`` and they are usable (2-D, floating point, finite,
+        one per digest; their width is checked against the encoder's by ``_drop_other_widths``); otherwise say why
+        it is rebuilt."""
         if key != self._key:
             self._key, self._vectors = key, {}
         if path is None or not path.is_file():
@@ -582,7 +607,9 @@ class PretrainedEmbeddings:
         try:
             stored = load_torch_file(path)
             stored_key, digests, vectors = dict(stored["key"]), list(stored["digests"]), stored["vectors"]
-            if vectors.dim() != 2 or len(digests) != len(vectors):
+            if not vectors.is_floating_point():
+                raise ValueError(f"vectors of dtype {vectors.dtype}, not floating point")
+            if vectors.dim() != 2 or len(digests) != len(vectors) or not all(isinstance(d, str) for d in digests):
                 raise ValueError(f"{len(digests)} digests for vectors of shape {tuple(vectors.shape)}")
         except (CheckpointFileError, KeyError, TypeError, ValueError, AttributeError) as err:
             self._outdated(path, f"it cannot be read: {err}")
@@ -591,6 +618,10 @@ class PretrainedEmbeddings:
                    if stored_key.get(name) != key.get(name)]
         if changed:
             self._outdated(path, "it was made with other settings: " + "; ".join(changed))
+            return
+        broken = int((~torch.isfinite(vectors).all(dim=1)).sum())
+        if broken:
+            self._outdated(path, f"it holds NaN or inf in the vectors of {broken} image(s)")
             return
         self._vectors.update(zip(digests, vectors.float()))
 

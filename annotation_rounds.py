@@ -29,7 +29,7 @@ from PIL import Image
 from scipy.ndimage import maximum_filter, minimum_filter
 
 from datasets_skin import (GREY_MASK_MODES, MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image,
-                           read_image_size, read_mask)
+                           read_image_size, read_mask, turned_mask_hint)
 from run_folder import ResumeState, RunFolder
 from safe_io import WriteError, atomic_path, atomic_write_text, csv_text
 
@@ -121,7 +121,8 @@ def mask_problem(sample: SampleFiles, path: Optional[Path] = None) -> Tuple[Opti
         return f"{path}: unreadable ({err})", None
     if (height, width) != tuple(sample.orig_size):
         return (f"{path}: {width}x{height} pixels, but its image {sample.image_path.name} is "
-                f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"), None
+                f"{sample.orig_size[1]}x{sample.orig_size[0]} (W x H)"
+                + turned_mask_hint(sample.image_path, sample.orig_size, (height, width))), None
     if content.kind == "0/255":
         return None, None
     if content.kind == "0/1":

@@ -452,6 +452,10 @@ def run_job(run: Job, device: Optional[str], slots: int, label: str, nproc: int 
     if state == "finished":
         print(f"{label} {run.name}: finished meanwhile (skipped)")
         return True
+    if state == "lost":
+        print(f"{label} {run.name}: FAILED: {run.run_dir} records finished epochs but its last_state.pth is gone: "
+              "restore it (the run then resumes), or delete the run folder (it is then run afresh)", flush=True)
+        return False
     if state == "aborted":
         aside = set_aside(run.run_dir)
         where = f"set aside as {aside.name}" if aside else "gone meanwhile"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -64,8 +65,9 @@ class Plan:
 
 
 def run_state(run: Job) -> str:
-    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished
-    (the trainer's run folder says which, run_folder.RunFolder.status)."""
+    """new | aborted (stopped before its first epoch ended) | interrupted | trained (Test not scored) | finished |
+    lost (records of finished epochs, but last_state.pth gone: neither continued nor restarted) (the trainer's run
+    folder says which, run_folder.RunFolder.status)."""
     from run_folder import RunFolder
 
     d = run.run_dir
@@ -91,11 +93,37 @@ def run_curve(run: Job) -> List[dict]:
                  **{m: row.get(m) for m in names}) for row in rows]
 
 
-def csv_means(path: Path, names: Sequence[str]) -> Dict[str, float]:
-    """Mean over the images (rows) of a per-image metrics CSV, per metric."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {m: float(np.mean([float(r[m]) for r in rows])) for m in names}
+def metric_rows(path: Path, names: Sequence[str]) -> List[Dict[str, float]]:
+    """The per-image rows of a metrics CSV (val.write_csv's), the columns ``names`` as numbers; a CompareError
+    naming the file when it cannot be read as one (no rows, a column or a number missing)."""
+    try:
+        with open(path, newline="") as f:
+            rows = [{m: float(r[m]) for m in names} for r in csv.DictReader(f)]
+    except KeyError as err:
+        raise CompareError(f"{path} is damaged: it has no column {err}") from None
+    except (OSError, csv.Error, TypeError, ValueError) as err:
+        raise CompareError(f"{path} is damaged: {err}") from None
+    if not rows:
+        raise CompareError(f"{path} is damaged: it holds no image's row")
+    return rows
+
+
+def means(rows: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Mean over the images (rows), per metric."""
+    return {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
+
+
+def run_results(run: Job, names: Sequence[str]) -> Tuple[List[dict], Dict[str, float], int]:
+    """A finished run's curve (metrics.csv), its Test means and its number of Test images (test_metrics.csv);
+    a CompareError naming the file when one is damaged."""
+    from run_folder import RunFolderError
+
+    try:
+        curve = run_curve(run)
+    except RunFolderError as err:
+        raise CompareError(str(err)) from None
+    test = metric_rows(run.run_dir / TEST_CSV, names)
+    return curve, means(test), len(test)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -164,16 +192,27 @@ def gather(plan: Plan) -> Results:
         if not (run.run_dir / "metrics.csv").is_file():
             res.missing.append(f"{run.name} (no metrics.csv: made by an older trainer.py; rerun it elsewhere)")
             continue
-        res.curves[run.strategy][run.seed] = run_curve(run)
-        res.tests[run.strategy][run.seed] = csv_means(run.run_dir / TEST_CSV, names)
-        with open(run.run_dir / TEST_CSV) as f:
-            res.n_test = sum(1 for _ in f) - 1
-    if run_state(plan.zero_shot) == "finished":
-        res.zero = dict(val=csv_means(plan.zero_shot.run_dir / "val_metrics.csv", names),
-                        test=csv_means(plan.zero_shot.run_dir / TEST_CSV, names))
-    else:
+        try:
+            curve, test, res.n_test = run_results(run, names)
+        except CompareError as err:  # one damaged run does not hide the others: it is left out, and said so
+            left_out(res, run.name, err)
+            continue
+        res.curves[run.strategy][run.seed], res.tests[run.strategy][run.seed] = curve, test
+    if run_state(plan.zero_shot) != "finished":
         res.missing.append(f"{ZERO_SHOT} (not evaluated)")
+        return res
+    try:
+        res.zero = dict(val=means(metric_rows(plan.zero_shot.run_dir / "val_metrics.csv", names)),
+                        test=means(metric_rows(plan.zero_shot.run_dir / TEST_CSV, names)))
+    except CompareError as err:
+        left_out(res, ZERO_SHOT, err)
     return res
+
+
+def left_out(res: Results, name: str, err: CompareError) -> None:
+    """A finished run whose records are damaged: named in summary.md's "Not in this report" and on stderr."""
+    res.missing.append(f"{name} (left out: {err}; repair or delete that file, then run the command again)")
+    print(f"compare_strategies.py: {name} left out of the report: {err}", file=sys.stderr)
 
 
 def curve_rows(res: Results) -> List[dict]:
@@ -258,7 +297,7 @@ def summary_markdown(plan: Plan, res: Results) -> str:
         lines += ["**No SAM2 checkpoint: every model started from random weights. These numbers show that the "
                   "pipeline works, not how the strategies compare on SAM2.1.**", ""]
     if res.missing:
-        lines += [f"Not in this report (unfinished): {', '.join(res.missing)}.", ""]
+        lines += [f"Not in this report: {', '.join(res.missing)}.", ""]
     lines += ["## Validation Dice at label budgets (mean ± std over seeds)", ""] + budget_table(plan, res)
     lines += ["", f"## Test split ({res.n_test} images, original resolution; mean ± std over seeds)", ""]
     lines += test_table(res)

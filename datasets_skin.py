@@ -20,7 +20,9 @@ silently count as all skin), and so is a validation set whose masks are all empt
 that point nowhere are left out with a warning. Order is sorted by image name, so indices are stable across runs.
 
 Every file's header is checked when a dataset is built (open + size, and a cheap end-of-file marker check for
-truncation; no full decode), so a bad file stops the run before any training with a message naming it. A
+truncation; no full decode, except of a file without its end marker: refused only when it cannot be decoded
+completely, since a complete file may carry bytes after its end), so a bad file stops the run before any training
+with a message naming it. A
 header claiming more than ``max_image_pixels`` pixels is refused (``ImageTooLargeError``, see
 ``DEFAULT_MAX_IMAGE_PIXELS``). Images without a mask are listed once in a warning and left out, except with ``unlabeled_ok`` (images a person is to
 annotate: they are kept, and their masks are checked by whoever reads them).
@@ -183,15 +185,34 @@ def _list_images(image_dir: Path) -> Dict[str, Path]:
     return by_name
 
 
-def _check_not_truncated(path: Path, fmt: str) -> None:
-    """Cheap truncation check: JPEG and PNG files end with a known marker (reads the last bytes only)."""
+def _ends_with_marker(path: Path, fmt: str) -> bool:
+    """Whether a JPEG or PNG file ends with its end-of-file marker (reads the last bytes only)."""
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 64))
         tail = f.read()
-    ok = b"\xff\xd9" in tail if fmt == "JPEG" else b"IEND" in tail[-12:]
-    if not ok:
-        raise DatasetError(f"{str(path)!r} looks truncated (no end-of-file marker); re-download or replace it.")
+    return b"\xff\xd9" in tail if fmt == "JPEG" else b"IEND" in tail[-12:]
+
+
+def decode_problem(path: Path) -> Optional[str]:
+    """Why PIL cannot decode ``path`` completely (e.g. "image file is truncated"); None when it can."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _check_not_truncated(path: Path, fmt: str) -> None:
+    """Cheap truncation check: JPEG and PNG files end with a known marker. A file without it is decoded once and
+    refused only when that fails: bytes after the end marker (some cameras and exporters write them) are harmless."""
+    if _ends_with_marker(path, fmt):
+        return
+    problem = decode_problem(path)
+    if problem is not None:
+        raise DatasetError(f"{str(path)!r} is truncated: it has no end-of-file marker and cannot be decoded completely "
+                           f"({problem}); re-download or replace it.")
 
 
 def _let_pil_open(max_pixels: int) -> None:
@@ -225,6 +246,28 @@ def read_image_size(path: Path, check_end: bool = True,
     if check_end:
         _check_not_truncated(path, fmt)
     return height, width
+
+
+EXIF_ORIENTATION = 0x0112
+TURNED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations a viewer shows turned by 90 degrees
+
+
+def turned_mask_hint(image_path: Path, image_size: Tuple[int, int], mask_size: Tuple[int, int]) -> str:
+    """What a size mismatch adds when the mask (H, W) has its image's size turned by 90 degrees: most likely drawn
+    on the image as a viewer shows it, turned by its EXIF orientation tag, whereas pixels are read as stored (as the
+    reference reads them). Empty for any other mismatch."""
+    if tuple(mask_size) != tuple(image_size)[::-1]:
+        return ""
+    try:
+        with Image.open(image_path) as im:
+            orientation = im.getexif().get(EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError):
+        orientation = None
+    why = (f"it was drawn on the image as viewers show it: its EXIF orientation tag ({orientation}) shows it turned"
+           if orientation in TURNED_ORIENTATIONS else
+           "was it drawn on a turned copy (e.g. one a viewer turned by an EXIF orientation tag)?")
+    return (f"; the mask has the image's size turned by 90 degrees: {why}; masks follow the pixels as stored (read "
+            "without the EXIF turn, as the reference does): turn the mask back")
 
 
 def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool = True,
@@ -261,10 +304,9 @@ def discover_samples(image_dir: PathLike, mask_dir: PathLike, check_files: bool 
             size = read_image_size(image_path, max_pixels=max_image_pixels)
             mask_size = read_image_size(mask_path, max_pixels=max_image_pixels)
             if mask_size != size:
-                raise DatasetError(
-                    f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image {image_path.name} is "
-                    f"{size[1]}x{size[0]} (W x H); masks must match their image's size."
-                )
+                hint = turned_mask_hint(image_path, size, mask_size) or "; masks must match their image's size"
+                raise DatasetError(f"Mask {str(mask_path)!r} is {mask_size[1]}x{mask_size[0]} but its image "
+                                   f"{image_path.name} is {size[1]}x{size[0]} (W x H){hint}.")
         else:  # sizes are still needed (original-size metrics); one header read, errors name the file
             size = read_image_size(image_path, check_end=False, max_pixels=max_image_pixels)
         samples.append(SampleFiles(name, image_path, mask_path, size))
@@ -501,9 +543,12 @@ def decode_mask(path: Path, size: Optional[int], notes: Optional[MaskNotes] = No
     mask = content.lesion()
     if notes is not None:
         notes.record(content.path, content.levels, empty=not mask.any(), mode=content.mode)
-    if size is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-    return mask
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """H x W uint8 class indices -> size x size, nearest neighbour: how a training label is made from its mask."""
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
 def require_a_lesion(masks: Iterable[np.ndarray], where: str) -> None:

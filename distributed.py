@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import traceback
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
@@ -135,6 +136,16 @@ class Ranks:
     def barrier(self) -> None:
         if self.active:
             dist.barrier(group=self._objects)
+
+    def exit(self, message: str, code: int = 2) -> None:
+        """Exit with ``code``, rank 0 printing ``message`` (to stderr). On an error every rank waits until it is
+        printed: torchrun stops the other processes as soon as one has exited (and itself returns 1, whatever their
+        codes). Ctrl-C (130) waits for nothing: torchrun is stopping every process."""
+        if self.first:
+            print(message, file=sys.stderr, flush=True)
+        if code != 130:
+            self.barrier()
+        sys.exit(code)
 
     def sum_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over the ranks, the same on every rank, differentiable (``SumOverRanks``)."""

@@ -42,7 +42,7 @@ from distributed import Ranks
 from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
 from sam2.build_sam import state_mismatch
 from safe_io import atomic_torch_save
-from settings import CHECKPOINT_HINT, Settings
+from settings import CHECKPOINT_HINT, MAY_CHANGE_ON_RESUME, Settings
 
 log = logging.getLogger("trainer")
 
@@ -66,6 +66,7 @@ class Run:
     reference_writer: Optional[SummaryWriter] = None  # log/reference/: the reference's tags (REFERENCE_TAGS)
     truths: val.GroundTruthCache = field(default_factory=val.GroundTruthCache)  # full-size masks, once per run
     start_epoch: int = 1
+    saved_epoch: int = 0  # the epoch last_state.pth holds (0: none saved)
     best_dice: float = -1.0
     best_path: Optional[Path] = None
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a run on several (one: Ranks())
@@ -157,6 +158,7 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     added = run.folder.check_images(images, run.args.accept_new_images)
     restore_training(run, state)
     log_base_lr_change(run, state.settings.get("base_lr"))
+    log_changed_settings(run, {**run.folder.read_config(), **state.settings})
     run.folder.reopen(state, note, keep_earlier_bests=run.args.keep_best == "all")
     run.folder.write_images(images)
     if added:
@@ -185,8 +187,17 @@ def restore_training(run: Run, state: ResumeState) -> None:
         raise RunFolderError(f"{len(lost)} labeled images of the run are no longer in {run.args.data_root} (e.g. "
                              f"{lost[0]})")
     run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
-    run.start_epoch, run.best_dice = state.epoch + 1, state.best_dice
-    run.best_path = Path(state.best_path) if state.best_path else None
+    run.start_epoch, run.saved_epoch, run.best_dice = state.epoch + 1, state.epoch, state.best_dice
+    run.best_path = state.best_checkpoint(run.run_dir)
+
+
+def log_changed_settings(run: Run, recorded: Dict[str, object]) -> None:
+    """Say which of the settings a resume may change (MAY_CHANGE_ON_RESUME) it changes, from their ``recorded``
+    values (the state's, else config.txt's)."""
+    for key in MAY_CHANGE_ON_RESUME:
+        now = getattr(run.args, key)
+        if key in recorded and str(recorded[key]) != str(now):
+            log.info("--%s is now %s (it was %s)", key, now, recorded[key])
 
 
 def log_base_lr_change(run: Run, old_lr: object) -> None:
@@ -477,10 +488,10 @@ def resume_state(run: Run, epoch: int) -> ResumeState:
     accepted, when not in the mask folder)."""
     labeled = run.labeled_names
     return ResumeState(
-        epoch, {k: getattr(run.args, k) for k in run.resume_keys},
+        epoch, {k: getattr(run.args, k) for k in (*run.resume_keys, *MAY_CHANGE_ON_RESUME)},
         {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad},
         run.optimizer.state_dict(), run.scaler.state_dict(), labeled, run.best_dice,
-        str(run.best_path) if run.best_path else "",
+        run.best_path.name if run.best_path else "",
         {name: source for name, source in run.oracle.mask_sources.items() if name in labeled})
 
 
@@ -491,6 +502,7 @@ def save_state(run: Run, epoch: int) -> None:
                          for key, value in per.items() if torch.is_tensor(value)}
     check_finite(run, epoch, "saving last_state.pth", {**state.trainable, **optimizer_tensors})
     run.folder.save_state(state, before_rename=lambda: utils.crash_point("checkpoint_write", epoch))
+    run.saved_epoch = epoch
 
 
 def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:

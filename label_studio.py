@@ -43,7 +43,7 @@ from PIL import Image
 
 from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
 from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
-from safe_io import atomic_path, atomic_write_text, csv_text
+from safe_io import WriteError, atomic_path, atomic_write_text, csv_text, probe_writable, refusal_reason
 
 INTERFACE_FILE = "label_studio_interface.xml"
 TASKS_FILE = "label_studio_tasks.json"
@@ -199,7 +199,7 @@ def run_id(annotate_dir: Path) -> str:
 
 
 def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_number: int, output: PathLike,
-                        num_classes: int) -> Tuple[Path, Path]:
+                        num_classes: int = 1) -> Tuple[Path, Path]:
     """``write_round_files`` for the trainer's round ``round_number`` in ``round_dir`` (OUTPUT/Skin_S/annotate/
     round_NNN): the run's id, the document root of ``document_root(output)``. Returns (tasks file, document root).
     Raises, before writing anything, ClassCountError, SdkMissingError or RoundFolderError."""
@@ -310,12 +310,48 @@ def read_export(export_path: PathLike) -> List[dict]:
     return tasks
 
 
+JSON_KINDS = {list: "a list", dict: "an object", str: "text", int: "a whole number"}
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in the words of the export's messages."""
+    if isinstance(value, bool) or value is None:
+        return "true/false" if value is not None else "null"
+    return next((said for kind, said in JSON_KINDS.items() if isinstance(value, kind)),
+                "a number" if isinstance(value, float) else type(value).__name__)
+
+
+def check_kind(value: object, kind: type, where: str, field: str) -> None:
+    """``ExportError`` naming ``where`` and ``field`` unless ``value`` is a JSON ``kind`` (a key of JSON_KINDS)."""
+    if json_kind(value) != JSON_KINDS[kind]:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ExportError(f"{where}: its {field} is {json_kind(value)} ({shown}), not {JSON_KINDS[kind]}; not an "
+                          "export Label Studio wrote (Export -> JSON): export the project again")
+
+
+def listed(value: object, where: str, field: str) -> list:
+    """An export's list ``field`` (absent or null: empty)."""
+    if value is None:
+        return []
+    check_kind(value, list, where, field)
+    return value
+
+
+def task_annotations(task: dict, where: str) -> List[dict]:
+    """The annotations of an exported task, each checked to be a JSON object."""
+    annotations = listed(task.get("annotations"), where, "annotations")
+    for number, annotation in enumerate(annotations):
+        check_kind(annotation, dict, where, f"annotation {number + 1}")
+    return annotations
+
+
 def task_round(task: dict, expected: RoundExpectation, where: str) -> int:
     """The round number of an exported task, after checking it is a task of the expected run."""
     data = task["data"]
     if RUN_KEY not in data or ROUND_KEY not in data or NAME_KEY not in data:
         raise ExportError(f"{where}: not a task of a trainer round (its data has no {RUN_KEY}/{ROUND_KEY}/"
                           f"{NAME_KEY}); export the project the round's {TASKS_FILE} was imported into")
+    check_kind(data[NAME_KEY], str, where, NAME_KEY)
     if str(data[RUN_KEY]) != expected.run_id:
         raise ExportError(f"{where}: a task of another run ({data[RUN_KEY]!r}; this round belongs to run "
                           f"{expected.run_id!r}); export the project of this run")
@@ -338,12 +374,15 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
         raise ExportError(f"{where}: a region that is not a JSON object ({type(region).__name__})")
     kind, tags = str(region.get("type", "")).lower(), (region.get("from_name"), region.get("to_name"))
     value = region.get("value") or {}
+    check_kind(value, dict, where, "value")
     if kind != "brushlabels" or tags != (BRUSH_TAG, IMAGE_TAG) or value.get("brushlabels") != [LESION_LABEL]:
         raise ExportError(f"{where}: a {kind or 'untyped'} region {tags[0]}->{tags[1]} labelled "
                           f"{value.get('brushlabels')}, not a '{LESION_LABEL}' brush of this interface; use the "
                           f"round's {INTERFACE_FILE}")
     height, width = size
     drawn = (region.get("original_height"), region.get("original_width"))
+    for field, pixels in zip(("original_height", "original_width"), drawn):
+        check_kind(pixels, int, where, field)
     if drawn != (height, width):
         raise ExportError(f"{where}: drawn on a {drawn[1]}x{drawn[0]} image, but the round's image is "
                           f"{width}x{height} (W x H)")
@@ -363,7 +402,7 @@ def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, wh
     name = task["data"][NAME_KEY]
     size = expected.sizes[name]
     mask = np.zeros(size, bool)
-    for number, region in enumerate(annotation.get("result") or []):
+    for number, region in enumerate(listed(annotation.get("result"), where, "result")):
         mask |= region_mask(region, size, f"{where}, region {number + 1}")
     who = annotation.get("completed_by")
     if isinstance(who, dict):  # some exports expand the user
@@ -383,13 +422,14 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
             continue
         name = task["data"][NAME_KEY]
         where += f" ({name})"
-        submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        annotations = task_annotations(task, where)
+        submitted = [a for a in annotations if not a.get("was_cancelled")]
         if len(submitted) > 1:
             raise ExportError(f"{where}: {len(submitted)} annotations (ids "
                               f"{', '.join(str(a.get('id')) for a in submitted)}); keep one in Label Studio, "
                               "delete the others, and export again")
         if not submitted:
-            skipped = any(a.get("was_cancelled") for a in task.get("annotations") or [])
+            skipped = any(a.get("was_cancelled") for a in annotations)
             if name not in content.masks:
                 content.not_returned[name] = SKIPPED if skipped else NOT_ANNOTATED
             continue
@@ -426,6 +466,16 @@ def check_target(round_dir: Path, in_dataset: Dict[str, Path]) -> None:
     if inside:
         raise RoundFolderError(f"{round_dir} is inside the data set's mask folder {inside[0]}: masks from Label "
                                "Studio go to the round folder (annotate/round_NNN), never into the data set")
+
+
+def check_writable(round_dir: Path) -> None:
+    """``RoundFolderError`` when nothing can be written into the round folder (before anything is)."""
+    try:
+        probe_writable(round_dir / ROUND_CSV)
+    except OSError as err:
+        advice = "free space there" if WriteError(round_dir, err).full else "make it writable"
+        raise RoundFolderError(f"cannot write into {round_dir} ({refusal_reason(err)}): {advice} and import again; "
+                               "nothing was written") from None
 
 
 def same_mask(path: Path, mask: np.ndarray) -> bool:
@@ -500,6 +550,7 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     if clashes:
         raise MaskClashError(f"{len(clashes)} mask file(s) there already, never overwritten: "
                              f"{'; '.join(clashes)}. Move them away (or fix the annotation) and import again")
+    check_writable(round_dir)
     new = [m for m in content.masks.values() if mask_target(round_dir, m.image) not in unchanged]
     written = write_masks(new, round_dir)
     atomic_write_text(round_dir / ROUND_CSV, round_csv_text(content, expected))
@@ -509,7 +560,8 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
 
 # ----------------------------------------------------------------------------- command line
 
-FLAG_OF_ERROR = {ExportError: "--export", RoundFolderError: "--round_dir", MaskClashError: "--round_dir"}
+FLAG_OF_ERROR = {ExportError: "--export", RoundFolderError: "--round_dir", MaskClashError: "--round_dir",
+                 WriteError: "--round_dir"}
 
 
 def summary(result: ImportResult, round_dir: Path) -> str:
@@ -537,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = import_export(args.export, args.round_dir)
-    except LabelStudioError as err:
+    except (LabelStudioError, WriteError) as err:  # WriteError: the disk filled up while the masks were written
         flag = next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
         parser.exit(2, f"label_studio.py import: {flag + ': ' if flag else ''}{err}\n")
     print(summary(result, args.round_dir))

@@ -81,15 +81,14 @@ class FolderOracle(Oracle):
     """``--oracle folder``: a person saves the masks, in any tool, into the round folder or the data set's mask
     folder (made when the oracle is, so that a read-only data folder stops the run before it writes anything).
     Each round folder also holds Label Studio's files (the interface, the tasks with the proposals), imported by
-    hand; ``output`` and ``num_classes`` are the run's (where Label Studio's document root is, by default; its
-    interface has one label)."""
+    hand; ``output`` is the run's (Label Studio's document root, by default)."""
 
     name = "folder"
 
-    def __init__(self, samples: Sequence[SampleFiles], output: Path, num_classes: int, **kwargs) -> None:
+    def __init__(self, samples: Sequence[SampleFiles], output: Path, **kwargs) -> None:
         super().__init__(**kwargs)
         make_mask_folder(samples[0])
-        self.output, self.num_classes = Path(output), num_classes
+        self.output = Path(output)
 
     def has_masks(self, epoch: int) -> bool:
         return self.resumed_round(epoch) is not None
@@ -109,17 +108,13 @@ class FolderOracle(Oracle):
 
     def write_label_studio_files(self, round_folder: Path, epoch: int, items: Sequence[RoundItem]) -> None:
         """The round's Label Studio files (``label_studio.write_trainer_round``) and how to use them; without the
-        SDK, or for a round Label Studio cannot take (--num_classes, a document root that does not hold the run),
-        one line saying why: the PNG round serves any tool either way."""
+        SDK, or for a round Label Studio cannot take (a document root that does not hold the run), one line saying
+        why: the PNG round serves any tool either way."""
         try:
-            tasks, root = label_studio.write_trainer_round(round_folder, items, epoch, self.output, self.num_classes)
+            tasks, root = label_studio.write_trainer_round(round_folder, items, epoch, self.output)
         except label_studio.SdkMissingError:
             log.info("no Label Studio files for this round: label-studio-sdk is not installed (to enable them: %s)",
                      label_studio.SDK_HINT)
-            return
-        except label_studio.ClassCountError:
-            log.warning("no Label Studio files for this round: their interface has one label (lesion), and this run "
-                        "has --num_classes %d; annotate the PNG round", self.num_classes)
             return
         except label_studio.RoundFolderError as err:
             log.warning("no Label Studio files for this round: %s", err)
@@ -132,7 +127,7 @@ class FolderOracle(Oracle):
 
 
 def make_oracle(kind: str, folder: RunFolder, state: Optional[ResumeState], dataset, accept_partial: bool,
-                output: Path, num_classes: int) -> Oracle:
+                output: Path) -> Oracle:
     """The oracle ``kind`` (one of ORACLES) of a run, after every check of its masks, nothing written before (the
     data set's mask folder excepted, for a person's oracle): a resumed run's waiting round is accepted (``state``:
     its ResumeState) and ``dataset`` reads every labeled mask from where it was accepted; a new person's run takes
@@ -145,11 +140,11 @@ def make_oracle(kind: str, folder: RunFolder, state: Optional[ResumeState], data
     if state is None:
         labeled, notes = label_existing_masks(dataset.samples)
         dataset.mark_labeled(labeled)
-        return FolderOracle(dataset.samples, output, num_classes, notes=notes)
+        return FolderOracle(dataset.samples, output, notes=notes)
     sources = {**state.mask_sources, **(accepted.mask_sources if accepted is not None else {})}
     for i, sample in enumerate(list(dataset.samples)):
         if sample.name in sources:
             dataset.read_mask_from(i, accepted_mask_path(folder, sample, sources))
     notes += masks_saved_early(dataset.samples, state.labeled_names, accepted)
-    return FolderOracle(dataset.samples, output, num_classes, notes=notes, mask_sources=sources, resumed=accepted)
+    return FolderOracle(dataset.samples, output, notes=notes, mask_sources=sources, resumed=accepted)
 

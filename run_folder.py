@@ -32,8 +32,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from folder_lock import FolderLock, FolderLocked  # noqa: F401 - FolderLocked: open_for_run raises it
-from safe_io import (CheckpointFileError, atomic_torch_save, atomic_write_text, csv_text, load_torch_file,
-                     remove_stale_temps)
+from safe_io import (CheckpointFileError, atomic_torch_save, atomic_write_text, csv_text, first_names,
+                     load_torch_file, remove_stale_temps)
 
 CONFIG = "config.txt"
 SELECTION = "al_selection.csv"
@@ -75,6 +75,28 @@ class SettingsDiffer(RunFolderError):
         self.changes, self.dead = changes, dead
 
 
+class LostState(RunFolderError):
+    """The folder's records show finished epochs, but last_state.pth is gone (``kept``: what the run left): it can
+    be neither continued nor started afresh without losing them."""
+
+    def __init__(self, folder: Path, kept: Sequence[str]) -> None:
+        super().__init__(f"{folder} holds a run whose records show a finished epoch ({', '.join(kept)}), but no "
+                         f"{STATE} (deleted?), so it can be neither continued nor started afresh without losing "
+                         "them; nothing was removed")
+        self.kept = list(kept)
+
+
+class DeadRunUnchecked(RunFolderError):
+    """A run stopped before finishing its first epoch (nothing to continue), but its config.txt lacks ``missing``
+    settings, so whether a command is that run's cannot be checked."""
+
+    def __init__(self, folder: Path, missing: Sequence[str]) -> None:
+        super().__init__(f"{folder} holds a run that stopped before finishing its first epoch (no {STATE}: nothing "
+                         f"to continue), but its {CONFIG} lacks {first_names(list(missing))} (edited by hand?), so "
+                         "whether this command is that run's cannot be checked; nothing was removed")
+        self.missing = list(missing)
+
+
 class DataChanged(RunFolderError):
     """The images differ from those images.json records: ``changes`` (a phrase per split and kind: added, removed,
     resized); ``only_added``: all of them are new training images (which a run may take into its unlabeled pool)."""
@@ -106,9 +128,10 @@ def checkpoint_dice(name: str) -> float:
 class ResumeState:
     """What ``--resume`` continues from: the state at the end of ``epoch``.
 
-    settings: the run's settings a resume must repeat (the trainer's RESUME_KEYS); trainable: the tensors training
-    changes (LoRA, prompt encoder, decoders); optimizer / scaler: their state_dicts; labeled_names: the labeled
-    images in labeling order; best_dice / best_path: the best validated checkpoint so far ("" = none);
+    settings: the run's settings a resume must repeat (settings.resume_keys), and those it may change that a resume
+    logs when they do; trainable: the tensors training changes (LoRA, prompt encoder, decoders); optimizer /
+    scaler: their state_dicts; labeled_names: the labeled images in labeling order; best_dice / best_path: the best
+    validated checkpoint so far, its file name in the run folder ("" = none; see ``best_checkpoint``);
     mask_sources: labeled image -> the round folder (relative to the run folder) its mask was accepted from, for
     masks not in the data set's mask folder (``--oracle folder``; absent from files written before it: none).
     """
@@ -128,6 +151,12 @@ class ResumeState:
         return dict(epoch=self.epoch, args=dict(self.settings), trainable=self.trainable, optimizer=self.optimizer,
                     scaler=self.scaler, labeled_names=list(self.labeled_names), best_dice=self.best_dice,
                     best_path=self.best_path, mask_sources=dict(self.mask_sources))
+
+    def best_checkpoint(self, folder: Path) -> Optional[Path]:
+        """The best checkpoint of this state in the run folder ``folder`` it is read from: the file of that name
+        there. States written before recorded the path as given (absolute, or relative to the working directory):
+        only its name counts, so a run moved or copied elsewhere touches only its own folder's files."""
+        return Path(folder) / Path(self.best_path).name if self.best_path else None
 
     @classmethod
     def from_dict(cls, data: object, path: Path) -> "ResumeState":
@@ -160,10 +189,6 @@ def image_record(splits: Mapping[str, Sequence[Path]]) -> Dict[str, Dict[str, in
     """What images.json records: split -> {image file name: size in bytes}. Names and sizes only: a content hash
     would read every photo at every start."""
     return {split: {path.name: path.stat().st_size for path in paths} for split, paths in splits.items()}
-
-
-def _some(names: Sequence[str], count: int = 3) -> str:
-    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
 def image_changes(recorded: Mapping[str, Mapping[str, int]], current: Mapping[str, Mapping[str, int]]
@@ -267,14 +292,28 @@ class RunFolder:
 
     def status(self) -> str:
         """new | dead (stopped before its first epoch ended, nothing to continue) | waiting (a round waits for a
-        person's masks) | interrupted (stopped after a finished epoch) | finished (last_model.pth written)."""
+        person's masks) | interrupted (stopped after a finished epoch) | finished (last_model.pth written) | lost
+        (its records show a finished epoch, but last_state.pth is gone: it can be neither continued nor started
+        afresh without losing them)."""
         if self.file(LAST_MODEL).is_file() and not self.file(AWAITING).exists():
             return "finished"
         if self.file(AWAITING).exists():
             return "waiting"
         if self.file(STATE).is_file():
             return "interrupted"
-        return "dead" if self.in_use() else "new"
+        if not self.in_use():
+            return "new"
+        return "lost" if self.records_show_a_finished_epoch() else "dead"
+
+    def records_show_a_finished_epoch(self) -> bool:
+        """Whether al_selection.csv or metrics.csv holds a row of an epoch after the first (it began only once the
+        epoch before it was saved), or cannot be read (then nothing may be cleared on its account either)."""
+        try:
+            epochs = [int(row[0]) for row in self.read_selection()] if self.file(SELECTION).exists() else []
+            epochs += [row["epoch"] for row in self.read_metrics()]
+        except RunFolderError:
+            return True
+        return max(epochs, default=0) >= 2
 
     def best_checkpoints(self) -> List[Path]:
         return sorted(self.path.glob(BEST_PATTERN))
@@ -389,7 +428,7 @@ class RunFolder:
         added = [names for split, kind, names in changes if (split, kind) == ("Training", "added")]
         refused = [c for c in changes if not (accept_added and c[:2] == ("Training", "added"))]
         if refused:
-            raise DataChanged(self.file(IMAGES), [f"{split}: {len(names)} {kind} ({_some(names)})"
+            raise DataChanged(self.file(IMAGES), [f"{split}: {len(names)} {kind} ({first_names(names)})"
                                                   for split, kind, names in refused],
                               only_added=all(c[:2] == ("Training", "added") for c in refused))
         return added[0] if added else []
@@ -459,7 +498,7 @@ class RunFolder:
                      resume: bool) -> Tuple[bool, Optional[ResumeState]]:
         """Own the folder (``own``), then check it before a run (new, or ``resume``) with ``settings`` writes
         anything: (whether it holds a dead run to clear, the state to continue from). ``keys``: the settings a run
-        must keep; ``legacy``: what a key absent from an older folder means. A dead run (see ``is_dead``) is started
+        must keep; ``legacy``: what a key absent from an older folder means. A dead run (see ``_dead_run``) is started
         afresh with its own settings, with or without ``resume``. Raises FolderLocked (the folder is another
         process's), FolderInUse, SettingsDiffer, RunFolderError; a refused folder is not kept owned."""
         self.own()
@@ -472,12 +511,13 @@ class RunFolder:
     def _checked_for_run(self, settings: Mapping[str, object], keys: Sequence[str], legacy: Mapping[str, object],
                          resume: bool) -> Tuple[bool, Optional[ResumeState]]:
         keys = [k for k in keys if not (k == "base_lr" and self.diverged())]  # a divergence lets the rate change
-        required = [k for k in keys if k not in legacy]
-        if self.is_dead(required):
-            changes = changed_settings({**legacy, **self.read_config()}, settings, keys)
-            if changes:
-                raise SettingsDiffer(self.path, changes, dead=True)
-            return True, None
+        status = self.status()
+        if status == "lost":
+            self.read_selection(), self.read_metrics()  # damaged records: their own message
+            raise LostState(self.path, [p.name for p in (self.file(SELECTION), self.file(METRICS),
+                                                         *self.best_checkpoints()) if p.is_file()])
+        if status == "dead":
+            return self._dead_run(settings, keys, legacy), None
         in_use = self.in_use()
         if in_use and not resume:
             raise FolderInUse(self.path, in_use)
@@ -485,7 +525,8 @@ class RunFolder:
             return False, None
         state = self.load_state()
         self.read_selection()
-        changes = changed_settings({**legacy, **state.settings}, settings, keys)
+        # a setting an older state did not record (e.g. keep_best, val_limit): as config.txt has it, else LEGACY
+        changes = changed_settings({**legacy, **self.read_config(), **state.settings}, settings, keys)
         if changes:
             raise SettingsDiffer(self.path, changes, dead=False)
         self.check_records(state)
@@ -514,6 +555,22 @@ class RunFolder:
                 raise RunFolderError(f"{path} {what} (it is written {written} and kept), so the records of this run "
                                      f"up to its last finished epoch ({state.epoch}) are incomplete: restore that "
                                      "file, or start afresh in another output folder; nothing was changed")
+        self.check_selection_against(state)
+
+    def check_selection_against(self, state: ResumeState) -> None:
+        """al_selection.csv's rows up to ``state.epoch`` must name images the state holds as labeled, each once: a
+        RunFolderError names the first row that does not (edited by hand: an image renamed or a row repeated)."""
+        labeled, seen = set(state.labeled_names), {}
+        rows = [row for row in self.read_selection() if int(row[0]) <= state.epoch]
+        for number, row in enumerate(rows, start=2):
+            image = row[1]
+            if image in seen or image not in labeled:
+                why = f"repeats line {seen[image]}" if image in seen else \
+                    f"names {image!r}, which {STATE} does not hold as labeled (renamed?)"
+                raise RunFolderError(f"{self.file(SELECTION)} line {number} ({','.join(row)}) {why}: the selection "
+                                     f"log must match {STATE}; restore the line as the run wrote it; nothing was "
+                                     "changed")
+            seen[image] = number
 
     def reopen(self, state: ResumeState, note: str, keep_earlier_bests: bool = False) -> List[Path]:
         """Continue after ``state``: drop what an unfinished epoch wrote (its records' rows, a best checkpoint it
@@ -533,13 +590,19 @@ class RunFolder:
 
     # ---- tidying
 
-    def is_dead(self, keys: Sequence[str]) -> bool:
-        """Whether the folder holds a run that stopped before finishing its first epoch (killed, a bad file, a
-        divergence): its config.txt recording ``keys``, but no last_state.pth and no round waiting for a person's
-        masks (that run is live). It holds nothing to continue; nothing is removed here."""
-        if self.status() != "dead":
-            return False
-        return set(keys) <= set(self.read_config())
+    def _dead_run(self, settings: Mapping[str, object], keys: Sequence[str], legacy: Mapping[str, object]) -> bool:
+        """A run that stopped before finishing its first epoch (killed, a bad file, a divergence: status "dead")
+        holds nothing to continue: it may be started afresh (True), with or without --resume, by the command that
+        made it. Its config.txt must say so: SettingsDiffer when the settings differ, DeadRunUnchecked when it
+        lacks a setting to compare (nothing is removed here)."""
+        config = self.read_config()
+        missing = [k for k in keys if k not in legacy and k not in config]
+        if missing:
+            raise DeadRunUnchecked(self.path, missing)
+        changes = changed_settings({**legacy, **config}, settings, keys)
+        if changes:
+            raise SettingsDiffer(self.path, changes, dead=True)
+        return True
 
     def clear_dead_run(self) -> List[Path]:
         """Remove what a dead run wrote, except log.txt; returns what was removed."""

@@ -8,6 +8,8 @@
 * ``atomic_folder(path)``: the same for a whole folder (the demo's synthetic data set): filled under a temporary
   name, renamed into place when complete.
 * ``probe_writable(path)``: the error writing ``path`` would raise, before any work is done for it.
+* ``replaced_input(output, inputs)``: the input that writing ``output`` would replace (a command's output must be
+  none of its inputs).
 * ``WriteError``: a write that failed for a reason of the disk (full, read-only, no permission), naming the path;
   what was half-written is removed first.
 * ``load_torch_file(path)``: ``torch.load(..., weights_only=True)``; any failure is one ``CheckpointFileError``
@@ -15,7 +17,8 @@
   damage by reading the pickle's opcodes with ``pickled_code``, never by running it).
 
 Temporary files are named ``.tmp-<name>-<random><suffix>`` (folders ``.tmp-<name>-<random>``) so that a process
-killed mid-write leaves something recognisable (``stale_temp_files``), which ``remove_stale_temps`` removes.
+killed mid-write leaves something recognisable (``stale_temp_files``), which ``remove_stale_temps`` removes. A long
+name is cut so that the temporary name is no longer than the final one: it fits wherever the final name fits.
 """
 from __future__ import annotations
 
@@ -32,12 +35,15 @@ import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # Python 2 names in protocol-2 pickles
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Union
+from typing import BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 PathLike = Union[str, os.PathLike]
 TEMP_PREFIX = ".tmp-"
+TEMP_RANDOM = 8  # the random characters tempfile puts in a name
+TEMP_EXTRA = len(TEMP_PREFIX) + 1 + TEMP_RANDOM  # what a temporary name adds to a stem: ".tmp-", "-", the random part
+WHOLE_STEM = 50  # stems up to this long stay whole in a temporary name (at most 64 characters and the suffix)
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
 os.umask(_UMASK)
 
@@ -62,9 +68,10 @@ class WriteError(OSError):
         where = named if named is not None and not named.name.startswith(TEMP_PREFIX) else self.path.parent
         if self.full:
             why = f"{_DISK_FULL[err.errno]} ({err.strerror})"
+        elif err.errno == errno.ENAMETOOLONG:  # no space or permission helps: say which name
+            why = _name_too_long(self.path)
         else:
-            why = ("" if where == self.path else f"{where} is ") + \
-                f"not writable ({_NOT_WRITABLE.get(err.errno, err.strerror)})"
+            why = ("" if where == self.path else f"{where} is ") + f"not writable ({refusal_reason(err)})"
         super().__init__(err.errno, f"cannot write {self.path}: {why}; nothing half-written is left", str(self.path))
 
     def __str__(self) -> str:
@@ -74,6 +81,27 @@ class WriteError(OSError):
     def about_the_disk(err: BaseException) -> bool:
         """Whether ``err`` is an OSError of a full or not writable disk (not, e.g., a missing file being read)."""
         return isinstance(err, OSError) and (err.errno in _DISK_FULL or err.errno in _NOT_WRITABLE)
+
+
+def _name_too_long(path: Path) -> str:
+    """Which name in ``path`` is longer than its file system allows (else: the whole path is too long)."""
+    folder = next((p for p in path.parents if p.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # what Linux and macOS file systems allow
+    longest = max(path.parts, key=len)
+    if len(longest) <= limit:
+        return f"its path is {len(str(path))} characters long, longer than the system allows; choose a shorter path"
+    what = "its name" if longest == path.name else f"the folder name {longest[:24]}... in it"
+    return (f"{what} is {len(longest)} characters long, longer than the file system allows there ({limit}); choose a "
+            "shorter name")
+
+
+def refusal_reason(err: OSError) -> str:
+    """Why the disk refused a write, in a few words ("the disk is full", "read-only file system", ...; else the
+    system's own)."""
+    return _DISK_FULL.get(err.errno) or _NOT_WRITABLE.get(err.errno) or err.strerror or str(err)
 
 
 @contextmanager
@@ -128,10 +156,35 @@ def probe_writable(path: PathLike) -> None:
     os.unlink(_new_temp_file(path))
 
 
+def replaced_input(output: PathLike, inputs: Iterable[PathLike]) -> Optional[Path]:
+    """The first of ``inputs`` that writing ``output`` would replace: the same file on disk (the same path once
+    resolved, or a symbolic or hard link to it); None when there is none. An ``output`` that does not exist yet is
+    no input, so ``inputs`` (any iterable, read lazily) is then not read at all. Every command refuses an output that
+    is one of its inputs (a checkpoint, an image, a mask, an export) before it does any work."""
+    try:
+        written = os.stat(output)
+    except OSError:
+        return None
+    for path in inputs:
+        try:
+            if os.path.samestat(written, os.stat(path)):
+                return Path(path)
+        except OSError:  # an input that is not there cannot be replaced
+            continue
+    return None
+
+
+def _temp_prefix(stem: str) -> str:
+    """``.tmp-<stem>-``, the start of a temporary name (then tempfile's TEMP_RANDOM characters, then the suffix).
+    A stem longer than WHOLE_STEM loses its last characters, so that the temporary name is no longer than the final
+    name (or than WHOLE_STEM + TEMP_EXTRA + the suffix): it fits wherever the final name fits."""
+    return f"{TEMP_PREFIX}{stem[:max(WHOLE_STEM, len(stem) - TEMP_EXTRA)]}-"
+
+
 def _new_temp_file(path: Path) -> str:
     """An empty temporary file beside ``path`` (its folder created), named to be found by ``remove_stale_temps``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=path.suffix, dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.stem), suffix=path.suffix, dir=path.parent)
     os.close(handle)
     return tmp
 
@@ -171,7 +224,7 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     block leaves only the temporary folder, never a half-filled ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent)
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     with _renamed_into_place(Path(tmp), path, lambda t: shutil.rmtree(t, ignore_errors=True)) as written:
         yield written
@@ -179,9 +232,10 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
 
 def stale_temp_files(folder: PathLike, name: str = "") -> List[Path]:
     """Temporary files and folders that ``atomic_path``/``atomic_folder`` left in ``folder`` (not recursive) when a
-    process was killed mid-write; with ``name``, only those of the target called ``name`` (a file's stem)."""
+    process was killed mid-write; with ``name``, only those of the target called ``name`` (a file's stem, a folder's
+    name; a long one: of any target whose name starts as its temporary name does, see ``_temp_prefix``)."""
     folder = Path(folder)
-    pattern = f"{TEMP_PREFIX}{name}-*" if name else f"{TEMP_PREFIX}*"
+    pattern = f"{_temp_prefix(name)}*" if name else f"{TEMP_PREFIX}*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() or p.is_dir()) if folder.is_dir() else []
 
 
@@ -214,6 +268,11 @@ def load_torch_file(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointFileError(unloadable_file_message(path, err)) from None
 
 
+def first_names(names: Sequence[str], count: int = 3) -> str:
+    """The first ``count`` of ``names``, and how many more: "a, b, c and 4 more" (in one-line messages)."""
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
 def unloadable_file_message(path: PathLike, err: BaseException) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed with ``err``, in one sentence naming ``path``: it holds
     pickled code (the names it would import, found by ``pickled_code``), it is no file written by torch.save at
@@ -223,8 +282,8 @@ def unloadable_file_message(path: PathLike, err: BaseException) -> str:
     path = Path(path)
     code = pickled_code(path)
     if code:
-        shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
-        return (f"{path} holds pickled Python objects (code), not only tensors: loading it would call {shown}; "
+        return (f"{path} holds pickled Python objects (code), not only tensors: loading it would call "
+                f"{first_names(code)}; "
                 "it is refused for safety. Load only checkpoints written by this repository or the official SAM2 "
                 "releases")
     if isinstance(err, pickle.UnpicklingError):

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from prompt_geometry import (box_from_mask, center_point_from_mask, largest_component, mask_box_to_input,
                              mask_point_to_input, random_point_from_mask)
-from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file, unloadable_file_message
+from safe_io import CheckpointFileError, atomic_torch_save, first_names, load_torch_file, unloadable_file_message
 from sam2.build_sam import (VIDEO_ONLY_STATE_GROUPS, CheckpointError, CheckpointReadError, ConfigError, build_sam2,
                             state_mismatch)
+from utils import nonfinite_names
 
 logger = logging.getLogger(__name__)
 
@@ -586,6 +587,7 @@ class LoRA_Sam(nn.Module):
         decoder_idx: int,
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Run mask decoder 1 or 2 on encoded features with optional prompts.
 
@@ -594,6 +596,9 @@ class LoRA_Sam(nn.Module):
         points: B x N x 2 input-pixel (x, y) positive clicks, or (coords B x N x 2, labels
         B x N) with official labels. boxes: B x 4 (x0, y0, x1, y1) input pixels; as in
         the official predictor a box becomes two corner points placed before the clicks.
+        mask_input: B x 1 x S/4 x S/4 mask logits of a previous prediction (SAM2's mask prompt: the official
+        predictor's ``mask_input``, its low-res logits clamped to +-32, fed back as they are), or None (no mask
+        prompt); another shape is a ``MaskInputError``.
         The channel layout is fixed by num_classes (see the class docstring).
 
         Returns dict(low_res_logits=B x (C+1) x S/4 x S/4 (channel 0 zero, channel c = mask
@@ -604,8 +609,9 @@ class LoRA_Sam(nn.Module):
         batch, grid = image_embed.shape[0], tuple(image_embed.shape[-2:])
         stride = self.sam.backbone_stride
         prompt_encoder = self.sam.sam_prompt_encoder
+        _check_mask_input(mask_input, batch, grid)
         sparse, dense = prompt_encoder(
-            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=None,
+            points=_merge_points_and_boxes(points, boxes), boxes=None, masks=mask_input,
             image_embedding_size=grid, input_image_size=(grid[0] * stride, grid[1] * stride),
         )
         # Without prompts SAM2's prompt encoder returns batch 1; share it across the batch.
@@ -629,17 +635,19 @@ class LoRA_Sam(nn.Module):
         points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
         boxes: Optional[torch.Tensor] = None,
         features: Optional[Dict[str, object]] = None,
+        mask_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The one prediction path: decoder ``decoder_idx`` with these prompts -> B x (C+1) x S/4 x S/4 float32
         class logits.
 
         images: B x 3 x S x S normalised images; or pass their ``encode`` features instead (images None) to run
-        several decoders on one image-encoder pass. Prompts as in ``decode``. Gradients and precision are the
-        caller's (``torch.no_grad``, ``utils.autocast``).
+        several decoders on one image-encoder pass. Prompts (points, boxes, mask_input) as in ``decode``.
+        Gradients and precision are the caller's (``torch.no_grad``, ``utils.autocast``).
         """
         if features is None:
             features = self.encode(images)
-        return self.decode(features, decoder_idx, points=points, boxes=boxes)["low_res_logits"].float()
+        return self.decode(features, decoder_idx, points=points, boxes=boxes,
+                           mask_input=mask_input)["low_res_logits"].float()
 
     def _decoder(self, decoder_idx: int) -> nn.Module:
         if decoder_idx == 1:
@@ -741,6 +749,21 @@ def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
     return prompt_mode or "point"
 
 
+class MaskInputError(ValueError):
+    """A mask prompt (``LoRA_Sam.decode``'s ``mask_input``) of the wrong shape."""
+
+
+def _check_mask_input(mask_input: Optional[torch.Tensor], batch: int, grid: Tuple[int, int]) -> None:
+    """B x 1 x 4*grid x 4*grid (the S/4 low-res logits of one class per image), or None."""
+    if mask_input is None:
+        return
+    expected = (batch, 1, 4 * grid[0], 4 * grid[1])
+    if not isinstance(mask_input, torch.Tensor) or tuple(mask_input.shape) != expected:
+        shape = tuple(mask_input.shape) if isinstance(mask_input, torch.Tensor) else type(mask_input).__name__
+        raise MaskInputError(f"mask_input must be B x 1 x S/4 x S/4 low-res logits, here {expected} (one foreground "
+                             f"channel per image at the decoder's output size), got {shape}")
+
+
 def _merge_points_and_boxes(
     points: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]], boxes: Optional[torch.Tensor]
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -816,6 +839,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         raise ModelInputError("checkpoint", unloadable_file_message(err.path, err.cause)) from None
     except CheckpointError as err:
         raise ModelInputError("checkpoint", f"does not fit the model config {model_cfg}: {err}") from None
+    if checkpoint is not None:
+        _refuse_nonfinite("checkpoint", checkpoint, sam.state_dict())
     net = lora_sam_class(sam, r=rank, num_classes=num_classes, lora_width=lora_width,
                          train_no_mem_embed=train_no_mem_embed).to(device)
     if lora_ckpt:
@@ -823,12 +848,23 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
             net.load_lora_parameters(lora_ckpt)
         except (CheckpointFileError, ValueError) as err:
             raise ModelInputError("lora_ckpt", str(err)) from None
+        lora_file = {k: v for k, v in net.state_dict().items() if net._is_lora_file_key(k)}
+        _refuse_nonfinite("lora_ckpt", lora_ckpt, lora_file)
     if state is not None:
         try:
             load_model_state(net, state, weights)
         except ModelFileError as err:
             raise ModelInputError("weights", str(err), holds=err.holds) from None
     return net
+
+
+def _refuse_nonfinite(source: str, path: Union[str, os.PathLike], tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ModelInputError naming ``path`` and its first tensors that hold NaN or inf: a model started from them
+    could only produce NaN (checked once, when the model is built)."""
+    bad = nonfinite_names(dict(tensors))
+    if bad:
+        raise ModelInputError(source, f"{path} holds NaN or inf in {first_names(bad)}: it is damaged (or saved from "
+                                      "a diverged run); use an intact file")
 
 
 # --------------------------------------------------------------------------------------
@@ -839,7 +875,8 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
 class ModelFileError(CheckpointFileError):
     """A file given as a trained model holds something else. ``holds`` says what: "resume_state" (the trainer's
     last_state.pth), "sam2_weights" (official SAM2 weights), "lora_file" (``save_lora_parameters``),
-    "other_model" (a LoRA_Sam of another size, rank or class count) or "no_state_dict"."""
+    "other_model" (a LoRA_Sam of another size, rank or class count), "no_state_dict" or "nonfinite" (a LoRA_Sam
+    holding NaN or inf)."""
 
     def __init__(self, message: str, holds: str) -> None:
         super().__init__(message)
@@ -867,6 +904,12 @@ def read_model_file(path: Union[str, os.PathLike], map_location: Union[str, torc
     if not any(".attn.qkv.base." in k or REFERENCE_QKV_KEY.search(k) for k in tensors):
         raise ModelFileError(f"{path} is a LoRA file (LoRA matrices and decoders only, save_lora_parameters), not a "
                              f"whole model; {TRAINED_MODEL_HINT}", "lora_file")
+    bad = nonfinite_names(tensors)
+    if bad:
+        raise ModelFileError(f"{path} holds NaN or inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''} "
+                             f"({first_names(bad)}): "
+                             "a model saved after training diverged, whose scores would mean nothing; use a "
+                             "checkpoint saved before the divergence", "nonfinite")
     return tensors
 
 

@@ -30,6 +30,12 @@ DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
 PROMPT_DRAWS = ("per_image", "per_epoch")
+# Why --num_classes is 1: the masks are read as lesion / background (datasets_skin.read_mask, as the reference's
+# labels > 127), so a second class could never be labeled, and its Dice of 1.0 (empty in prediction and truth
+# alike) would be averaged into the validation Dice that chooses the best checkpoint.
+BINARY_MASKS = ("the masks are read as binary (lesion / background, as the reference code: labels > 127), so they "
+                "carry one class, lesion: use --num_classes 1 (another class could never be labeled, and its "
+                "vacuous Dice of 1.0 would be averaged into the validation Dice)")
 
 
 class UsageError(Exception):
@@ -61,7 +67,8 @@ def add_model_flags(model: argparse._ArgumentGroup) -> None:
                        "stage changes: input = as wide as the block's input (the reference code); output = all of q/v")
     model.add_argument("--lora_ckpt", default=None, help="LoRA-only weights to start from (save_lora_parameters)")
     model.add_argument("--img_size", type=int, default=512, help="training/validation resolution (multiple of 32)")
-    model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1)")
+    model.add_argument("--num_classes", type=int, default=1, help="foreground classes (the loss sees num_classes+1); "
+                       "1: masks are read as lesion / background")
     model.add_argument("--promptmode", default="none", type=promptmode_flag, metavar="{none,point,box,point-box,0}",
                        help="none (or the reference's 0): no prompts; else decoder 2 trains on prompts from decoder 1")
     model.add_argument("--prompt_draw", default="per_image", choices=PROMPT_DRAWS,
@@ -157,9 +164,12 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 # strategy's own parameters. LEGACY: what a setting absent from an older run folder means (how it was made).
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
-                    "lora_width", "no_mem_embed", "val_protocol", "first_round")
+                    "lora_width", "no_mem_embed", "val_protocol", "first_round", "keep_best", "val_limit")
+# Settings a resume may change (they change neither selections nor which checkpoint is best): the resume state
+# records them, and a resume that changes one says so in the log.
+MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
-              keep_best="newest", first_round=NO_FIRST_ROUND, prompt_draw="per_epoch",
+              keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, prompt_draw="per_epoch",
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 def resume_keys(*strategies: str, prompted: bool = False) -> Tuple[str, ...]:
@@ -246,8 +256,8 @@ def check_numbers(args: argparse.Namespace) -> None:
                              "the batch is selected from the pool")
     if args.img_size < 32 or args.img_size % 32:
         raise UsageError(f"--img_size must be a positive multiple of 32 (got {args.img_size}); e.g. 256, 512 or 1024")
-    if not 1 <= args.num_classes <= 4:
-        raise UsageError(f"--num_classes must be 1..4 (one SAM2 mask token per class; got {args.num_classes})")
+    if args.num_classes != 1:
+        raise UsageError(f"--num_classes {args.num_classes}: {BINARY_MASKS}")
     for flag in ("max_epochs", "rank", "val_every", "save_from_epoch", "max_image_pixels"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
@@ -287,7 +297,11 @@ def check_paths(args: argparse.Namespace) -> None:
 def check_output(args: argparse.Namespace) -> None:
     """--output (and its run folder) must be, or be creatable as, folders this user may write; creates nothing."""
     run_dir = run_dir_of(args.output, args.img_size)
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    try:
+        existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    except OSError as err:  # e.g. a name longer than the file system allows (ENAMETOOLONG)
+        raise UsageError(f"--output {args.output}: {err.strerror or err} (file systems limit each folder's name, "
+                         "usually to 255 bytes); choose another --output") from None
     if not existing.is_dir():
         raise UsageError(f"--output {args.output}: {existing} is a file, not a folder; choose another --output")
     try:

@@ -14,16 +14,16 @@ Every epoch:
 This file holds the set-up and the loop. The flags and their checks are settings.py, the steps of an epoch
 epoch_steps.py, the run folder's files and rules run_folder.py, the oracles oracles.py, the strategies
 active_learning_strategies.py. Nothing below this file reads command-line flags; every error of the command line
-or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> exit_with in main). Under torchrun
+or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> Ranks.exit in main). Under torchrun
 every process runs this file (``distributed.Ranks``): rank 0 owns and writes the run folder and gives the others what
 they need from it; an error any rank finds stops them all at the same step, and rank 0 prints the line.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -41,8 +41,9 @@ from epoch_steps import (Run, RunStopped, annotate, close_writers, epoch_seed, f
                          labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, parallel_model,
                          record_epoch, restore, restore_training, result, resumed_selection, save_checkpoints,
                          select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch)
-from run_folder import FolderInUse, FolderLocked, ResumeState, RunFolder, RunFolderError, SettingsDiffer, run_dir_of
-from safe_io import WriteError
+from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
+                        SettingsDiffer, run_dir_of)
+from safe_io import WriteError, first_names
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
 from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, check_processes, demo_data_root,
                       prepare_args, resume_keys)
@@ -75,6 +76,12 @@ def open_run_folder(args: Settings, folder: RunFolder, keys: Sequence[str],
                              "afresh), or choose another --output; nothing was removed") from None
         raise UsageError(f"--resume: the run to continue used other settings (its selections would not repeat); "
                          f"{changed}") from None
+    except LostState as err:
+        raise UsageError(f"--output {args.output}: {err}; restore last_state.pth to continue it with --resume, or "
+                         "choose another --output (or move the folder aside)") from None
+    except DeadRunUnchecked as err:
+        raise UsageError(f"--output {args.output}: {err}; restore those lines (the run then starts afresh), or "
+                         "remove the folder, or choose another --output") from None
     except RunFolderError as err:
         raise UsageError(f"--resume: {err}") from None
 
@@ -146,8 +153,7 @@ def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> oracles.Oracle:
     """The oracle of --oracle, after every check of its masks (nothing is written before)."""
     try:
-        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output),
-                                   args.num_classes)
+        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output))
     except annotation_rounds.RoundError as err:
         raise round_error(err) from None
     except RunFolderError as err:
@@ -206,7 +212,9 @@ def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     device = pick_device(args, ranks)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
     ranks.from_first(write_demo_data, args)  # the demo's data: written by rank 0, read by every rank (one machine)
-    train_set, val_set = ranks.together(load_data, args)
+    with warnings.catch_warnings(record=True) as data_warnings:  # e.g. images left out for lack of a mask
+        warnings.simplefilter("always")
+        train_set, val_set = ranks.together(load_data, args)
     oracle = make_shared_oracle(args, folder, state, train_set, ranks)
     model = ranks.together(make_model, args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
@@ -217,14 +225,16 @@ def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     fp16 = args.precision == "mixed" and utils.amp_dtype(device) == torch.float16
     run = Run(args, folder, device, plan, train_set, val_set, model, optimizer,
               torch.amp.GradScaler("cuda", enabled=fp16), oracle, keys, ranks=ranks)
-    ranks.together(take_over_folder, run, dead, state, argv)
+    ranks.together(take_over_folder, run, dead, state, argv, data_warnings)
     run.parallel = parallel_model(run)
     return run
 
 
-def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: Sequence[str]) -> None:
-    """Rank 0 (the one process without torchrun): create or reopen the run folder, its log and TensorBoard writers,
-    and continue from ``state`` (--resume) or start afresh. The other ranks take the state's training part."""
+def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: Sequence[str],
+                     data_warnings: Sequence[warnings.WarningMessage]) -> None:
+    """Rank 0 (the one process without torchrun): create or reopen the run folder, its log (with the warnings
+    loading the data gave) and TensorBoard writers, and continue from ``state`` (--resume) or start afresh. The other
+    ranks take the state's training part."""
     args, folder = run.args, run.folder
     if not run.ranks.first:
         if state is not None:
@@ -235,6 +245,8 @@ def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: S
         return
     open_run_folder(args, folder, run.resume_keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
+    for caught in data_warnings:  # said now, so that log.txt has them too
+        log.warning("warning: %s", caught.message)
     if args.resume and "--resume" not in argv:
         log.info("torchrun restarted the run's processes (restart %d): continuing the run as with --resume",
                  distributed.restart_count())
@@ -267,13 +279,21 @@ def how_to_go_on(epoch: int, fix: str) -> str:
 def stopped(args: Settings, err: RunStopped) -> UsageError:
     """A run stopped mid-epoch, as the one line saying what happened and what to do."""
     if err.reason == "diverged":
-        lr, bad = args.base_lr, err.names
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        return DivergenceError(f"training diverged in epoch {err.epoch} ({err.where}): NaN or inf in {shown}, at "
+        lr = args.base_lr
+        return DivergenceError(f"training diverged in epoch {err.epoch} ({err.where}): NaN or inf in "
+                               f"{first_names(err.names)}, at "
                                f"--base_lr {lr:g}; " + how_to_go_on(err.epoch, f"choose a lower --base_lr (e.g. "
                                                                                f"{lr / 10:g})"))
     return UsageError(f"--data_root {args.data_root}: {err.where} (found in epoch {err.epoch}); "
                       + how_to_go_on(err.epoch, "replace or remove that file"))
+
+
+def interrupted(run: Optional[Run]) -> str:
+    """What a run interrupted by the user keeps, and how to go on."""
+    if run is None or run.saved_epoch == 0:
+        return "no epoch was finished, so nothing is kept to continue: run the same command again (it starts afresh)"
+    return (f"last_state.pth and the best checkpoint are those of epoch {run.saved_epoch}, untouched: run the same "
+            "command with --resume to continue from there")
 
 
 def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
@@ -295,21 +315,6 @@ def hand_over(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -
 
 # ----------------------------------------------------------------------------- processes
 
-def quiet(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The parser of a rank other than 0: the same checks, its messages (help, errors) left to rank 0."""
-    parser._print_message = lambda message, file=None: None  # argparse prints through this one method
-    return parser
-
-
-def exit_with(ranks: Ranks, message: str) -> None:
-    """Exit code 2, rank 0 printing ``message``; every rank waits until it is printed (torchrun stops the other
-    processes as soon as one has exited, and itself returns 1, whatever their codes)."""
-    if ranks.first:
-        print(message, file=sys.stderr, flush=True)
-    ranks.barrier()
-    sys.exit(2)
-
-
 def as_restarted(args: Settings, ranks: Ranks) -> Settings:
     """torchrun --max-restarts starts the same command again after a process failed (TORCHELASTIC_RESTART_COUNT
     > 0): a restart continues the run its folder holds, as --resume does (a folder still without a run starts
@@ -326,7 +331,9 @@ def as_restarted(args: Settings, ranks: Ranks) -> Settings:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     ranks = Ranks.from_environment()  # torchrun's processes, or this one alone
-    parser = build_parser() if ranks.first else quiet(build_parser())
+    parser = build_parser()
+    if not ranks.first:  # the same checks; their messages (help, errors) are rank 0's to print
+        parser._print_message = lambda message, file=None: None
     add_log_handler(logging.StreamHandler(sys.stdout) if ranks.first else logging.NullHandler())
     run = None
     try:
@@ -373,9 +380,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         return ranks.from_first(finish_run, run, epoch)
     except RunStopped as err:
-        exit_with(ranks, f"{parser.prog}: error: {stopped(args, err)}")
+        ranks.exit(f"{parser.prog}: error: {stopped(args, err)}")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
-        exit_with(ranks, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}")
+        ranks.exit(f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}")
+    except KeyboardInterrupt:  # under torchrun the signal reaches torchrun first, which stops every process
+        ranks.exit(f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}", code=130)
     finally:
         if run is not None:
             close_writers(run)

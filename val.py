@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from datasets_skin import (DEFAULT_MAX_IMAGE_PIXELS, DatasetError, ImageTooLargeError, ValSkinDataset, collate_val,
                            decode_mask, discover_samples, find_split, require_a_lesion)
-from safe_io import atomic_path, probe_writable
+from safe_io import atomic_path, probe_writable, replaced_input
 from sam_lora_image_encoder_prompt import SIZE_MULTIPLE, ModelInputError, build_model
 from utils import DeviceError, select_device
 
@@ -66,8 +66,8 @@ def _spacing_vector(spacing: Spacing) -> np.ndarray:
     if spacing is None:
         return np.ones(2)
     vector = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (2,))
-    if not np.all(vector > 0):
-        raise ValueError(f"spacing must be positive, got {spacing!r}.")
+    if not np.all((vector > 0) & np.isfinite(vector)):
+        raise ValueError(f"spacing must be positive and finite, got {spacing!r}.")
     return vector
 
 
@@ -652,10 +652,12 @@ def flag_problem(args: argparse.Namespace) -> Optional[str]:
         problem = f"--img_size must be a multiple of {SIZE_MULTIPLE} (e.g. 512), got {args.img_size}"
     if args.num_workers < 0:
         problem = f"--num_workers must be 0 (load in this process) or more, got {args.num_workers}"
-    if args.num_classes > 4:
-        problem = f"--num_classes must be 1..4 (one SAM2 mask token per class), got {args.num_classes}"
-    if args.spacing is not None and not args.spacing > 0:
-        problem = f"--spacing must be a positive pixel size, got {args.spacing}"
+    if args.num_classes > 1:
+        problem = (f"--num_classes {args.num_classes}: the masks are read as binary (lesion / background), so they "
+                   "carry one class, lesion: use --num_classes 1 (another class's vacuous Dice of 1.0 would be "
+                   "averaged in)")
+    if args.spacing is not None and not 0 < args.spacing < float("inf"):
+        problem = f"--spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {args.spacing}"
     return problem
 
 
@@ -668,12 +670,27 @@ def output_path(args: argparse.Namespace) -> Path:
     return folder / f"metrics_{args.split}.csv"
 
 
-def check_output(args: argparse.Namespace, output_csv: Path) -> None:
-    """Refuse an output CSV that cannot be written, before anything is computed for it."""
+def inputs_by_flag(args: argparse.Namespace, image_dir: Path, mask_dir: Path) -> Dict[str, Iterable[Path]]:
+    """The files an evaluation reads, by the flag that gives them (lazily listed): the model's files, every file of
+    the split's folders, the prediction PNGs."""
+    files = {f"--{flag}": [Path(getattr(args, flag))] for flag in ("checkpoint", "sam_ckpt", "model_cfg")
+             if getattr(args, flag) is not None}
+    files["--data_root"] = (p for folder in (image_dir, mask_dir) for p in folder.iterdir())
+    files["--pred_dir"] = Path(args.pred_dir).glob("*.png") if args.pred_dir is not None else []
+    return files
+
+
+def check_output(args: argparse.Namespace, output_csv: Path, image_dir: Path, mask_dir: Path) -> None:
+    """Refuse an output CSV that cannot be written, or that is one of the inputs, before anything is computed."""
     if args.pred_dir is not None and not Path(args.pred_dir).is_dir():
         raise EvalError(f"--pred_dir {args.pred_dir!r} is not a folder.")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise EvalError(f"--checkpoint {args.checkpoint!r} does not exist.")
+    for flag, inputs in inputs_by_flag(args, image_dir, mask_dir).items():
+        replaced = replaced_input(output_csv, inputs)
+        if replaced is not None:
+            raise EvalError(f"--output_csv {output_csv} is {replaced}, an input ({flag}): writing the metrics there "
+                            "would replace it; choose another --output_csv (nothing was evaluated)")
     try:
         probe_writable(output_csv)
     except OSError as err:
@@ -709,7 +726,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output_csv = output_path(args)
     try:
         image_dir, mask_dir = find_split(args.data_root, args.split)
-        check_output(args, output_csv)
+        check_output(args, output_csv, image_dir, mask_dir)
         result = evaluate(args, image_dir, mask_dir)
     except ImageTooLargeError as err:
         how = f"pass --max_image_pixels {err.pixels or 2 * err.limit} (or more)"

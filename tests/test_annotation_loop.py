@@ -365,7 +365,7 @@ def test_a_round_also_goes_out_as_label_studio_tasks_of_the_run(waiting_round):
     assert f"label_studio.py import --export EXPORT.json --round_dir {folder}`" in said
 
 
-@pytest.mark.parametrize("case", ["no sdk", "two classes", "root elsewhere"])
+@pytest.mark.parametrize("case", ["no sdk", "root elsewhere"])
 def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, ground_truth_data, tmp_path,
                                                                         monkeypatch):
     data, _ = unlabeled_copy(ground_truth_data, tmp_path)
@@ -373,8 +373,6 @@ def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, gr
     if case == "no sdk":
         for module in ("label_studio_sdk", "label_studio_sdk.converter", "label_studio_sdk.converter.brush"):
             monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
-    elif case == "two classes":
-        extra += ["--num_classes", "2"]
     else:
         monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path / "elsewhere"))
     result = trainer.main(folder_argv(data, tmp_path / "out", *extra))
@@ -383,7 +381,6 @@ def test_a_round_label_studio_cannot_take_is_the_png_round_and_says_why(case, gr
     said = (result["run_dir"] / "log.txt").read_text()
     assert said.count("no Label Studio files for this round: ") == 1
     assert {"no sdk": "label-studio-sdk is not installed (to enable them: pip install -r requirements-labelstudio.txt)",
-            "two classes": "one label (lesion), and this run has --num_classes 2; annotate the PNG round",
             "root elsewhere": f"is not inside the Label Studio document root {tmp_path / 'elsewhere'}"}[case] in said
 
 
@@ -510,3 +507,24 @@ def test_a_returned_mask_is_read_by_its_mode(mode, pixels, problem, tmp_path):
     path = tmp_path / ("m.jpg" if mode == "CMYK" else "m.png")
     found, _ = annotation_rounds.mask_problem(sample, path)
     assert (found is None) if problem is None else (problem in found and found.startswith(str(path)))
+
+
+@pytest.mark.parametrize("orientation", [6, None])
+def test_a_mask_drawn_on_the_turned_image_says_exif(orientation, tmp_path):
+    """Issue 26: a mask in the orientation a viewer shows (the image turned by its EXIF tag) was refused with a size
+    message that did not say why the sizes were swapped. Without the tag, the turned size is still pointed out."""
+    image = tmp_path / "x.jpg"
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.new("RGB", (12, 8), (200, 150, 120)).save(image, exif=exif)
+    sample = SampleFiles("x", image, tmp_path / "x_segmentation.png", (8, 12))  # (H, W)
+    Image.new("L", (8, 12)).save(sample.mask_path)  # W x H swapped
+    problem, _ = annotation_rounds.mask_problem(sample)
+    said = "its EXIF orientation tag (6) shows it turned" if orientation else "drawn on a turned copy"
+    assert problem.startswith(f"{sample.mask_path}: 8x12 pixels, but its image x.jpg is 12x8 (W x H); the mask has "
+                              f"the image's size turned by 90 degrees: ") and said in problem, problem
+    assert problem.endswith("masks follow the pixels as stored (read without the EXIF turn, as the reference "
+                            "does): turn the mask back"), problem
+    Image.new("L", (9, 12)).save(sample.mask_path)
+    assert "EXIF" not in annotation_rounds.mask_problem(sample)[0]

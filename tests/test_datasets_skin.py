@@ -111,7 +111,7 @@ def test_bad_files_fail_at_construction_naming_the_file(synthetic_copy, damage, 
     elif damage == "truncated_image":
         image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     elif damage == "truncated_mask":
-        mask.write_bytes(mask.read_bytes()[:-20])
+        mask.write_bytes(mask.read_bytes()[: mask.stat().st_size // 2])  # a cut in its pixel data
     elif damage == "size_mismatch":
         Image.new("L", (20, 10)).save(mask)
     elif damage == "gif_as_jpg":
@@ -582,3 +582,52 @@ def test_real_isic_sample_loads(isic_sample):
         # A lesion is darker than the skin, which checks the mask is aligned with its image.
         grey = np.asarray(Image.open(images / f"{sample['name']}.jpg").convert("L"), np.float64)
         assert grey[lesion].mean() < grey[~lesion].mean() - 10
+
+
+# ----------------------------------------------------------------------------- issue 26: hostile inputs, round 2
+
+def test_complete_files_with_bytes_after_their_end_are_read_truly_truncated_ones_refused(synthetic_copy, monkeypatch):
+    """A complete JPEG with bytes after its end marker (as some cameras and exporters write) and a PNG with bytes
+    after IEND were refused as truncated, though PIL reads both. Every file still gets the cheap header and tail
+    check; only one without its end marker is decoded (once), and refused when that decode fails."""
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    image, mask = images / "ISIC_0000000.jpg", masks / "ISIC_0000000_segmentation.png"
+    pixels, lesion = ds.decode_image(image, None), ds.decode_mask(mask, None)
+    sizes = {image: image.stat().st_size, mask: mask.stat().st_size}
+    assert lesion.any()
+    image.write_bytes(image.read_bytes() + b"camera maker's trailer: no end marker in the last 64 bytes " * 4)
+    mask.write_bytes(mask.read_bytes() + b"\x00" * 100)
+    decoded = []
+    monkeypatch.setattr(ds, "decode_problem", lambda path, real=ds.decode_problem: decoded.append(path.name) or
+                        real(path))
+    dataset = ds.SemiSupervisedSkinDataset(images, masks, 32)
+    assert sorted(decoded) == [image.name, mask.name], "only the two files without an end marker are decoded"
+    np.testing.assert_array_equal(ds.decode_image(image, None), pixels)
+    np.testing.assert_array_equal(ds.decode_mask(mask, None), lesion)
+    assert "ISIC_0000000" in dataset.names
+    for victim in (image, mask):
+        whole = victim.read_bytes()
+        victim.write_bytes(whole[:sizes[victim] * 3 // 4])  # a cut in the pixel data
+        with pytest.raises(DatasetError, match=rf"'{victim}' is truncated: it has no end-of-file marker and cannot be "
+                                               r"decoded completely \(image file is truncated"):
+            ds.SemiSupervisedSkinDataset(images, masks, 32)
+        victim.write_bytes(whole)
+
+
+def test_a_mask_of_the_image_turned_by_its_exif_tag_is_said_so(synthetic_copy):
+    """A mask drawn on the image as a viewer shows it (turned by its EXIF orientation) is refused, saying why."""
+    images, masks = ds.find_split(synthetic_copy, "Training")
+    image, mask = images / "ISIC_0000002.jpg", masks / "ISIC_0000002_segmentation.png"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    with Image.open(image) as im:
+        width, height = im.size
+        im.save(image, exif=exif)
+    with Image.open(mask) as im:
+        im.transpose(Image.Transpose.ROTATE_90).save(mask)
+    with pytest.raises(DatasetError) as err:
+        ds.SemiSupervisedSkinDataset(images, masks, 32)
+    assert str(err.value).startswith(
+        f"Mask '{mask}' is {height}x{width} but its image {image.name} is {width}x{height} (W x H); the mask has the "
+        "image's size turned by 90 degrees: it was drawn on the image as viewers show it: its EXIF orientation tag (8) "
+        "shows it turned"), err.value

@@ -228,6 +228,41 @@ def test_a_cache_of_other_settings_or_a_damaged_one_is_rebuilt_and_said(tmp_path
     assert model.images_encoded(lora_on=False) == 9, "rebuilt: used again"
 
 
+@pytest.mark.parametrize("damage, why", [
+    ("a NaN vector", "it holds NaN or inf in the vectors of 1 image(s)"),
+    ("an infinite vector", "it holds NaN or inf in the vectors of 1 image(s)"),
+    ("vectors of another width", "its vectors are 3 wide, the encoder's 2"),
+    ("integer vectors", "it cannot be read: vectors of dtype torch.int64, not floating point"),
+    ("vectors of another shape", "it cannot be read: 3 digests for vectors of shape (3, 1, 2)"),
+])
+def test_a_damaged_cache_is_checked_on_load_rebuilt_and_said(tmp_path, strategy_log, damage, why):
+    """Issue 26: a NaN vector was an EmbeddingSelectionError traceback, vectors of another width (cached for some
+    images, new ones encoded) a RuntimeError from torch.stack. Every vector is checked (shape, width, finite); a
+    damaged file is rebuilt, as any unusable cache is, and the log says why."""
+    model = VectorSam()
+    select("alps", model, [0, 5, 8], 2, run_dir=tmp_path, feature_key=KEY)
+    path = tmp_path / EMBEDDINGS_FILE
+    stored = torch.load(path, weights_only=True)
+    vectors = stored["vectors"]
+    if damage in ("a NaN vector", "an infinite vector"):
+        vectors[1, 0] = float("nan") if damage == "a NaN vector" else float("inf")
+    elif damage == "vectors of another width":
+        vectors = torch.cat([vectors, torch.zeros(3, 1)], dim=1)
+    elif damage == "integer vectors":
+        vectors = vectors.round().long()
+    else:
+        vectors = vectors[:, None]
+    torch.save(dict(stored, vectors=vectors), path)
+    again = select("alps", VectorSam(), [0, 5, 8, 6], 2, run_dir=tmp_path, feature_key=KEY)  # a resumed run
+    assert f"{path} is not used ({why}); rebuilding it" in strategy_log
+    assert [line for line in strategy_log if "encoded" in line][-1] == \
+        f"pretrained embeddings: 4 image(s) encoded, 0 from the cache ({path})"
+    rebuilt = torch.load(path, weights_only=True)
+    assert rebuilt["vectors"].shape == (4, 2) and torch.isfinite(rebuilt["vectors"]).all()
+    torch.testing.assert_close(rebuilt["vectors"].norm(dim=1), torch.ones(4))
+    assert again.chosen == select("alps", VectorSam(), [0, 5, 8, 6], 2, feature_key=KEY).chosen, "as from no file"
+
+
 def test_an_image_whose_pixels_changed_is_encoded_again(tmp_path):
     model, data = VectorSam(), dataset()
     select("alps", model, [0, 5], 1, data=data, run_dir=tmp_path, feature_key=KEY)

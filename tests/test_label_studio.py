@@ -4,7 +4,9 @@ The brush RLE is Label Studio's SDK's; these tests check what our code does with
 threshold, merging), the tasks file's fields, and every refusal of the import, which leaves everything as it was.
 The export format is the one a 1.23 server writes (tests/test_label_studio_server.py checks it against a real one).
 """
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -378,3 +380,103 @@ def test_the_command_writes_masks_or_says_in_one_line_what_is_wrong(fresh, tmp_p
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("label_studio.py import: --export: ") and "another run" in err
+
+
+# ----------------------------------------------------------------------------- issue 26: hostile inputs, round 2
+
+def test_a_round_of_an_image_named_with_230_characters_is_written_and_imported(tmp_path):
+    """Its mask's name (230 + 17 characters) fits the file system, but the temporary file it was written through
+    did not: "round folder not writable", whatever space was freed (safe_io names temporary files to fit)."""
+    data = make_synthetic_isic(tmp_path / "data", n_train=1, n_val=1, size=96, seed=2)
+    image_dir, mask_dir = data / "Training_Data", data / "Training_GroundTruth"
+    (image,) = image_dir.iterdir()
+    stem = "ISIC_" + "7" * 225
+    image.rename(image_dir / f"{stem}.jpg")
+    truth = np.asarray(Image.open(next(mask_dir.iterdir()))) > 127
+    shutil.rmtree(mask_dir)
+    (sample,) = discover_samples(image_dir, mask_dir, unlabeled_ok=True)
+    item = annotation_rounds.RoundItem(sample, 0.5, 1, np.zeros(sample.orig_size, bool))
+    round_dir = tmp_path / "root" / "round_003"
+    annotation_rounds.write_round(round_dir, [item])
+    label_studio.write_round_files(round_dir, [item], RUN_ID, ROUND, tmp_path / "root")
+    export = write_export(tmp_path / "e.json",
+                          export_of(round_dir, {f"{stem}.jpg": [annotation([brush_region(truth)])]}))
+    (written,) = label_studio.import_export(export, round_dir).written
+    assert written.name == f"{stem}_segmentation.png" and len(written.name) == 247
+    np.testing.assert_array_equal(np.asarray(Image.open(written)) > 0, truth)
+    assert (round_dir / f"{stem}_proposal.png").is_file() and not safe_io.stale_temp_files(round_dir)
+
+
+def first_region(task, **changes):
+    """``task`` with its first annotation's first region changed."""
+    task = json.loads(json.dumps(task))
+    task["annotations"][0]["result"][0].update(changes)
+    return task
+
+
+MALFORMED_EXPORTS = {  # AttributeError / TypeError tracebacks before; now the task and the field are named
+    "annotations text": (lambda t: {**t, "annotations": "done"}, "its annotations is text \\('done'\\), not a list"),
+    "annotations an object": (lambda t: {**t, "annotations": {"id": 21}},
+                              "its annotations is an object \\({'id': 21}\\), not a list"),
+    "an annotation not an object": (lambda t: {**t, "annotations": [21]},
+                                    "its annotation 1 is a whole number \\(21\\), not an object"),
+    "result an object": (lambda t: {**t, "annotations": [{**t["annotations"][0], "result": {"a": 1}}]},
+                         "annotation 21: its result is an object \\({'a': 1}\\), not a list"),
+    "value a list": (lambda t: first_region(t, value=[1, 2]),
+                     "annotation 21, region 1: its value is a list \\(\\[1, 2\\]\\), not an object"),
+    "mdsam_image a list": (lambda t: edited(t, mdsam_image=["a.jpg"]),
+                           ": its mdsam_image is a list \\(\\['a.jpg'\\]\\), not text"),
+    "original_width text": (lambda t: first_region(t, original_width=str(t["annotations"][0]["result"][0]
+                                                                      ["original_width"])),
+                            "annotation 21, region 1: its original_width is text \\('160'\\), not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_EXPORTS))
+def test_an_export_of_another_structure_names_the_task_and_field_and_writes_nothing(fresh, tmp_path, case):
+    change, message = MALFORMED_EXPORTS[case]
+    before = written_files(fresh.round_dir)
+    export = write_export(tmp_path / "export.json", [change(good_task(fresh))])
+    with pytest.raises(label_studio.ExportError, match=f"^{export}: task 100.*{message}; "):
+        label_studio.import_export(export, fresh.round_dir)
+    assert written_files(fresh.round_dir) == before
+
+
+def test_an_import_into_a_read_only_round_folder_is_one_line_and_writes_nothing(fresh, tmp_path, capsys, monkeypatch):
+    """A WriteError traceback with exit 1 before. (CI runs as root: the read-only file system is injected where a
+    file of the round folder would be made.)"""
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    before = written_files(fresh.round_dir)
+    made = safe_io.tempfile.mkstemp
+
+    def read_only_round(*args, dir=None, **kwargs):
+        if Path(dir) == fresh.round_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(fresh.round_dir))
+        return made(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", read_only_round)
+    with pytest.raises(SystemExit) as exit_info:
+        label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == (
+        f"label_studio.py import: --round_dir: cannot write into {fresh.round_dir} (read-only file system): make it "
+        "writable and import again; nothing was written\n")
+    assert written_files(fresh.round_dir) == before
+
+
+def test_a_disk_that_fills_up_during_the_import_is_one_line(fresh, tmp_path, capsys, monkeypatch):
+    export = write_export(tmp_path / "e.json", [good_task(fresh)])
+    before = written_files(fresh.round_dir)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(label_studio, "check_writable", lambda round_dir: None)  # the disk fills up after the probe
+    monkeypatch.setattr(safe_io.tempfile, "mkstemp", full)
+    with pytest.raises(SystemExit) as exit_info:
+        label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])
+    mask = fresh.round_dir / f"{Path(fresh.items[0].sample.image_path.name).stem}_segmentation.png"
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"label_studio.py import: --round_dir: cannot write {mask}: the disk is full (No space left on device); "
+        "nothing half-written is left\n")
+    assert written_files(fresh.round_dir) == before

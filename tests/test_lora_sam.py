@@ -414,10 +414,11 @@ def test_zero_shot_equals_official_token0_where_the_official_fallback_triggers(s
             torch.testing.assert_close(iou[0], off["iou_predictions"], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["point_mm0", "box_mm0", "box_point_mm0"])
+@pytest.mark.parametrize("case", ["point_mm0", "box_mm0", "box_point_mm0", "mask_feedback_mm0"])
 def test_prompted_decode_equals_official_prompts(oracle, case):
-    """Point / box prompts follow the official predictor's conventions (square image: the
-    official pixel coordinates are already input coordinates)."""
+    """Point / box / mask prompts follow the official predictor's conventions (square image: the
+    official pixel coordinates are already input coordinates; a mask prompt is the official call's
+    ``mask_input``: an earlier call's clamped low-res logits, fed back as they are)."""
     net, cases, names, x = oracle
     record = cases[("square", case)]
     prompts = {}
@@ -425,10 +426,48 @@ def test_prompted_decode_equals_official_prompts(oracle, case):
         prompts["points"] = (record["point_coords"][None].float(), record["point_labels"][None])
     if "box" in record:
         prompts["boxes"] = record["box"].reshape(1, 4).float()
+    if "mask_input" in record:
+        prompts["mask_input"] = record["mask_input"][None].float()  # 1 x 1 x S/4 x S/4
     with torch.no_grad():
         out = net.decode(net.encode(x[names.index("square")][None]), 1, **prompts)
     ours = torch.softmax(out["low_res_logits"], dim=1)[0, 1]
     assert (ours - torch.sigmoid(record["low_res_logits"][0])).abs().max().item() < 1e-4
+
+
+def test_mask_input_none_keeps_the_unmasked_decoder_and_a_mask_changes_it(shared_net):
+    """mask_input None: the prompt encoder's no-mask embedding, bit for bit the decoder's output without a mask
+    prompt (computed here from SAM2's parts); a mask prompt changes the output."""
+    sam, x = shared_net.sam, images()
+    points = (torch.tensor([[[40.0, 70.0], [90.0, 20.0]]]).expand(2, -1, -1), torch.tensor([[1, 0]]).expand(2, -1))
+    grid = (SIZE // 16, SIZE // 16)
+    with torch.no_grad():
+        features = shared_net.encode(x)
+        sparse, dense = sam.sam_prompt_encoder(points=points, boxes=None, masks=None, image_embedding_size=grid,
+                                               input_image_size=(SIZE, SIZE))
+        expected, _ = sam.sam_mask_decoder.predict_masks(
+            image_embeddings=features["image_embed"], image_pe=sam.sam_prompt_encoder.get_dense_pe(grid),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, repeat_image=False,
+            high_res_features=sam.project_high_res(features["backbone_fpn"], sam.sam_mask_decoder))[:2]
+        plain = shared_net.predict_logits(None, 1, points=points, features=features, mask_input=None)
+        mask = torch.full((2, 1, SIZE // 4, SIZE // 4), -8.0)
+        mask[:, :, 4:20, 6:26] = 8.0
+        masked = shared_net.predict_logits(None, 1, points=points, features=features, mask_input=mask)
+        masked_alone = shared_net.predict_logits(None, 1, features=features, mask_input=mask)
+    assert torch.equal(plain[:, 1], expected[:, 0])
+    assert (masked - plain).abs().max().item() > 0.1
+    assert masked_alone.shape == plain.shape
+
+
+def test_mask_input_of_the_wrong_shape_is_a_typed_error(shared_net):
+    from sam_lora_image_encoder_prompt import MaskInputError
+
+    with torch.no_grad():
+        features = shared_net.encode(images())
+    low = SIZE // 4
+    for bad in (torch.zeros(1, 1, low, low), torch.zeros(2, 2, low, low), torch.zeros(2, 1, SIZE, SIZE),
+                torch.zeros(2, low, low), np.zeros((2, 1, low, low), np.float32)):
+        with pytest.raises(MaskInputError, match=r"B x 1 x S/4 x S/4.*\(2, 1, 32, 32\)"):
+            shared_net.decode(features, 2, mask_input=bad)
 
 
 # ---- training step -----------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def test_metrics_columns_are_the_union_of_every_rows(tmp_path):
                                      dict(epoch=2, labeled=2, loss=0.4, dice=0.3)]
 
 
-def state(epoch=1, **settings):
-    return ResumeState(epoch, dict(settings), {"w": torch.zeros(1)}, {}, {}, ["a"], 0.5, "")
+def state(epoch=1, labeled=("a",), **settings):
+    return ResumeState(epoch, dict(settings), {"w": torch.zeros(1)}, {}, {}, list(labeled), 0.5, "")
 
 
 def test_status_follows_the_files(tmp_path):
@@ -194,19 +194,19 @@ def test_records_of_a_resumed_run_must_be_complete(tmp_path):
     folder.write_config(dict(img_size=64))
     folder.check_records(state(epoch=0))  # a round waiting before epoch 1: config.txt only
     with pytest.raises(RunFolderError, match=r"al_selection.csv is missing \(it is written at every selection"):
-        folder.check_records(state(epoch=2))
+        folder.check_records(state(epoch=2, labeled="ab"))
     folder.append_selection([[1, "a", "0.5", 1, "random"], [2, "b", "0.4", 1, "random"]])
     folder.write_metrics_row(dict(epoch=2, labeled=2))
     with pytest.raises(RunFolderError, match=r"metrics.csv lacks the rows of epoch 1 .*last finished epoch \(2\)"):
-        folder.check_records(state(epoch=2))
+        folder.check_records(state(epoch=2, labeled="ab"))
     folder.write_metrics_row(dict(epoch=1, labeled=1))
-    folder.check_records(state(epoch=2))
+    folder.check_records(state(epoch=2, labeled="ab"))
     folder.file("metrics.csv").unlink()  # and no images.json: a folder of a trainer before metrics.csv
     with pytest.raises(RunFolderError, match=r"metrics.csv is missing, as in a run folder made by a trainer.py older"):
-        folder.check_records(state(epoch=2))
+        folder.check_records(state(epoch=2, labeled="ab"))
     folder.write_images({"Training": {"a.jpg": 1}})  # one that had both: the file was lost
     with pytest.raises(RunFolderError, match=r"metrics.csv is missing \(it is written at the end of every epoch"):
-        folder.check_records(state(epoch=2))
+        folder.check_records(state(epoch=2, labeled="ab"))
 
 
 def test_a_folder_found_new_must_still_be_new_when_it_is_created(tmp_path):

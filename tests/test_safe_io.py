@@ -164,3 +164,63 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     with pytest.raises(safe_io.WriteError, match=rf"cannot write {tmp_path}/run/a.txt: {tmp_path}/run is not "
                                                  r"writable \(read-only file system\)"):
         safe_io.atomic_write_text(tmp_path / "run" / "a.txt", "x")
+
+
+# ----------------------------------------------------------------------------- issue 26: an output that is an input
+
+def test_replaced_input_is_the_same_file_by_path_or_by_link(tmp_path):
+    checkpoint, other = tmp_path / "best.pth", tmp_path / "copy.pth"
+    checkpoint.write_bytes(b"weights")
+    other.write_bytes(b"weights")  # the same bytes, another file: writing it replaces no input
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "symlink.csv").symlink_to(checkpoint)
+    os.link(checkpoint, tmp_path / "hard_link.csv")
+    inputs = [tmp_path / "missing.pth", other, checkpoint]
+    for output in (checkpoint, tmp_path / "sub" / ".." / "best.pth", tmp_path / "symlink.csv",
+                   tmp_path / "hard_link.csv"):
+        assert safe_io.replaced_input(output, inputs) == checkpoint, output
+    assert safe_io.replaced_input(tmp_path / "metrics.csv", inputs) is None
+    assert safe_io.replaced_input(other, [checkpoint]) is None
+
+    def never_listed():
+        raise AssertionError("an output that does not exist yet replaces nothing: the inputs are not listed")
+        yield
+
+    assert safe_io.replaced_input(tmp_path / "new.csv", never_listed()) is None
+
+
+# ----------------------------------------------------------------------------- issue 26: long names
+
+@pytest.mark.parametrize("length", [243, 255])  # a 230-character image's <stem>_segmentation.png; the longest name
+def test_a_temporary_name_fits_wherever_the_final_name_fits(tmp_path, length):
+    """The temporary name was the final name plus 14 characters (.tmp-, -, 8 random): a long final name that fits
+    made a temporary one that did not (OSError "File name too long", said as a folder not writable)."""
+    name = "x" * (length - 4) + ".png"
+    with safe_io.atomic_path(tmp_path / name) as tmp:
+        assert len(tmp.name) <= len(name) and tmp.suffix == ".png" and tmp.name.startswith(".tmp-xxxx")
+        assert safe_io.stale_temp_files(tmp_path) == [tmp], "a temporary file left by a kill is still recognised"
+        tmp.write_text("ok")
+    assert (tmp_path / name).read_text() == "ok"
+    safe_io.probe_writable(tmp_path / name)
+    with safe_io.atomic_folder(tmp_path / ("d" * length)) as folder:
+        assert len(folder.name) <= length
+        assert safe_io.stale_temp_files(tmp_path, "d" * length) == [folder]
+    assert (tmp_path / ("d" * length)).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "d" * length])
+
+
+def test_short_names_keep_their_whole_stem_in_the_temporary_name(tmp_path):
+    with safe_io.atomic_path(tmp_path / "best_model_dice0.8732.pth") as tmp:
+        assert tmp.name.startswith(".tmp-best_model_dice0.8732-") and tmp.suffix == ".pth"
+
+
+def test_a_name_too_long_for_the_file_system_is_said_as_such(tmp_path):
+    """Not "not writable ... free space": no space or permission helps a name over the file system's limit."""
+    path = tmp_path / ("x" * 300 + ".png")
+    with pytest.raises(safe_io.WriteError) as err:
+        safe_io.atomic_write_text(path, "x")
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    assert str(err.value) == (f"cannot write {path}: its name is 304 characters long, longer than the file system "
+                              f"allows there ({limit}); choose a shorter name; nothing half-written is left")
+    assert err.value.errno == errno.ENAMETOOLONG and not safe_io.WriteError.about_the_disk(err.value)
+    assert not list(tmp_path.iterdir())

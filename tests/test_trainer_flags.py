@@ -30,7 +30,8 @@ def run_main_expecting_error(argv, capsys) -> str:
         (["--demo", "--pool_size", "3", "--batch_size", "4"], "--pool_size: the pool (3) must be >= --batch_size (4)"),
         (["--demo", "--img_size", "100"], "--img_size must be a positive multiple of 32 (got 100)"),
         (["--demo", "--img_size", "0"], "--img_size must be a positive multiple of 32"),
-        (["--demo", "--num_classes", "5"], "--num_classes must be 1..4"),
+        (["--demo", "--num_classes", "5"], "--num_classes 5: the masks are read as binary"),
+        (["--demo", "--num_classes", "2"], "so they carry one class, lesion: use --num_classes 1"),
         (["--demo", "--max_epochs", "0"], "--max_epochs must be >= 1"),
         (["--demo", "--val_limit", "0"], "--val_limit must be >= 1"),
         (["--demo", "--dice_weight", "1.5"], "--dice_weight must be in [0, 1]"),
@@ -90,7 +91,8 @@ def test_existing_run_folder_is_refused_without_resume(capsys, tmp_path):
     run_dir.mkdir()
     (run_dir / "config.txt").write_text("earlier run\n")
     err = run_main_expecting_error(["--demo", "--img_size", "128", "--output", str(tmp_path)], capsys)
-    assert "already holds a run" in err and "--resume" in err
+    assert f"{run_dir} holds a run that stopped before finishing its first epoch" in err
+    assert "config.txt lacks img_size, batch_size, pool_size and " in err and "choose another --output" in err
     assert (run_dir / "config.txt").read_text() == "earlier run\n"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.txt", "owner.lock"], "only the lock it held meanwhile"
 

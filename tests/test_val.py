@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -629,3 +630,63 @@ def test_validate_reference_scores_each_image_and_averages(synthetic_root):
     assert [r["name"] for r in result["rows"]] == dataset.names
     assert result["mean"]["dice"] == pytest.approx(np.mean([d for d, _ in per_image]), abs=1e-6)
     assert result["mean"]["hd95"] == pytest.approx(np.mean([h for _, h in per_image]), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue 26: hostile inputs, round 2
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf"])
+def test_cli_spacing_must_be_a_positive_finite_pixel_size(value, synthetic_root, tmp_path, capsys):
+    """--spacing inf was a ValueError traceback (0, negative and NaN were refused already)."""
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", tmp_path / "best.pth", f"--spacing={value}"], capsys)
+    assert err == f"error: --spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {float(value)}\n"
+    with pytest.raises(ValueError, match="finite"):
+        val.segmentation_metrics(np.ones((4, 4)), np.zeros((4, 4)), spacing=float(value))
+
+
+def test_cli_refuses_a_checkpoint_holding_nan_or_inf_naming_the_tensors(tiny_model_file, synthetic_root, tmp_path,
+                                                                        capsys):
+    """A checkpoint of a diverged model was scored (exit 0, metrics written); now refused as the trainer refuses
+    non-finite weights, naming the first tensors."""
+    state = torch.load(tiny_model_file, weights_only=True)
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    broken = [floats[2], floats[5], floats[7], floats[-1]]  # in the file's order
+    for key, bad in zip(broken, (float("nan"), float("inf"), float("-inf"), float("nan"))):
+        state[key] = torch.zeros(state[key].shape).index_fill_(0, torch.tensor([0]), bad)  # one bad value each
+    path = tmp_path / "best_model_dice0.9000.pth"
+    torch.save(state, path)
+    err = run_cli(["--data_root", synthetic_root, "--checkpoint", path, "--model_cfg", "sam2.1_hiera_t", "--gpu", "cpu",
+                   "--img_size", "64"], capsys)
+    assert err == (f"error: --checkpoint: {path} holds NaN or inf in 4 tensors ({broken[0]}, {broken[1]}, {broken[2]} "
+                   "and 1 more): a model saved after training diverged, whose scores would mean nothing; use a "
+                   "checkpoint saved before the divergence\n")
+    assert not (tmp_path / "metrics_Validation.csv").exists()
+
+
+def test_cli_output_that_is_one_of_its_inputs_is_refused_and_left_as_it_was(tiny_model_file, synthetic_copy, tmp_path,
+                                                                          capsys):
+    """--output_csv naming the --checkpoint overwrote it with the metrics; no output may replace an input: the
+    checkpoint (by its path, a symbolic or a hard link to it), the split's images and masks, the predictions."""
+    checkpoint = tmp_path / "best_model_dice0.5000.pth"
+    checkpoint.write_bytes(tiny_model_file.read_bytes())
+    (tmp_path / "link.pth").symlink_to(checkpoint)
+    os.link(checkpoint, tmp_path / "hard_link.csv")
+    model = ["--model_cfg", "sam2.1_hiera_t", "--img_size", "64", "--gpu", "cpu", "--checkpoint", checkpoint]
+    images, masks = ds.find_split(synthetic_copy, "Validation")
+    pred_dir = tmp_path / "preds"
+    pred_dir.mkdir()
+    for mask in masks.iterdir():
+        (pred_dir / mask.name).write_bytes(mask.read_bytes())
+    mask, image, prediction = sorted(masks.iterdir())[1], sorted(images.iterdir())[0], sorted(pred_dir.iterdir())[2]
+    os.link(mask, tmp_path / "mask_link.csv")
+    scored = ["--pred_dir", pred_dir]
+    cases = [(model, checkpoint, checkpoint, "--checkpoint"),
+             (model, tmp_path / "link.pth", checkpoint, "--checkpoint"),
+             (model, tmp_path / "hard_link.csv", checkpoint, "--checkpoint"), (scored, mask, mask, "--data_root"),
+             (scored, image, image, "--data_root"), (scored, tmp_path / "mask_link.csv", mask, "--data_root"),
+             (scored, prediction, prediction, "--pred_dir")]
+    before = {path: path.read_bytes() for path in (checkpoint, mask, image, prediction)}
+    for source, output, replaced, flag in cases:
+        err = run_cli(["--data_root", synthetic_copy, *source, "--output_csv", output], capsys)
+        assert err == (f"error: --output_csv {output} is {replaced}, an input ({flag}): writing the metrics there "
+                       "would replace it; choose another --output_csv (nothing was evaluated)\n"), err
+        assert {path: path.read_bytes() for path in before} == before
