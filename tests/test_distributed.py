@@ -10,8 +10,9 @@ the pieces: the loss and gradient of a batch of 4 split 2 + 1 + 1 (and of 2 spli
 every strategy's selection, errors reaching every rank.
 
 Tolerances (measured on this CPU, gloo, 1 thread per process): selections identical; scores within 1e-6
-(printed with 6 decimals); validation metrics within 1e-6; loss parts within 1e-5 relative; gradients of a split
-batch within 1e-6 relative to the largest gradient (measured 3e-7); weights: see test_weights_match_within_tolerance.
+(printed with 6 decimals); validation metrics within 1e-6 (measured: equal); loss parts within 1e-5 relative
+(measured 4e-7); gradients of a split batch within 1e-6 of the largest gradient (measured 3e-7 to 5e-7); weights:
+see test_weights_match_within_tolerance.
 """
 from __future__ import annotations
 
@@ -132,8 +133,8 @@ def weights_of(run_dir: Path):
 def test_weights_match_within_tolerance(one_process, two_processes, flags, report_figure):
     """What the split changes is float rounding, which AdamW's elementwise normalisation (g / sqrt(v)) turns into
     steps of up to about the learning rate where a gradient is rounding noise itself (e.g. the attention key biases,
-    whose gradient is 0 in exact arithmetic). So: each element within 2 x lr x the optimiser steps so far (6), and
-    the difference within 1e-3 of what training changed, over the whole model (measured: see the report)."""
+    whose gradient is 0 in exact arithmetic). So: each element within lr (measured 6.4e-5 after 6 steps at lr 1e-3),
+    and the difference within 3e-4 of what training changed, over the whole model (measured 2.9e-5 to 3.8e-5)."""
     one, two = weights_of(one_process), weights_of(two_processes[0])
     assert sorted(one) == sorted(two) and len(one) >= 2
     start = build_model("sam2.1_hiera_t", str(flags[flags.index("--checkpoint") + 1]), SIZE, seed=1337).state_dict()
@@ -145,8 +146,8 @@ def test_weights_match_within_tolerance(one_process, two_processes, flags, repor
         apart = math.sqrt(sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a))
         report_figure(f"issue 25: {name} of 2 processes vs 1: largest element difference {largest:.2e}, "
                       f"||difference|| / ||change by training|| {apart / changed:.2e}")
-        assert largest <= 2 * BASE_LR * 6
-        assert apart <= 1e-3 * changed and changed > 0
+        assert largest <= BASE_LR
+        assert apart <= 3e-4 * changed and changed > 0
 
 
 def test_a_model_made_on_two_processes_loads_in_a_notebook(two_processes):
