@@ -21,13 +21,16 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import compare_strategies
 import distributed
+import epoch_steps
 import settings
 import trainer
 from run_folder import ResumeState, RunFolder, SettingsDiffer
@@ -186,6 +189,24 @@ def test_per_epoch_prompt_draws_are_refused_on_several_processes(flags):
     settings.check_processes(args, 1)
     with pytest.raises(settings.UsageError, match="--prompt_draw per_epoch .* one process"):
         settings.check_processes(args, 2)
+
+
+def test_prompt_points_are_drawn_per_image_whatever_shares_its_batch(decisive):
+    """The random point an image is prompted with (decoder 2's ``_r`` prediction) is the same whether the image is
+    trained alone (on its rank) or with others; the draws of one generator per epoch (per_epoch) are not. Nothing
+    learned depends on it: the loss reads decoder 2's centre-point prediction, not the random point's."""
+    net = decisive(build_model("sam2.1_hiera_t", None, SIZE, seed=0)).eval()
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+
+    def random_point_logits(draw: str, batch: list) -> torch.Tensor:
+        run = types.SimpleNamespace(args=types.SimpleNamespace(prompt_draw=draw, seed=5))
+        generators = epoch_steps.prompt_generators(run, 2, batch, np.random.default_rng([5, 2, 1]))
+        with torch.no_grad():
+            return net(images[batch], False, SIZE, 0, "point", generators)["low_res_logits2_r"][-1]
+
+    torch.testing.assert_close(random_point_logits("per_image", [2]), random_point_logits("per_image", [0, 1, 2]),
+                               atol=1e-4, rtol=0)
+    assert (random_point_logits("per_epoch", [2]) - random_point_logits("per_epoch", [0, 1, 2])).abs().max() > 0.1
 
 
 def test_an_older_prompted_run_folder_resumes_with_the_draw_it_was_made_with(tmp_path):
