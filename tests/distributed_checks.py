@@ -7,7 +7,7 @@ OUT/rank<r>.json, per rank:
 - ``steps``: training steps through the product's code (``epoch_steps.train_step`` with the model in
   DistributedDataParallel, each rank on its share of the batch) and, on rank 0, the same step in one process on
   the whole batch, from the same weights: both losses, the largest gradient and weight differences, and which
-  parameters got no gradient. Batches of 4 (on 3 ranks: 2 + 1 + 1) and of 2 (1 + 1 + 0: a rank with no image),
+  parameters got no gradient (gradients as they were before clipping). Batches of 4 (on 3 ranks: 2 + 1 + 1) and of 2 (1 + 1 + 0: a rank with no image),
   with --promptmode none and point (per-image prompt points);
 - ``selections``: every strategy's selection with each rank scoring its share of a pool of 7 (3 + 2 + 2), and on
   rank 0 the one-process selection;
@@ -49,10 +49,24 @@ def step_run(model: torch.nn.Module, ranks: Ranks, promptmode: str) -> types.Sim
     return run
 
 
+CLIP = torch.nn.utils.clip_grad_norm_
+UNCLIPPED: list = []  # the gradients train_step clipped last, as they were before clipping
+
+
+def recording_clip(parameters, *args, **kwargs):
+    """torch.nn.utils.clip_grad_norm_, keeping the gradients it is given (clipping would hide a wrong scale)."""
+    parameters = list(parameters)
+    UNCLIPPED[:] = [None if p.grad is None else p.grad.clone() for p in parameters]
+    return CLIP(parameters, *args, **kwargs)
+
+
+torch.nn.utils.clip_grad_norm_ = recording_clip
+
+
 def one_step(model: torch.nn.Module, ranks: Ranks, promptmode: str, batch: dict) -> dict:
     run = step_run(model, ranks, promptmode)
     loss = float(epoch_steps.train_step(run, 3, batch, None)["loss"])
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], UNCLIPPED))
     return dict(loss=loss, grads=grads, weights={n: p.detach().clone() for n, p in model.named_parameters()})
 
 
