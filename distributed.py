@@ -109,8 +109,7 @@ class Ranks:
         concatenated in rank order, on every rank; an error of any rank is raised on all."""
         if not self.active:
             return work()
-        own = self._attempt(work)
-        parts = self._exchange(own, own)
+        parts = self._exchange(self._attempt(work))
         return [item for part in parts for item in part]
 
     # ---- steps
@@ -130,7 +129,7 @@ class Ranks:
         if not self.active:
             return work(*args, **kwargs)
         own = self._attempt(work, *args, **kwargs)
-        self._exchange((own[0], None), own)
+        self._exchange(own, send_value=False)
         return own[1]
 
     def barrier(self) -> None:
@@ -173,11 +172,12 @@ class Ranks:
         ok, value = outcome
         return (True, value) if ok else (False, _portable(value, self.rank))
 
-    def _exchange(self, outcome: Tuple[bool, object], own: Tuple[bool, object]) -> List[object]:
-        """Every rank's ``outcome`` (ok, value), in rank order; ``own``: this rank's (ok, value or its error)."""
+    def _exchange(self, own: Tuple[bool, object], send_value: bool = True) -> List[object]:
+        """Every rank's value, in rank order (None for each without ``send_value``), from this rank's ``own``
+        outcome (ok, value or its error) and every other rank's; or the lowest rank's error, raised."""
+        sent = self._sendable(own) if send_value or not own[0] else (True, None)
         outcomes: List[object] = [None] * self.size
-        dist.all_gather_object(outcomes, self._sendable(outcome) if outcome[0] else self._sendable(own),
-                               group=self._objects)
+        dist.all_gather_object(outcomes, sent, group=self._objects)
         return self._values(outcomes, own)
 
     def _values(self, outcomes: List[Tuple[bool, object]], own: Optional[Tuple[bool, object]]) -> List[object]:

@@ -13,11 +13,12 @@ that scores differ between photos, --pool_size all, --batch_size 2, --decode ful
   --device cuda   1 process on 1 GPU, then --nproc processes on --nproc GPUs
 
 The data: the photos of --data at their original size (the full-size ISIC-2017 sample) as the Validation split,
-and as the Training split with a mirrored copy of each (12 photos: the pool keeps something to choose from);
-without --data, synthetic photos of 2048 px. The times are trainer.py's own (metrics.csv: scoring_s, val_s);
-epoch 1 decodes every photo once (the decode-once cache), so the table shows it apart from the mean of the later
-epochs. The load (/proc/loadavg) is printed before and after each arm: on a busy machine the absolute times
-mean little, the ratios measured side by side more.
+and as the Training split with three turned copies of each (mirrored, flipped, rotated: 24 photos, so that the pool
+keeps something to choose from, and the photos each process scores change little from one epoch to the next: each
+decodes a photo the first time it scores it); without --data, synthetic photos of 2048 px. The times are
+trainer.py's own (metrics.csv: scoring_s, val_s); epoch 1 decodes every photo once (the decode-once cache), so the
+table shows it apart from the mean of the later epochs. The load (/proc/loadavg) is printed before and after each
+arm: on a busy machine the absolute times mean little, the ratios measured side by side more.
 """
 from __future__ import annotations
 
@@ -51,11 +52,11 @@ def load() -> str:
 
 
 def write_data(sample: Path, root: Path) -> Path:
-    """Training (each photo and its mirror) and Validation (the photos) splits of ``sample`` (images/, masks/) at
-    their original size, in the trainer's layout; without ``sample``, synthetic photos of 2048 px."""
+    """Training (each photo and three turned copies) and Validation (the photos) splits of ``sample`` (images/,
+    masks/) at their original size, in the trainer's layout; without ``sample``, synthetic photos of 2048 px."""
     if not (sample / "images").is_dir():
         print(f"{sample} not found: synthetic photos of 2048 px instead")
-        return make_synthetic_isic(root, 12, 6, 0, size=2048, seed=1)
+        return make_synthetic_isic(root, 24, 6, 0, size=2048, seed=1)
     folders = {name: root / name for name in ("Training_Data", "Training_GroundTruth", "Validation_Data",
                                               "Validation_GroundTruth")}
     for folder in folders.values():
@@ -66,8 +67,10 @@ def write_data(sample: Path, root: Path) -> Path:
             os.symlink(image, folders[f"{split}_Data"] / image.name)
             os.symlink(mask, folders[f"{split}_GroundTruth"] / mask.name)
         with Image.open(image) as photo, Image.open(mask) as outline:
-            ImageOps.mirror(photo).save(folders["Training_Data"] / f"{image.stem}m.jpg", quality=95)
-            ImageOps.mirror(outline).save(folders["Training_GroundTruth"] / f"{image.stem}m_segmentation.png")
+            for suffix, turn in (("m", ImageOps.mirror), ("f", ImageOps.flip),
+                                 ("r", lambda im: im.transpose(Image.Transpose.ROTATE_180))):
+                turn(photo).save(folders["Training_Data"] / f"{image.stem}{suffix}.jpg", quality=95)
+                turn(outline).save(folders["Training_GroundTruth"] / f"{image.stem}{suffix}_segmentation.png")
     return root
 
 
@@ -110,7 +113,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=SAMPLE, help="images/ and masks/ of full-size photos")
     p.add_argument("--model", default="sam2.1_hiera_t")
     p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--nproc", type=int, default=2, help="processes of the torchrun arm")
     args = p.parse_args()

@@ -6,9 +6,9 @@ tests/test_distributed.py starts it and reads what each rank writes:
 OUT/rank<r>.json, per rank:
 - ``steps``: training steps through the product's code (``epoch_steps.train_step`` with the model in
   DistributedDataParallel, each rank on its share of the batch) and, on rank 0, the same step in one process on
-  the whole batch, from the same weights: both losses, the largest gradient and weight differences, and which
-  parameters got no gradient (gradients as they were before clipping). Batches of 4 (on 3 ranks: 2 + 1 + 1) and of 2 (1 + 1 + 0: a rank with no image),
-  with --promptmode none and point (per-image prompt points);
+  the whole batch, from the same weights: both losses, the largest gradient (as it was before clipping) and
+  weight differences, and which parameters got no gradient. Batches of 4 (on 3 ranks: 2 + 1 + 1) and of 2 (1 + 1
+  + 0: a rank with no image), with --promptmode none and point (per-image prompt points);
 - ``selections``: every strategy's selection with each rank scoring its share of a pool of 7 (3 + 2 + 2), and on
   rank 0 the one-process selection;
 - ``errors``: what each rank raised when one rank's work raised (the lowest rank's error reaches every rank).
@@ -140,8 +140,8 @@ def main(out: Path, checkpoint: str) -> None:
     labels = (torch.rand(9, SIZE, SIZE, generator=gen) > 0.6).long()
     steps = [compare_steps(base, ranks, dict(image=images[:n], label=labels[:n], index=torch.arange(n) + 2), mode)
              for n in (4, 2) for mode in ("none", "point")]
-    result = dict(rank=ranks.rank, size=ranks.size, steps=steps, selections=compare_selections(base, ranks, images, out),
-                  errors=exchanged_errors(ranks))
+    result = dict(rank=ranks.rank, size=ranks.size, steps=steps,
+                  selections=compare_selections(base, ranks, images, out), errors=exchanged_errors(ranks))
     (out / f"rank{ranks.rank}.json").write_text(json.dumps(result, indent=1))
     ranks.close()
 
