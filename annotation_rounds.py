@@ -216,7 +216,8 @@ class AcceptedRound:
 
 class RoundError(Exception):
     """A round cannot go on. ``reason``: "not_following" (the waiting round is not the epoch after the saved
-    state), "needs_folder_oracle" (a round waits, the run was not resumed as a folder run), "masks" (``problems``
+    state), "needs_person_oracle" (a round waits, the run was not resumed with a person's oracle), "oracle_switch" (a
+    person's run resumed as the simulation, or the other way round), "masks" (``problems``
     lists every failing file; ``partial_helps``: accepting the present masks would let it continue),
     "nothing_to_select" (every image has a mask) or "bad_existing_masks" (masks already in the mask folder)."""
 
@@ -288,7 +289,7 @@ def accept_round(folder: RunFolder, state: ResumeState, samples: Sequence[Sample
         raise RoundError("not_following", f"{folder.file('awaiting_masks.json')} ({where}) does not follow "
                          f"{folder.file('last_state.pth')} (epoch {epoch}); nothing was changed")
     if not folder_oracle:
-        raise RoundError("needs_folder_oracle", f"{where} waits for masks ({folder.file('awaiting_masks.json')})")
+        raise RoundError("needs_person_oracle", f"{where} waits for masks ({folder.file('awaiting_masks.json')})")
     check = check_round(folder, waiting, state, samples, accept_partial)
     if check.problems:
         raise RoundError("masks", f"{where} cannot continue; nothing was changed", check.problems, check.partial_helps)

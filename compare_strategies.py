@@ -56,7 +56,8 @@ DEMO_CPU_JOBS = 2
 # epoch's selection), so that each curve shows all the labels its strategy chose; flags given explicitly win.
 DEMO_TRAINER_FLAGS = ("--demo", "--train_on", "labeled")
 # Trainer settings that may differ between a finished run and the request (they do not change its results).
-IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images"}
+IGNORED_SETTINGS = {"gpu", "output", "resume", "num_workers", "max_image_pixels", "accept_new_images",
+                    "label_studio_url", "label_studio_token_file", "wait", "label_studio_backend"}
 PATH_SETTINGS = {"data_root", "checkpoint", "model_cfg", "lora_ckpt"}
 OWNED_TRAINER_FLAGS = {"--strategy": "--strategies", "--seed": "--seeds", "--gpu": "--gpus",
                        "--first_round": "an arm FIRST+STRATEGY in --strategies (e.g. typiclust@all+mask_difference)",

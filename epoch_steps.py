@@ -36,7 +36,7 @@ import utils
 import val
 from active_learning_strategies import (Selection, SelectionContext, SelectionPlan, default_score_batch_size,
                                         draw_pool)
-from annotation_rounds import RoundItem
+from annotation_rounds import RoundItem, accept_round
 from oracles import Oracle
 from distributed import Ranks
 from run_folder import ResumeState, RunFolder, RunFolderError, best_checkpoint_name, image_record
@@ -600,3 +600,16 @@ def hand_over_round(run: Run, epoch: int, selection: Selection) -> Path:
     figure = None if selection.figure is None else tb_images.to_png_array(selection.figure)
     return run.oracle.hand_over(run.folder, epoch, items, {samples[i].name: s for i, s in selection.scores.items()},
                                 figure, selection.strategy)
+
+
+def wait_for_round(run: Run, epoch: int, round_folder: Path) -> Selection:
+    """--wait: the round of ``epoch`` is with a person; wait until it is done (the oracle polls, then pulls its
+    masks into the round folder), take it as a resume would (``annotation_rounds.accept_round``, every check of its
+    masks; skipped images go back to the unlabeled pool) and return its selection. RoundError when the masks that
+    came back fail their checks (the run then stops; --resume continues once they are fixed)."""
+    run.oracle.wait(round_folder)
+    accepted, notes = accept_round(run.folder, resume_state(run, epoch - 1), run.train_set.samples, True, True)
+    for note in notes:
+        log.info(note)
+    run.oracle.accept(accepted, run.folder, run.train_set)
+    return resumed_selection(run, epoch)

@@ -1,9 +1,10 @@
-"""The Label Studio hand-over of an ``--oracle folder`` round: the files Label Studio imports as they are, and
-the way back from its JSON export to masks.
+"""The Label Studio hand-over of a person's round: the files Label Studio imports as they are, the way back from
+its JSON export to masks, and the same round trip through Label Studio's API (no file to carry).
 
 Out (``write_round_files``, after ``annotation_rounds.write_round`` has written the round folder):
 
-    label_studio_interface.xml   the labelling interface: BrushLabels on the image, one label ``lesion``
+    label_studio_interface.xml   the labelling interface: BrushLabels on the image, one label ``lesion``, and the
+                                 smart tools (a click, a box) that label_studio_backend.py answers with a mask
     label_studio_tasks.json      one task per selected image, the model's proposal as a prediction
 
 Each task's image is served by a Label Studio *Local Files* storage whose path is the round folder: it holds the
@@ -21,28 +22,42 @@ to the trainer's ``--output`` folder.
 Back (``import_export``, or ``python3 label_studio.py import --export EXPORT.json --round_dir ROUND``): the export
 becomes ``<name>_segmentation.png`` (0/255, the image's size) in the round folder, and the round's
 ``to_annotate.csv`` gains who annotated each image and how long it took (status, mask, completed_by, lead_time_s,
-task and annotation ids). ``trainer.py --resume`` takes each mask from there. The brush RLE is encoded and decoded
-by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module imports, and says how to
-enable it.
+task and annotation ids). ``trainer.py --resume`` takes each mask from there; the smart tools' clicks and boxes are
+prompts, left aside. The brush RLE is encoded here (``mask_rle``: byte for byte the SDK's encoding, from runs of
+pixels) and decoded by Label Studio's own SDK (``label_studio_sdk.converter.brush``); without it this module
+imports, and says how to enable it.
+
+An ML backend is connected to a project with ``connect_ml_backend`` (one REST call; the caller authenticates).
+
+Through the API (``label_studio_api`` makes the calls; ``python3 label_studio.py push`` / ``pull --round_dir
+ROUND``, and what ``--oracle label_studio`` calls): ``push_round`` adds the round's tasks to the run's project
+(made at the first push, recorded in the run folder; a copied run folder gets its own), the images through a Local
+Files storage on the round folder when the server serves them from there, else uploaded; tasks already there are
+found by their ``mdsam_*`` data and never made twice. ``round_progress`` says how many are annotated and skipped.
+``pull_round`` reads the round's annotations and writes them by ``write_returned``, the function ``import_export``
+writes an export's with: the same masks, the same CSV columns, never over a mask.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import logging
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 from PIL import Image
 
-from annotation_rounds import ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
-from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, decode_mask, read_image_size
+import label_studio_api
+from annotation_rounds import PROPOSAL_SUFFIX, ROUND_COLUMNS, ROUND_CSV, RoundItem, read_round, round_mask_path
+from datasets_skin import SPLIT_FOLDERS, DatasetError, PathLike, SampleFiles, decode_mask, read_image_size
 from safe_io import WriteError, atomic_path, atomic_write_text, csv_text, probe_writable, refusal_reason
 
 INTERFACE_FILE = "label_studio_interface.xml"
@@ -52,6 +67,10 @@ DOCUMENT_ROOT_VARIABLE = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 # The columns an import adds to the round's to_annotate.csv (after the trainer's ROUND_COLUMNS).
 ANNOTATION_COLUMNS = ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"]
 IMAGE_TAG, BRUSH_TAG, LESION_LABEL = "image", "lesion_mask", "lesion"
+# The smart tools (label_studio_backend.py answers them with a brush mask): a click (positive; Alt+click negative)
+# and a box. Their regions are prompts, not masks: an import leaves them aside.
+CLICK_TAG, BOX_TAG = "lesion_click", "lesion_box"
+PROMPT_TYPES = {"keypointlabels": CLICK_TAG, "rectanglelabels": BOX_TAG}
 # Keys of a task's data (besides IMAGE_TAG): what an export is checked against, and columns in Label Studio.
 RUN_KEY, ROUND_KEY, NAME_KEY = "mdsam_run", "mdsam_round", "mdsam_image"
 # A brush pixel is lesion when its alpha is above this: the mask files' own rule (> 127 of 255), so a
@@ -61,6 +80,11 @@ SDK_HINT = "pip install -r requirements-labelstudio.txt"
 LOCAL_FILES_URL = "/data/local-files/?d="
 SKIPPED, NOT_ANNOTATED = "skipped", "not_annotated"  # an image not returned: the annotator skipped it, or no one did
 MASK_FOLDER_NAMES = {masks for layouts in SPLIT_FOLDERS.values() for _, masks in layouts}
+# What a Label Studio 1.23 server needs in its environment to call an ML backend on this machine (127.0.0.1): it
+# refuses local addresses for the backend and for the webhook it makes for it unless both are off. Both let the
+# server's requests (ML backends, webhooks, imports from URLs) reach addresses of this machine and its network.
+ML_BACKEND_ENV = {"ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
+log = logging.getLogger("trainer.label_studio")  # under the trainer's logger: a run's lines go to its log.txt
 
 
 class LabelStudioError(ValueError):
@@ -101,7 +125,9 @@ def brush_module():
 
 def labelling_interface(num_classes: int = 1) -> str:
     """The labelling interface (Label Studio XML): the image, one brush label ``lesion`` (cyan, as the round's
-    overlays), and a header naming the image, its round and its rank in the pool."""
+    overlays), a header naming the image, its round and its rank in the pool, and the smart tools of an ML backend
+    (``label_studio_backend.py``): a click and a box labelled ``lesion`` that the backend turns into a brush mask,
+    shown once auto-annotation is on (without a backend they draw nothing the import takes)."""
     if num_classes != 1:
         raise ClassCountError(f"a Label Studio round has one label (lesion), so it needs exactly one foreground "
                               f"class; got {num_classes}")
@@ -112,6 +138,12 @@ def labelling_interface(num_classes: int = 1) -> str:
             f'  <BrushLabels name="{BRUSH_TAG}" toName="{IMAGE_TAG}">\n'
             f'    <Label value="{LESION_LABEL}" background="#00ffff"/>\n'
             f'  </BrushLabels>\n'
+            f'  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true">\n'
+            f'    <Label value="{LESION_LABEL}" smart="true" background="#ff8800"/>\n'
+            f'  </KeyPointLabels>\n'
+            f'  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true">\n'
+            f'    <Label value="{LESION_LABEL}" smart="true" background="#ff8800"/>\n'
+            f'  </RectangleLabels>\n'
             f'</View>\n')
 
 
@@ -126,10 +158,48 @@ def local_files_url(path: PathLike, document_root: PathLike) -> str:
     return LOCAL_FILES_URL + quote(path.relative_to(root).as_posix())
 
 
+# Label Studio's brush RLE (the SDK's ``encode_rle``/``decode_rle``): a header (the value count in 32 bits, the word
+# size - 1 in 5 bits, then each of the four run-length field sizes - 1 in 4 bits), then per run a 1 (a run of one
+# value), the index of the length field's size (2 bits), the length - 1 in that many bits and the value (8 bits);
+# zeros up to a whole byte (a whole zero byte when already whole, as the SDK's encoder writes).
+RLE_FIELD_BITS = (3, 4, 8, 16)
+RLE_HEADER = f"{8 - 1:05b}" + "".join(f"{bits - 1:04b}" for bits in RLE_FIELD_BITS)
+
+
+def mask_rle(mask: np.ndarray) -> List[int]:
+    """The brush RLE of the H x W bool ``mask`` (every channel of RGBA 255 on the mask, 0 elsewhere): the bytes
+    ``label_studio_sdk.converter.brush.mask2rle(mask * 255)`` gives, computed from the mask's runs of pixels in a
+    few array operations (the SDK walks every RGBA value: 49-85 ms for a full-size ISIC mask, 1.3-6.9 ms here)."""
+    flat = np.asarray(mask, bool).ravel()
+    if not flat.size:
+        raise ValueError("an empty mask has no brush RLE")
+    ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]) + 1, flat.size)
+    lengths = np.diff(np.append(0, ends)).astype(np.int64) * 4  # four channels per pixel
+    values = np.where(flat[ends - 1], 255, 0).astype(np.int64)
+    # a run longer than 256 values: 65536 at a time, then the rest, each in the 16-bit field (as the SDK)
+    chunks = np.where(lengths > 256, -(-lengths // 2 ** 16), 1)
+    last = np.cumsum(chunks) - 1
+    lengths, values = np.repeat(lengths, chunks), np.repeat(values, chunks)
+    within = np.arange(len(lengths)) - np.repeat(last - chunks + 1, chunks)
+    lengths = np.where(lengths > 256, np.where(within < np.repeat(chunks, chunks) - 1, 2 ** 16,
+                                               lengths - within * 2 ** 16), lengths)
+    index = np.where(np.repeat(chunks, chunks) > 1, 3, np.searchsorted(2 ** np.array(RLE_FIELD_BITS), lengths))
+    field = np.array(RLE_FIELD_BITS)[index]
+    # each run: 1, the field's index (2 bits), the length - 1 (field bits), the value (8 bits), as one number
+    codes = ((((4 + index) << field) + (lengths - 1)) << 8) + values
+    widths = 11 + field  # at most 27 bits: each code's bits are the last ``width`` of its 32-bit big-endian form
+    every = np.unpackbits(codes.astype(">u4").view(np.uint8)).reshape(-1, 32)
+    bits = every[np.arange(32) >= 32 - widths[:, None]]
+    header = np.array([int(b) for b in f"{flat.size * 4:032b}{RLE_HEADER}"], np.uint8)
+    stream = np.concatenate([header, bits])
+    stream = np.append(stream, np.zeros(8 - len(stream) % 8, np.uint8))  # a whole zero byte when whole, as the SDK
+    return np.packbits(stream).tolist()
+
+
 def brush_result(mask: np.ndarray) -> dict:
-    """One brush region of Label Studio holding the H x W bool ``mask`` (RLE by the SDK, all four channels 255)."""
+    """One brush region of Label Studio holding the H x W bool ``mask`` (its RLE, all four channels 255)."""
     height, width = mask.shape
-    rle = brush_module().mask2rle(np.asarray(mask, np.uint8) * 255)
+    rle = mask_rle(mask)
     return dict(id="proposal", type="brushlabels", from_name=BRUSH_TAG, to_name=IMAGE_TAG, origin="prediction",
                 original_width=width, original_height=height, image_rotation=0,
                 value=dict(format="rle", rle=[int(v) for v in rle], brushlabels=[LESION_LABEL]))
@@ -211,6 +281,51 @@ def write_trainer_round(round_dir: Path, items: Sequence[RoundItem], round_numbe
     return tasks, root
 
 
+def connect_ml_backend(call, project_id: int, backend_url: str, title: str = "MD-SAM-AL") -> dict:
+    """Connect project ``project_id`` to the ML backend at ``backend_url`` (label_studio_backend.py) with
+    interactive preannotations on; returns Label Studio's record of the connection (its ``id`` is the backend's).
+
+    ``call(method, path, json=...)``: an authenticated call of the server's REST API returning a response (raising
+    on an error status). Label Studio then asks the backend's /health and /setup, and adds a webhook to
+    ``backend_url``/webhook; a server that refuses a local address needs ``ML_BACKEND_ENV``."""
+    return call("POST", "/api/ml/", json=dict(url=backend_url, project=project_id, is_interactive=True,
+                                              title=title)).json()
+
+
+def folder_round_items(round_dir: Path) -> List[RoundItem]:
+    """The items of a round read back from its folder: to_annotate.csv, the image copies, the proposals."""
+    items = []
+    try:
+        for row in read_round(round_dir):
+            image = round_dir / row["image"]
+            proposal = decode_mask(round_dir / f"{image.stem}{PROPOSAL_SUFFIX}", None).astype(bool)
+            sample = SampleFiles(image.stem, image, Path(row["save_mask_as"]), read_image_size(image))
+            items.append(RoundItem(sample, float(row["score"]), int(row["rank_in_pool"]), proposal))
+    except (OSError, csv.Error, DatasetError, KeyError, TypeError, ValueError) as err:
+        raise RoundFolderError(f"{round_dir}: not a round folder the trainer wrote ({type(err).__name__}: {err}); "
+                               f"give OUTPUT/Skin_S/annotate/round_NNN") from None
+    if not items:
+        raise RoundFolderError(f"{round_dir / ROUND_CSV} lists no image")
+    return items
+
+
+def write_folder_round_files(round_dir: PathLike) -> Tuple[Path, Path]:
+    """The Label Studio files of a round the trainer wrote without them (label-studio-sdk was not installed then):
+    its items read back from the folder, the run's id, the round number of the folder's name (round_NNN), the
+    document root of ``document_root`` (the run's output folder unless LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
+    holds it). Returns their paths; raises RoundFolderError, SdkMissingError."""
+    round_dir = Path(os.path.abspath(round_dir))
+    number = re.fullmatch(r"round_(\d+)", round_dir.name)
+    if number is None or round_dir.parent.name != "annotate":
+        raise RoundFolderError(f"{round_dir} is not a round folder (OUTPUT/Skin_S/annotate/round_NNN)")
+    brush_module()
+    items, output = folder_round_items(round_dir), round_dir.parent.parent.parent
+    root = document_root(output)
+    if root != output and root not in round_dir.parents:
+        root = output
+    return write_round_files(round_dir, items, run_id(round_dir.parent), int(number.group(1)), root)
+
+
 # ----------------------------------------------------------------------------- back: the export to masks
 
 @dataclass(frozen=True)
@@ -227,10 +342,12 @@ class RoundExpectation:
 
 @dataclass(frozen=True)
 class ReturnedMask:
-    """One image's mask from the export (H x W bool), who made it and in how many seconds."""
+    """One image's answer in the export: its mask (H x W bool; None for a task that came back without one:
+    skipped, or not annotated), who answered and in how many seconds, the task and annotation ids ("" where
+    there is none)."""
 
     image: str
-    mask: np.ndarray
+    mask: Optional[np.ndarray]
     completed_by: str
     lead_time: Optional[float]
     task_id: object
@@ -240,10 +357,12 @@ class ReturnedMask:
 @dataclass
 class ExportContent:
     """What an export holds for a round: the masks, the images not returned (image -> SKIPPED or
-    NOT_ANNOTATED), and how many tasks of earlier rounds of the run were left aside."""
+    NOT_ANNOTATED) and the tasks that hold them (image -> its answer without a mask, where the export has its
+    task), and how many tasks of earlier rounds of the run were left aside."""
 
     masks: Dict[str, ReturnedMask] = field(default_factory=dict)
     not_returned: Dict[str, str] = field(default_factory=dict)
+    unreturned_tasks: Dict[str, ReturnedMask] = field(default_factory=dict)
     earlier_round_tasks: int = 0
 
 
@@ -388,8 +507,9 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
                           f"{width}x{height} (W x H)")
     if value.get("format") != "rle" or not isinstance(value.get("rle"), list):
         raise ExportError(f"{where}: a brush region without RLE (format {value.get('format')!r})")
+    decode_rle = brush_module().decode_rle  # SdkMissingError is a ValueError: not a damaged RLE
     try:
-        pixels = brush_module().decode_rle(value["rle"])
+        pixels = decode_rle(value["rle"])
     except (ValueError, IndexError, TypeError) as err:
         raise ExportError(f"{where}: its brush RLE cannot be decoded ({type(err).__name__})") from None
     if pixels.size != height * width * 4:
@@ -397,26 +517,42 @@ def region_mask(region: dict, size: Tuple[int, int], where: str) -> np.ndarray:
     return pixels.reshape(height, width, 4)[..., 3] > ALPHA_THRESHOLD
 
 
-def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, where: str) -> ReturnedMask:
-    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free)."""
-    name = task["data"][NAME_KEY]
-    size = expected.sizes[name]
-    mask = np.zeros(size, bool)
-    for number, region in enumerate(listed(annotation.get("result"), where, "result")):
-        mask |= region_mask(region, size, f"{where}, region {number + 1}")
+def is_prompt(region: object) -> bool:
+    """Whether a region is a click or box of the interface's smart tools: a prompt of the ML backend, whose answer
+    (a brush region) is the mask."""
+    return isinstance(region, dict) and PROMPT_TYPES.get(str(region.get("type", "")).lower()) == \
+        region.get("from_name") and region.get("to_name") == IMAGE_TAG
+
+
+def task_answer(task: dict, annotation: Optional[dict], mask: Optional[np.ndarray] = None) -> ReturnedMask:
+    """The answer ``annotation`` (None: none) of ``task``: who gave it, in how many seconds, the ids."""
+    annotation = annotation or {}
     who = annotation.get("completed_by")
     if isinstance(who, dict):  # some exports expand the user
         who = who.get("email") or who.get("id")
     lead_time = annotation.get("lead_time")
     lead_time = float(lead_time) if isinstance(lead_time, (int, float)) else None  # seconds; absent in old exports
-    return ReturnedMask(name, mask, "" if who is None else str(who), lead_time, task.get("id"), annotation.get("id"))
+    return ReturnedMask(task["data"][NAME_KEY], mask, "" if who is None else str(who), lead_time, task.get("id"),
+                        annotation.get("id", ""))
 
 
-def export_content(tasks: List[dict], expected: RoundExpectation, export_path: Path) -> ExportContent:
-    """Every mask the export holds for the round, after every check (one ``ExportError`` for the first problem)."""
+def annotation_mask(task: dict, annotation: dict, expected: RoundExpectation, where: str) -> ReturnedMask:
+    """The merged mask of one annotation (overlapping strokes and regions: their union; none: lesion-free); the
+    smart tools' clicks and boxes are left aside (``is_prompt``)."""
+    size = expected.sizes[task["data"][NAME_KEY]]
+    mask = np.zeros(size, bool)
+    for number, region in enumerate(listed(annotation.get("result"), where, "result")):
+        if not is_prompt(region):
+            mask |= region_mask(region, size, f"{where}, region {number + 1}")
+    return task_answer(task, annotation, mask)
+
+
+def export_content(tasks: List[dict], expected: RoundExpectation, source: object) -> ExportContent:
+    """Every mask ``tasks`` hold for the round, after every check (one ``ExportError`` for the first problem);
+    ``source`` (the export file, or the project's address) names where they come from in messages."""
     content = ExportContent()
     for task in tasks:
-        where = f"{export_path}: task {task.get('id')}"
+        where = f"{source}: task {task.get('id')}"
         if task_round(task, expected, where) < expected.round_number:
             content.earlier_round_tasks += 1
             continue
@@ -429,9 +565,10 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
                               f"{', '.join(str(a.get('id')) for a in submitted)}); keep one in Label Studio, "
                               "delete the others, and export again")
         if not submitted:
-            skipped = any(a.get("was_cancelled") for a in annotations)
-            if name not in content.masks:
-                content.not_returned[name] = SKIPPED if skipped else NOT_ANNOTATED
+            skips = [a for a in annotations if a.get("was_cancelled")]
+            if name not in content.masks and content.not_returned.get(name) != SKIPPED:
+                content.not_returned[name] = SKIPPED if skips else NOT_ANNOTATED
+                content.unreturned_tasks[name] = task_answer(task, skips[-1] if skips else None)
             continue
         if name in content.masks:
             raise ExportError(f"{where}: image {name} is annotated in two tasks ({content.masks[name].task_id} and "
@@ -439,8 +576,9 @@ def export_content(tasks: List[dict], expected: RoundExpectation, export_path: P
         content.masks[name] = annotation_mask(task, submitted[0], expected, f"{where}, annotation "
                                                                             f"{submitted[0].get('id')}")
         content.not_returned.pop(name, None)
+        content.unreturned_tasks.pop(name, None)
     if not content.masks and not content.not_returned:
-        raise ExportError(f"{export_path}: no task of round {expected.round_number} ({content.earlier_round_tasks} "
+        raise ExportError(f"{source}: no task of round {expected.round_number} ({content.earlier_round_tasks} "
                           f"of earlier rounds); import the round's {TASKS_FILE} into the project, annotate, and "
                           "export again")
     for name in expected.sizes:  # Label Studio leaves tasks without any annotation out of its exports
@@ -522,13 +660,15 @@ def round_csv_text(content: ExportContent, expected: RoundExpectation) -> str:
     then status, mask file, completed_by, lead_time_s, task and annotation ids (replacing an earlier import's)."""
     rows = [ROUND_COLUMNS + ANNOTATION_COLUMNS]
     for row in expected.rows:
-        name, got = row["image"], content.masks.get(row["image"])
+        name = row["image"]
+        got = content.masks.get(name) or content.unreturned_tasks.get(name)
+        status = "annotated" if name in content.masks else content.not_returned.get(name, NOT_ANNOTATED)
+        said = [status, mask_target(expected.round_dir, name).name if name in content.masks else ""]
         if got is None:
-            said = [content.not_returned.get(name, NOT_ANNOTATED), "", "", "", "", ""]
+            said += ["", "", "", ""]
         else:
             lead = "" if got.lead_time is None else f"{got.lead_time:.3f}"
-            said = ["annotated", mask_target(expected.round_dir, name).name, got.completed_by, lead, got.task_id,
-                    got.annotation_id]
+            said += [got.completed_by, lead, got.task_id, got.annotation_id]
         rows.append([row[c] for c in ROUND_COLUMNS] + said)
     return csv_text(rows)
 
@@ -541,12 +681,25 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     data set's mask folder), the export (this run, this round's images and sizes, this interface, one annotation
     per task) and the masks already there (one ``MaskClashError`` listing every file that would be overwritten or
     duplicated; a mask equal to the export's is left as it is, so importing a later export again works)."""
-    round_dir, export_path = Path(round_dir), Path(export_path)
+    expected = target_round(round_dir)
+    export_path = Path(export_path)
+    return write_returned(export_content(read_export(export_path), expected, export_path), expected)
+
+
+def target_round(round_dir: PathLike) -> RoundExpectation:
+    """What the masks of a round folder must match (``read_expectation``), after checking that the folder is not
+    inside a data set's mask folder."""
     expected = read_expectation(round_dir)
-    in_dataset = dataset_masks(expected)
-    check_target(round_dir, in_dataset)
-    content = export_content(read_export(export_path), expected, export_path)
-    clashes, unchanged = existing_masks(content, round_dir, in_dataset)
+    check_target(expected.round_dir, dataset_masks(expected))
+    return expected
+
+
+def write_returned(content: ExportContent, expected: RoundExpectation) -> ImportResult:
+    """The masks of ``content`` (an export's, or those pulled through the API) -> ``<name>_segmentation.png`` in the
+    round folder, and what came back for each image into its to_annotate.csv: after the check that nothing would
+    be overwritten or duplicated (one ``MaskClashError`` listing every such file; nothing written)."""
+    round_dir = expected.round_dir
+    clashes, unchanged = existing_masks(content, round_dir, dataset_masks(expected))
     if clashes:
         raise MaskClashError(f"{len(clashes)} mask file(s) there already, never overwritten: "
                              f"{'; '.join(clashes)}. Move them away (or fix the annotation) and import again")
@@ -556,6 +709,191 @@ def import_export(export_path: PathLike, round_dir: PathLike) -> ImportResult:
     atomic_write_text(round_dir / ROUND_CSV, round_csv_text(content, expected))
     return ImportResult(written, unchanged, dict(content.not_returned), content.earlier_round_tasks,
                         round_dir / ROUND_CSV, content)
+
+
+# ----------------------------------------------------------------------------- through Label Studio's API
+
+def run_folder_of(round_dir: Path) -> Path:
+    """The run folder of a round folder (RUN/annotate/round_NNN)."""
+    return Path(os.path.abspath(round_dir)).parent.parent
+
+
+def round_tasks(client: label_studio_api.Client, project_id: int, expected: RoundExpectation,
+                fields: str = "all") -> List[dict]:
+    """The project's tasks of the round (by their data's run and round number)."""
+    return label_studio_api.find_tasks(client, project_id, {RUN_KEY: expected.run_id,
+                                                            ROUND_KEY: expected.round_number}, fields)
+
+
+def tasks_by_image(tasks: List[dict]) -> Dict[str, List[int]]:
+    """image name -> the ids of its tasks."""
+    found: Dict[str, List[int]] = {}
+    for task in tasks:
+        found.setdefault(task["data"][NAME_KEY], []).append(task["id"])
+    return found
+
+
+def local_files_root(round_dir: Path, tasks: List[dict]) -> Optional[Path]:
+    """The document root the tasks' image addresses were written for (None when they are not Local Files
+    addresses of the round folder's images)."""
+    roots = set()
+    for task in tasks:
+        url = str(task["data"].get(IMAGE_TAG, ""))
+        relative = parse_qs(urlsplit(url).query).get("d", [""])[0] if url.startswith(LOCAL_FILES_URL) else ""
+        image = Path(os.path.abspath(round_dir / task["data"][NAME_KEY])).as_posix()
+        if not relative or not image.endswith("/" + relative):
+            return None
+        roots.add(image[:-len(relative) - 1] or "/")
+    return Path(roots.pop()) if len(roots) == 1 else None
+
+
+def served_images(client: label_studio_api.Client, project_id: int, round_dir: Path,
+                  tasks: List[dict]) -> Tuple[List[dict], str, str]:
+    """``tasks`` with the addresses their images are served at: through a Local Files storage on the round folder
+    when the server serves them from there (the addresses of the tasks file: the server on this machine, its
+    document root the one they were written for), else uploaded. (tasks, LOCAL_FILES or UPLOAD, why)."""
+    root = local_files_root(round_dir, tasks)
+    if root is None:
+        why = f"the round's {TASKS_FILE} holds no Local Files addresses of its images"
+    else:
+        served, why = label_studio_api.local_files_storage(client, project_id, round_dir, tasks[0]["data"][IMAGE_TAG])
+        if served:
+            return tasks, label_studio_api.LOCAL_FILES, f"{why}; document root {root}"
+        why += (f": its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is not {root} (the root the round's addresses were "
+                "written for), or it runs on another machine")
+    addresses = label_studio_api.upload_files(client, project_id, [round_dir / t["data"][NAME_KEY] for t in tasks])
+    tasks = [dict(t, data={**t["data"], IMAGE_TAG: addresses[t["data"][NAME_KEY]]}) for t in tasks]
+    return tasks, label_studio_api.UPLOAD, f"uploaded through the import API: {why}"
+
+
+@dataclass
+class PushedRound:
+    """A round pushed: the project's id and address, the tasks made now and those found there already (image ->
+    task ids), how its images reach the server (LOCAL_FILES or UPLOAD, "" when nothing was added) and why, and
+    notes (an image in several tasks)."""
+
+    project_id: int
+    project_url: str
+    created: Dict[str, List[int]]
+    existing: Dict[str, List[int]]
+    images_from: str
+    why: str
+    notes: List[str] = field(default_factory=list)
+
+
+def push_round(client: label_studio_api.Client, round_dir: PathLike) -> PushedRound:
+    """Add the round's tasks to the run's project (``label_studio_api.ensure_project``, with the round's interface):
+    each image's task of the round's tasks file (written here first for a round without one:
+    ``write_folder_round_files``), the model's proposal its prediction, the image served as ``served_images``
+    says. Tasks already in the project (the same run, round and image) are kept, never made twice. Logged."""
+    round_dir = Path(round_dir)
+    if not (round_dir / TASKS_FILE).is_file():
+        write_folder_round_files(round_dir)
+    expected = target_round(round_dir)
+    tasks = json.loads((round_dir / TASKS_FILE).read_text())
+    project_id = label_studio_api.ensure_project(client, run_folder_of(round_dir), expected.run_id,
+                                                 (round_dir / INTERFACE_FILE).read_text())
+    url, where = client.project_url(project_id), f"round {expected.round_number}"
+    existing = tasks_by_image(round_tasks(client, project_id, expected, "task_only"))
+    notes = [f"{name} has {len(ids)} tasks in {url} (ids {', '.join(map(str, ids))}): annotate one, delete the "
+             "others" for name, ids in existing.items() if len(ids) > 1]
+    for note in notes:
+        log.warning("%s: %s", where, note)
+    missing = [t for t in tasks if t["data"][NAME_KEY] not in existing]
+    if not missing:
+        log.info("%s: its %d tasks are in %s already; nothing added", where, len(tasks), url)
+        return PushedRound(project_id, url, {}, existing, "", "nothing to add", notes)
+    missing, images_from, why = served_images(client, project_id, round_dir, missing)
+    label_studio_api.add_tasks(client, project_id, missing, f"the tasks of {where}")
+    now = tasks_by_image(round_tasks(client, project_id, expected, "task_only"))
+    created = {name: [i for i in ids if i not in existing.get(name, [])] for name, ids in now.items()}
+    created = {name: ids for name, ids in created.items() if ids}
+    log.info("%s: %d task(s) added to %s%s; images: %s", where, sum(map(len, created.values())), url,
+             f" ({len(existing)} there already)" if existing else "", why)
+    return PushedRound(project_id, url, created, existing, images_from, why, notes)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where a round stands in Label Studio: its images annotated, skipped, left to do, and without a task."""
+
+    round_number: int
+    annotated: List[str]
+    skipped: List[str]
+    left: List[str]
+    no_task: List[str]
+
+    @property
+    def done(self) -> bool:
+        """Every image of the round annotated or skipped."""
+        return not self.left and not self.no_task
+
+    def line(self) -> str:
+        total = len(self.annotated) + len(self.skipped) + len(self.left) + len(self.no_task)
+        return (f"round {self.round_number}: {len(self.annotated)} of {total} annotated, {len(self.skipped)} skipped"
+                + (f", {len(self.no_task)} without a task" if self.no_task else ""))
+
+
+def pushed_project(client: label_studio_api.Client, round_dir: Path) -> Tuple[RoundExpectation, int]:
+    """The round's expectation and the project it was pushed to, read from the run's record (a copy of the run
+    folder reads the project its original pushed the round to). ``ProjectGoneError`` when the run has no project
+    on this server, or its project is gone."""
+    expected = target_round(round_dir)
+    run_dir = run_folder_of(round_dir)
+    record = label_studio_api.read_project_record(run_dir)
+    if record is None or label_studio_api.normal_url(record["url"]) != client.url:
+        where = "no Label Studio project" if record is None else f"its project on {record['url']}"
+        raise label_studio_api.ProjectGoneError(
+            f"{client.url}: round {expected.round_number} ({round_dir}) was not pushed to this server (the run has "
+            f"{where}); push it first: python3 label_studio.py push --round_dir {round_dir}")
+    project_id = int(record["project"])
+    label_studio_api.check_project(client, project_id, run_dir)
+    return expected, project_id
+
+
+def round_progress(client: label_studio_api.Client, round_dir: PathLike) -> RoundProgress:
+    """How many of the round's images are annotated, skipped, left (one light listing of its tasks, no results:
+    Label Studio's counts of submitted and cancelled annotations)."""
+    expected, project_id = pushed_project(client, Path(round_dir))
+    order = ["left", SKIPPED, "annotated"]  # an image in two tasks: the furthest one counts
+    state: Dict[str, str] = {}
+    for task in round_tasks(client, project_id, expected, "task_only"):
+        now = ("annotated" if (task.get("total_annotations") or 0) > 0 else
+               SKIPPED if (task.get("cancelled_annotations") or 0) > 0 else "left")
+        state[task["data"][NAME_KEY]] = max(now, state.get(task["data"][NAME_KEY], "left"), key=order.index)
+    names = sorted(expected.sizes)
+    return RoundProgress(expected.round_number, [n for n in names if state.get(n) == "annotated"],
+                         [n for n in names if state.get(n) == SKIPPED], [n for n in names if state.get(n) == "left"],
+                         [n for n in names if n not in state])
+
+
+def pull_round(client: label_studio_api.Client, round_dir: PathLike, accept_partial: bool = False) -> ImportResult:
+    """The round's annotations, read through the API (no export file), -> ``<name>_segmentation.png`` in the round
+    folder and who answered and how long into its to_annotate.csv, by ``write_returned`` (the rules of
+    ``label_studio.py import``: never over a mask). Refused, nothing written: an image without a task
+    (``TaskGoneError``), tasks neither annotated nor skipped unless ``accept_partial`` (``RoundNotDoneError``,
+    listing them), every check of an export (``ExportError``, ``MaskClashError``)."""
+    round_dir = Path(round_dir)
+    expected, project_id = pushed_project(client, round_dir)
+    tasks = round_tasks(client, project_id, expected)
+    source = client.project_url(project_id)
+    no_task = sorted(set(expected.sizes) - set(tasks_by_image(tasks)))
+    if no_task:
+        raise label_studio_api.TaskGoneError(
+            f"{source}: round {expected.round_number} has no task for {', '.join(no_task)} (deleted by hand?); push "
+            f"the round again to make them: python3 label_studio.py push --round_dir {round_dir}")
+    content = export_content(tasks, expected, source)
+    waiting = [(name, client.task_url(project_id, content.unreturned_tasks[name].task_id))
+               for name, why in content.not_returned.items() if why == NOT_ANNOTATED]
+    if waiting and not accept_partial:
+        raise label_studio_api.RoundNotDoneError(
+            f"{source}: round {expected.round_number} has {len(waiting)} image(s) neither annotated nor skipped: "
+            + ", ".join(f"{name} ({url})" for name, url in waiting) + "; annotate or skip them, or accept the round "
+            "as it is (--accept_partial: they go back to the pool)", waiting)
+    result = write_returned(content, expected)
+    log.info("round %d pulled from %s: %d mask(s) written, %d already there, %d not returned",
+             expected.round_number, source, len(result.written), len(result.unchanged), len(result.not_returned))
+    return result
 
 
 # ----------------------------------------------------------------------------- command line
@@ -573,26 +911,75 @@ def summary(result: ImportResult, round_dir: Path) -> str:
         lines.append(f"not returned ({len(result.not_returned)}, they go back to the pool with --accept_partial): "
                      + ", ".join(f"{name} ({why})" for name, why in result.not_returned.items()))
     lines.append(f"who annotated and how long: {result.csv_path}")
-    lines.append("continue the run with: python3 trainer.py <the run's flags> --resume")
+    lines.append("continue the run with: python3 trainer.py <the run's flags> --resume"
+                 + (" --accept_partial" if result.not_returned else ""))
     return "\n".join(lines)
 
 
+def push_summary(pushed, round_dir: Path) -> str:
+    """What ``label_studio.py push`` says when the round is in the project: where to annotate, what next."""
+    return "\n".join([f"annotate in Label Studio: {pushed.project_url} (Label All Tasks)",
+                      f"then: python3 label_studio.py pull --round_dir {round_dir}"])
+
+
+def api_command(args: argparse.Namespace) -> str:
+    """``push`` or ``pull`` through Label Studio's API; what to print."""
+    client = label_studio_api.connect(args.label_studio_url, label_studio_api.read_token(args.label_studio_token_file))
+    if args.command == "push":
+        return push_summary(push_round(client, args.round_dir), args.round_dir)
+    return summary(pull_round(client, args.round_dir, args.accept_partial), args.round_dir)
+
+
+def error_flag(err: Exception, args: argparse.Namespace) -> Optional[str]:
+    """The flag (or variable) an error of ``push`` or ``pull`` is about, for the one line the command says."""
+    if isinstance(err, label_studio_api.TokenError):
+        return "--label_studio_token_file" if args.label_studio_token_file else f"${label_studio_api.TOKEN_VARIABLE}"
+    if isinstance(err, label_studio_api.ServerUnreachableError):
+        return "--label_studio_url"
+    if isinstance(err, label_studio_api.RoundNotDoneError):
+        return "--accept_partial"
+    return next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind) and f != "--export"), None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="The Label Studio hand-over of an --oracle folder round.")
+    parser = argparse.ArgumentParser(description="The Label Studio hand-over of a round: by files (import) or "
+                                                 "through Label Studio's API (push, pull).")
     commands = parser.add_subparsers(dest="command", required=True)
     back = commands.add_parser("import", help="a Label Studio JSON export -> <name>_segmentation.png masks in "
                                               "the round folder (never over an existing mask); who and how long "
                                               "into its to_annotate.csv")
     back.add_argument("--export", required=True, type=Path, help="the project's export (Export -> JSON)")
-    back.add_argument("--round_dir", required=True, type=Path,
-                      help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
+    push = commands.add_parser("push", help="add the round's tasks (the model's proposals as predictions) to the "
+                                            "run's Label Studio project through its API; the project is made at "
+                                            "the first push")
+    pull = commands.add_parser("pull", help="the round's annotations through Label Studio's API -> "
+                                            "<name>_segmentation.png masks in the round folder, as import does")
+    pull.add_argument("--accept_partial", action="store_true",
+                      help="write the masks there are while images are neither annotated nor skipped")
+    for command in (back, push, pull):
+        command.add_argument("--round_dir", required=True, type=Path,
+                             help="the round folder: OUTPUT/Skin_S/annotate/round_NNN")
+    for command in (push, pull):
+        command.add_argument("--label_studio_url", default=label_studio_api.DEFAULT_URL,
+                             help="the Label Studio server (default %(default)s)")
+        command.add_argument("--label_studio_token_file", type=Path, default=None,
+                             help="a file holding your personal access token, readable by you alone (default: "
+                                  "$LABEL_STUDIO_API_KEY)")
     args = parser.parse_args(argv)
+    progress = logging.StreamHandler(sys.stdout)  # what push and pull log (the project made, how images go)
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(progress)
+    log.setLevel(logging.INFO)
     try:
-        result = import_export(args.export, args.round_dir)
-    except (LabelStudioError, WriteError) as err:  # WriteError: the disk filled up while the masks were written
-        flag = next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
-        parser.exit(2, f"label_studio.py import: {flag + ': ' if flag else ''}{err}\n")
-    print(summary(result, args.round_dir))
+        said = (summary(import_export(args.export, args.round_dir), args.round_dir) if args.command == "import"
+                else api_command(args))
+    except (LabelStudioError, label_studio_api.ApiError, WriteError) as err:  # WriteError: e.g. the disk filled up
+        flag = (next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind)), None)
+                if args.command == "import" else error_flag(err, args))
+        parser.exit(2, f"label_studio.py {args.command}: {flag + ': ' if flag else ''}{err}\n")
+    finally:
+        log.removeHandler(progress)
+    print(said)
     return 0
 
 

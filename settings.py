@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from importlib import import_module
 from pathlib import Path
@@ -19,6 +20,7 @@ import datasets_skin
 import val
 from active_learning_strategies import (ALL_UNLABELED, NO_FIRST_ROUND, ActiveLearningStrategyFactory, SelectionPlan,
                                         parse_first_round, parse_pool_size)
+from label_studio_api import TOKEN_VARIABLE
 from oracles import ORACLES
 from run_folder import run_dir_of
 from sam_lora_image_encoder_prompt import prompt_mode_of
@@ -27,6 +29,7 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
 DEFAULT_CHECKPOINT = "./sam2/checkpoints/sam2.1_hiera_large.pt"
 DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
+DEFAULT_LABEL_STUDIO_URL = "http://127.0.0.1:8080"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
 PROMPT_DRAWS = ("per_image", "per_epoch")
@@ -127,9 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder: images without a mask are unlabeled; each round writes the selection with the "
                          "model's proposal masks (and Label Studio's tasks) to OUTPUT/Skin_{img_size}/annotate/"
                          "round_NNN/ and stops; a person saves the masks there or in the dataset's mask folder, then "
-                         "--resume continues")
-    al.add_argument("--accept_partial", action="store_true", help="--oracle folder, --resume: accept a round with "
+                         "--resume continues. label_studio: the same round goes to the run's Label Studio project "
+                         "through its API and comes back through it at --resume (or --wait)")
+    al.add_argument("--accept_partial", action="store_true", help="a person's oracle, --resume: accept a round with "
                     "some masks missing (their images go back to the unlabeled pool)")
+    al.add_argument("--label_studio_url", default=DEFAULT_LABEL_STUDIO_URL, help="--oracle label_studio: the server")
+    al.add_argument("--label_studio_token_file", default=None, help="--oracle label_studio: a file holding your "
+                    f"personal access token, readable by you alone (default: ${TOKEN_VARIABLE}); never a flag value")
+    al.add_argument("--wait", action="store_true", help="--oracle label_studio: instead of stopping, wait until every "
+                    "task of the round is annotated or skipped, then go on (skipped images go back to the pool)")
+    al.add_argument("--label_studio_backend", default=None, metavar="URL", help="--oracle label_studio: connect "
+                    "this ML backend (label_studio_backend.py) to the run's project, interactive")
     al.add_argument("--label_budget", type=int, default=None, help="stop once this many images are labeled (the "
                     "last selection is cut to reach it exactly, then trained on and validated); default: no budget")
     opt = p.add_argument_group("optimisation")
@@ -165,9 +176,10 @@ DEMO_DATA = dict(n_train=40, n_val=8, n_test=0, size=192)
 BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "model_cfg", "checkpoint", "module",
                     "rank", "num_classes", "promptmode", "train_on", "dice_weight", "base_lr", "precision", "decode",
                     "lora_width", "no_mem_embed", "val_protocol", "first_round", "keep_best", "val_limit")
-# Settings a resume may change (they change neither selections nor which checkpoint is best): the resume state
-# records them, and a resume that changes one says so in the log.
-MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch")
+# Settings a resume may change (they change neither selections nor which checkpoint is best; the oracle only
+# between the folder and Label Studio, both a person: oracles.oracle_switch): the resume state records them, and a
+# resume that changes one says so in the log.
+MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch", "oracle")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
               keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, prompt_draw="per_epoch",
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
@@ -226,6 +238,7 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     settings = Settings(**values)
     check_numbers(settings)
     check_paths(settings)
+    check_label_studio(settings)
     if writes_output:
         check_output(settings)
     return settings
@@ -272,6 +285,17 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--base_lr must be a finite number > 0 (got {args.base_lr})")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1} (got {args.seed})")
+
+
+def check_label_studio(args: argparse.Namespace) -> None:
+    """The Label Studio flags belong to --oracle label_studio; --wait holds no torchrun job's GPUs for hours."""
+    given = [f"--{flag}" for flag in ("wait", "label_studio_backend") if getattr(args, flag)]
+    if given and args.oracle != "label_studio":
+        raise UsageError(f"{given[0]} needs --oracle label_studio (it waits for, or helps, a person annotating in "
+                         "Label Studio)")
+    if args.wait and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
+                         "without --wait (each round stops the run), then continue with --resume")
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -15,8 +15,7 @@ This file holds the set-up and the loop. The flags and their checks are settings
 epoch_steps.py, the run folder's files and rules run_folder.py, the oracles oracles.py, the strategies
 active_learning_strategies.py. Nothing below this file reads command-line flags; every error of the command line
 or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> Ranks.exit in main). Under torchrun
-every process runs this file (``distributed.Ranks``): rank 0 owns and writes the run folder and gives the others what
-they need from it; an error any rank finds stops them all at the same step, and rank 0 prints the line.
+every process runs this file (``distributed.Ranks``); rank 0 owns the run folder, and prints any rank's error.
 """
 from __future__ import annotations
 
@@ -32,15 +31,17 @@ from torch.utils.data import Dataset
 
 import annotation_rounds
 import datasets_skin
-import distributed
+import label_studio
+import label_studio_api
 import oracles
 import utils
 from active_learning_strategies import Selection, SelectionPlan
-from distributed import Ranks
+from distributed import Ranks, restart_count
 from epoch_steps import (Run, RunStopped, annotate, close_writers, epoch_seed, finish_run, hand_over_round,
                          labels_left, labels_wanted, log_base_lr_change, log_start, open_writers, parallel_model,
                          record_epoch, restore, restore_training, result, resumed_selection, save_checkpoints,
-                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch)
+                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch,
+                         wait_for_round)
 from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
                         SettingsDiffer, run_dir_of)
 from safe_io import WriteError, first_names
@@ -131,13 +132,16 @@ def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, 
         raise UsageError(f"--data_root {args.data_root}: {err}") from None
 
 
-def round_error(err: annotation_rounds.RoundError) -> UsageError:
+def round_error(err: annotation_rounds.RoundError, oracle: str) -> UsageError:
     """A round that cannot go on, as the one message naming what to do."""
-    if err.reason == "needs_folder_oracle":
-        return UsageError(f"--resume: {err}; continue it with --oracle folder; nothing was changed")
+    if err.reason == "needs_person_oracle":
+        return UsageError(f"--resume: {err}; continue it with --oracle folder or --oracle label_studio; nothing was "
+                          "changed")
+    if err.reason == "oracle_switch":
+        return UsageError(f"--oracle {oracle}: {err}; resume it with the oracle it was made with; nothing was changed")
     if err.reason == "nothing_to_select":
-        return UsageError(f"--oracle folder: {err}; train on them with --oracle ground_truth, or add images without "
-                          "masks")
+        return UsageError(f"--oracle {oracle}: {err}; train on them with --oracle ground_truth, or add images "
+                          "without masks")
     if err.reason == "bad_existing_masks":
         return UsageError(f"--data_root: {err}:\n  " + "\n  ".join(err.problems) + "\nfix or remove them (an image "
                           "without a mask is one to annotate)")
@@ -151,30 +155,34 @@ def round_error(err: annotation_rounds.RoundError) -> UsageError:
 
 def make_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
                 train_set: datasets_skin.SemiSupervisedSkinDataset) -> oracles.Oracle:
-    """The oracle of --oracle, after every check of its masks (nothing is written before)."""
+    """The oracle of --oracle, after every check of its masks (nothing is written before, but a waiting round's
+    masks pulled from Label Studio into its round folder)."""
     try:
-        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output))
+        client = label_studio_client(args) if args.oracle == oracles.LabelStudioOracle.name else None
+        return oracles.make_oracle(args.oracle, folder, state, train_set, args.accept_partial, Path(args.output),
+                                   client, args.label_studio_backend, args.wait)
     except annotation_rounds.RoundError as err:
-        raise round_error(err) from None
+        raise round_error(err, args.oracle) from None
     except RunFolderError as err:
         raise UsageError(f"--resume: {err}") from None
+    except (label_studio.LabelStudioError, label_studio_api.ApiError) as err:
+        raise label_studio_error(args, err) from None
 
 
-def make_shared_oracle(args: Settings, folder: RunFolder, state: Optional[ResumeState],
-                       train_set: datasets_skin.SemiSupervisedSkinDataset, ranks: Ranks) -> oracles.Oracle:
-    """The oracle, made by rank 0 (which reads the run folder and a person's masks); the other ranks get it with
-    the images it labeled and the masks it accepted from round folders (no shared file system is assumed)."""
-    def made() -> tuple:
-        oracle = make_oracle(args, folder, state, train_set)
-        accepted = [i for i, name in enumerate(train_set.names) if name in oracle.mask_sources] if ranks.active else []
-        return oracle, train_set.labeled_indices, {i: train_set.resized_mask(i) for i in accepted}
+def label_studio_client(args: Settings) -> label_studio_api.Client:
+    """--oracle label_studio: the server of --label_studio_url with the token of --label_studio_token_file (or
+    $LABEL_STUDIO_API_KEY), checked now; Label Studio's SDK is needed (it encodes and decodes the masks)."""
+    label_studio.brush_module()
+    return label_studio_api.connect(args.label_studio_url, label_studio_api.read_token(args.label_studio_token_file))
 
-    oracle, labeled, masks = ranks.from_first(made)
-    if not ranks.first:
-        train_set.mark_labeled(labeled)
-        for index, mask in masks.items():
-            train_set.use_mask(index, mask)
-    return oracle
+
+def label_studio_error(args: Settings, err: Exception) -> UsageError:
+    """An error of Label Studio or of a round through it, as one line naming the flag (or variable) it is about.
+    Nothing is half-written: a round is pushed before the run says it waits, and pulled before it is checked."""
+    flag = label_studio.error_flag(err, args) or ("--resume" if args.resume else "--oracle label_studio")
+    if isinstance(err, label_studio.SdkMissingError):
+        flag = "--oracle label_studio"
+    return UsageError(f"{flag}: {err}")
 
 
 def tidy_run_folder(run: Run, dead: bool) -> None:
@@ -204,8 +212,7 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
 
 def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     """Own and check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
-    Everything that can fail on bad input fails before the folder is created. Under torchrun rank 0 alone owns,
-    reads and writes the folder, and gives the other ranks the resume state and the oracle."""
+    Everything that can fail on bad input fails before the folder is created; rank 0 alone owns it (torchrun)."""
     folder, plan = RunFolder(run_dir_of(args.output, args.img_size)), SelectionPlan.from_settings(vars(args))
     keys = resume_keys(*(selector.name for selector in plan.selectors), prompted=args.promptmode != "none")
     dead, state = ranks.from_first(open_run_folder, args, folder, keys)
@@ -215,7 +222,7 @@ def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     with warnings.catch_warnings(record=True) as data_warnings:  # e.g. images left out for lack of a mask
         warnings.simplefilter("always")
         train_set, val_set = ranks.together(load_data, args)
-    oracle = make_shared_oracle(args, folder, state, train_set, ranks)
+    oracle = oracles.shared(lambda: make_oracle(args, folder, state, train_set), train_set, ranks)
     model = ranks.together(make_model, args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.compile:
@@ -232,24 +239,20 @@ def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
 
 def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: Sequence[str],
                      data_warnings: Sequence[warnings.WarningMessage]) -> None:
-    """Rank 0 (the one process without torchrun): create or reopen the run folder, its log (with the warnings
-    loading the data gave) and TensorBoard writers, and continue from ``state`` (--resume) or start afresh. The other
-    ranks take the state's training part."""
+    """Rank 0 (or the one process): create or reopen the run folder, its log (with the data's warnings) and writers,
+    and continue from ``state`` (--resume) or start afresh. The other ranks take the state's training part."""
     args, folder = run.args, run.folder
     if not run.ranks.first:
-        if state is not None:
-            try:
-                restore_training(run, state)
-            except RunFolderError as err:
-                raise UsageError(f"--resume: {err}") from None
-        return
+        try:
+            return restore_training(run, state) if state is not None else None
+        except RunFolderError as err:
+            raise UsageError(f"--resume: {err}") from None
     open_run_folder(args, folder, run.resume_keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
     for caught in data_warnings:  # said now, so that log.txt has them too
         log.warning("warning: %s", caught.message)
     if args.resume and "--resume" not in argv:
-        log.info("torchrun restarted the run's processes (restart %d): continuing the run as with --resume",
-                 distributed.restart_count())
+        log.info("torchrun restarted the run's processes (restart %d): continuing as with --resume", restart_count())
     tidy_run_folder(run, dead)
     if state is not None:
         try:
@@ -296,15 +299,9 @@ def interrupted(run: Optional[Run]) -> str:
             "command with --resume to continue from there")
 
 
-def stop_for_annotation(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
-    """Hand the round to a person, say where each mask goes and the one command that continues; stop (rank 0 writes
-    the round; every rank stops, exit code 0)."""
-    return run.ranks.from_first(hand_over, run, epoch, selection, argv)
-
-
-def hand_over(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -> dict:
-    folder = hand_over_round(run, epoch, selection)
-    for line in annotation_rounds.round_instructions(folder, epoch):
+def stop_for_annotation(run: Run, epoch: int, folder: Path, selection: Selection, argv: Sequence[str]) -> dict:
+    """The round handed to a person: say where each mask goes and the one command that continues; stop."""
+    for line in run.oracle.instructions(folder, epoch):
         log.info(line)
     script = "trainer.py" if Path.cwd().resolve() == REPO else str(REPO / "trainer.py")
     kept = [a for a in argv if a not in ("--accept_partial", "--accept_new_images")]  # answers to this round only
@@ -313,14 +310,10 @@ def hand_over(run: Run, epoch: int, selection: Selection, argv: Sequence[str]) -
     return result(run, epoch - 1, round_dir=folder, requested=[run.train_set.names[i] for i in selection.chosen])
 
 
-# ----------------------------------------------------------------------------- processes
-
 def as_restarted(args: Settings, ranks: Ranks) -> Settings:
-    """torchrun --max-restarts starts the same command again after a process failed (TORCHELASTIC_RESTART_COUNT
-    > 0): a restart continues the run its folder holds, as --resume does (a folder still without a run starts
-    it; other settings are refused, as on any --resume)."""
-    count = distributed.restart_count()
-    if count == 0 or args.resume:
+    """torchrun --max-restarts runs the same command again after a process failed: a restart continues the run its
+    folder holds, as --resume does (a folder still without a run starts it; other settings are refused)."""
+    if restart_count() == 0 or args.resume:
         return args
     status = ranks.from_first(lambda: RunFolder(run_dir_of(args.output, args.img_size)).status())
     return args if status == "new" else Settings(**{**vars(args), "resume": True})
@@ -359,8 +352,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 selection = resumed_selection(run, epoch) or ranks.together(select_batch, run, epoch, wanted)
 
             # 2) the oracle: ground_truth has the masks; a person's oracle hands the round over and the run stops
+            #    (with --wait, the run waits until the person's masks are back, then goes on with them)
             if not run.oracle.has_masks(epoch):
-                return stop_for_annotation(run, epoch, selection, argv)
+                round_folder = ranks.from_first(hand_over_round, run, epoch, selection)  # --wait: one process
+                if not args.wait:
+                    return ranks.from_first(stop_for_annotation, run, epoch, round_folder, selection, argv)
+                selection = wait_for_round(run, epoch, round_folder)
             labeled = ranks.together(annotate, run, epoch, selection)  # only now are the selected masks read
             utils.crash_point("selected", epoch)
 
@@ -383,7 +380,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ranks.exit(f"{parser.prog}: error: {stopped(args, err)}")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
         ranks.exit(f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}")
-    except KeyboardInterrupt:  # under torchrun the signal reaches torchrun first, which stops every process
+    except annotation_rounds.RoundError as err:  # the masks of a round waited for (--wait)
+        ranks.exit(f"{parser.prog}: error: {round_error(err, args.oracle)}")
+    except (label_studio.LabelStudioError, label_studio_api.ApiError) as err:
+        ranks.exit(f"{parser.prog}: error: {label_studio_error(args, err)}")
+    except KeyboardInterrupt:  # under torchrun the signal reaches torchrun and every process
         ranks.exit(f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}", code=130)
     finally:
         if run is not None:

@@ -10,15 +10,22 @@
 * ``selection_rows`` / ``metrics_rows``: a run folder's al_selection.csv and metrics.csv.
 * ``decisive`` / ``decisive_checkpoint``: seeded random SAM2 weights whose masks and scores differ between images
   (random weights give logits near 0 and near-ties everywhere), as a model or as a SAM2 checkpoint file.
+* ``label_studio``: one real Label Studio 1.23.2 server for the whole session (``tests/label_studio_helpers``);
+  ``fresh_label_studio``: start another one (for tests that stop or restart it) from the same migrated database.
+  Without the server the tests that use it are skipped, except under CI=true, where they fail.
 """
 from __future__ import annotations
 
 import csv
+import os
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import pytest
+
+import label_studio_helpers
 
 from synthetic_isic import make_synthetic_isic
 
@@ -179,3 +186,56 @@ def decisive_checkpoint(tmp_path_factory) -> Path:
     sam = _decisive(build_sam2("sam2.1_hiera_t", None, device="cpu", mode="train", image_size=64))
     torch.save({"model": sam.state_dict()}, path)
     return path
+
+
+# ----------------------------------------------------------------------------- a real Label Studio server
+
+LABEL_STUDIO_MIGRATE_S, LABEL_STUDIO_START_S = 1200, 300  # a busy 2-core machine migrates for minutes
+
+
+@pytest.fixture(scope="session")
+def label_studio_data(tmp_path_factory, report_figure) -> Path:
+    """A Label Studio data folder migrated once per session (``label_studio_helpers.migrated_data``); each server
+    starts from a copy of it. Skips the test without a server, fails it under CI=true (.ci/run installs one)."""
+    executable = label_studio_helpers.label_studio_executable()
+    if executable is None:
+        why = ("no Label Studio server: set MDSAM_LABEL_STUDIO to a label-studio executable, or run .ci/run, which "
+               "installs Label Studio 1.23.2 under ${MDSAM_CACHE:-~/.cache/mdsam}")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    started = time.monotonic()
+    data = label_studio_helpers.migrated_data(executable, tmp_path_factory.mktemp("label-studio-data"),
+                                              LABEL_STUDIO_MIGRATE_S)
+    report_figure(f"label studio: a new database migrated in {time.monotonic() - started:.0f} s")
+    return data
+
+
+@pytest.fixture(scope="session")
+def fresh_label_studio(label_studio_data, tmp_path_factory, report_figure):
+    """``fresh_label_studio(document_root)``: a new server from a copy of the migrated database, up and
+    authenticated; the caller stops it (every one still running is stopped at the end of the session)."""
+    started_servers = []
+
+    def start(document_root: Path) -> label_studio_helpers.LabelStudioServer:
+        started = time.monotonic()
+        server = label_studio_helpers.LabelStudioServer(label_studio_helpers.label_studio_executable(),
+                                                        tmp_path_factory.mktemp("label-studio-server"),
+                                                        document_root, data=label_studio_data)
+        started_servers.append(server)
+        server.wait_until_up(LABEL_STUDIO_START_S)
+        server.authenticate()
+        report_figure(f"label studio: a server up and authenticated in {time.monotonic() - started:.1f} s "
+                      "(a copy of the migrated database)")
+        return server
+
+    yield start
+    for server in started_servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio(fresh_label_studio, tmp_path_factory) -> label_studio_helpers.LabelStudioServer:
+    """The session's Label Studio server on 127.0.0.1, its document root a temporary folder (put the runs whose
+    rounds it serves below ``label_studio.document_root``); ``token`` is a personal access token."""
+    return fresh_label_studio(tmp_path_factory.mktemp("label-studio-root"))

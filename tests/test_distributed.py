@@ -245,7 +245,8 @@ def test_one_rank_killed_then_restarted_selects_what_the_uninterrupted_run_selec
     run_dir, killed, state_epoch = killed_then_restarted
     assert killed.returncode == 1, shown(killed)
     assert state_epoch == 1, "killed in epoch 2: the state is epoch 1's"
-    assert "torchrun restarted the run's processes (restart 1)" in (run_dir / "log.txt").read_text()
+    assert "torchrun restarted the run's processes (restart 1): continuing as with --resume" \
+        in (run_dir / "log.txt").read_text()
     assert selection(run_dir, selection_rows) == selection(one_process, selection_rows)
 
 

@@ -30,6 +30,7 @@ brush = pytest.importorskip("label_studio_sdk.converter.brush")
 REPO = Path(__file__).resolve().parents[1]
 FULL_SIZE_MASKS = REPO.parent / "shared" / "isic-sample-full" / "masks"  # 3024 x 2016 ISIC masks, when present
 FRONTEND_EXPORT = Path(__file__).parent / "data" / "label_studio_1.23_frontend_export.json"
+BACKEND_REQUESTS = Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json"  # what 1.23 sent
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,22 @@ def test_a_proposal_survives_the_sdk_rle_both_ways_at_full_size(name, mask):
     np.testing.assert_array_equal(label_studio.region_mask(region, (height, width), name), mask)
 
 
+def rle_edge_masks():
+    """Masks whose runs cross the RLE's field sizes (1, 2 and 64 pixels: 4, 8 and 256 values; 65 pixels: 260 values,
+    the 16-bit field; 16384 and 16385 pixels: 65536 values and one more, a second run), all lesion, all skin, mixed."""
+    for pixels in (1, 2, 3, 4, 64, 65, 16383, 16384, 16385, 40000):
+        yield np.ones((1, pixels), bool)
+        yield np.zeros((1, pixels), bool)
+    yield np.arange(12).reshape(3, 4) % 2 == 0
+    yield np.random.default_rng(4).random((40, 70)) > 0.3
+
+
+@pytest.mark.parametrize("mask", [*rle_edge_masks(), *(m for _, m in lesion_masks())], ids=lambda m: str(m.shape))
+def test_our_brush_rle_is_byte_for_byte_the_sdks(mask):
+    """label_studio.mask_rle computes from runs of pixels what the SDK's mask2rle computes from every RGBA value."""
+    assert label_studio.mask_rle(mask) == [int(v) for v in brush.mask2rle(mask.astype(np.uint8) * 255)]
+
+
 def test_lesion_is_alpha_above_127_and_regions_are_merged():
     """A stroke's pixel is lesion when its alpha > 127 (ALPHA_THRESHOLD); two regions: their union."""
     left, right = np.zeros((40, 50), bool), np.zeros((40, 50), bool)
@@ -96,6 +113,11 @@ def test_the_interface_is_one_lesion_brush_on_the_image():
     assert image.get("name") == "image" and image.get("value") == "$image"
     assert brushes.get("name") == "lesion_mask" and brushes.get("toName") == "image"
     assert [label.get("value") for label in brushes.findall("Label")] == ["lesion"]
+    # the smart tools of the ML backend (label_studio_backend.py): a click and a box labelled lesion
+    for tag, name in (("KeyPointLabels", "lesion_click"), ("RectangleLabels", "lesion_box")):
+        tool = view.find(tag)
+        assert (tool.get("name"), tool.get("toName"), tool.get("smart")) == (name, "image", "true")
+        assert [(label.get("value"), label.get("smart")) for label in tool.findall("Label")] == [("lesion", "true")]
     for classes in (0, 2, 3):
         with pytest.raises(label_studio.ClassCountError, match=f"one foreground class; got {classes}"):
             label_studio.labelling_interface(classes)
@@ -176,7 +198,8 @@ def test_without_the_sdk_the_module_imports_and_says_how_to_enable():
     code = ("import sys, numpy, label_studio as ls\n"
             "print('label_studio_sdk' in sys.modules)\n"  # imported on first use only (it takes seconds)
             "sys.modules['label_studio_sdk'] = None\n"  # from here on, as if it were not installed
-            "try:\n    ls.brush_result(numpy.ones((2, 2), bool))\n"
+            "region = ls.brush_result(numpy.ones((2, 2), bool))\n"  # our own RLE: no SDK needed
+            "try:\n    ls.region_mask(region, (2, 2), 'an export')\n"  # the SDK decodes what Label Studio drew
             "except ls.SdkMissingError as error:\n    print(error)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -212,9 +235,36 @@ def test_an_export_becomes_masks_and_who_and_how_long(fresh, tmp_path):
         ["status", "mask", "completed_by", "lead_time_s", "task_id", "annotation_id"],
         ["annotated", names[0].name, "4", "31.500", "100", "11"],
         ["annotated", names[1].name, "5", "2.000", "101", "12"],
-        ["skipped", "", "", "", "", ""]]
+        ["skipped", "", "1", "7.250", "102", "13"]]  # a skip keeps its task, who skipped and after how long
     assert result.csv_path == fresh.round_dir / "to_annotate.csv"
     assert list((fresh.data_root / "Training_GroundTruth").iterdir()) == []
+
+
+def test_the_smart_tools_clicks_and_box_are_prompts_the_import_leaves_aside(fresh, tmp_path):
+    """An annotation made with the ML backend keeps the annotator's clicks and box (regions as Label Studio 1.23.2
+    sent them to the backend, recorded in tests/data) beside the brush region the backend answered: the mask is the
+    brush alone, whatever the prompts."""
+    recorded = json.loads(BACKEND_REQUESTS.read_text())
+    prompts = [*recorded["predict_clicks"]["params"]["context"]["result"],
+               *recorded["predict_box"]["params"]["context"]["result"]]
+    assert sorted({r["type"] for r in prompts}) == ["keypointlabels", "rectanglelabels"]
+    first = fresh.items[0].sample.image_path.name
+    truth = fresh.answers[first]
+    export = write_export(tmp_path / "export.json", export_of(fresh.round_dir, {
+        first: [annotation(prompts[:1] + [brush_region(truth)] + prompts[1:], 21)]}))
+    result = label_studio.import_export(export, fresh.round_dir)
+    written = fresh.round_dir / f"{Path(first).stem}_segmentation.png"
+    assert result.written == [written]
+    np.testing.assert_array_equal(np.asarray(Image.open(written)), truth.astype(np.uint8) * 255)
+
+
+def test_a_click_region_of_another_tool_name_is_still_refused(fresh, tmp_path):
+    recorded = json.loads(BACKEND_REQUESTS.read_text())
+    click = dict(recorded["predict_click"]["params"]["context"]["result"][0], from_name="somebody_elses_points")
+    export = write_export(tmp_path / "export.json", export_of(fresh.round_dir, {
+        fresh.items[0].sample.image_path.name: [annotation([click], 22)]}))
+    with pytest.raises(label_studio.ExportError, match="a keypointlabels region somebody_elses_points->image"):
+        label_studio.import_export(export, fresh.round_dir)
 
 
 def test_strokes_drawn_in_label_studios_own_editor_come_back_as_their_union(tmp_path):
@@ -374,6 +424,8 @@ def test_the_command_writes_masks_or_says_in_one_line_what_is_wrong(fresh, tmp_p
     assert label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)]) == 0
     said = capsys.readouterr().out
     assert f"mask(s) written to {fresh.round_dir}: 1" in said and "--accept_partial" in said
+    # two images not returned: the command that continues the run is the one that takes them back to the pool
+    assert said.strip().splitlines()[-1].endswith("trainer.py <the run's flags> --resume --accept_partial")
     write_export(export, [edited(good_task(fresh), mdsam_run="run-B")])
     with pytest.raises(SystemExit) as exit_info:
         label_studio.main(["import", "--export", str(export), "--round_dir", str(fresh.round_dir)])

@@ -4,17 +4,12 @@ the masks written equal the submitted ones pixel for pixel; and a whole ``traine
 ISIC photos whose rounds go out, are annotated in Label Studio, come back and train via ``--resume``, selecting and
 learning exactly what the simulation (``--oracle ground_truth``) fed the same masks does.
 
-Skipped unless MDSAM_LABEL_STUDIO names a ``label-studio`` executable (installed in a virtualenv of its own):
-
-    MDSAM_LABEL_STUDIO=/work/ls-venv/bin/label-studio python3 -m pytest -q tests/test_label_studio_server.py
-
-The server listens on 127.0.0.1 only, keeps its SQLite data and HOME in a temporary folder, runs with sign-up
-disabled and Sentry, analytics and the PyPI version check off. Its first start migrates a new database (minutes).
+The server is the session's (``label_studio`` in tests/conftest.py: 127.0.0.1 only, its SQLite data and HOME in
+a temporary folder, sign-up disabled, Sentry, analytics and the PyPI version check off).
 """
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -29,39 +24,31 @@ from PIL import Image
 import trainer
 from annotation_rounds import hide_masks, read_round
 from label_studio_helpers import (RUN_ID, LabelStudioServer, MadeRound, annotate_in_label_studio, listening_addresses,
-                                  make_round)
+                                  make_round, real_format_data)
 
-EXECUTABLE = os.environ.get("MDSAM_LABEL_STUDIO", "")
-pytestmark = pytest.mark.skipif(not EXECUTABLE, reason="set MDSAM_LABEL_STUDIO to a label-studio executable")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683) with their masks
 REAL_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:1]
-STARTUP_S = 1200  # a first start on a busy 2-core machine migrates for minutes
 
 
 @pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("label-studio")
+def server(label_studio) -> LabelStudioServer:
+    return label_studio
 
 
 @pytest.fixture(scope="module")
-def server(where, report_figure):
-    started = time.monotonic()
-    running = LabelStudioServer(EXECUTABLE, where / "server", where / "round" / "root")
-    try:
-        report_figure(f"label studio: server up after {running.wait_until_up(STARTUP_S):.0f} s (new database)")
-        running.authenticate()
-        yield running
-    finally:
-        running.stop()
-        report_figure(f"label studio: server tests took {time.monotonic() - started:.0f} s in all")
-
+def where(label_studio) -> Path:
+    """This module's folder below the server's document root."""
+    folder = label_studio.document_root / "test_label_studio_server"
+    folder.mkdir()
+    return folder
 
 
 @pytest.fixture(scope="module")
-def made(where) -> MadeRound:
+def made(server, where) -> MadeRound:
     """Two synthetic ISIC-format images (320 px) and one real ISIC photo (1024 x 683) when the sample is there."""
-    return make_round(where / "round", n_synthetic=2, size=320, real_photos=REAL_PHOTOS)
+    return make_round(where / "round", n_synthetic=2, size=320, real_photos=REAL_PHOTOS,
+                      document_root=server.document_root)
 
 
 def test_the_server_listens_on_loopback_only_and_refuses_sign_up(server):
@@ -122,18 +109,6 @@ def test_a_round_goes_out_is_annotated_and_comes_back_as_the_submitted_masks(ser
 
 # ----------------------------------------------------------------------------- a trainer run annotated in Label Studio
 
-def real_format_data(root: Path, training: list, validation: list) -> Path:
-    """The ISIC photos ``training`` / ``validation`` with their masks, in the README layout under ``root``."""
-    for split, photos in (("Training", training), ("Validation", validation)):
-        (root / f"{split}_Data").mkdir(parents=True)
-        (root / f"{split}_GroundTruth").mkdir()
-        for photo in photos:
-            shutil.copyfile(photo, root / f"{split}_Data" / photo.name)
-            mask = f"{photo.stem}_segmentation.png"
-            shutil.copyfile(SAMPLE / "masks" / mask, root / f"{split}_GroundTruth" / mask)
-    return root
-
-
 RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", "64",
        "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9"]
 
@@ -147,7 +122,7 @@ def test_a_run_annotated_in_label_studio_learns_exactly_what_the_simulation_does
     data = shutil.copytree(simulation_data, where / "loop" / "data")
     answers = hide_masks(data / "Training_GroundTruth", where / "loop" / "answers")
     truth = {p.name.replace("_segmentation.png", ".jpg"): np.asarray(Image.open(p)) > 127 for p in answers.iterdir()}
-    out = server.document_root / "run"  # below the server's document root; the trainer is told the root
+    out = where / "run"  # below the server's document root; the trainer is told the root
     monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(server.document_root))
     argv = RUN + ["--oracle", "folder", "--data_root", str(data), "--output", str(out)]
     # Two torch threads on this shared 2-core machine sum in a load-dependent order (two identical simulations then

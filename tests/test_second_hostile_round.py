@@ -209,3 +209,16 @@ def test_collect_leaves_out_a_run_whose_records_are_damaged(finished, tmp_path, 
     assert len(left) == 2 and "random/seed2 (left out: " in left[0] and "metrics.csv" in left[0]
     assert "random/seed3 (left out: " in left[1] and "has no column 'jaccard'" in left[1]
     assert capsys.readouterr().err.count("left out of the report") == 2
+
+
+def test_a_simulated_run_is_not_resumed_by_a_person(finished, data, tmp_path, capsys):
+    """Issue 27: switching between --oracle folder and label_studio on a --resume is allowed (both are a person;
+    tests/test_label_studio_oracle.py); between a person and ground_truth it is refused, naming both, before
+    anything is changed."""
+    run_dir = copy_of(finished, tmp_path)
+    before = files_of(run_dir)
+    line = refused(argv_of(data, run_dir.parent, "--max_epochs", "3", "--resume", "--oracle", "folder"), capsys)
+    assert line == ("trainer.py: error: --oracle folder: the run was made with --oracle ground_truth and is "
+                    "resumed with --oracle folder: a person's masks and the simulation's ground truth do not mix "
+                    "in one run; resume it with the oracle it was made with; nothing was changed")
+    assert files_of(run_dir) == before
