@@ -162,7 +162,8 @@ def fake_run(run_dir: Path, keep_best: str) -> types.SimpleNamespace:
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     return types.SimpleNamespace(
-        args=types.SimpleNamespace(save_from_epoch=1, val_every=1, keep_best=keep_best, base_lr=1e-3, batch_size=1),
+        args=types.SimpleNamespace(save_from_epoch=1, val_every=1, keep_best=keep_best, base_lr=1e-3, batch_size=1,
+                                   oracle="ground_truth"),
         model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), folder=RunFolder(run_dir),
         run_dir=run_dir, resume_keys=("batch_size",), labeled_names=[], best_dice=-1.0, best_path=None,
