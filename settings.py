@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from importlib import import_module
 from pathlib import Path
@@ -246,6 +245,9 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
 
 def check_processes(args: argparse.Namespace, processes: int) -> None:
     """What a run on several processes (torchrun) cannot do."""
+    if processes > 1 and args.wait:
+        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
+                         "without --wait (each round stops the run), then continue with --resume")
     if processes > 1 and args.promptmode != "none" and args.prompt_draw == "per_epoch":
         raise UsageError("--prompt_draw per_epoch draws the prompt points of a batch from one generator, so what an "
                          "image draws depends on how the batch is split across processes: run it in one process "
@@ -288,14 +290,11 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_label_studio(args: argparse.Namespace) -> None:
-    """The Label Studio flags belong to --oracle label_studio; --wait holds no torchrun job's GPUs for hours."""
+    """The Label Studio flags belong to --oracle label_studio."""
     given = [f"--{flag}" for flag in ("wait", "label_studio_backend") if getattr(args, flag)]
     if given and args.oracle != "label_studio":
         raise UsageError(f"{given[0]} needs --oracle label_studio (it waits for, or helps, a person annotating in "
                          "Label Studio)")
-    if args.wait and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
-                         "without --wait (each round stops the run), then continue with --resume")
 
 
 def check_paths(args: argparse.Namespace) -> None:
