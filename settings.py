@@ -22,7 +22,7 @@ from active_learning_strategies import (ALL_UNLABELED, NO_FIRST_ROUND, ActiveLea
 from label_studio_api import TOKEN_VARIABLE
 from oracles import ORACLES
 from run_folder import run_dir_of
-from sam_lora_image_encoder_prompt import prompt_mode_of
+from sam_lora_image_encoder_prompt import lora_sam_misfit, prompt_mode_of
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
@@ -315,6 +315,9 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--module {args.module}: cannot be imported ({err})") from None
     if not hasattr(module, "LoRA_Sam"):
         raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}) defines no LoRA_Sam class")
+    misfit = lora_sam_misfit(module.LoRA_Sam)
+    if misfit:
+        raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}): {misfit}")
 
 
 def check_output(args: argparse.Namespace) -> None:
