@@ -26,6 +26,10 @@ Sets chosen from one embedding vector per image (``embedding_vectors``; the rule
   once per run and kept in the run folder (``PretrainedEmbeddings``); core-set may use the current model's.
 
 The score formulas are pure tensor functions at the top (baal's heuristics style).
+
+On several processes (torchrun: the context's ``ranks``) each rank scores, or encodes, its share of the images; the
+scores and vectors are gathered in image order, and the choice is made once from them (a set rule runs on rank 0
+alone), so that the selection is the one a single process makes.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import tb_images
+from distributed import Ranks
 from safe_io import CheckpointFileError, atomic_torch_save, load_torch_file
 from sam_lora_image_encoder_prompt import class_probabilities, prompts_from_logits
 from utils import autocast
@@ -193,7 +198,8 @@ class SelectionContext:
     computes once per run; progress: show a progress bar; autocast_dtype: the autocast dtype of model scoring on
     CUDA (None: ``utils.amp_dtype``, bf16 where supported; the trainer passes ``utils.scoring_dtype``); feature_key:
     what the pretrained encoder's embedding of an image depends on besides the image (model config, checkpoint,
-    image size, ...), the key of that cache.
+    image size, ...), the key of that cache; ranks: this process's place in a run on several (``distributed``),
+    whose ranks each score their share of the pool.
     """
 
     model: torch.nn.Module
@@ -210,6 +216,7 @@ class SelectionContext:
     progress: bool = False
     autocast_dtype: Optional[torch.dtype] = None
     feature_key: Mapping[str, str] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
 
     def batches(self, indices: Sequence[int], desc: str) -> Iterator[Tuple[List[int], torch.Tensor]]:
         """(dataset indices, B x 3 x S x S images on the device) in ``batch_size`` chunks, in order."""
@@ -303,7 +310,7 @@ class TopKStrategy(Strategy):
     def choose(self, context: SelectionContext) -> Selection:
         scores = self.score_pool(context)
         chosen = top_k(scores, min(context.k, len(scores)))
-        return Selection(chosen, scores, figure=self.figure(context, chosen, scores))
+        return Selection(chosen, scores, figure=self.figure(context, chosen, scores) if context.ranks.first else None)
 
     @abstractmethod
     def score_pool(self, context: SelectionContext) -> Scores:
@@ -315,15 +322,24 @@ class TopKStrategy(Strategy):
 
 
 class ModelScoringStrategy(TopKStrategy):
-    """Runs the model over the pool in mini-batches (eval mode, no grad, the context's autocast on CUDA)."""
+    """Runs the model over the pool in mini-batches (eval mode, no grad, the context's autocast on CUDA); each rank
+    of a run on several processes its share of the pool, the scores gathered in pool order."""
 
     def score_pool(self, context: SelectionContext) -> Scores:
-        scores: Scores = {}
-        with scoring_mode(context.model, context.device, context.autocast_dtype):
-            for indices, images in context.batches(list(context.pool), f"AL scoring ({self.name})"):
-                batch_scores = self.score_batch(context.model, images, indices, context.seed)
-                scores.update(zip(indices, batch_scores.float().cpu().tolist()))
+        def score_share() -> List[Tuple[int, float]]:
+            scores: List[Tuple[int, float]] = []
+            with scoring_mode(context.model, context.device, context.autocast_dtype):
+                for indices, images in context.batches(context.ranks.share(context.pool), f"AL scoring ({self.name})"):
+                    batch_scores = self.score_batch(context.model, images, indices, context.seed)
+                    scores += zip(indices, batch_scores.float().cpu().tolist())
+            return scores
+
+        scores = dict(context.ranks.gather(score_share))
+        self.gather_kept(context.ranks)
         return scores
+
+    def gather_kept(self, ranks: Ranks) -> None:
+        """Bring together what ``score_batch`` kept on each rank besides the scores (nothing, by default)."""
 
     @abstractmethod
     def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
@@ -394,6 +410,10 @@ class MaskDifferenceStrategy(ModelScoringStrategy):
     def score_pool(self, context: SelectionContext) -> Scores:
         self._kept, self._keep = {}, context.k
         return super().score_pool(context)
+
+    def gather_kept(self, ranks: Ranks) -> None:
+        if ranks.active:  # each rank's best k: the pool's best k are among them
+            self._kept = dict(ranks.gather(lambda: list(self._kept.items())))
 
     def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
         compared = self.compare(model, images, indices, seed)
@@ -513,10 +533,18 @@ class PretrainedEmbeddings:
 
     def vectors(self, context: SelectionContext, indices: Sequence[int]) -> np.ndarray:
         """len(indices) x 256 float32 unit vectors of these dataset images; only images not seen before in this
-        run are encoded (one pretrained encoder pass each)."""
+        run are encoded (one pretrained encoder pass each). On several processes rank 0 reads the file and sends
+        what it holds to the others (no shared file system is assumed), each rank digests and encodes its share,
+        and rank 0 alone writes the file."""
+        ranks = context.ranks
         path = None if context.run_dir is None else Path(context.run_dir) / EMBEDDINGS_FILE
-        self._load(path, {name: str(value) for name, value in context.feature_key.items()})
-        digests = {int(i): image_digest(context.dataset[int(i)]["image"]) for i in indices}
+        key = {name: str(value) for name, value in context.feature_key.items()}
+        if not ranks.active:
+            self._load(path, key)
+        elif key != self._key:
+            self._received(*ranks.from_first(self._held_after_load, path, key))
+        digests = dict(ranks.gather(lambda: [(int(i), image_digest(context.dataset[int(i)]["image"]))
+                                             for i in ranks.share(indices)]))
         encoded = self._encode_missing(context, digests)
         if self._drop_other_widths(path):
             encoded += self._encode_missing(context, digests)
@@ -524,20 +552,28 @@ class PretrainedEmbeddings:
             log.info("pretrained embeddings: %d image(s) encoded, %d from the cache%s", encoded,
                      len(set(digests.values())) - encoded, "" if path is None else f" ({path})")
         if path is not None and (encoded or self._file_outdated):
-            atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
-                                   vectors=torch.stack(list(self._vectors.values()))), path)
+            ranks.from_first(lambda: atomic_torch_save(dict(key=self._key, digests=list(self._vectors),
+                                                            vectors=torch.stack(list(self._vectors.values()))), path))
             self._file_outdated = False
         return torch.stack([self._vectors[digests[int(i)]] for i in indices]).numpy()
 
     def _encode_missing(self, context: SelectionContext, digests: Dict[int, str]) -> int:
-        """Encode the images of ``digests`` (index -> digest) whose vector is not kept; how many were encoded."""
+        """Encode the images of ``digests`` (index -> digest) whose vector is not kept, each rank its share; how many
+        were encoded."""
+        ranks = context.ranks
         new = list({digest: index for index, digest in digests.items() if digest not in self._vectors}.values())
         if new:
-            with scoring_mode(context.model, context.device):
-                for batch, images in context.batches(new, "pretrained embeddings"):
-                    vectors = embedding_vectors(context.encode_pretrained(images)).cpu()
-                    self._vectors.update(zip((digests[i] for i in batch), vectors))
-                    self._width = vectors.shape[1]
+            def encode_share() -> List[Tuple[str, torch.Tensor]]:
+                found: List[Tuple[str, torch.Tensor]] = []
+                with scoring_mode(context.model, context.device):
+                    for batch, images in context.batches(ranks.share(new), "pretrained embeddings"):
+                        vectors = embedding_vectors(context.encode_pretrained(images)).cpu()
+                        found += zip((digests[i] for i in batch), vectors)
+                return found
+
+            found = ranks.gather(encode_share)
+            self._vectors.update(found)
+            self._width = len(found[0][1])
         return len(new)
 
     def _drop_other_widths(self, path: Optional[Path]) -> bool:
@@ -548,6 +584,17 @@ class PretrainedEmbeddings:
             self._outdated(path, f"its vectors are {', '.join(map(str, other))} wide, the encoder's {self._width}")
             self._vectors = {d: v for d, v in self._vectors.items() if len(v) == self._width}
         return bool(other)
+
+    def _held_after_load(self, path: Optional[Path], key: Dict[str, str]) -> tuple:
+        """``_load``, then what this object holds, as rank 0 sends it: (key, digests, N x D vectors, outdated)."""
+        self._load(path, key)
+        vectors = torch.stack(list(self._vectors.values())) if self._vectors else None
+        return self._key, list(self._vectors), vectors, self._file_outdated
+
+    def _received(self, key: Dict[str, str], digests: List[str], vectors: Optional[torch.Tensor],
+                  outdated: bool) -> None:
+        self._key, self._file_outdated = key, outdated
+        self._vectors = dict(zip(digests, vectors)) if vectors is not None else {}
 
     def _load(self, path: Optional[Path], key: Dict[str, str]) -> None:
         """Take the file's vectors when it was made with ``key`` and they are usable (2-D, floating point, finite,
@@ -602,10 +649,12 @@ class EmbeddingStrategy(Strategy):
         pool, labeled = [int(i) for i in context.pool], [int(i) for i in context.labeled]
         vectors = self.embed(context, pool + labeled)
         pool_vectors, labeled_vectors = vectors[:len(pool)], vectors[len(pool):]
-        with threadpool_limits(limits=1):
-            positions = self.pick(pool_vectors, labeled_vectors, min(context.k, len(pool)), context.seed)
+        with threadpool_limits(limits=1):  # once: on rank 0 of a run on several processes
+            positions = context.ranks.from_first(self.pick, pool_vectors, labeled_vectors, min(context.k, len(pool)),
+                                                 context.seed)
             figure = tb_images.embedding_projection(pool_vectors, labeled_vectors, positions,
-                                                    f"{self.name} ({self.features} embeddings)")
+                                                    f"{self.name} ({self.features} embeddings)") \
+                if context.ranks.first else None
         chosen = [pool[int(p)] for p in positions]
         return Selection(chosen, preference_scores(pool, chosen), ranking=set_ranking(chosen, sorted(pool)),
                          figure=figure)
@@ -614,11 +663,15 @@ class EmbeddingStrategy(Strategy):
         """len(indices) x 256 unit vectors of these images, from the features this strategy uses."""
         if self.features == "pretrained":
             return self._pretrained.vectors(context, indices)
-        parts = []
-        with scoring_mode(context.model, context.device):
-            for _, images in context.batches(list(indices), f"embeddings ({self.name})"):
-                parts.append(embedding_vectors(context.model.encode(images)).cpu())
-        return torch.cat(parts).numpy()
+
+        def encode_share() -> List[torch.Tensor]:
+            parts = []
+            with scoring_mode(context.model, context.device):
+                for _, images in context.batches(context.ranks.share(indices), f"embeddings ({self.name})"):
+                    parts.append(embedding_vectors(context.model.encode(images)).cpu())
+            return parts
+
+        return torch.cat(context.ranks.gather(encode_share)).numpy()
 
     @abstractmethod
     def pick(self, pool: np.ndarray, labeled: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -706,12 +759,19 @@ class DiverseMaskDifferenceStrategy(MaskDifferenceStrategy):
             return Selection([], scores)  # Strategy.select names the images
         pool = [int(i) for i in context.pool]
         vectors = np.stack([self._pool_vectors[i] for i in pool])
-        with threadpool_limits(limits=1):
-            positions = selection_rules().mask_difference_diverse(vectors, np.array([scores[i] for i in pool]),
-                                                                    min(context.k, len(pool)), context.seed)
-            figure = tb_images.embedding_projection(vectors, vectors[:0], positions, f"{self.name} (current model)")
+        with threadpool_limits(limits=1):  # once: on rank 0 of a run on several processes
+            positions = context.ranks.from_first(selection_rules().mask_difference_diverse, vectors,
+                                                 np.array([scores[i] for i in pool]), min(context.k, len(pool)),
+                                                 context.seed)
+            figure = tb_images.embedding_projection(vectors, vectors[:0], positions, f"{self.name} (current model)") \
+                if context.ranks.first else None
         chosen = [pool[int(p)] for p in positions]
         return Selection(chosen, scores, ranking=set_ranking(chosen, top_k(scores, len(scores))), figure=figure)
+
+    def gather_kept(self, ranks: Ranks) -> None:
+        super().gather_kept(ranks)
+        if ranks.active:
+            self._pool_vectors = dict(ranks.gather(lambda: list(self._pool_vectors.items())))
 
     def score_batch(self, model: torch.nn.Module, images: torch.Tensor, indices: List[int], seed: int) -> torch.Tensor:
         features = model.encode(images)

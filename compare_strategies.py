@@ -17,7 +17,8 @@ selected image cost to annotate (trainer.py --annotation_cost clicks, unless the
 report: OUTPUT/curves.csv, OUTPUT/learning_curves.png, OUTPUT/summary.md (against labeled images and against
 clicks); `tensorboard --logdir OUTPUT` shows every run's log side by side.
 
-Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpus (CUDA_VISIBLE_DEVICES);
+Runs execute as subprocesses, --jobs at once, each pinned to one device of --gpus (CUDA_VISIBLE_DEVICES), or with
+--nproc_per_run N to N of them, the run under torchrun (one process per device; docs/several_gpus.md);
 --print_commands prints the command lines of the missing runs for another scheduler; --collect only writes
 the report. A rerun skips finished runs and resumes interrupted ones; runs made with other settings are an
 error, never reused or overwritten. A run folder another process owns (folder_lock: another invocation's trainer
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "is present, else the CPU)")
     p.add_argument("--jobs", type=int, default=None,
                    help=f"runs at once (default: one per --gpus device; CPU: 1, --demo: {DEMO_CPU_JOBS})")
+    p.add_argument("--nproc_per_run", type=int, default=1, metavar="N",
+                   help="processes per run: each run under torchrun on N devices of --gpus (one process each; on the "
+                        "CPU, N processes sharing the cores); default 1: python3 trainer.py on one device")
     p.add_argument("--print_commands", action="store_true",
                    help="print one command line per missing run (for SLURM arrays etc.) and exit")
     p.add_argument("--collect", action="store_true", help="only write the report, from the finished runs")
@@ -139,18 +143,22 @@ def check_request(args: argparse.Namespace, trainer_flags: List[str]) -> None:
             raise CompareError(f"{flag} must be >= 1 (got {min(budgets)})")
     if args.jobs is not None and args.jobs < 1:
         raise CompareError(f"--jobs must be >= 1 (got {args.jobs})")
+    if args.nproc_per_run < 1:
+        raise CompareError(f"--nproc_per_run must be >= 1 (got {args.nproc_per_run})")
     if args.print_commands and args.collect:
         raise CompareError("--print_commands and --collect exclude each other")
 
 
-def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1) -> List[Optional[str]]:
-    """One CUDA device per job slot (None = CPU; ``cpu_jobs`` slots unless --jobs); --gpus naming a missing
-    device is an error."""
+def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1, per_job: int = 1
+                ) -> List[Optional[str]]:
+    """The CUDA devices of each job slot, ``per_job`` of them ("0" or "0,1"; None = CPU; ``cpu_jobs`` slots unless
+    --jobs); --gpus naming a missing device, or a number of devices that does not split into jobs of ``per_job``,
+    is an error."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus is None:
-        devices: List[Optional[str]] = ["0"] if count else [None]
+        devices: List[Optional[str]] = [str(i) for i in range(min(per_job, count))] if count else [None]
     else:
         devices = [d.strip() for d in gpus.split(",")]
         if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
@@ -159,6 +167,11 @@ def job_devices(gpus: Optional[str], jobs: Optional[int], cpu_jobs: int = 1) -> 
         if missing:
             present = ", ".join(map(str, range(count))) or "none (no CUDA on this machine)"
             raise CompareError(f"--gpus {gpus}: no device {', '.join(missing)}; devices present: {present}")
+    if devices != [None]:
+        if len(devices) % per_job:
+            raise CompareError(f"--gpus {gpus or ','.join(devices)}: {len(devices)} device(s) do not make runs of "
+                               f"--nproc_per_run {per_job} devices each; name a multiple of {per_job}")
+        devices = [",".join(devices[i:i + per_job]) for i in range(0, len(devices), per_job)]
     jobs = jobs or (cpu_jobs if devices == [None] else len(devices))
     return [devices[i % len(devices)] for i in range(jobs)]
 
@@ -197,7 +210,13 @@ def read_config(run_dir: Path) -> Dict[str, str]:
     return {key: normalized(key, str(value)) for key, value in {**LEGACY, **recorded}.items()}
 
 
+def unused_settings(settings: Dict[str, str]) -> set:
+    """Settings that change nothing in a run made with ``settings``: how prompt points are drawn, without prompts."""
+    return {"prompt_draw"} if settings.get("promptmode") in ("none", None) else set()
+
+
 def differences(want: Dict[str, str], have: Dict[str, str], ignore: set) -> List[str]:
+    ignore = ignore | (unused_settings(want) & unused_settings(have))
     keys = sorted((set(want) | set(have)) - IGNORED_SETTINGS - ignore)
     return [f"{k} was {have.get(k, '(unset)')}, now {want.get(k, '(unset)')}"
             for k in keys if want.get(k) != have.get(k)]
@@ -292,7 +311,8 @@ def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
     """Every check, in order, before anything runs; the only thing written is the --demo data set."""
     check_request(args, trainer_flags)
     # the demo on a CPU: one single-threaded run per core (faster than one run using every core)
-    devices = job_devices(args.gpus, args.jobs, min(DEMO_CPU_JOBS, os.cpu_count() or 1) if args.demo else 1)
+    devices = job_devices(args.gpus, args.jobs, min(DEMO_CPU_JOBS, os.cpu_count() or 1) if args.demo else 1,
+                          args.nproc_per_run)
     output = Path(args.output).resolve()
     if output.exists() and not output.is_dir():
         raise CompareError(f"--output {args.output} is a file")
@@ -305,7 +325,7 @@ def make_plan(args: argparse.Namespace, trainer_flags: List[str]) -> Plan:
     count_split(data_root, "Test")
     budgets, final = label_budgets(args, runs[0].args, n_train)
     plan = Plan(output, list(args.strategies), list(args.seeds), budgets, runs, zero, devices, final, n_train,
-                runs[0].args, args.click_budgets)
+                runs[0].args, args.nproc_per_run, args.click_budgets)
     check_existing(plan)
     return plan
 
@@ -367,16 +387,26 @@ def set_aside(run_dir: Path) -> Optional[Path]:
     return aside
 
 
-def job_commands(run: Job, state: str, gpu: str) -> List[List[str]]:
-    """The processes of one job: trainer.py (fresh or --resume) and the Test scoring; or the zero-shot. An aborted
-    run is set aside first (``set_aside``)."""
+def torchrun(nproc: int) -> List[str]:
+    """The command that starts ``nproc`` processes of a program on this machine: torchrun (beside this Python), or
+    the module it runs."""
+    launcher = Path(sys.executable).with_name("torchrun")
+    start = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return start + ["--standalone", "--nproc_per_node", str(nproc)]
+
+
+def job_commands(run: Job, state: str, gpu: str, nproc: int = 1) -> List[List[str]]:
+    """The processes of one job: trainer.py (fresh or --resume; with ``nproc`` > 1 under torchrun, each process on
+    the GPU of its LOCAL_RANK) and the Test scoring; or the zero-shot. An aborted run is set aside first
+    (``set_aside``)."""
     python, me = sys.executable, str(Path(__file__).resolve())
     if run.strategy == ZERO_SHOT:
         return [[python, me, "--zero_shot", str(run.run_dir), "--"] + run.argv]
     score = [python, me, "--score_run", str(run.run_dir)]
     if state == "trained":
         return [score]
-    train = [python, str(TRAINER)] + run.argv + ["--gpu", gpu] + (["--resume"] if state == "interrupted" else [])
+    start = [python, str(TRAINER)] if nproc == 1 else torchrun(nproc) + [str(TRAINER)]
+    train = start + run.argv + (["--gpu", gpu] if nproc == 1 else []) + (["--resume"] if state == "interrupted" else [])
     return ([[python, me, "--set_aside", str(run.run_dir)]] if state == "aborted" else []) + [train, score]
 
 
@@ -399,28 +429,28 @@ def held_name(run: Job, owner) -> str:
 
 
 def print_commands(plan: Plan) -> List[str]:
-    """One shell line per missing run (run anywhere, in any order; CUDA_VISIBLE_DEVICES picks the GPU), except
-    those another process owns now: returned, named."""
+    """One shell line per missing run (run anywhere, in any order; CUDA_VISIBLE_DEVICES picks the GPU, or the GPUs
+    of a run under torchrun), except those another process owns now: returned, named."""
     held = []
     for run, state in pending(plan):
         owner = owned_elsewhere(run)
         if owner:
             held.append(owner)
         else:
-            print(" && ".join(shlex.join(cmd) for cmd in job_commands(run, state, "0")))
+            print(" && ".join(shlex.join(cmd) for cmd in job_commands(run, state, "0", plan.nproc_per_run)))
     return held
 
 
-def job_env(device: Optional[str], slots: int) -> Dict[str, str]:
+def job_env(device: Optional[str], slots: int, nproc: int = 1) -> Dict[str, str]:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = "" if device is None else device
-    if device is None and slots > 1:  # CPU jobs share the cores instead of each taking all of them
-        threads = str(max(1, (os.cpu_count() or 1) // slots))
+    if device is None and slots * nproc > 1:  # CPU processes share the cores instead of each taking all of them
+        threads = str(max(1, (os.cpu_count() or 1) // (slots * nproc)))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return env
 
 
-def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
+def run_job(run: Job, device: Optional[str], slots: int, label: str, nproc: int = 1) -> bool:
     """Run one job's processes in order (output appended to its run.log), as the run's state is when it starts;
     False if one of them failed. ``FolderLocked`` when another process owns the run's folder (nothing is run)."""
     from folder_lock import FolderLock
@@ -441,16 +471,18 @@ def run_job(run: Job, device: Optional[str], slots: int, label: str) -> bool:
         where = f"set aside as {aside.name}" if aside else "gone meanwhile"
         print(f"{label} {run.name}: stopped in its first epoch; {where}, starting afresh")
         state = "new"
-    where = "CPU" if device is None else f"GPU {device}"
+    where = ("CPU" if device is None else f"GPU{'s' if ',' in device else ''} {device}") + \
+        (f" ({nproc} processes)" if nproc > 1 else "")
     verb = {"interrupted": "resuming", "trained": "scoring on Test"}.get(state, "starting")
     print(f"{label} {run.name}: {verb} on {where} (log: {run.log_path})", flush=True)
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run.log_path, "a") as log:
-        for cmd in job_commands(run, state, "cpu" if device is None else "0"):
+        for cmd in job_commands(run, state, "cpu" if device is None else "0", nproc):
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=job_env(device, slots)).returncode
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                  env=job_env(device, slots, nproc)).returncode
             if code:
                 print(f"{label} {run.name}: FAILED (exit {code}) after {time.perf_counter() - start:.0f} s; "
                       f"see {run.log_path}", flush=True)
@@ -474,7 +506,7 @@ def execute(plan: Plan) -> Tuple[List[str], List[str]]:
         number, (run, _) = item
         label, device = f"[{number}/{len(todo)}]", slots.get()
         try:
-            return (None if run_job(run, device, len(plan.devices), label) else run.name), None
+            return (None if run_job(run, device, len(plan.devices), label, plan.nproc_per_run) else run.name), None
         except FolderLocked as owner:
             print(f"{label} {run.name}: skipped: {owner}", flush=True)
             return None, held_name(run, owner)

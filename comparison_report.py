@@ -67,6 +67,7 @@ class Plan:
     final_labeled: int
     n_train: int
     trainer_args: argparse.Namespace  # of the first run (what the runs share)
+    nproc_per_run: int = 1  # processes (devices) per trainer run: under torchrun when more than one
     click_budgets: Optional[List[int]] = None  # --click_budgets; None: from the runs (``click_budgets``)
 
 

@@ -721,6 +721,11 @@ class SemiSupervisedSkinDataset(SkinLesionDataset):
         self.samples[index] = replace(self.samples[index], mask_path=Path(path))
         self._masks.pop(index, None)
 
+    def use_mask(self, index: int, mask: np.ndarray) -> None:
+        """Use ``mask`` (S x S uint8 in {0, 1}, read by another process: rank 0 of a run on several) as image
+        ``index``'s mask from now on."""
+        self._masks[self._check_index(index)] = mask
+
     @property
     def labeled_indices(self) -> List[int]:
         return sorted(self._labeled)

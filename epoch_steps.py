@@ -8,6 +8,11 @@ trainer.main's loop calls them in that order. The steps return their numbers; ``
 epoch's numbers, each to metrics.csv and TensorBoard under one name. A step that cannot go on raises
 ``RunStopped`` (the trainer says what to do); nothing here reads command-line flags (``run.args`` are the
 prepared, read-only settings).
+
+On several processes (torchrun, ``run.ranks``) every rank runs the steps: scoring, embeddings and validation on its
+share of the images, gathered in image order (``distributed``); training on its share of each batch, with the loss
+of the whole batch; the selection made once, by rank 0, which alone writes the run folder (``record_epoch``,
+``save_checkpoints``, ``finish_run``, ``hand_over_round`` run there only: the trainer calls them so).
 """
 from __future__ import annotations
 
@@ -15,10 +20,10 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import wraps
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from active_learning_strategies import (Selection, SelectionContext, SelectionPl
 from annotation_cost import COST_COLUMNS, run_totals
 from annotation_rounds import RoundItem, accept_round
 from oracles import Oracle
+from distributed import Ranks
 from proposal_costs import CostRow, interactive_decoder, proposal_costs
 from run_folder import (ResumeState, RunFolder, RunFolderError, best_checkpoint_name, cost_cell, image_record,
                         selection_costs)
@@ -67,6 +73,8 @@ class Run:
     saved_epoch: int = 0  # the epoch last_state.pth holds (0: none saved)
     best_dice: float = -1.0
     best_path: Optional[Path] = None
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place in a run on several (one: Ranks())
+    parallel: Optional[torch.nn.Module] = None  # on several processes: the model in DistributedDataParallel
 
     @property
     def run_dir(self) -> Path:
@@ -111,6 +119,11 @@ def close_writers(run: Run) -> None:
 def log_start(run: Run, argv: Sequence[str]) -> None:
     args = run.args
     log.info("command: trainer.py %s", " ".join(argv))
+    if run.ranks.active:
+        gpu = any(a == "--gpu" or a.startswith("--gpu=") for a in argv)
+        log.info("torchrun: %d processes (%s), each on %s%s; this log is rank 0's", run.ranks.size, run.ranks.backend,
+                 "the GPU of its LOCAL_RANK" if run.device.type == "cuda" else "the CPU",
+                 " (--gpu is ignored)" if gpu else "")
     log.info("device %s | model %s | checkpoint %s | img_size %d | %d training images, %d validation",
              run.device, args.model_cfg, args.checkpoint, args.img_size, len(run.train_set), len(run.val_set or ()))
     if run.val_set is None:
@@ -142,11 +155,26 @@ def start_afresh(run: Run) -> None:
 
 
 def restore(run: Run, state: ResumeState, note: str) -> None:
-    """Continue from ``last_state.pth``: trained weights, optimiser, labeled set, best so far; the folder drops what
-    an unfinished epoch wrote and notes the resume (``note``). RunFolderError (nothing written) when the images
-    are not those of the run (new training images pass with --accept_new_images) or the state does not fit."""
+    """Continue from ``last_state.pth`` (``restore_training``); the folder drops what an unfinished epoch wrote and
+    notes the resume (``note``). RunFolderError (nothing written) when the images are not those of the run (new
+    training images pass with --accept_new_images) or the state does not fit."""
     images = images_of(run)
     added = run.folder.check_images(images, run.args.accept_new_images)
+    restore_training(run, state)
+    log_base_lr_change(run, state.settings.get("base_lr"))
+    log_changed_settings(run, {**run.folder.read_config(), **state.settings})
+    run.folder.reopen(state, note, keep_earlier_bests=run.args.keep_best == "all")
+    run.folder.write_images(images)
+    if added:
+        log.info("--accept_new_images: %d new training images join the unlabeled pool: %s", len(added),
+                 ", ".join(added))
+    log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
+             run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
+
+
+def restore_training(run: Run, state: ResumeState) -> None:
+    """The training state of ``last_state.pth`` (what every rank of a run on several processes takes from rank 0,
+    which read it): trained weights, optimiser, labeled set, best so far; RunFolderError when it does not fit."""
     trainable = {name: p.shape for name, p in run.model.named_parameters() if p.requires_grad}
     mismatch = state_mismatch({k: v.shape for k, v in state.trainable.items()}, trainable)
     if mismatch:  # the settings are the run's (checked), so its model config file changed, or the state is another's
@@ -157,8 +185,6 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     run.optimizer.load_state_dict(state.optimizer)
     for group in run.optimizer.param_groups:  # differs from the state's only after a divergence (settings_changed)
         group["lr"] = run.args.base_lr
-    log_base_lr_change(run, state.settings.get("base_lr"))
-    log_changed_settings(run, {**run.folder.read_config(), **state.settings})
     run.scaler.load_state_dict(state.scaler)
     lost = sorted(set(state.labeled_names) - set(run.train_set.names))
     if lost:
@@ -167,13 +193,6 @@ def restore(run: Run, state: ResumeState, note: str) -> None:
     run.train_set.mark_labeled([run.train_set.names.index(n) for n in state.labeled_names])
     run.start_epoch, run.saved_epoch, run.best_dice = state.epoch + 1, state.epoch, state.best_dice
     run.best_path = state.best_checkpoint(run.run_dir)
-    run.folder.reopen(state, note, keep_earlier_bests=run.args.keep_best == "all")
-    run.folder.write_images(images)
-    if added:
-        log.info("--accept_new_images: %d new training images join the unlabeled pool: %s", len(added),
-                 ", ".join(added))
-    log.info("resuming %s at epoch %d: %d labeled images, best Dice %.4f",
-             run.run_dir, run.start_epoch, len(run.labeled_names), run.best_dice)
 
 
 def log_changed_settings(run: Run, recorded: Dict[str, object]) -> None:
@@ -203,6 +222,9 @@ class RunStopped(Exception):
         super().__init__(f"epoch {epoch}: {reason} ({where})")
         self.epoch, self.reason, self.where, self.names = epoch, reason, where, list(names)
 
+    def __reduce__(self):  # rebuilt from its fields where it travels to another rank
+        return RunStopped, (self.epoch, self.reason, self.where, self.names)
+
 
 def check_finite(run: Run, epoch: int, what: str, tensors: Dict[str, torch.Tensor]) -> None:
     """Stop the run where NaN or inf first shows in ``tensors`` (``what`` says where): diverged.json records it
@@ -210,7 +232,8 @@ def check_finite(run: Run, epoch: int, what: str, tensors: Dict[str, torch.Tenso
     non-finite tensor."""
     bad = utils.nonfinite_names(tensors)
     if bad:
-        run.folder.write_diverged(dict(epoch=epoch, where=what, tensors=bad[:20], base_lr=run.args.base_lr))
+        if run.ranks.first:
+            run.folder.write_diverged(dict(epoch=epoch, where=what, tensors=bad[:20], base_lr=run.args.base_lr))
         raise RunStopped(epoch, "diverged", what, bad)
 
 
@@ -272,9 +295,12 @@ def select_batch(run: Run, epoch: int, k: int) -> Selection:
         run.model, run.train_set, draw_pool(unlabeled, selector.pool_size, args.seed, epoch), k, run.device,
         unlabeled=unlabeled, labeled=run.train_set.labeled_indices, seed=epoch_seed(args.seed, epoch),
         batch_size=args.score_batch_size or default_score_batch_size(run.device, args.batch_size),
-        num_workers=args.num_workers, run_dir=run.run_dir, progress=True,
-        autocast_dtype=utils.scoring_dtype(run.device, args.precision), feature_key=feature_key(args))
+        num_workers=args.num_workers, run_dir=run.run_dir, progress=run.ranks.first,
+        autocast_dtype=utils.scoring_dtype(run.device, args.precision), feature_key=feature_key(args),
+        ranks=run.ranks)
     selection = selector.strategy.select(context)
+    decided = run.ranks.from_first(replace, selection, figure=None)  # rank 0's choice, for every rank
+    selection = selection if run.ranks.first else decided
     check_finite(run, epoch, "scoring the pool",
                  {run.train_set.names[i]: torch.tensor(float(s)) for i, s in selection.scores.items()})
     return selection
@@ -296,14 +322,21 @@ def annotation_costs(run: Run, epoch: int, chosen: Sequence[int]) -> List[CostRo
     """What correcting the proposal of each chosen image costs (--annotation_cost, docs/annotation_cost.md): one
     row per image of ``chosen``, in its order, from the model that chose them (the end of the previous epoch, as
     --resume restores it), against the mask the oracle accepted for the image at the photo's size (the ground truth;
-    with a person's oracle the mask they returned: no truth exists before it). The images are encoded once more
-    (the pool's features are not kept); eval mode, no gradients, scoring's autocast. Image by image: under torchrun
-    each process takes its share of ``chosen`` and the rows are gathered in its order, as scoring's scores are."""
-    args, train_set = run.args, run.train_set
-    if args.annotation_cost == "none" or not chosen:
+    with a person's oracle the mask they returned: no truth exists before it). On several processes each computes
+    its share of ``chosen`` and the rows are gathered in its order, as scoring's scores are."""
+    if run.args.annotation_cost == "none":
         return [dict.fromkeys(COST_COLUMNS) for _ in chosen]
-    images = torch.stack([train_set[i]["image"] for i in chosen])
-    truths = [datasets_skin.decode_mask(train_set.samples[i].mask_path, None) for i in chosen]
+    return run.ranks.gather(lambda: image_costs(run, run.ranks.share(chosen)))
+
+
+def image_costs(run: Run, indices: Sequence[int]) -> List[CostRow]:
+    """``annotation_costs``' rows of the images ``indices`` (this process's share): the images are encoded once
+    more (the pool's features are not kept); eval mode, no gradients, scoring's autocast; training mode restored."""
+    if not indices:
+        return []
+    args, train_set = run.args, run.train_set
+    images = torch.stack([train_set[i]["image"] for i in indices])
+    truths = [datasets_skin.decode_mask(train_set.samples[i].mask_path, None) for i in indices]
     was_training = run.model.training
     run.model.eval()
     try:
@@ -322,14 +355,15 @@ def annotate(run: Run, epoch: int, selection: Selection, costs: Sequence[CostRow
     train_set, writer, chosen = run.train_set, run.writer, selection.chosen
     train_set.mark_labeled(chosen)
     rank, scores, lead_times = selection.ranks(), selection.scores, run.oracle.lead_times
-    run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], selection.strategy,
-                                  *(cost_cell(cost[c]) for c in COST_COLUMNS),
-                                  cost_cell(lead_times.get(train_set.names[i]))]
-                                 for i, cost in zip(chosen, costs, strict=True)])
-    writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
-    writer.add_image("al/selected", tb_images.selected_grid([train_set[i] for i in chosen]), epoch)
-    if selection.figure is not None:  # the strategy's picture of why these images (e.g. the masks compared)
-        writer.add_image("al/why_selected", selection.figure, epoch)
+    if run.ranks.first:  # the run folder's owner
+        run.folder.append_selection([[epoch, train_set.names[i], f"{scores[i]:.6f}", rank[i], selection.strategy,
+                                      *(cost_cell(cost[c]) for c in COST_COLUMNS),
+                                      cost_cell(lead_times.get(train_set.names[i]))]
+                                     for i, cost in zip(chosen, costs, strict=True)])
+        writer.add_histogram("al/pool_scores", np.array(list(scores.values())), epoch)
+        writer.add_image("al/selected", tb_images.selected_grid([train_set[i] for i in chosen]), epoch)
+        if selection.figure is not None:  # the strategy's picture of why these images (e.g. the masks compared)
+            writer.add_image("al/why_selected", selection.figure, epoch)
     return dict(labeled=len(train_set.labeled_indices),
                 selected_score_mean=float(np.mean([scores[i] for i in chosen])))
 
@@ -343,15 +377,70 @@ def cumulative_costs(run: Run, epoch: int) -> Dict[str, Optional[int]]:
     return run_totals([selection_costs(row) for row in rows], [int(np.prod(sizes[row[1]])) for row in rows])
 
 
-def train_step(run: Run, batch: dict, prompt_rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-    """One optimiser step on one mini-batch (prompt points drawn from ``prompt_rng``); the loss parts, detached."""
+class LossInputs(torch.nn.Module):
+    """The training forward as DistributedDataParallel wraps it: the model's forward returning only what the loss
+    reads (low_res_logits1/2). DDP, with find_unused_parameters, takes the parameters no output depends on (the
+    prompt encoder's point embeddings under --promptmode none) as unused in the step; an output the loss does not
+    read (iou_predictions) would make its parameters look used, and DDP would wait for their gradients."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args) -> Dict[str, torch.Tensor]:
+        outputs = self.model(*args)
+        return {name: outputs[name] for name in ("low_res_logits1", "low_res_logits2")}
+
+
+def parallel_model(run: Run) -> Optional[torch.nn.Module]:
+    """On several processes, the model in DistributedDataParallel for training (None in one process). Parameters
+    that take no part in a step's loss (under --promptmode none the point embeddings; the IoU and object-score
+    heads always) are found by DDP after each forward (find_unused_parameters: one walk of the autograd graph,
+    small beside a SAM2 forward); their gradient stays None on every rank, so AdamW leaves them alone, as in one
+    process. The model itself (run.model) stays the one whose state_dict is saved: no ``module.`` prefix."""
+    if not run.ranks.active:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(LossInputs(run.model), device_ids=[run.device.index] if run.device.type == "cuda"
+                                   else None, find_unused_parameters=True)
+
+
+def batch_share(run: Run, batch: dict) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """This rank's part of a training batch (every rank loads the whole batch; the whole of it in one process):
+    images B x 3 x S x S, labels B x S x S, dataset indices. A rank that holds no image of the batch takes part with
+    one image whose every pixel is ignored (label 255): its sums are 0, and so is its part of the gradient."""
+    size = batch["image"].shape[0]
+    positions = run.ranks.share(range(size))
+    if not positions:
+        return torch.zeros_like(batch["image"][:1]), torch.full_like(batch["label"][:1], utils.IGNORE_INDEX), [0]
+    if len(positions) == size:
+        return batch["image"], batch["label"], [int(i) for i in batch["index"]]
+    return batch["image"][positions], batch["label"][positions], [int(batch["index"][p]) for p in positions]
+
+
+def prompt_generators(run: Run, epoch: int, indices: List[int], per_epoch: np.random.Generator):
+    """What the images ``indices`` draw their random prompt points from: one generator per image, seeded by (seed,
+    epoch, image), so that which rank holds an image changes nothing (--prompt_draw per_image); or the epoch's one
+    generator, drawn in batch order (per_epoch: runs made before per_image)."""
+    if run.args.prompt_draw == "per_epoch":
+        return per_epoch
+    return [np.random.default_rng([run.args.seed, epoch, 1, index]) for index in indices]
+
+
+def train_step(run: Run, epoch: int, batch: dict, per_epoch: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """One optimiser step on one mini-batch (this rank's part of it, with the loss of the whole batch); the loss
+    parts, detached (the same on every rank)."""
     args, model, optimizer, scaler = run.args, run.model, run.optimizer, run.scaler
-    images = batch["image"].to(run.device, non_blocking=True)
-    labels = batch["label"].to(run.device, non_blocking=True)
+    images, labels, indices = batch_share(run, batch)
+    images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
     prompt_idx = -1 if args.promptmode == "none" else 0
+    prompts = None if args.promptmode == "none" else prompt_generators(run, epoch, indices, per_epoch)
     with run.autocast():
-        outputs = model(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode, prompt_rng)
-    parts = utils.dual_decoder_loss(outputs, labels, args.dice_weight)
+        outputs = (run.parallel or model)(images, args.num_classes > 1, args.img_size, prompt_idx, args.promptmode,
+                                          prompts)
+    parts = utils.dual_decoder_loss(outputs, labels, args.dice_weight,
+                                    run.ranks.sum_with_grad if run.ranks.active else None)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(parts["loss"]).backward()
     scaler.unscale_(optimizer)
@@ -366,29 +455,34 @@ def train_one_epoch(run: Run, epoch: int, chosen: List[int]) -> Dict[str, float]
     """Train on this epoch's selection (--train_on selected: one step when it fits one batch) or the labeled set
     (labeled); image-weighted mean of every loss part (each step's parts also go to the reference's tags) and the
     learning rate. Batch order and prompt points come from generators seeded by (seed, epoch), never from what
-    scoring drew, so a restarted process or another strategy trains with the same draws."""
+    scoring drew, so a restarted process or another strategy trains with the same draws. On several processes
+    every rank loads each whole batch (so that a damaged file stops them all alike) and trains on its share."""
     args = run.args
     # by index, then shuffled: what is learned depends on the images, not on the order a strategy ranked them in
     train_idx = run.train_set.labeled_indices if args.train_on == "labeled" else sorted(chosen)
     if args.num_workers:
         run.train_set.preload(train_idx)
     order = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-    prompt_rng = np.random.default_rng([args.seed, epoch, 1])
+    per_epoch = np.random.default_rng([args.seed, epoch, 1])
     loader = DataLoader(Subset(run.train_set, train_idx), batch_size=args.batch_size, shuffle=True,
                         generator=order, num_workers=args.num_workers)
     run.model.train()
     sums: Dict[str, float] = {}
     trainable = {name: p for name, p in run.model.named_parameters() if p.requires_grad}
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True), 1):
-        parts = train_step(run, batch, prompt_rng)
+    steps = tqdm(loader, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True, disable=not run.ranks.first)
+    for step, batch in enumerate(steps, 1):
+        parts = train_step(run, epoch, batch, per_epoch)
         # A step skipped by the fp16 gradient scaler (inf gradients) leaves the weights as they were: not divergence.
         check_finite(run, epoch, f"training step {step}", {"loss": parts["loss"], **trainable})
         utils.crash_point("train_batch", epoch)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(value) * batch["image"].shape[0]
-        for tag, name in REFERENCE_TAGS.items():
+        for tag, name in REFERENCE_TAGS.items() if run.ranks.first else ():
             run.reference_writer.add_scalar(tag, float(parts[name]), epoch - 1)
     return {**{k: v / len(train_idx) for k, v in sums.items()}, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
+SHOWN_VALIDATION_IMAGES = 4  # in TensorBoard's val/prediction_over_gt, with the predictions validation made
 
 
 @torch.no_grad()
@@ -403,25 +497,32 @@ def predict(run: Run, images: torch.Tensor) -> torch.Tensor:
 def validate_epoch(run: Run, epoch: int) -> Dict[str, float]:
     """Mean validation metrics (decoder 1, no prompt; --val_protocol isic: ours at the original resolution,
     reference: the reference's soft Dice at the model's size) and a TensorBoard picture; {} without a Validation
-    split."""
+    split. On several processes each rank validates its share of the images, and the means are taken over every
+    image's row, gathered in image order (never a mean of the ranks' means)."""
     if run.val_set is None:
         return {}
+    shown: List[torch.Tensor] = []  # the picture's logits: the first images, which begin rank 0's share
 
     def checked_predict(images: torch.Tensor) -> torch.Tensor:
         logits = predict(run, images)
         check_finite(run, epoch, "validation", {"predicted logits": logits})
+        if run.ranks.first and len(shown) < SHOWN_VALIDATION_IMAGES:
+            shown.extend(logits[:SHOWN_VALIDATION_IMAGES - len(shown)].cpu())
         return logits
 
-    loader = DataLoader(run.val_set, batch_size=run.args.batch_size, shuffle=False, num_workers=run.args.num_workers,
+    share = Subset(run.val_set, run.ranks.share(range(len(run.val_set))))
+    loader = DataLoader(share, batch_size=run.args.batch_size, shuffle=False, num_workers=run.args.num_workers,
                         collate_fn=datasets_skin.collate_val)
-    batches = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True)
+    batches = tqdm(loader, desc=f"epoch {epoch} val", leave=False, dynamic_ncols=True, disable=not run.ranks.first)
     if run.args.val_protocol == "reference":
-        result = val.validate_reference(checked_predict, batches, run.args.num_classes, run.device)
+        result = val.validate_reference(checked_predict, batches, run.args.num_classes, run.device,
+                                        gather=run.ranks.gather)
     else:
-        result = val.validate(checked_predict, batches, run.args.num_classes, run.device, truths=run.truths)
-    shown = [run.val_set[i] for i in range(min(4, len(run.val_set)))]
-    run.writer.add_image("val/prediction_over_gt", tb_images.prediction_grid(
-        shown, checked_predict(torch.stack([s["image"] for s in shown]))), epoch)
+        result = val.validate(checked_predict, batches, run.args.num_classes, run.device, truths=run.truths,
+                              gather=run.ranks.gather)
+    if run.ranks.first:
+        run.writer.add_image("val/prediction_over_gt", tb_images.prediction_grid(
+            [run.val_set[i] for i in range(len(shown))], torch.stack(shown)), epoch)
     return {k: float(v) for k, v in result["mean"].items()}
 
 
@@ -470,12 +571,14 @@ def save_checkpoints(run: Run, epoch: int, metrics: Dict[str, float]) -> None:
 
 def record_epoch(run: Run, epoch: int, numbers: Dict[str, Dict[str, Optional[float]]]) -> None:
     """Write the epoch's numbers, the one writer of them: ``numbers`` is group -> column -> value (the steps'
-    returns: al, cost, train, val, time); each goes to metrics.csv as ``column`` (its row written before the epoch's
+    returns: al, train, val, time); each goes to metrics.csv as ``column`` (its row written before the epoch's
     state, so a saved epoch always has its row) and to TensorBoard as ``group/column``, with the peak memory
-    (memory/peak_memory_gb, on CUDA). A validation skipped this epoch leaves its columns empty. Then the log line."""
+    (memory/peak_memory_gb, on CUDA) and what the images selected so far cost (cost/..., ``cumulative_costs``). A
+    validation skipped this epoch leaves its columns empty. Then the log line."""
     for level, line in run.train_set.mask_notes.news():  # 0/1 masks, other values, empty masks: once each
         log.log(level, line)
-    numbers = {**numbers, "val": {**dict.fromkeys(val.METRIC_NAMES), **numbers.get("val", {})},
+    numbers = {**numbers, "cost": cumulative_costs(run, epoch),
+               "val": {**dict.fromkeys(val.METRIC_NAMES), **numbers.get("val", {})},
                "memory": {"peak_memory_gb": utils.peak_memory_gb(run.device)}}  # None off CUDA
     run.folder.write_metrics_row({"epoch": epoch, **{k: v for values in numbers.values() for k, v in values.items()}})
     for group, values in numbers.items():

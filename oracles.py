@@ -20,7 +20,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,7 @@ from annotation_rounds import (WHY_SELECTED, AcceptedRound, RoundError, RoundIte
                                check_masks, label_existing_masks, make_mask_folder, masks_saved_early, read_round, round_dir,
                                round_instructions, write_round)
 from datasets_skin import SampleFiles
+from distributed import Ranks
 from run_folder import ResumeState, RunFolder
 from safe_io import atomic_path
 
@@ -176,6 +177,11 @@ class LabelStudioOracle(PersonOracle):
         self.client, self.backend_url = client, backend_url
         self.project_url = ""
 
+    def __getstate__(self) -> dict:
+        """Pickled (rank 0 gives the oracle to the other processes of a run on several) without the server's client
+        and its token: rank 0 alone talks to Label Studio."""
+        return {**self.__dict__, "client": None}
+
     def send(self, round_folder: Path, epoch: int, items: Sequence[RoundItem]) -> None:
         label_studio.write_trainer_round(round_folder, items, epoch, self.output)
         self.push(round_folder)
@@ -263,6 +269,23 @@ def oracle_switch(kind: str, recorded: Optional[str]) -> Optional[str]:
         return None
     return (f"the run was made with --oracle {recorded} and is resumed with --oracle {kind}: a person's masks and the "
             "simulation's ground truth do not mix in one run")
+
+
+def shared(make: Callable[[], Oracle], dataset, ranks: Ranks) -> Oracle:
+    """``make()``'s oracle; on several processes (torchrun) rank 0 makes it (reading the run folder and a person's
+    masks) and gives it to the others, with the images it labeled in ``dataset`` and the masks it accepted from
+    round folders (no shared file system is assumed)."""
+    def made() -> tuple:
+        oracle = make()
+        accepted = [i for i, name in enumerate(dataset.names) if name in oracle.mask_sources] if ranks.active else []
+        return oracle, dataset.labeled_indices, {i: dataset.resized_mask(i) for i in accepted}
+
+    oracle, labeled, masks = ranks.from_first(made)
+    if not ranks.first:
+        dataset.mark_labeled(labeled)
+        for index, mask in masks.items():
+            dataset.use_mask(index, mask)
+    return oracle
 
 
 def make_oracle(kind: str, folder: RunFolder, state: Optional[ResumeState], dataset, accept_partial: bool,

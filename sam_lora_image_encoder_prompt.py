@@ -16,6 +16,7 @@ forward and the active-learning strategies use it.
 `load_state_dict`, its LoRA-only file through `load_lora_parameters`), reproducing its LoRA exactly.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -665,7 +666,7 @@ class LoRA_Sam(nn.Module):
         image_size: int,
         prompt_idx: int = -1,
         prompt_mode: Optional[str] = None,
-        generator: Optional[np.random.Generator] = None,
+        generator: Optional[Union[np.random.Generator, Sequence[np.random.Generator]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Both decoders on one image-encoder pass (the reference's call signature).
 
@@ -682,7 +683,8 @@ class LoRA_Sam(nn.Module):
           prompt_mode (only read when prompt_idx is 0 or 1): "point" (also when None), "box" (box only: the
             `_r` outputs are then the same tensors as the main ones), "point-box" (box plus point); "none"
             turns prompting off like prompt_idx -1.
-        generator: draws the random points (default: seeded from torch's global RNG).
+        generator: draws the random points: one generator per image (a list: what an image draws depends on it
+          alone), or one drawn from in batch order (default: seeded from torch's global RNG).
 
         Returns low_res_logits{1,2} (B x (C+1) x S/4 x S/4), iou_predictions{1,2} (B x C),
         masks{1,2} (logits bilinearly upsampled to S), and for the prompted decoder p also
@@ -704,7 +706,9 @@ class LoRA_Sam(nn.Module):
             free_out = self.decode(features, free)
             if generator is None:
                 generator = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-            prompts = prompts_from_logits(free_out["low_res_logits"], image_size, [generator] * batched_input.shape[0])
+            generators = list(generator) if isinstance(generator, (list, tuple)) else \
+                [generator] * batched_input.shape[0]
+            prompts = prompts_from_logits(free_out["low_res_logits"], image_size, generators)
             main = self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "center"))
             rand = main if mode == "box" else self.decode(features, prompted, **prompts.as_decoder_prompts(mode, "random"))
             outputs = {free: free_out, prompted: main, f"{prompted}_r": rand}
@@ -736,6 +740,10 @@ def _check_working_size(size: int) -> None:
         )
 
 
+class ReferenceCallError(ValueError):
+    """A call of ``forward`` that the reference code makes with another meaning than ours (see its message)."""
+
+
 def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
     if prompt_idx not in (-1, 0, 1):
         raise ValueError(f"prompt_idx must be -1 (no prompts), 0 or 1 (decoder to derive prompts from), got {prompt_idx!r}")
@@ -743,7 +751,18 @@ def _check_prompt_mode(prompt_idx: int, prompt_mode: Optional[str]) -> str:
         raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
     if prompt_idx == -1:
         return "none"
-    return prompt_mode or "point"
+    mode = prompt_mode or "point"
+    if prompt_idx == 1 and mode in ("point", "point-box"):
+        # The reference's select_samples calls forward(images, True, 512, 1, 'point')["low_res_logits1"] as its
+        # random-point prediction (by its call site; what its unpublished sam2_base_1 does is not known); here that
+        # output is decoder 1 at the centre of decoder 2's mask: a ported select_samples would compare two
+        # centre-point predictions without a word.
+        raise ReferenceCallError(
+            f"forward(..., prompt_idx=1, prompt_mode={mode!r}): the reference code's scoring uses this call's "
+            "low_res_logits1 as decoder 1's random-point prediction, but here it is the centre point of decoder 2's "
+            "mask. Ask for the prediction you mean with LoRA_Sam.predict_logits(images, decoder, points=...) "
+            "(active_learning_strategies.MaskDifferenceStrategy.compare makes the three predictions of the score)")
+    return mode
 
 
 class MaskInputError(ValueError):
@@ -803,6 +822,31 @@ class ModelInputError(ValueError):
         return f"{flag}{shown}: {self}"
 
 
+# What the program asks of a --module's LoRA_Sam besides LoRA_Sam(sam, r): the reference's has only (sam, r).
+LORA_SAM_PARAMETERS = ("num_classes", "lora_width", "train_no_mem_embed")
+LORA_SAM_METHODS = ("encode", "decode", "predict_logits", "set_grad_checkpointing", "lora_disabled")
+
+
+def lora_sam_misfit(lora_sam_class: type) -> Optional[str]:
+    """What a LoRA_Sam class (a --module's) lacks of what this program calls (its constructor's keyword parameters,
+    its methods), in one sentence; None when it has them all. The reference code's LoRA_Sam (``LoRA_Sam(sam, r)``,
+    built on its unpublished sam2_base_1) has none of them."""
+    try:
+        parameters = inspect.signature(lora_sam_class).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    lacking = [p for p in LORA_SAM_PARAMETERS if p not in parameters and not takes_any]
+    methods = [m for m in LORA_SAM_METHODS if not callable(getattr(lora_sam_class, m, None))]
+    if not lacking and not methods:
+        return None
+    said = [f"the parameter(s) {', '.join(lacking)}" if lacking else "", f"the method(s) {', '.join(methods)}"
+            if methods else ""]
+    return (f"its LoRA_Sam lacks {' and '.join(s for s in said if s)} that this program uses (the reference code's "
+            "LoRA_Sam(sam, r) is such a class: use this repository's sam_lora_image_encoder_prompt, which reads the "
+            "reference's checkpoints)")
+
+
 # What build_model_from_settings reads of a run's settings.
 MODEL_SETTINGS = ("model_cfg", "checkpoint", "img_size", "rank", "num_classes", "module", "lora_ckpt", "seed",
                   "lora_width", "no_mem_embed")
@@ -828,6 +872,9 @@ def build_model(model_cfg: str, checkpoint: Optional[str], img_size: int, rank: 
         lora_sam_class = LoRA_Sam if module == __name__ else import_module(module).LoRA_Sam
     except (ImportError, AttributeError) as err:
         raise ModelInputError("module", f"{module} cannot provide LoRA_Sam ({err})") from None
+    misfit = lora_sam_misfit(lora_sam_class)
+    if misfit:
+        raise ModelInputError("module", f"{module}: {misfit}")
     try:
         sam = build_sam2(model_cfg, checkpoint, device=str(device), mode="train", image_size=img_size)
     except ConfigError as err:

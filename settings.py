@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from importlib import import_module
 from pathlib import Path
@@ -24,7 +23,7 @@ from label_studio_api import TOKEN_VARIABLE
 from oracles import ORACLES
 from proposal_costs import COST_MODES
 from run_folder import run_dir_of
-from sam_lora_image_encoder_prompt import prompt_mode_of
+from sam_lora_image_encoder_prompt import lora_sam_misfit, prompt_mode_of
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL_CFG = "./sam2/configs/sam2.1/sam2.1_hiera_l.yaml"
@@ -33,6 +32,7 @@ DEMO_CHECKPOINT = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"
 DEFAULT_LABEL_STUDIO_URL = "http://127.0.0.1:8080"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
+PROMPT_DRAWS = ("per_image", "per_epoch")
 # Why --num_classes is 1: the masks are read as lesion / background (datasets_skin.read_mask, as the reference's
 # labels > 127), so a second class could never be labeled, and its Dice of 1.0 (empty in prediction and truth
 # alike) would be averaged into the validation Dice that chooses the best checkpoint.
@@ -74,6 +74,11 @@ def add_model_flags(model: argparse._ArgumentGroup) -> None:
                        "1: masks are read as lesion / background")
     model.add_argument("--promptmode", default="none", type=promptmode_flag, metavar="{none,point,box,point-box,0}",
                        help="none (or the reference's 0): no prompts; else decoder 2 trains on prompts from decoder 1")
+    model.add_argument("--prompt_draw", default="per_image", choices=PROMPT_DRAWS,
+                       help="prompted modes: where each training image's random prompt point comes from. per_image: a "
+                            "generator of its own, seeded by (seed, epoch, image), so a batch split across processes "
+                            "draws the same; per_epoch: one generator per epoch drawn in batch order (how runs made "
+                            "before per_image drew; one process only)")
     model.add_argument("--precision", default="float32", choices=["float32", "mixed"],
                        help="on CUDA. float32: training and validation in float32, pool scoring under fp16 autocast "
                             "(the reference code); mixed: all three under autocast (bf16 where supported, else fp16 "
@@ -190,14 +195,16 @@ BASE_RESUME_KEYS = ("img_size", "batch_size", "pool_size", "seed", "strategy", "
 # resume that changes one says so in the log.
 MAY_CHANGE_ON_RESUME = ("val_every", "save_from_epoch", "oracle", "annotation_cost", "click_mask_input")
 LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_embed="frozen", val_protocol="isic",
-              keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, annotation_cost="none",
-              click_mask_input=False,
+              keep_best="newest", val_limit=None, first_round=NO_FIRST_ROUND, prompt_draw="per_epoch",
+              annotation_cost="none", click_mask_input=False,
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
-def resume_keys(*strategies: str) -> Tuple[str, ...]:
-    """The settings a resumed run must repeat: BASE_RESUME_KEYS and the parameters of the strategies it uses
-    (``SelectionPlan.names``)."""
-    return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in strategies for p in STRATEGIES.parameters_of(n)))
+def resume_keys(*strategies: str, prompted: bool = False) -> Tuple[str, ...]:
+    """The settings a resumed run must repeat: BASE_RESUME_KEYS, the parameters of the strategies it uses
+    (``SelectionPlan.names``) and, when it trains on prompts (``prompted``), how it draws them (nothing is drawn
+    under --promptmode none)."""
+    return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in strategies for p in STRATEGIES.parameters_of(n))) \
+        + (("prompt_draw",) if prompted else ())
 
 
 class Settings(argparse.Namespace):
@@ -225,9 +232,12 @@ def existing_path(path: str) -> Optional[Path]:
     return next((c for c in (Path(path), REPO / path) if c.exists()), None)
 
 
-def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> Settings:
+def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
+                 writes_output: bool = True) -> Settings:
     """The run's settings: --demo's defaults, the default --output and demo data root, --checkpoint and
-    --model_cfg resolved relative to this repository; then every flag check (nothing is written)."""
+    --model_cfg resolved relative to this repository; then every flag check (nothing is written). Without
+    ``writes_output`` (a process that writes nothing there: a rank other than 0 under torchrun, maybe on another
+    machine) --output is not checked."""
     values = dict(vars(args))
     given = explicit_flags(parser, argv) if args.demo else set()
     values.update({k: v for k, v in DEMO_SETTINGS.items() if args.demo and k not in given})
@@ -245,8 +255,20 @@ def prepare_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     check_together(settings)
     check_paths(settings)
     check_label_studio(settings)
-    check_output(settings)
+    if writes_output:
+        check_output(settings)
     return settings
+
+
+def check_processes(args: argparse.Namespace, processes: int) -> None:
+    """What a run on several processes (torchrun) cannot do."""
+    if processes > 1 and args.wait:
+        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
+                         "without --wait (each round stops the run), then continue with --resume")
+    if processes > 1 and args.promptmode != "none" and args.prompt_draw == "per_epoch":
+        raise UsageError("--prompt_draw per_epoch draws the prompt points of a batch from one generator, so what an "
+                         "image draws depends on how the batch is split across processes: run it in one process "
+                         "(python3 trainer.py, also to --resume a run made that way), or use --prompt_draw per_image")
 
 
 def demo_data_root(args: argparse.Namespace) -> Optional[Path]:
@@ -293,14 +315,11 @@ def check_together(args: argparse.Namespace) -> None:
 
 
 def check_label_studio(args: argparse.Namespace) -> None:
-    """The Label Studio flags belong to --oracle label_studio; --wait holds no torchrun job's GPUs for hours."""
+    """The Label Studio flags belong to --oracle label_studio."""
     given = [f"--{flag}" for flag in ("wait", "label_studio_backend") if getattr(args, flag)]
     if given and args.oracle != "label_studio":
         raise UsageError(f"{given[0]} needs --oracle label_studio (it waits for, or helps, a person annotating in "
                          "Label Studio)")
-    if args.wait and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--wait under torchrun would hold every process (and GPU) while a person annotates: run "
-                         "without --wait (each round stops the run), then continue with --resume")
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -321,6 +340,9 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--module {args.module}: cannot be imported ({err})") from None
     if not hasattr(module, "LoRA_Sam"):
         raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}) defines no LoRA_Sam class")
+    misfit = lora_sam_misfit(module.LoRA_Sam)
+    if misfit:
+        raise UsageError(f"--module {args.module} ({getattr(module, '__file__', '?')}): {misfit}")
 
 
 def check_output(args: argparse.Namespace) -> None:

@@ -9,11 +9,13 @@ Every epoch:
 
     python trainer.py --data_root /data/ISIC2017 --output ./output --gpu 0
     python trainer.py --demo        # synthetic data, sam2.1_hiera_t, CPU, no download
+    torchrun --standalone --nproc_per_node 4 trainer.py <the same flags>   # one run on 4 GPUs (docs/several_gpus.md)
 
 This file holds the set-up and the loop. The flags and their checks are settings.py, the steps of an epoch
 epoch_steps.py, the run folder's files and rules run_folder.py, the oracles oracles.py, the strategies
 active_learning_strategies.py. Nothing below this file reads command-line flags; every error of the command line
-or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> parser.exit in main).
+or its inputs ends as one line naming the flag or file, exit code 2 (UsageError -> Ranks.exit in main). Under torchrun
+every process runs this file (``distributed.Ranks``); rank 0 owns the run folder, and prints any rank's error.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Dataset
 
 import annotation_rounds
 import datasets_skin
@@ -34,17 +35,18 @@ import label_studio_api
 import oracles
 import utils
 from active_learning_strategies import Selection, SelectionPlan
-from epoch_steps import (Run, RunStopped, annotate, annotation_costs, close_writers, cumulative_costs, epoch_seed,
-                         finish_run, hand_over_round, labels_left, labels_wanted, log_base_lr_change, log_start,
-                         open_writers, record_epoch, restore, result, resumed_selection, save_checkpoints,
-                         select_batch, start_afresh, stop_reason, timed, train_one_epoch, validate_epoch,
-                         wait_for_round)
+from distributed import Ranks, restart_count
+from epoch_steps import (Run, RunStopped, annotate, annotation_costs, close_writers, epoch_seed, finish_run,
+                         hand_over_round, labels_left, labels_wanted, log_base_lr_change, log_start, open_writers,
+                         parallel_model, record_epoch, restore, restore_training, result, resumed_selection,
+                         save_checkpoints, select_batch, start_afresh, stop_reason, timed, train_one_epoch,
+                         validate_epoch, wait_for_round)
 from run_folder import (DeadRunUnchecked, FolderInUse, FolderLocked, LostState, ResumeState, RunFolder, RunFolderError,
                         SettingsDiffer, run_dir_of)
 from safe_io import WriteError, first_names
 from sam_lora_image_encoder_prompt import ModelInputError, build_model_from_settings
-from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, demo_data_root, prepare_args,
-                      resume_keys)
+from settings import (DEMO_DATA, LEGACY, REPO, Settings, UsageError, build_parser, check_processes, demo_data_root,
+                      prepare_args, resume_keys)
 from synthetic_isic import ensure_synthetic_isic
 
 log = logging.getLogger("trainer")
@@ -84,7 +86,10 @@ def open_run_folder(args: Settings, folder: RunFolder, keys: Sequence[str],
         raise UsageError(f"--resume: {err}") from None
 
 
-def pick_device(args: Settings) -> torch.device:
+def pick_device(args: Settings, ranks: Ranks) -> torch.device:
+    """--gpu; under torchrun the GPU of the process's LOCAL_RANK (or the CPU without CUDA), --gpu ignored."""
+    if ranks.active:
+        return ranks.device()
     try:
         return utils.select_device(args.gpu)
     except utils.DeviceError as err:
@@ -103,9 +108,8 @@ def make_model(args: Settings, device: torch.device) -> torch.nn.Module:
         raise UsageError(err.after_flag(MODEL_FLAGS[err.source], getattr(args, err.source))) from None
 
 
-def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[Dataset]]:
-    """The training set and the validation subset (None: no Validation split, --oracle folder only); with --demo
-    its synthetic data set is written first, once."""
+def write_demo_data(args: Settings) -> None:
+    """With --demo, its synthetic data set, written once (by rank 0 under torchrun)."""
     root = demo_data_root(args)
     try:
         if root is not None and ensure_synthetic_isic(root, seed=args.seed, **DEMO_DATA):
@@ -113,6 +117,10 @@ def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, 
     except OSError as err:
         raise UsageError(f"--output: cannot write the demo data {root} ({err.strerror or err}); remove {root} "
                          "or choose another --output") from None
+
+
+def load_data(args: Settings) -> Tuple[datasets_skin.SemiSupervisedSkinDataset, Optional[torch.utils.data.Dataset]]:
+    """The training set and the validation subset (None: no Validation split, --oracle folder only)."""
     try:
         return datasets_skin.training_and_validation(args.data_root, args.img_size, args.oracle != "ground_truth",
                                                      args.val_limit, args.num_workers > 0, args.decode == "draft",
@@ -201,19 +209,20 @@ def add_log_handler(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
-def start_run(args: Settings, argv: Sequence[str]) -> Run:
+def start_run(args: Settings, argv: Sequence[str], ranks: Ranks) -> Run:
     """Own and check the run folder, load data and model, then create (or reopen, with --resume) the run folder.
-    Everything that can fail on bad input fails before the folder is created."""
+    Everything that can fail on bad input fails before the folder is created; rank 0 alone owns it (torchrun)."""
     folder, plan = RunFolder(run_dir_of(args.output, args.img_size)), SelectionPlan.from_settings(vars(args))
-    keys = resume_keys(*(selector.name for selector in plan.selectors))
-    dead, state = open_run_folder(args, folder, keys)
-    device = pick_device(args)
+    keys = resume_keys(*(selector.name for selector in plan.selectors), prompted=args.promptmode != "none")
+    dead, state = ranks.from_first(open_run_folder, args, folder, keys)
+    device = pick_device(args, ranks)
     utils.seed_everything(args.seed, deterministic=args.deterministic)
+    ranks.from_first(write_demo_data, args)  # the demo's data: written by rank 0, read by every rank (one machine)
     with warnings.catch_warnings(record=True) as data_warnings:  # e.g. images left out for lack of a mask
         warnings.simplefilter("always")
-        train_set, val_set = load_data(args)
-    oracle = make_oracle(args, folder, state, train_set)
-    model = make_model(args, device)
+        train_set, val_set = ranks.together(load_data, args)
+    oracle = oracles.shared(lambda: make_oracle(args, folder, state, train_set), train_set, ranks)
+    model = ranks.together(make_model, args, device)
     model.set_grad_checkpointing(args.grad_ckpt)
     if args.compile:
         model.compile_image_encoder()
@@ -221,12 +230,28 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
                                   weight_decay=0.01)
     fp16 = args.precision == "mixed" and utils.amp_dtype(device) == torch.float16
     run = Run(args, folder, device, plan, train_set, val_set, model, optimizer,
-              torch.amp.GradScaler("cuda", enabled=fp16), oracle, keys)
+              torch.amp.GradScaler("cuda", enabled=fp16), oracle, keys, ranks=ranks)
+    ranks.together(take_over_folder, run, dead, state, argv, data_warnings)
+    run.parallel = parallel_model(run)
+    return run
 
-    open_run_folder(args, folder, keys, create=True)
+
+def take_over_folder(run: Run, dead: bool, state: Optional[ResumeState], argv: Sequence[str],
+                     data_warnings: Sequence[warnings.WarningMessage]) -> None:
+    """Rank 0 (or the one process): create or reopen the run folder, its log (with the data's warnings) and writers,
+    and continue from ``state`` (--resume) or start afresh. The other ranks take the state's training part."""
+    args, folder = run.args, run.folder
+    if not run.ranks.first:
+        try:
+            return restore_training(run, state) if state is not None else None
+        except RunFolderError as err:
+            raise UsageError(f"--resume: {err}") from None
+    open_run_folder(args, folder, run.resume_keys, create=True)
     add_log_handler(logging.FileHandler(folder.file("log.txt"), mode="a"))
     for caught in data_warnings:  # said now, so that log.txt has them too
         log.warning("warning: %s", caught.message)
+    if args.resume and "--resume" not in argv:
+        log.info("torchrun restarted the run's processes (restart %d): continuing as with --resume", restart_count())
     tidy_run_folder(run, dead)
     if state is not None:
         try:
@@ -237,7 +262,6 @@ def start_run(args: Settings, argv: Sequence[str]) -> Run:
         start_afresh(run)
     open_writers(run)
     log_start(run, argv)
-    return run
 
 
 # ----------------------------------------------------------------------------- stopping mid-run
@@ -285,16 +309,30 @@ def stop_for_annotation(run: Run, epoch: int, folder: Path, selection: Selection
     return result(run, epoch - 1, round_dir=folder, requested=[run.train_set.names[i] for i in selection.chosen])
 
 
+def as_restarted(args: Settings, ranks: Ranks) -> Settings:
+    """torchrun --max-restarts runs the same command again after a process failed: a restart continues the run its
+    folder holds, as --resume does (a folder still without a run starts it; other settings are refused)."""
+    if restart_count() == 0 or args.resume:
+        return args
+    status = ranks.from_first(lambda: RunFolder(run_dir_of(args.output, args.img_size)).status())
+    return args if status == "new" else Settings(**{**vars(args), "resume": True})
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    ranks = Ranks.from_environment()  # torchrun's processes, or this one alone
     parser = build_parser()
-    add_log_handler(logging.StreamHandler(sys.stdout))
+    if not ranks.first:  # the same checks; their messages (help, errors) are rank 0's to print
+        parser._print_message = lambda message, file=None: None
+    add_log_handler(logging.StreamHandler(sys.stdout) if ranks.first else logging.NullHandler())
     run = None
     try:
-        args = prepare_args(parser, parser.parse_args(argv), argv)
-        run = start_run(args, argv)
+        args = prepare_args(parser, parser.parse_args(argv), argv, writes_output=ranks.first)
+        check_processes(args, ranks.size)
+        args = as_restarted(args, ranks)
+        run = start_run(args, argv, ranks)  # ranks.together / from_first below: an error of any rank stops them all
 
         # ---- the active-learning loop: one selection and one round of fine-tuning per epoch
         epoch = run.start_epoch - 1
@@ -310,53 +348,52 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
             # 1) score a fresh random pool and select (or the round resumed, selected before the stop)
             with timed(times, "scoring_s"):
-                selection = resumed_selection(run, epoch) or select_batch(run, epoch, wanted)
+                selection = resumed_selection(run, epoch) or ranks.together(select_batch, run, epoch, wanted)
 
             # 2) the oracle: ground_truth has the masks; a person's oracle hands the round over and the run stops
             #    (with --wait, the run waits until the person's masks are back, then goes on with them)
             if not run.oracle.has_masks(epoch):
-                round_folder = hand_over_round(run, epoch, selection)
+                round_folder = ranks.from_first(hand_over_round, run, epoch, selection)  # --wait: one process
                 if not args.wait:
-                    return stop_for_annotation(run, epoch, round_folder, selection, argv)
+                    return ranks.from_first(stop_for_annotation, run, epoch, round_folder, selection, argv)
                 selection = wait_for_round(run, epoch, round_folder)
-            # what correcting each proposal costs, against its mask (only now are the selected masks read)
-            with timed(times, "cost_s"):
-                costs = annotation_costs(run, epoch, selection.chosen)
-            labeled = annotate(run, epoch, selection, costs)
+            with timed(times, "cost_s"):  # what correcting each proposal costs (only now are the masks read)
+                costs = ranks.together(annotation_costs, run, epoch, selection.chosen)
+            labeled = ranks.together(annotate, run, epoch, selection, costs)
             utils.crash_point("selected", epoch)
 
             # 3) fine-tune both decoders (+ LoRA, prompt encoder) on the labeled set or this epoch's selection
             with timed(times, "train_s"):
-                losses = train_one_epoch(run, epoch, selection.chosen)
+                losses = ranks.together(train_one_epoch, run, epoch, selection.chosen)
 
             # 4) validate with decoder 1, no prompt (how the model is used); always after the last selection
             last = epoch == args.max_epochs or labels_left(run) == 0
             with timed(times, "val_s"):
-                metrics = validate_epoch(run, epoch) if epoch % args.val_every == 0 or last else {}
+                metrics = ranks.together(validate_epoch, run, epoch) if epoch % args.val_every == 0 or last else {}
 
-            # 5) record the epoch's numbers, then checkpoint: the best full state_dict, the resume state
-            record_epoch(run, epoch, dict(al=labeled, cost=cumulative_costs(run, epoch), train=losses, val=metrics,
-                                          time=times))
-            save_checkpoints(run, epoch, metrics)
+            # 5) record the epoch's numbers, then checkpoint: the best full state_dict, the resume state (rank 0)
+            ranks.from_first(record_epoch, run, epoch, dict(al=labeled, train=losses, val=metrics, time=times))
+            ranks.from_first(save_checkpoints, run, epoch, metrics)
             utils.crash_point("epoch_end", epoch)
 
-        return finish_run(run, epoch)
+        return ranks.from_first(finish_run, run, epoch)
     except RunStopped as err:
-        parser.exit(2, f"{parser.prog}: error: {stopped(args, err)}\n")
+        ranks.exit(f"{parser.prog}: error: {stopped(args, err)}")
     except (UsageError, WriteError) as err:  # one line: the message names the flag or file
-        parser.exit(2, f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}\n")
+        ranks.exit(f"{parser.prog}: error: {err}{AFTER_WRITE_ERROR if isinstance(err, WriteError) else ''}")
     except annotation_rounds.RoundError as err:  # the masks of a round waited for (--wait)
-        parser.exit(2, f"{parser.prog}: error: {round_error(err, args.oracle)}\n")
+        ranks.exit(f"{parser.prog}: error: {round_error(err, args.oracle)}")
     except (label_studio.LabelStudioError, label_studio_api.ApiError) as err:
-        parser.exit(2, f"{parser.prog}: error: {label_studio_error(args, err)}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}\n")
+        ranks.exit(f"{parser.prog}: error: {label_studio_error(args, err)}")
+    except KeyboardInterrupt:  # under torchrun the signal reaches torchrun and every process
+        ranks.exit(f"{parser.prog}: interrupted (Ctrl-C); {interrupted(run)}", code=130)
     finally:
         if run is not None:
             close_writers(run)
         for handler in list(log.handlers):  # the console and log.txt
             log.removeHandler(handler)
             handler.close()
+        ranks.close()
 
 
 if __name__ == "__main__":

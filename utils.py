@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,14 +46,7 @@ class DiceLoss_Mask(nn.Module):
             raise ValueError(f"Expected {self.n_classes} channels, got logits of shape {tuple(logits.shape)}.")
         if logits.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in H x W.")
-        probs = logits.softmax(dim=1) if softmax else logits
-        valid = (target != IGNORE_INDEX).unsqueeze(1).to(probs.dtype)  # B x 1 x H x W
-        one_hot = F.one_hot(target.masked_fill(target == IGNORE_INDEX, 0).long(), self.n_classes)
-        one_hot = one_hot.permute(0, 3, 1, 2).to(probs.dtype) * valid  # B x C x H x W
-        probs = probs * valid
-        dims = (0, 2, 3)
-        intersection = (probs * one_hot).sum(dims)
-        denominator = probs.sum(dims) + one_hot.sum(dims)
+        intersection, denominator = dice_sums(logits.softmax(dim=1) if softmax else logits, target, self.n_classes)
         per_class = 1.0 - (2.0 * intersection + self.smooth) / (denominator + self.smooth)  # C
         if weight is None:
             return per_class.mean()
@@ -60,6 +54,17 @@ class DiceLoss_Mask(nn.Module):
         if weight.shape != per_class.shape:
             raise ValueError(f"weight has shape {tuple(weight.shape)}; pass one weight per channel ({self.n_classes}).")
         return (per_class * weight).sum() / self.n_classes
+
+
+def dice_sums(probs: torch.Tensor, target: torch.Tensor, n_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Dice's sums over the batch and the valid pixels m (target != 255), per channel c: sum(p_c t_c m) and
+    sum(p_c m) + sum(t_c m). probs: B x C x H x W; target: B x H x W long in [0, C) or 255."""
+    valid = (target != IGNORE_INDEX).unsqueeze(1).to(probs.dtype)  # B x 1 x H x W
+    one_hot = F.one_hot(target.masked_fill(target == IGNORE_INDEX, 0).long(), n_classes)
+    one_hot = one_hot.permute(0, 3, 1, 2).to(probs.dtype) * valid  # B x C x H x W
+    probs = probs * valid
+    dims = (0, 2, 3)
+    return (probs * one_hot).sum(dims), probs.sum(dims) + one_hot.sum(dims)
 
 
 def segmentation_loss(
@@ -76,16 +81,48 @@ def segmentation_loss(
     return total, ce, dice
 
 
-def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor,
-                      dice_weight: float) -> Dict[str, torch.Tensor]:
+def segmentation_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What one decoder's loss adds up over a part of a batch: the 2C + 2 vector (Dice's sum(p t) per channel,
+    its sum(p) + sum(t) per channel, the cross-entropy summed over the valid pixels, their count), so that the parts
+    of a batch split across processes add up to the whole batch's (``loss_from_sums``).
+    logits: B x C x H x W; target: B x H x W long in [0, C) or 255 (pixels that count for nothing)."""
+    target = target.long()
+    intersection, denominator = dice_sums(logits.softmax(dim=1), target, logits.shape[1])
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (target != IGNORE_INDEX).sum().to(ce.dtype)
+    return torch.cat([intersection, denominator, ce[None], count[None]])
+
+
+def loss_from_sums(sums: torch.Tensor, dice_weight: float, smooth: float = 1e-5
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``segmentation_loss`` from a batch's ``segmentation_sums``: ``(total, ce, dice)``, CE the mean over every
+    valid pixel, Dice ``DiceLoss_Mask``'s mean over channels of 1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)."""
+    channels = (sums.shape[0] - 2) // 2
+    intersection, denominator, ce_sum, count = sums[:channels], sums[channels:-2], sums[-2], sums[-1]
+    dice = (1.0 - (2.0 * intersection + smooth) / (denominator + smooth)).mean()
+    ce = ce_sum / count
+    return (1.0 - dice_weight) * ce + dice_weight * dice, ce, dice
+
+
+def dual_decoder_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor, dice_weight: float,
+                      sum_over_parts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                      ) -> Dict[str, torch.Tensor]:
     """Mean of both decoders' (1-w)*CE + w*Dice (logits B x (C+1) x S/4 x S/4 upsampled to the
-    B x S x S labels), under "loss", plus every part for logging."""
+    B x S x S labels), under "loss", plus every part for logging.
+
+    ``sum_over_parts``: the batch is one part of a batch split across processes (``distributed.Ranks.sum_with_grad``
+    adds the parts' sums, differentiably): the loss is then that of the whole batch, from the sums of every part
+    (``segmentation_sums``), never a mean of the parts' losses (Dice sums over the batch, CE is a mean over its
+    valid pixels)."""
     parts: Dict[str, torch.Tensor] = {}
+    logits = {d: F.interpolate(outputs[f"low_res_logits{d}"].float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False) for d in (1, 2)}
+    if sum_over_parts is not None:
+        sums = sum_over_parts(torch.stack([segmentation_sums(logits[d], labels) for d in (1, 2)]))
     for d in (1, 2):
-        logits = F.interpolate(outputs[f"low_res_logits{d}"].float(), size=labels.shape[-2:],
-                               mode="bilinear", align_corners=False)
         parts[f"loss_dec{d}"], parts[f"ce_dec{d}"], parts[f"dice_dec{d}"] = segmentation_loss(
-            logits, labels, dice_weight=dice_weight)
+            logits[d], labels, dice_weight=dice_weight) if sum_over_parts is None else \
+            loss_from_sums(sums[d - 1], dice_weight)
     parts["loss"] = 0.5 * (parts["loss_dec1"] + parts["loss_dec2"])
     return parts
 
@@ -197,8 +234,12 @@ def crash_point(point: str, epoch: int) -> None:
 
     Points: ``selected``, ``train_batch`` (after the first optimiser step), ``checkpoint_write`` (last_state.pth
     written to its temporary file, not yet renamed), ``epoch_end`` (trainer.py, per epoch) and ``synthetic_data``
-    (synthetic_isic.py; there the number is how many image/mask pairs have been written)."""
-    if os.environ.get(CRASH_ENV) == f"{point}:{epoch}":
+    (synthetic_isic.py; there the number is how many image/mask pairs have been written). ``<point>:<epoch>@<rank>``
+    ends only that rank of a run on several processes (torchrun's RANK), with SIGKILL."""
+    crash, _, rank = os.environ.get(CRASH_ENV, "").partition("@")
+    if crash == f"{point}:{epoch}" and rank in ("", os.environ.get("RANK", "0")):
+        if rank:
+            os.kill(os.getpid(), signal.SIGKILL)
         os._exit(3)
     pause = os.environ.get(PAUSE_ENV, "").split(":", 2)
     if pause[:2] == [point, str(epoch)] and len(pause) == 3:

@@ -408,6 +408,7 @@ def validate(
     device: Union[str, torch.device],
     spacing: Spacing = None,
     truths: Optional[GroundTruthCache] = None,
+    gather: Optional[Callable[[Callable[[], List[dict]]], List[dict]]] = None,
 ) -> dict:
     """Run ``predict_fn`` batch by batch and score every image at its original size (``image_metrics``).
 
@@ -415,7 +416,9 @@ def validate(
     ``datasets_skin.ValSkinDataset`` collated with ``datasets_skin.collate_val`` (``image``, ``mask_orig`` list,
     ``name``, ``index``). Runs under ``torch.no_grad``; putting the model in ``eval()`` is the caller's job.
     ``truths``: a ``GroundTruthCache`` kept by the caller across epochs (ground truths prepared and moved to the
-    logits' device once per run); without it they are prepared in every call.
+    logits' device once per run); without it they are prepared in every call. ``gather``: ``loader`` holds this
+    process's share of the images, and ``gather(work)`` returns every process's rows (``work()`` here) in image
+    order (``distributed.Ranks.gather``), before any mean is taken.
 
     Returns dict(rows=[{name, index, metric...}], mean={metric: float}, std={metric: float},
     per_class=[(dice, hd95) for each foreground class]).
@@ -425,11 +428,13 @@ def validate(
         truth = None if truths is None else truths.get(batch["name"][i], gt, num_classes, logits.device)
         return image_metrics(logits[i], gt, num_classes, spacing, truth)
 
-    try:
-        rows = scored_rows(predict_fn, loader, num_classes, device, score)
-    finally:
-        _host_scratch.clear()  # up to 4 x (C+1) x H x W bytes: not kept between validations
-    return summarize(rows, num_classes)
+    def rows_here() -> List[dict]:
+        try:
+            return scored_rows(predict_fn, loader, num_classes, device, score)
+        finally:
+            _host_scratch.clear()  # up to 4 x (C+1) x H x W bytes: not kept between validations
+
+    return summarize(rows_here() if gather is None else gather(rows_here), num_classes)
 
 
 def scored_rows(predict_fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict], num_classes: int,
@@ -494,11 +499,16 @@ def reference_image_metrics(logits: torch.Tensor, label, num_classes: int) -> Di
 
 @torch.no_grad()
 def validate_reference(predict_fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict], num_classes: int,
-                       device: Union[str, torch.device]) -> dict:
+                       device: Union[str, torch.device],
+                       gather: Optional[Callable[[Callable[[], List[dict]]], List[dict]]] = None) -> dict:
     """``validate`` with the reference's metrics (``reference_image_metrics``, against each batch's ``label``, the
-    mask at the model's size) instead of ours at the original size. Returns dict(rows, mean={dice, hd95})."""
-    rows = scored_rows(predict_fn, loader, num_classes, device,
-                       lambda logits, batch, i: reference_image_metrics(logits[i], batch["label"][i], num_classes))
+    mask at the model's size) instead of ours at the original size (``gather`` as there). Returns dict(rows,
+    mean={dice, hd95})."""
+    def rows_here() -> List[dict]:
+        return scored_rows(predict_fn, loader, num_classes, device,
+                           lambda logits, batch, i: reference_image_metrics(logits[i], batch["label"][i], num_classes))
+
+    rows = rows_here() if gather is None else gather(rows_here)
     if not rows:
         raise ValueError("No images were evaluated (the loader was empty).")
     return dict(rows=rows, mean={k: float(np.mean([r[k] for r in rows])) for k in ("dice", "hd95")})

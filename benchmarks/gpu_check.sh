@@ -3,7 +3,8 @@
 # float32 and in mixed precision), peak memory, scoring cost over one encoder pass, and the scoring autocast's
 # score fidelity against float32, for hiera_t and hiera_l at 512 px and hiera_l at 1024 px with activation
 # checkpointing; batch 4, seeded random weights (no checkpoint), no network. Then the torch.compile'd encoder of hiera_t at 512. Stopped after 5 minutes (GPU_CHECK_TIMEOUT);
-# rows print as they finish. What each column means: benchmarks/gpu_check.py.
+# rows print as they finish. What each column means: benchmarks/gpu_check.py. With two GPUs or more, first one run
+# on all of them under torchrun against one GPU (benchmarks/bench_distributed.py, stopped after GPU_CHECK_DDP_TIMEOUT).
 #
 #   bash benchmarks/gpu_check.sh                   # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run         # the same code on the CPU at toy sizes (CI runs this)
@@ -40,5 +41,12 @@ if [ -n "$missing" ]; then
 fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+# Several GPUs: one run on all of them under torchrun against the same run on one (pool scoring and validation per
+# epoch, selections equal?); docs/several_gpus.md. Skipped with fewer than two GPUs.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+if [ "${gpus:-0}" -ge 2 ]; then
+  timeout "${GPU_CHECK_DDP_TIMEOUT:-600}" "$PY" benchmarks/bench_distributed.py --device cuda --nproc "$gpus" \
+    --model sam2.1_hiera_l --img_size 1024 || echo "several-GPU check failed or timed out (exit $?)"
 fi
 exec timeout "${GPU_CHECK_TIMEOUT:-300}" "$PY" benchmarks/gpu_check.py --compile t:512 "$@"

@@ -8,6 +8,8 @@
   ``claim_size``: a PNG whose header claims another size.
 * ``tensorboard``: what a run's TensorBoard event files hold, read with TensorBoard's own reader.
 * ``selection_rows`` / ``metrics_rows``: a run folder's al_selection.csv and metrics.csv.
+* ``decisive`` / ``decisive_checkpoint``: seeded random SAM2 weights whose masks and scores differ between images
+  (random weights give logits near 0 and near-ties everywhere), as a model or as a SAM2 checkpoint file.
 * ``label_studio``: one real Label Studio 1.23.2 server for the whole session (``tests/label_studio_helpers``);
   ``fresh_label_studio``: start another one (for tests that stop or restart it) from the same migrated database.
   Without the server the tests that use it are skipped, except under CI=true, where they fail.
@@ -149,6 +151,41 @@ def metrics_rows() -> Callable[[Path], List[dict]]:
             return [{k: (int(v) if k in ("epoch", "labeled") else (None if v == "" else float(v)))
                      for k, v in row.items()} for row in csv.DictReader(f)]
     return read
+
+
+# ----------------------------------------------------------------------------- decisive weights
+
+def _decisive(net):
+    """Random SAM2 weights give logits near 0 (every mask ~half the image); scaled hypernetwork outputs give
+    masks and scores that differ between images, so selections mean something. ``net``: a LoRA_Sam or SAM2 model."""
+    import torch
+
+    sam = getattr(net, "sam", net)
+    with torch.no_grad():
+        for decoder in (sam.sam_mask_decoder, sam.sam_mask_decoder2):
+            for mlp in decoder.output_hypernetworks_mlps:
+                mlp.layers[-1].weight.mul_(40)
+    return net
+
+
+@pytest.fixture(scope="session")
+def decisive() -> Callable:
+    """``decisive(net)``: the model with its decoders' hypernetwork outputs scaled (in place), returned."""
+    return _decisive
+
+
+@pytest.fixture(scope="session")
+def decisive_checkpoint(tmp_path_factory) -> Path:
+    """A SAM2 checkpoint file ({"model": state dict}) of seeded random sam2.1_hiera_t weights made ``decisive``:
+    pass it as --checkpoint, so that runs in other processes select by scores that mean something."""
+    import torch
+
+    from sam2.build_sam import build_sam2
+
+    path = tmp_path_factory.mktemp("decisive") / "sam2.1_hiera_t_decisive.pt"
+    sam = _decisive(build_sam2("sam2.1_hiera_t", None, device="cpu", mode="train", image_size=64))
+    torch.save({"model": sam.state_dict()}, path)
+    return path
 
 
 # ----------------------------------------------------------------------------- a real Label Studio server

@@ -6,6 +6,7 @@ touched and the report must equal the uninterrupted one.
 """
 import csv
 import dataclasses
+import os
 import shutil
 import statistics
 import subprocess
@@ -373,6 +374,25 @@ def test_click_budgets_as_asked_and_runs_without_clicks_said(data, tmp_path):
     summary = report.summary_markdown(plan, res)
     assert "No click costs in these runs (trainer.py --annotation_cost clicks records them" in summary
     assert "clicks |" not in summary.split("## Paired difference", 1)[1]
+
+
+def test_nproc_per_run_starts_each_run_under_torchrun_on_its_share_of_the_gpus(data, tmp_path, capsys, monkeypatch):
+    assert cs.main(request(data, tmp_path / "ddp", "--print_commands", "--nproc_per_run", "2")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--zero_shot" not in line]
+    assert len(lines) == len(STRATEGIES) * len(SEEDS)
+    for line in lines:
+        train = line.split(" && ")[0]
+        assert "torch" in train.split(" --standalone")[0] and " --standalone --nproc_per_node 2 " in train, train
+        assert "trainer.py" in train and "--gpu" not in train  # each process takes the GPU of its LOCAL_RANK
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert cs.job_devices("0,1,2,3", None, per_job=2) == ["0,1", "2,3"]
+    assert cs.job_devices(None, None, per_job=2) == ["0,1"]
+    with pytest.raises(cs.CompareError, match="--gpus 0,1,2: 3 device.* --nproc_per_run 2 .* multiple of 2"):
+        cs.job_devices("0,1,2", None, per_job=2)
+    assert cs.job_env("2,3", 2, 2)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cs.job_env(None, 2, 2)["OMP_NUM_THREADS"] == "2"  # 8 cores for 2 runs of 2 processes
 
 
 def test_the_demo_shows_its_arms_in_fewer_epochs(tmp_path, capsys):

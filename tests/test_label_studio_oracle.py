@@ -6,7 +6,6 @@ the run's project when one is given. Real ISIC photos (the shared downscaled sam
 from __future__ import annotations
 
 import csv
-import os
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 import label_studio as ls
 import label_studio_api as api
 import label_studio_backend
+import settings
 import trainer
 from annotation_rounds import hide_masks
 from label_studio_helpers import annotate_task, real_format_data
@@ -222,8 +222,8 @@ def test_the_oracle_s_flags_are_checked_before_anything_is_written(label_studio,
         with pytest.raises(SystemExit):
             trainer.main(base + flags)
         assert "needs --oracle label_studio" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit):
-        trainer.main(base + ["--wait"])
-    assert "--wait under torchrun" in capsys.readouterr().err
-    assert os.environ["WORLD_SIZE"] == "2"
+    parser = settings.build_parser()
+    args = settings.prepare_args(parser, parser.parse_args(base + ["--wait"]), base + ["--wait"])
+    settings.check_processes(args, 1)
+    with pytest.raises(settings.UsageError, match="--wait under torchrun would hold every process"):
+        settings.check_processes(args, 2)  # what trainer.main checks with torchrun's process count

@@ -283,6 +283,30 @@ def test_prompted_forward_uses_prompts_from_the_other_decoder(shared_net, prompt
     assert f"masks{prompted}_r" in out and f"low_res_logits{free}_r" not in out
 
 
+@pytest.mark.parametrize("mode", ["point", None, "point-box"])
+def test_the_reference_s_random_point_call_is_refused_not_answered_with_the_centre(shared_net, mode):
+    """The reference's select_samples takes forward(images, True, 512, 1, 'point')["low_res_logits1"] as decoder 1's
+    random-point prediction; here it would be the centre point of decoder 2's mask, so the call is refused, pointing
+    at predict_logits and the scoring code (prompt_idx 1 with a box, which the tests above use, still runs)."""
+    from sam_lora_image_encoder_prompt import ReferenceCallError
+
+    with pytest.raises(ReferenceCallError, match=r"prompt_idx=1.*random-point prediction.*predict_logits.*compare"):
+        shared_net(images(), True, SIZE, 1, mode)
+
+
+def test_a_module_with_the_reference_s_lora_sam_is_named_with_what_it_lacks():
+    from sam_lora_image_encoder_prompt import lora_sam_misfit
+
+    class ReferenceLoRASam(torch.nn.Module):  # the reference's signature: LoRA_Sam(sam, r), forward only
+        def __init__(self, sam_model, r, lora_layer=None):
+            super().__init__()
+
+    misfit = lora_sam_misfit(ReferenceLoRASam)
+    assert "parameter(s) num_classes, lora_width, train_no_mem_embed" in misfit
+    assert "method(s) encode, decode, predict_logits, set_grad_checkpointing, lora_disabled" in misfit
+    assert lora_sam_misfit(LoRA_Sam) is None
+
+
 def all_token_logits(net, features, decoder_idx):
     """Raw B x 4 x S/4 x S/4 logits of every mask token of one decoder (no prompt), and the
     official single-mask output of the same decoder (`MaskDecoder.forward`, multimask off)."""

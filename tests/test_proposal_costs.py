@@ -9,6 +9,7 @@ from PIL import Image
 
 from annotation_cost import NOT_REACHED, Click
 from datasets_skin import resize_mask
+from distributed import Ranks
 from proposal_costs import COST_COLUMNS, ClickPredictor, interactive_decoder, proposal_cost, proposal_costs
 from sam2.build_sam import build_sam2
 from sam_lora_image_encoder_prompt import LoRA_Sam
@@ -163,7 +164,8 @@ def test_the_trainers_cost_step_hands_over_the_runs_choices(synthetic_copy, monk
     monkeypatch.setattr(epoch_steps, "proposal_costs", recorded)
     args = types.SimpleNamespace(annotation_cost=mode, promptmode=promptmode, click_mask_input=mask_input,
                                  precision="float32")
-    run = types.SimpleNamespace(args=args, train_set=train_set, model=model, device=torch.device("cpu"))
+    run = types.SimpleNamespace(args=args, train_set=train_set, model=model, device=torch.device("cpu"),
+                                ranks=Ranks())
     rows = epoch_steps.annotation_costs(run, 1, [2, 0])
     assert rows == [dict.fromkeys(COST_COLUMNS, 0.5)] * 2 and model.training
     assert (seen["mode"], seen["decoder"], seen["mask_input"], seen["training"], seen["grad"]) == \

@@ -16,6 +16,7 @@ import epoch_steps
 import settings
 import trainer
 import val
+from distributed import Ranks
 from run_folder import ResumeState, RunFolder, SettingsDiffer
 from sam_lora_image_encoder_prompt import build_model_from_settings
 
@@ -140,7 +141,8 @@ def test_val_protocol_chooses_the_validation(synthetic_root, protocol):
     run = types.SimpleNamespace(
         args=types.SimpleNamespace(val_protocol=protocol, batch_size=2, num_workers=0, num_classes=1),
         val_set=subset, device=torch.device("cpu"), truths=val.GroundTruthCache(), model=FixedLogits(),
-        autocast=lambda: torch.autocast("cpu", enabled=False), writer=types.SimpleNamespace(add_image=lambda *a: None))
+        autocast=lambda: torch.autocast("cpu", enabled=False), writer=types.SimpleNamespace(add_image=lambda *a: None),
+        ranks=Ranks())
     got = epoch_steps.validate_epoch(run, 1)
     loader = torch.utils.data.DataLoader(subset, batch_size=2, collate_fn=ds.collate_val)
     predict = torch.no_grad()(FixedLogits().predict_logits)

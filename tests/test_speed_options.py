@@ -17,16 +17,6 @@ MODEL, SIZE = "sam2.1_hiera_t", 64
 GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
-def decisive(net):
-    """Random SAM2 weights give logits near 0 (every mask ~half the image); scaled hypernetwork outputs give
-    masks and scores that differ between images, so selections mean something."""
-    with torch.no_grad():
-        for decoder in (net.sam.sam_mask_decoder, net.sam.sam_mask_decoder2):
-            for mlp in decoder.output_hypernetworks_mlps:
-                mlp.layers[-1].weight.mul_(40)
-    return net
-
-
 def count_block_calls(net):
     calls = []
     for block in net.sam.image_encoder.trunk.blocks:
@@ -79,7 +69,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
 
 
 @pytest.mark.parametrize("strategy", ["mask_difference", "entropy"])
-def test_selection_does_not_depend_on_the_scoring_batch_size(strategy):
+def test_selection_does_not_depend_on_the_scoring_batch_size(strategy, decisive):
     net = decisive(build_model(MODEL, None, SIZE, seed=0))
     gen = torch.Generator().manual_seed(0)
     dataset = [{"image": image} for image in torch.randn(19, 3, SIZE, SIZE, generator=gen)]

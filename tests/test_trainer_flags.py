@@ -54,6 +54,21 @@ def test_bad_flag_names_the_flag(argv, expected, capsys, tmp_path):
     assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
 
 
+def test_module_with_the_reference_s_lora_sam_is_refused_naming_what_it_lacks(capsys, tmp_path, monkeypatch):
+    """The reference's sam_lora_image_encoder_prompt (LoRA_Sam(sam, r) on its unpublished sam2_base_1) used to be a
+    TypeError traceback; a stand-in with its signature (the import of sam2_base_1 aside) is refused before anything
+    is loaded."""
+    (tmp_path / "reference_lora.py").write_text(
+        "import torch\n\nclass LoRA_Sam(torch.nn.Module):\n    def __init__(self, sam_model, r, lora_layer=None):\n"
+        "        super().__init__()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = run_main_expecting_error(["--demo", "--module", "reference_lora", "--output", str(tmp_path / "out")],
+                                   capsys)
+    assert "--module reference_lora (" in err and "lacks the parameter(s) num_classes, lora_width" in err
+    assert "method(s) encode, decode, predict_logits" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_module_without_lora_sam_is_explained(capsys, tmp_path):
     err = run_main_expecting_error(["--demo", "--module", "json", "--output", str(tmp_path)], capsys)
     assert "defines no LoRA_Sam class" in err

@@ -16,6 +16,7 @@ from PIL import Image
 import epoch_steps
 import settings
 import trainer
+from distributed import Ranks
 from run_folder import AWAITING, DIVERGED, RunFolder
 from synthetic_isic import make_synthetic_isic
 
@@ -87,8 +88,8 @@ def test_resume_after_divergence_may_lower_base_lr_and_uses_it(small_data, tmp_p
     run_dir = tmp_path / "Skin_64"
     train_step = epoch_steps.train_step
 
-    def nan_from_epoch_2(run, batch, rng):
-        parts = train_step(run, batch, rng)
+    def nan_from_epoch_2(run, *args):
+        parts = train_step(run, *args)
         if len(run.labeled_names) > 2:
             parts["loss"] = torch.tensor(float("nan"))
         return parts
@@ -129,10 +130,11 @@ def test_step_skipped_by_the_fp16_gradient_scaler_is_not_divergence(tmp_path):
     args = types.SimpleNamespace(promptmode="none", num_classes=1, img_size=16, dice_weight=0.8, base_lr=1e-3)
     run = types.SimpleNamespace(
         args=args, device=torch.device("cpu"), model=model, optimizer=optimizer, folder=RunFolder(tmp_path),
-        autocast=lambda: torch.autocast("cpu", enabled=False),
+        autocast=lambda: torch.autocast("cpu", enabled=False), ranks=Ranks(), parallel=None,
         scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))  # so large that the scaled gradients overflow
-    batch = dict(image=1e3 * torch.randn(2, 3, 16, 16), label=(torch.rand(2, 16, 16) > 0.5).long())
-    parts = epoch_steps.train_step(run, batch, np.random.default_rng(0))
+    batch = dict(image=1e3 * torch.randn(2, 3, 16, 16), label=(torch.rand(2, 16, 16) > 0.5).long(),
+                 index=torch.arange(2))
+    parts = epoch_steps.train_step(run, 1, batch, np.random.default_rng(0))
     assert run.scaler.get_scale() == 2.0 ** 126, "the scaler saw inf gradients, skipped the step, lowered its scale"
     assert float(model.w.detach()) == 1.0 and bool(torch.isfinite(parts["loss"]))
     epoch_steps.check_finite(run, 1, "training step 1", {"loss": parts["loss"], "w": model.w})  # no stop
