@@ -238,7 +238,7 @@ def test_an_older_prompted_run_folder_resumes_with_the_draw_it_was_made_with(tmp
     folder.path.mkdir()
     folder.save_state(ResumeState(1, older, {}, {}, {}, ["a"], -1.0, ""))
     folder.write_config(older)
-    folder.append_selection([[1, "a", "0.5", 1, "mask_difference"]])
+    folder.append_selection([[1, "a", "0.5", 1, "mask_difference", "", "", "", "", ""]])
     folder.write_metrics_row(dict(epoch=1, labeled=1))
     with pytest.raises(SettingsDiffer) as differ:
         folder.open_for_run(now, prompted, settings.LEGACY, True)
