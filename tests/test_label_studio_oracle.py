@@ -192,8 +192,8 @@ def test_with_wait_the_run_goes_on_while_a_person_annotates(label_studio, token_
     with open(run_dir / "al_selection.csv", newline="") as f:  # the lead times of the rounds waited for
         assert [row["lead_time_s"] for row in csv.DictReader(f)] == ["5"] * 3
     said = (run_dir / "log.txt").read_text()
-    assert "round 1: 0 of 2 annotated, 0 skipped" in said and "round 2: 2 of 2 annotated, 0 skipped" in said
-    assert "round 1: 1 of 2 annotated, 1 skipped" in said
+    # the progress lines the trainer logged while it polled (the first ones depend on how fast the person is)
+    assert "round 1: 1 of 2 annotated, 1 skipped" in said and "round 2: 2 of 2 annotated, 0 skipped" in said
     printed = capfd.readouterr()
     assert label_studio.token not in printed.out + printed.err + said
 
