@@ -14,7 +14,7 @@ masks into the round folder as ``<name>_segmentation.png`` instead, and adds who
 CSV). At --resume a round's mask is taken from either place (both: an error naming both); where it was accepted
 is recorded (``ResumeState.mask_sources``), and every later read of it, and its check at each --resume, uses that
 file. Nothing here writes into the mask folder; ``hide_masks`` turns a dataset with ground truth into one to
-annotate, for a simulated annotator (the tests, the README picture).
+annotate, for a simulated annotator (the tests, the picture in docs/rounds.md).
 """
 from __future__ import annotations
 

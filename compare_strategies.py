@@ -47,7 +47,8 @@ from folder_lock import FolderLocked
 REPO = Path(__file__).resolve().parent
 TRAINER = REPO / "trainer.py"
 DEFAULT_STRATEGIES = ("mask_difference", "entropy", "random")
-# --demo's arms (all: the README's command); fewer epochs than the trainer's demo, so that it stays under 5 minutes
+# --demo's arms (all: docs/comparing.md's command); fewer epochs than the trainer's demo, so that it stays under
+# 5 minutes
 DEMO_STRATEGIES = ("mask_difference", "mask_difference_diverse", "typiclust@all", "random")
 DEMO_EPOCHS = 6
 DEMO_OUTPUT = "./output_compare_demo"

@@ -11,7 +11,8 @@ descriptors, and with them a share in the lock, which would then outlive the par
 Forked children therefore close their copies at once (``os.register_at_fork``); processes started with exec never
 get them (Python's descriptors are not inheritable).
 
-On a shared file system the lock is only as good as the file system's locking: see the README ("Resume").
+On a shared file system the lock is only as good as the file system's locking: see docs/resume.md ("What a run
+folder guarantees").
 """
 from __future__ import annotations
 

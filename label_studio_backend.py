@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", default=None, help="a CUDA device index; default: the first GPU, else the CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's CPU threads (default: torch's, one per core); on a CPU shared with other work, "
-                             "1 answers a click several times faster (docs/ml_backend.md)")
+                             "1 answers a click several times faster (docs/performance.md)")
     return parser
 
 

@@ -3,7 +3,7 @@
     bash benchmarks/gpu_check.sh                  # on a CUDA machine (no network): one table, ~3-5 min on an H100
     python3 benchmarks/gpu_check.py --dry-run     # the same code on the CPU at toy sizes, in seconds (CI)
     python3 benchmarks/gpu_check.py --device cpu --configs l:512 --images 4 --val-images 4 --repeats 1
-                                                  # CPU figures at a real size (the README's CPU estimate)
+                                                  # CPU figures at a real size (docs/performance.md's CPU estimate)
 
 Per configuration (default: hiera_t and hiera_l at 512 px, hiera_l at 1024 px with activation checkpointing),
 seeded random weights (no checkpoint; hypernetwork outputs scaled x40 so that masks, and so scores, differ

@@ -1,4 +1,5 @@
-"""Render docs/proposal_overlay.jpg, the README's picture of a proposal, with the trainer's own --oracle folder path.
+"""Render docs/proposal_overlay.jpg, the picture of a proposal in docs/rounds.md, with the trainer's own --oracle
+folder path.
 
 Synthetic ISIC-style data; its training masks are hidden and played back as the annotator's answers after each
 round, as a person would save them. The picture is the overlay the trainer itself wrote in the last round, for

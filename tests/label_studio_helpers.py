@@ -403,8 +403,9 @@ def labelling_page(server: LabelStudioServer, page_path: str, profile: Path, ref
 
 
 def hand_over(server: LabelStudioServer, round_dir: Path, project_id: Optional[int] = None) -> int:
-    """What the README has a person do for a round: a project with the round's interface (unless ``project_id``,
-    the run's project, is given), a Local Files storage on the round folder, the round's tasks imported."""
+    """What docs/annotating.md has a person do for a round by hand: a project with the round's interface (unless
+    ``project_id``, the run's project, is given), a Local Files storage on the round folder, the round's tasks
+    imported."""
     if project_id is None:
         interface = (round_dir / label_studio.INTERFACE_FILE).read_text()
         project_id = server.call("POST", "/api/projects/", json=dict(title=round_dir.name, label_config=interface)

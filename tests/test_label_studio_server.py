@@ -83,7 +83,7 @@ def test_a_round_goes_out_is_annotated_and_comes_back_as_the_submitted_masks(ser
     ordered = server.call("GET", "/api/tasks/", params=dict(project=done.project_id, view=view.json()["id"]))
     assert [t["data"]["mdsam_image"] for t in ordered.json()["tasks"]] == names  # ranks 1, 2, 3
 
-    # the way back: the command, as the README gives it
+    # the way back: the command, as docs/annotating.md gives it
     command = [sys.executable, str(REPO / "label_studio.py"), "import", "--export", str(done.export_path),
                "--round_dir", str(made.round_dir)]
     back = subprocess.run(command, capture_output=True, text=True, timeout=300)
