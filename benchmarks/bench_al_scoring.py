@@ -8,7 +8,9 @@ Measured in one run, interleaved (so load changes hit all three alike), on the s
   scoring   MaskDifferenceStrategy.select over the images: encoder once + three decoder
             runs + prompt derivation + score, with the strategy's AMP / inference mode
   naive     three full forwards per batch, as the reference implementation scored
-            (model(x, -1), model(x, 0, 'point'), model(x, 1, 'point')): encoder three times
+            (model(x, -1), model(x, 0, 'point'), model(x, 1, 'point')): encoder three times. Here the
+            third call is model(x, 1, 'box'), a full forward of the same cost: model(x, 1, 'point') is
+            refused (ReferenceCallError, docs/differences.md)
 
 Targets (DESIGN): scoring <= 1.15 x encoder; naive / scoring >= 2.5.
 
@@ -89,7 +91,7 @@ def time_naive(net, batches, device, size):
         for images in batches:
             out_no = net(images, True, size, -1)
             out_center = net(images, True, size, 0, "point")
-            out_rand = net(images, True, size, 1, "point")
+            out_rand = net(images, True, size, 1, "box")  # (1, "point") is refused; the same cost
             mask_difference_scores(
                 class_probabilities(out_no["low_res_logits1"]),
                 class_probabilities(out_center["low_res_logits2"]),

@@ -32,16 +32,19 @@ import torch  # noqa: E402
 import label_studio  # noqa: E402
 from label_studio_backend import Backend, features_bytes  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
+from settings import build_parser  # noqa: E402
 
 PHOTOS = REPO.parent / "shared" / "isic-sample-full" / "images"
 RECORDED = REPO / "tests" / "data" / "label_studio_1.23_ml_backend_requests.json"
 
 
 def make_run(where: Path, model_cfg: str, size: int, photos) -> Path:
-    """A run folder of ``model_cfg`` at ``size`` (config.txt only: the zero-shot model) with a round of ``photos``."""
+    """A run folder of ``model_cfg`` at ``size`` (config.txt only, the trainer's defaults otherwise: the zero-shot
+    model) with a round of ``photos``."""
     run_dir = where / f"{model_cfg}_{size}" / f"Skin_{size}"
-    RunFolder(run_dir).write_config(dict(model_cfg=model_cfg, checkpoint="none", img_size=size, seed=0,
-                                         promptmode="point", decode="full"))
+    defaults = vars(build_parser().parse_args(["--data_root", str(where)]))
+    RunFolder(run_dir).write_config({**defaults, **dict(model_cfg=model_cfg, checkpoint="none", img_size=size, seed=0,
+                                                        promptmode="point", decode="full")})
     round_dir = run_dir / "annotate" / "round_001"
     round_dir.mkdir(parents=True)
     for photo in photos:

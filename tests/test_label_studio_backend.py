@@ -380,9 +380,11 @@ def official(tmp_path_factory):
     out = tmp_path_factory.mktemp("official") / "out"
     run_dir = out / "Skin_1024"
     from run_folder import RunFolder
+    from settings import build_parser
 
-    RunFolder(run_dir).write_config(dict(model_cfg="sam2.1_hiera_t", checkpoint=str(OFFICIAL), img_size=1024,
-                                         promptmode="none", decode="full", seed=0))
+    defaults = vars(build_parser().parse_args(["--data_root", str(out)]))
+    RunFolder(run_dir).write_config({**defaults, **dict(model_cfg="sam2.1_hiera_t", checkpoint=str(OFFICIAL),
+                                                        img_size=1024, promptmode="none", decode="full", seed=0)})
     round_dir = run_dir / "annotate" / "round_001"
     round_dir.mkdir(parents=True)
     shutil.copyfile(PHOTO, round_dir / PHOTO.name)
