@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 
@@ -30,6 +31,7 @@ import label_studio_helpers
 from synthetic_isic import make_synthetic_isic
 
 REPO = Path(__file__).resolve().parents[1]
+SESSION = "session-"  # the name's start of a temporary folder the whole session shares (kept till its end)
 _FIGURES: List[str] = []
 
 
@@ -42,6 +44,20 @@ def pytest_configure(config) -> None:
 
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_folders_removed(request, tmp_path_factory) -> Iterator[None]:
+    """The temporary folders a test module made for itself (its shared runs: ~370 MB each even at 64 px) are removed
+    when the module has passed, not at the session's end, so that the suite's disk stays that of its largest module.
+    A failed module keeps them for diagnosis; a session-wide folder (named SESSION...) stays."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if not path.name.startswith(SESSION):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +94,7 @@ def sam2_oracle():
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic dataset (README layout, 10 train / 5 val / 3 test, 128 px wide). Read-only for tests."""
-    return make_synthetic_isic(tmp_path_factory.mktemp("synthetic"), 10, 5, 3, size=128, seed=7)
+    return make_synthetic_isic(tmp_path_factory.mktemp(SESSION + "synthetic"), 10, 5, 3, size=128, seed=7)
 
 
 @pytest.fixture
@@ -182,7 +198,7 @@ def decisive_checkpoint(tmp_path_factory) -> Path:
 
     from sam2.build_sam import build_sam2
 
-    path = tmp_path_factory.mktemp("decisive") / "sam2.1_hiera_t_decisive.pt"
+    path = tmp_path_factory.mktemp(SESSION + "decisive") / "sam2.1_hiera_t_decisive.pt"
     sam = _decisive(build_sam2("sam2.1_hiera_t", None, device="cpu", mode="train", image_size=64))
     torch.save({"model": sam.state_dict()}, path)
     return path
@@ -205,7 +221,7 @@ def label_studio_data(tmp_path_factory, report_figure) -> Path:
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     started = time.monotonic()
-    data = label_studio_helpers.migrated_data(executable, tmp_path_factory.mktemp("label-studio-data"),
+    data = label_studio_helpers.migrated_data(executable, tmp_path_factory.mktemp(SESSION + "label-studio-data"),
                                               LABEL_STUDIO_MIGRATE_S)
     report_figure(f"label studio: a new database migrated in {time.monotonic() - started:.0f} s")
     return data
@@ -220,7 +236,7 @@ def fresh_label_studio(label_studio_data, tmp_path_factory, report_figure):
     def start(document_root: Path) -> label_studio_helpers.LabelStudioServer:
         started = time.monotonic()
         server = label_studio_helpers.LabelStudioServer(label_studio_helpers.label_studio_executable(),
-                                                        tmp_path_factory.mktemp("label-studio-server"),
+                                                        tmp_path_factory.mktemp(SESSION + "label-studio-server"),
                                                         document_root, data=label_studio_data)
         started_servers.append(server)
         server.wait_until_up(LABEL_STUDIO_START_S)
@@ -238,4 +254,4 @@ def fresh_label_studio(label_studio_data, tmp_path_factory, report_figure):
 def label_studio(fresh_label_studio, tmp_path_factory) -> label_studio_helpers.LabelStudioServer:
     """The session's Label Studio server on 127.0.0.1, its document root a temporary folder (put the runs whose
     rounds it serves below ``label_studio.document_root``); ``token`` is a personal access token."""
-    return fresh_label_studio(tmp_path_factory.mktemp("label-studio-root"))
+    return fresh_label_studio(tmp_path_factory.mktemp(SESSION + "label-studio-root"))

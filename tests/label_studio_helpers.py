@@ -29,6 +29,9 @@ import label_studio
 from datasets_skin import MASK_SUFFIX, decode_image, decode_mask, discover_samples, find_split, normalize_image
 from synthetic_isic import make_synthetic_isic
 
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683)
+REAL_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:1]  # with their masks in SAMPLE / "masks"
+
 RUN_ID, ROUND = "run-under-test", 3
 
 

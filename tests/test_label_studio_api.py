@@ -26,12 +26,7 @@ from PIL import Image
 
 import label_studio
 import label_studio_api as api
-from label_studio_helpers import RUN_ID, ROUND, LabelStudioServer, MadeRound, annotate_task, make_round
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683) with their masks
-REAL_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:1]
-
+from label_studio_helpers import REAL_PHOTOS, ROUND, RUN_ID, LabelStudioServer, MadeRound, annotate_task, make_round
 
 @pytest.fixture(scope="module")
 def server(label_studio) -> LabelStudioServer:

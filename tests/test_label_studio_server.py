@@ -23,12 +23,10 @@ from PIL import Image
 
 import trainer
 from annotation_rounds import hide_masks, read_round
-from label_studio_helpers import (RUN_ID, LabelStudioServer, MadeRound, annotate_in_label_studio, listening_addresses,
-                                  make_round, real_format_data)
+from label_studio_helpers import (REAL_PHOTOS, RUN_ID, SAMPLE, LabelStudioServer, MadeRound, annotate_in_label_studio,
+                                  listening_addresses, make_round, real_format_data)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "isic-sample"  # six real ISIC-2017 photos (1024 x 683) with their masks
-REAL_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:1]
 
 
 @pytest.fixture(scope="module")

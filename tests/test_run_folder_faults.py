@@ -22,21 +22,17 @@ import safe_io
 import trainer
 from sam_lora_image_encoder_prompt import build_model
 from run_copies import copy_runs
-from synthetic_isic import make_synthetic_isic
+from small_runs import small_argv, small_data
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--gpu", "cpu", "--img_size", "64", "--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none",
-         "--batch_size", "2", "--pool_size", "2", "--val_limit", "1", "--strategy", "random", "--save_from_epoch", "10"]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """6 training / 2 validation images, 64 px wide. Read-only (tests that change it copy it)."""
-    return make_synthetic_isic(tmp_path_factory.mktemp("faults") / "data", 6, 2, 0, size=64, seed=5)
+    return small_data(tmp_path_factory, "faults")
 
 
 def argv_of(data: Path, out: Path, *extra: str) -> list:
-    return SMALL + ["--data_root", str(data), "--output", str(out), *extra]
+    return small_argv(data, out, *extra, save_from_epoch=10)
 
 
 @pytest.fixture(scope="module")

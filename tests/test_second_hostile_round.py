@@ -11,24 +11,19 @@ import pytest
 import torch
 
 import comparison_report as report
-import epoch_steps
 import trainer
 from run_copies import copy_runs
 from run_folder import RunFolder
 from safe_io import load_torch_file
-from synthetic_isic import make_synthetic_isic
-
-SMALL = ["--gpu", "cpu", "--img_size", "64", "--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none",
-         "--batch_size", "2", "--pool_size", "2", "--val_limit", "1", "--strategy", "random", "--save_from_epoch", "1"]
-
+from small_runs import small_argv, small_data
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_synthetic_isic(tmp_path_factory.mktemp("hostile2") / "data", 6, 2, 0, size=64, seed=5)
+    return small_data(tmp_path_factory, "hostile2")
 
 
 def argv_of(data: Path, out: Path, *extra: str) -> list:
-    return SMALL + ["--data_root", str(data), "--output", str(out), *extra]
+    return small_argv(data, out, *extra, save_from_epoch=1)
 
 
 @pytest.fixture(scope="module")
