@@ -42,7 +42,7 @@ def make_run(where: Path, model_cfg: str, size: int, photos) -> Path:
     """A run folder of ``model_cfg`` at ``size`` (config.txt only, the trainer's defaults otherwise: the zero-shot
     model) with a round of ``photos``."""
     run_dir = where / f"{model_cfg}_{size}" / f"Skin_{size}"
-    defaults = vars(build_parser().parse_args(["--data_root", str(where)]))
+    defaults = vars(build_parser().parse_args([]))
     RunFolder(run_dir).write_config({**defaults, **dict(model_cfg=model_cfg, checkpoint="none", img_size=size, seed=0,
                                                         promptmode="point", decode="full")})
     round_dir = run_dir / "annotate" / "round_001"

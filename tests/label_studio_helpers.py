@@ -197,13 +197,6 @@ def export_of(round_dir: Path, annotations: Dict[str, List[dict]]) -> List[dict]
 
 # ----------------------------------------------------------------------------- a real server
 
-def label_studio_executable() -> str:
-    """The ``label-studio`` to test against: MDSAM_LABEL_STUDIO, else the one installed in its own virtualenv at
-    ~/.cache/mdsam/label-studio-1.23.2 when it is there, else "" (the server tests are skipped)."""
-    default = Path.home() / ".cache" / "mdsam" / "label-studio-1.23.2" / "bin" / "label-studio"
-    return os.environ.get("MDSAM_LABEL_STUDIO") or (str(default) if default.is_file() else "")
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -248,8 +241,7 @@ def server_environment(where: Path, document_root: Path) -> Dict[str, str]:
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
             "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "0", "LATEST_VERSION_CHECK": "0",
-            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-            "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", **label_studio.ML_BACKEND_ENV}
 
 
 def migrated_data(executable: str, where: Path, timeout_s: float) -> Path:

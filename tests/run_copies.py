@@ -15,3 +15,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 def copy_runs(src: Path, dst: Path, ignore=None) -> Path:
     """``shutil.copytree(src, dst)`` with every ``*.pth`` hard-linked; returns dst."""
     return Path(shutil.copytree(src, dst, ignore=ignore, copy_function=_link_or_copy))
+
+
+def copy_run(run_dir: Path, where: Path) -> Path:
+    """A copy of the run folder ``run_dir`` (its output folder copied to ``where / "out"``, checkpoints
+    hard-linked); returns the copy's run folder."""
+    return copy_runs(run_dir.parent, where / "out") / run_dir.name

@@ -29,7 +29,7 @@ brush = pytest.importorskip("label_studio_sdk.converter.brush")
 
 import label_studio  # noqa: E402
 import label_studio_backend as backend_module  # noqa: E402
-from label_studio_helpers import BACKEND_SIZE as SIZE, expected_mask, run_model, trainer_round  # noqa: E402
+from label_studio_helpers import BACKEND_SIZE as SIZE, SAMPLE, expected_mask, run_model, trainer_round  # noqa: E402
 from sam_lora_image_encoder_prompt import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_health_and_setup_give_the_runs_id_as_model_version(made, served):
 
 @pytest.mark.parametrize("kind", ["predict_click", "predict_clicks", "predict_box"])
 def test_a_prompt_gives_the_mask_predict_logits_gives_at_the_photos_size(made, served, kind):
-    backend, client = served
+    _, client = served
     task = made["tasks"][1]
     photo = photo_of(made, task["data"])
     size = Image.open(photo).size[::-1]
@@ -124,7 +124,7 @@ def test_a_prompt_gives_the_mask_predict_logits_gives_at_the_photos_size(made, s
     answer = client.post("/predict", json=request_for(kind, task["data"]))
     assert answer.status_code == 200, answer.status
     (prediction,) = answer.get_json()["results"]
-    assert prediction["model_version"] == backend.run.model_version()
+    assert prediction["model_version"] == made["tasks"][0]["predictions"][0]["model_version"]  # the run id
     want = expected_mask(run_model(made["run_dir"]), photo, clicks_of(kind), box_of(kind))
     assert 0 < want.sum() < want.size  # a mask with an edge: a shifted prompt moves it
     np.testing.assert_array_equal(decoded_mask(prediction, size), want)
@@ -175,21 +175,21 @@ def refused(client, made, image: str, status: int, message: str) -> None:
     assert client.post("/predict", json=request_for("predict_click", made["tasks"][0]["data"])).status_code == 200
 
 
-def local(_, path: str) -> str:
+def local(path: str) -> str:
     return label_studio.LOCAL_FILES_URL + path
 
 
 def test_a_path_with_dot_dot_is_refused(made, served):
     round_path = made["round_dir"].relative_to(made["out"]).as_posix()
-    refused(served[1], made, local(made, f"{round_path}/../../config.txt"), 403, "leaves the document root")
-    refused(served[1], made, local(made, str(made["run_dir"] / "config.txt")), 403, "leaves the document root")
+    refused(served[1], made, local(f"{round_path}/../../config.txt"), 403, "leaves the document root")
+    refused(served[1], made, local(str(made["run_dir"] / "config.txt")), 403, "leaves the document root")
 
 
 def test_a_link_out_of_the_round_folders_is_refused(made, served):
     link = made["round_dir"] / "elsewhere.jpg"
     link.symlink_to(made["data"] / "Validation_Data" / sorted(os.listdir(made["data"] / "Validation_Data"))[0])
     try:
-        refused(served[1], made, local(made, link.relative_to(made["out"]).as_posix()), 403,
+        refused(served[1], made, local(link.relative_to(made["out"]).as_posix()), 403,
                 "outside the run's round folders")
     finally:
         link.unlink()
@@ -209,7 +209,7 @@ def test_an_unreadable_image_is_an_error(made, served):
     broken = made["round_dir"] / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not a JPEG")
     try:
-        refused(served[1], made, local(made, broken.relative_to(made["out"]).as_posix()), 422, "cannot be read")
+        refused(served[1], made, local(broken.relative_to(made["out"]).as_posix()), 422, "cannot be read")
     finally:
         broken.unlink()
 
@@ -366,7 +366,7 @@ def test_the_trainer_does_not_import_the_server():
 # ----------------------------------------------------------------------------- trained weights: what a prompt means
 
 OFFICIAL = REPO / "sam2" / "checkpoints" / "sam2.1_hiera_tiny.pt"  # git-ignored; nothing here downloads it
-PHOTO = REPO.parent / "shared" / "isic-sample" / "images" / "ISIC_0012660.jpg"  # 1024 x 683, its lesion left of centre
+PHOTO = SAMPLE / "images" / "ISIC_0012660.jpg"  # 1024 x 683, its lesion left of centre
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +382,7 @@ def official(tmp_path_factory):
     from run_folder import RunFolder
     from settings import build_parser
 
-    defaults = vars(build_parser().parse_args(["--data_root", str(out)]))
+    defaults = vars(build_parser().parse_args([]))
     RunFolder(run_dir).write_config({**defaults, **dict(model_cfg="sam2.1_hiera_t", checkpoint=str(OFFICIAL),
                                                         img_size=1024, promptmode="none", decode="full", seed=0)})
     round_dir = run_dir / "annotate" / "round_001"
@@ -390,7 +390,7 @@ def official(tmp_path_factory):
     shutil.copyfile(PHOTO, round_dir / PHOTO.name)
     backend, client = make_backend(run_dir, out)
     truth = np.asarray(Image.open(PHOTO.parent.parent / "masks" / f"{PHOTO.stem}_segmentation.png")) > 127
-    return dict(client=client, image=local(None, f"Skin_1024/annotate/round_001/{PHOTO.name}"), truth=truth)
+    return dict(client=client, image=local(f"Skin_1024/annotate/round_001/{PHOTO.name}"), truth=truth)
 
 
 def ask(official, prompts: list) -> np.ndarray:

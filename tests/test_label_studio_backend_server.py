@@ -24,7 +24,7 @@ brush = pytest.importorskip("label_studio_sdk.converter.brush")
 
 import label_studio  # noqa: E402
 import label_studio_backend  # noqa: E402
-from label_studio_helpers import expected_mask, run_model, trainer_round  # noqa: E402
+from label_studio_helpers import expected_mask, hand_over, run_model, trainer_round  # noqa: E402
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "label_studio_1.23_ml_backend_requests.json").read_text())
 
@@ -52,11 +52,7 @@ def backend_url(made, server):
 
 def test_a_click_on_the_labelling_page_comes_back_as_its_mask(made, server, backend_url, report_figure):
     started = time.monotonic()
-    interface = (made["round_dir"] / label_studio.INTERFACE_FILE).read_text()
-    project = server.call("POST", "/api/projects/", json=dict(title="backend", label_config=interface)).json()["id"]
-    server.call("POST", "/api/storages/localfiles/", json=dict(project=project, path=str(made["round_dir"]),
-                                                              title="round 1", use_blob_urls=True))
-    server.call("POST", f"/api/projects/{project}/import", json=made["tasks"])
+    project = hand_over(server, made["round_dir"])
     connected = label_studio.connect_ml_backend(server.call, project, backend_url)
     ml = server.call("GET", f"/api/ml/{connected['id']}").json()
     assert ml["is_interactive"] and ml["state"] == "CO"  # Label Studio asked /health and /setup: connected

@@ -21,10 +21,12 @@ import torch
 import safe_io
 import trainer
 from sam_lora_image_encoder_prompt import build_model
-from run_copies import copy_runs
-from small_runs import small_argv, small_data
+from run_copies import copy_run
+from small_runs import refused, small_argv, small_data
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """6 training / 2 validation images, 64 px wide. Read-only (tests that change it copy it)."""
@@ -43,25 +45,10 @@ def one_epoch(data, tmp_path_factory) -> Path:
     return trainer.main(argv_of(data, out, "--max_epochs", "1"))["run_dir"]
 
 
-def copy_run(run_dir: Path, where: Path) -> Path:
-    """A copy of a run's output folder (checkpoints hard-linked)."""
-    return copy_runs(run_dir.parent, where / "out") / run_dir.name
-
-
 def snapshot(folder: Path) -> dict:
     """Every file with its inode, size and mtime (the owner lock aside: taking it is no change of the run)."""
     return {p: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != "owner.lock"}
-
-
-def refused(argv, capsys) -> str:
-    """The one line of a run that stops with exit code 2."""
-    with pytest.raises(SystemExit) as stop:
-        trainer.main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err.strip().splitlines()[-1]  # after the progress bars
 
 
 # ----------------------------------------------------------------------------- one owner (real processes)

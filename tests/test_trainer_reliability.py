@@ -18,6 +18,7 @@ import settings
 import trainer
 from distributed import Ranks
 from run_folder import AWAITING, DIVERGED, RunFolder
+from small_runs import refused
 from synthetic_isic import make_synthetic_isic
 
 SMALL = ["--demo", "--gpu", "cpu", "--img_size", "64", "--batch_size", "2", "--pool_size", "2", "--val_limit", "1",
@@ -42,16 +43,6 @@ def all_tensors_finite(path: Path) -> bool:
 
     return all(bool(torch.isfinite(t).all()) for t in tensors(torch.load(path, weights_only=True))
                if torch.is_floating_point(t))
-
-
-def refused(argv, capsys) -> str:
-    """The one-line error of a run that stops with exit code 2."""
-    with pytest.raises(SystemExit) as stop:
-        trainer.main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def test_diverged_run_stops_in_its_epoch_and_keeps_the_last_good_checkpoints(small_data, tmp_path, capsys,
