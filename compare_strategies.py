@@ -554,29 +554,16 @@ def split_loader(settings: Dict[str, str], split: str, limit: Optional[int]):
                       num_workers=int(settings["num_workers"]), collate_fn=collate_val)
 
 
-def evaluate(predict, settings: Dict[str, str], split: str, limit: Optional[int], device) -> dict:
-    """val.validate on ``split`` of the run's data (the first ``limit`` images), at original resolution."""
-    import val
-
-    return val.validate(predict, split_loader(settings, split, limit), int(settings["num_classes"]), device)
-
-
-def validation_costs(model, targs: argparse.Namespace, device) -> List[dict]:
-    """What correcting the untrained model's proposal of each validation image (the first --val_limit) would cost,
-    computed as the trainer computes a selected image's (proposal_costs with the runs' --annotation_cost, interactive
-    decoder and --click_mask_input; no gradients, scoring's autocast) against its ground truth: one row per image,
-    its name and the cost cells (annotation_cost.COST_COLUMNS)."""
-    import torch
-
-    import utils
-    from proposal_costs import COST_COLUMNS, interactive_decoder, proposal_costs
+def validation_costs(model, targs: argparse.Namespace, loader) -> List[dict]:
+    """What correcting the untrained model's proposal of each image of ``loader`` (the first --val_limit validation
+    images) would cost, computed as the trainer computes a selected image's (``proposal_costs.run_costs``) against
+    its ground truth: one row per image, its name and the cost cells (annotation_cost.COST_COLUMNS)."""
+    from proposal_costs import COST_COLUMNS, run_costs
     from run_folder import cost_cell
 
     rows = []
-    for batch in split_loader(settings_of(targs), "Validation", targs.val_limit):
-        with torch.no_grad(), utils.autocast(device, dtype=utils.scoring_dtype(device, targs.precision)):
-            costs = proposal_costs(model, batch["image"], batch["mask_orig"], targs.annotation_cost,
-                                   interactive_decoder(targs.promptmode), targs.click_mask_input)
+    for batch in loader:
+        costs = run_costs(model, batch["image"], batch["mask_orig"], targs)
         rows += [dict(name=name, **{c: cost_cell(row[c]) for c in COST_COLUMNS})
                  for name, row in zip(batch["name"], costs)]
     return rows
@@ -615,7 +602,8 @@ def score_run(run_dir: Path) -> None:
         device = worker_device()
         checkpoint = pick_checkpoint(run_dir, settings.get("keep_best", "newest"))
         model = load_run_model(settings, device, checkpoint)
-        result = evaluate(torch.no_grad()(model.predict_logits), settings, "Test", None, device)  # float32, as val.py
+        result = val.validate(torch.no_grad()(model.predict_logits), split_loader(settings, "Test", None),
+                              int(settings["num_classes"]), device)  # float32, as val.py
         val.write_csv(result["rows"], run_dir / TEST_CSV)
     print(f"{checkpoint.name} on Test: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
 
@@ -645,12 +633,14 @@ def zero_shot(out_dir: Path, trainer_argv: Sequence[str]) -> None:
         with utils.autocast(device, enabled=targs.precision == "mixed"):
             return model.predict_logits(images)
 
-    for split, limit, name, predict in (("Validation", targs.val_limit, "val_metrics.csv", validation),
-                                        ("Test", None, TEST_CSV, torch.no_grad()(model.predict_logits))):
-        result = evaluate(predict, settings, split, limit, device)
+    validation_images = split_loader(settings, "Validation", targs.val_limit)  # for the metrics and the costs
+    for split, loader, name, predict in (("Validation", validation_images, "val_metrics.csv", validation),
+                                         ("Test", split_loader(settings, "Test", None), TEST_CSV,
+                                          torch.no_grad()(model.predict_logits))):
+        result = val.validate(predict, loader, int(settings["num_classes"]), device)
         val.write_csv(result["rows"], out_dir / name)
         print(f"zero-shot on {split}: Dice {result['mean']['dice']:.4f} over {len(result['rows'])} images")
-    costs = validation_costs(model, targs, device)
+    costs = validation_costs(model, targs, validation_images)
     val.write_csv(costs, out_dir / VAL_COSTS_CSV)
     print(f"zero-shot annotation cost ({targs.annotation_cost}) of {len(costs)} validation images: {VAL_COSTS_CSV}")
 

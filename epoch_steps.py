@@ -41,7 +41,7 @@ from annotation_cost import COST_COLUMNS, run_totals
 from annotation_rounds import RoundItem, accept_round
 from oracles import Oracle
 from distributed import Ranks
-from proposal_costs import CostRow, interactive_decoder, proposal_costs
+from proposal_costs import CostRow, run_costs
 from run_folder import (ResumeState, RunFolder, RunFolderError, best_checkpoint_name, cost_cell, image_record,
                         selection_costs)
 from sam2.build_sam import state_mismatch
@@ -326,23 +326,24 @@ def annotation_costs(run: Run, epoch: int, chosen: Sequence[int]) -> List[CostRo
     its share of ``chosen`` and the rows are gathered in its order, as scoring's scores are."""
     if run.args.annotation_cost == "none":
         return [dict.fromkeys(COST_COLUMNS) for _ in chosen]
-    return run.ranks.gather(lambda: image_costs(run, run.ranks.share(chosen)))
+    # rank 0 reads the masks at the photo's size: it accepted a person's, from round folders that the other
+    # processes may not see (no shared file system is assumed) and their datasets do not point at
+    truths = run.ranks.from_first(lambda: [datasets_skin.decode_mask(run.train_set.samples[i].mask_path, None)
+                                           for i in chosen])
+    share = run.ranks.share(range(len(chosen)))
+    return run.ranks.gather(lambda: image_costs(run, [chosen[p] for p in share], [truths[p] for p in share]))
 
 
-def image_costs(run: Run, indices: Sequence[int]) -> List[CostRow]:
-    """``annotation_costs``' rows of the images ``indices`` (this process's share): the images are encoded once
-    more (the pool's features are not kept); eval mode, no gradients, scoring's autocast; training mode restored."""
+def image_costs(run: Run, indices: Sequence[int], truths: Sequence[np.ndarray]) -> List[CostRow]:
+    """``annotation_costs``' rows of the images ``indices`` (this process's share) against their ``truths``: the
+    images are encoded once more (the pool's features are not kept); eval mode, training mode restored."""
     if not indices:
         return []
-    args, train_set = run.args, run.train_set
-    images = torch.stack([train_set[i]["image"] for i in indices])
-    truths = [datasets_skin.decode_mask(train_set.samples[i].mask_path, None) for i in indices]
+    images = torch.stack([run.train_set[i]["image"] for i in indices])
     was_training = run.model.training
     run.model.eval()
     try:
-        with torch.no_grad(), utils.autocast(run.device, dtype=utils.scoring_dtype(run.device, args.precision)):
-            return proposal_costs(run.model, images, truths, args.annotation_cost,
-                                  interactive_decoder(args.promptmode), args.click_mask_input)
+        return run_costs(run.model, images, truths, run.args)
     finally:
         run.model.train(was_training)
 

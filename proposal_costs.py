@@ -16,21 +16,21 @@ gradients and precision are the caller's, as for ``val.validate``.
 """
 from __future__ import annotations
 
+from argparse import Namespace
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 import annotation_cost
+import utils
 from annotation_cost import COST_COLUMNS, NOC_COLUMNS, Click
 from datasets_skin import resize_mask
 from sam2.sam2_image_predictor import LOW_RES_LOGIT_CLAMP
-from sam_lora_image_encoder_prompt import PROMPT_MODES
+from sam_lora_image_encoder_prompt import NEGATIVE_LABEL, POSITIVE_LABEL, PROMPT_MODES
 from val import class_masks, logits_to_label_map
 
 COST_MODES = ("none", "pixels", "clicks")
-# SAM2's point labels of a click
-POSITIVE_CLICK, NEGATIVE_CLICK = 1, 0
 
 CostRow = Dict[str, Optional[Union[float, annotation_cost.ClickCount]]]
 
@@ -61,7 +61,7 @@ class ClickPredictor:
         else:
             device = self.logits.device
             coords = torch.tensor([[[float(c.col), float(c.row)] for c in clicks]], device=device)
-            labels = torch.tensor([[POSITIVE_CLICK if c.positive else NEGATIVE_CLICK for c in clicks]],
+            labels = torch.tensor([[POSITIVE_LABEL if c.positive else NEGATIVE_LABEL for c in clicks]],
                                   dtype=torch.int, device=device)
             previous = None
             if self.mask_input:
@@ -111,3 +111,14 @@ def proposal_costs(model: torch.nn.Module, images: torch.Tensor, truths: Sequenc
     if len(truths) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(truths)} truths")
     return [proposal_cost(model, image, truth, mode, decoder, mask_input) for image, truth in zip(images, truths)]
+
+
+def run_costs(model: torch.nn.Module, images: torch.Tensor, truths: Sequence[np.ndarray], args: Namespace
+              ) -> List[CostRow]:
+    """``proposal_costs`` as a run computes them (the trainer's chosen images, the comparison's zero-shot validation
+    images): the run's --annotation_cost, the decoder its --promptmode trained for clicks, --click_mask_input; no
+    gradients, under scoring's autocast (--precision) on the model's device. The model's mode is the caller's."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), utils.autocast(device, dtype=utils.scoring_dtype(device, args.precision)):
+        return proposal_costs(model, images, truths, args.annotation_cost, interactive_decoder(args.promptmode),
+                              args.click_mask_input)

@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 PROMPT_MODES = ("none", "point", "box", "point-box")
 NO_MEM_EMBED_KEY = "sam.no_mem_embed"
-# Official SAM2 point labels: 1 positive click, 2 / 3 box top-left / bottom-right corner.
-POSITIVE_LABEL = 1
+# Official SAM2 point labels: 1 positive click, 0 negative click, 2 / 3 box top-left / bottom-right corner.
+POSITIVE_LABEL, NEGATIVE_LABEL = 1, 0
 BOX_CORNER_LABELS = (2, 3)
 LORA_FILE_PREFIXES = ("sam.sam_prompt_encoder.", "sam.sam_mask_decoder.", "sam.sam_mask_decoder2.")
 # "input": q/v updates as wide as the block's input, as the reference code; "output": as wide as q/v

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -33,6 +34,7 @@ import distributed
 import epoch_steps
 import settings
 import trainer
+from annotation_rounds import hide_masks
 from run_folder import ResumeState, RunFolder, SettingsDiffer
 from sam_lora_image_encoder_prompt import build_model
 from synthetic_isic import make_synthetic_isic
@@ -132,6 +134,33 @@ def test_two_processes_record_the_annotation_costs_one_process_records(one_proce
     assert len({r["changed_fraction"] for r in one}) > 1, "every image cost the same: the order shows nothing"
     assert [r["changed_pixels"] for r in metrics_rows(two_processes[0])] == \
         pytest.approx([r["changed_pixels"] for r in metrics_rows(one_process)], rel=1e-3)
+
+
+def test_a_persons_round_taken_back_by_two_processes_costs_what_it_costs_in_one(data, decisive_checkpoint, tmp_path,
+                                                                                 selection_rows):
+    """A person's round (--oracle folder) taken back at --resume: rank 0 accepts the masks from the round folder,
+    which the data set's mask folder does not hold, and every process's share of the cost step is computed against
+    them (no shared file system: rank 0 reads them), giving one process's cost cells."""
+    unlabeled = Path(shutil.copytree(data, tmp_path / "data"))
+    truths = hide_masks(unlabeled / "Training_GroundTruth", tmp_path / "truths")
+    person = ["--data_root", unlabeled, "--model_cfg", "sam2.1_hiera_t", "--checkpoint", decisive_checkpoint,
+              "--img_size", SIZE, "--batch_size", 3, "--pool_size", 6, "--strategy", "random", "--max_epochs", 1,
+              "--save_from_epoch", 9, "--oracle", "folder", "--gpu", "cpu"]
+    rows = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        for again in ([], ["--resume"]):  # hand the round over; then take it back, annotated, and train on it
+            argv = [*person, "--output", out, *again]
+            if nproc == 1:
+                trainer.main([str(a) for a in argv])
+            else:
+                done = torchrun(nproc, TRAINER, argv)
+                assert done.returncode == 0, shown(done)
+            for image in (out / f"Skin_{SIZE}" / "annotate" / "round_001").glob("ISIC_???????.jpg"):
+                shutil.copy(truths / f"{image.stem}_segmentation.png", image.parent)
+        rows[nproc] = [(r["image"], r["dice"], r["changed_fraction"]) for r in selection_rows(out / f"Skin_{SIZE}")]
+    assert len(rows[1]) == 3 and all(dice and changed for _, dice, changed in rows[1])
+    assert rows[2] == rows[1]
 
 
 def test_validation_and_losses_match_within_tolerance(one_process, two_processes, metrics_rows):

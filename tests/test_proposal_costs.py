@@ -148,6 +148,7 @@ def test_the_trainers_cost_step_hands_over_the_runs_choices(synthetic_copy, monk
 
     import datasets_skin
     import epoch_steps
+    import proposal_costs
 
     train_set = datasets_skin.SemiSupervisedSkinDataset(*datasets_skin.find_split(synthetic_copy, "Training"), S)
     accepted = synthetic_copy / "accepted.png"  # a person's mask, accepted from elsewhere than the mask folder
@@ -161,7 +162,7 @@ def test_the_trainers_cost_step_hands_over_the_runs_choices(synthetic_copy, monk
                     training=model.training, grad=torch.is_grad_enabled())
         return [dict.fromkeys(COST_COLUMNS, 0.5) for _ in truths]
 
-    monkeypatch.setattr(epoch_steps, "proposal_costs", recorded)
+    monkeypatch.setattr(proposal_costs, "proposal_costs", recorded)  # what proposal_costs.run_costs calls
     args = types.SimpleNamespace(annotation_cost=mode, promptmode=promptmode, click_mask_input=mask_input,
                                  precision="float32")
     run = types.SimpleNamespace(args=args, train_set=train_set, model=model, device=torch.device("cpu"),
