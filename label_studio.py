@@ -930,15 +930,17 @@ def api_command(args: argparse.Namespace) -> str:
     return summary(pull_round(client, args.round_dir, args.accept_partial), args.round_dir)
 
 
-def error_flag(err: Exception, args: argparse.Namespace) -> Optional[str]:
-    """The flag (or variable) an error of ``push`` or ``pull`` is about, for the one line the command says."""
+def error_flag(err: Exception, args: argparse.Namespace, round_folder_flag: str = "--round_dir") -> Optional[str]:
+    """The flag (or variable) an error of ``push`` or ``pull`` is about, for the one line the command says;
+    ``round_folder_flag``: the calling command's flag that names the round folder (trainer.py's are in --output)."""
     if isinstance(err, label_studio_api.TokenError):
         return "--label_studio_token_file" if args.label_studio_token_file else f"${label_studio_api.TOKEN_VARIABLE}"
     if isinstance(err, label_studio_api.ServerUnreachableError):
         return "--label_studio_url"
     if isinstance(err, label_studio_api.RoundNotDoneError):
         return "--accept_partial"
-    return next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind) and f != "--export"), None)
+    flag = next((f for kind, f in FLAG_OF_ERROR.items() if isinstance(err, kind) and f != "--export"), None)
+    return round_folder_flag if flag == "--round_dir" else flag
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

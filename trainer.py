@@ -178,7 +178,7 @@ def label_studio_client(args: Settings) -> label_studio_api.Client:
 def label_studio_error(args: Settings, err: Exception) -> UsageError:
     """An error of Label Studio or of a round through it, as one line naming the flag (or variable) it is about.
     Nothing is half-written: a round is pushed before the run says it waits, and pulled before it is checked."""
-    flag = label_studio.error_flag(err, args) or ("--resume" if args.resume else "--oracle label_studio")
+    flag = label_studio.error_flag(err, args, "--output") or ("--resume" if args.resume else "--oracle label_studio")
     if isinstance(err, label_studio.SdkMissingError):
         flag = "--oracle label_studio"
     return UsageError(f"{flag}: {err}")

@@ -5,6 +5,7 @@ exactly the masks submitted; the token is nowhere in what the run writes or prin
 the run's project when one is given. Real ISIC photos (the shared downscaled sample) at 64 px."""
 from __future__ import annotations
 
+import argparse
 import csv
 import threading
 import time
@@ -23,18 +24,16 @@ import trainer
 from annotation_rounds import hide_masks
 from label_studio_helpers import annotate_task, real_format_data
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO.parent / "shared" / "isic-sample"
 RUN = ["--model_cfg", "sam2.1_hiera_t", "--checkpoint", "none", "--gpu", "cpu", "--img_size", "64",
        "--batch_size", "2", "--pool_size", "3", "--max_epochs", "2", "--val_every", "2", "--save_from_epoch", "9",
        "--oracle", "label_studio"]
 
 
 @pytest.fixture(scope="module")
-def photos():
-    found = sorted((SAMPLE / "images").glob("*.jpg"))
+def photos(isic_sample):
+    found = sorted((isic_sample / "images").glob("*.jpg"))
     if len(found) < 6:
-        pytest.skip(f"the six real ISIC photos are not at {SAMPLE}")
+        pytest.skip(f"the six real ISIC photos are not at {isic_sample}")
     return found
 
 
@@ -227,3 +226,15 @@ def test_the_oracle_s_flags_are_checked_before_anything_is_written(label_studio,
     settings.check_processes(args, 1)
     with pytest.raises(settings.UsageError, match="--wait under torchrun would hold every process"):
         settings.check_processes(args, 2)  # what trainer.main checks with torchrun's process count
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_round_folder_error_names_the_trainers_flag(resume):
+    """The trainer's round folders are in its --output (label_studio.py's --round_dir names them in that command);
+    the SDK missing is --oracle label_studio's; what else goes wrong with a round, --resume's or --oracle's."""
+    args = argparse.Namespace(resume=resume, label_studio_token_file=None)
+    for err, flag in ((ls.RoundFolderError("a round folder"), "--output"),
+                      (ls.MaskClashError("a mask"), "--output"),
+                      (ls.SdkMissingError("no SDK"), "--oracle label_studio"),
+                      (ls.LabelStudioError("other"), "--resume" if resume else "--oracle label_studio")):
+        assert str(trainer.label_studio_error(args, err)).startswith(f"{flag}: "), (type(err).__name__, flag)
