@@ -911,7 +911,3 @@ class SelectionPlan:
         """Every selector of the run: ``later``, then ``first`` when given."""
         return [self.later] + ([self.first] if self.first is not None else [])
 
-    def parameters(self) -> List[Parameter]:
-        """The parameters of every strategy the run uses, once each (settings a resumed run must repeat)."""
-        found = {p.name: p for s in self.selectors for p in s.strategy.parameters}
-        return list(found.values())

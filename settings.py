@@ -33,12 +33,6 @@ DEFAULT_LABEL_STUDIO_URL = "http://127.0.0.1:8080"
 CHECKPOINT_HINT = "see sam2/checkpoints/README.md for where to download the official SAM2.1 checkpoints"
 STRATEGIES = ActiveLearningStrategyFactory
 PROMPT_DRAWS = ("per_image", "per_epoch")
-# Why --num_classes is 1: the masks are read as lesion / background (datasets_skin.read_mask, as the reference's
-# labels > 127), so a second class could never be labeled, and its Dice of 1.0 (empty in prediction and truth
-# alike) would be averaged into the validation Dice that chooses the best checkpoint.
-BINARY_MASKS = ("the masks are read as binary (lesion / background, as the reference code: labels > 127), so they "
-                "carry one class, lesion: use --num_classes 1 (another class could never be labeled, and its "
-                "vacuous Dice of 1.0 would be averaged into the validation Dice)")
 
 
 class UsageError(Exception):
@@ -200,9 +194,9 @@ LEGACY = dict(precision="mixed", decode="draft", lora_width="output", no_mem_emb
               **{p.name: p.legacy for p in STRATEGIES.all_parameters() if p.legacy is not None})
 
 def resume_keys(*strategies: str, prompted: bool = False) -> Tuple[str, ...]:
-    """The settings a resumed run must repeat: BASE_RESUME_KEYS, the parameters of the strategies it uses
-    (``SelectionPlan.names``) and, when it trains on prompts (``prompted``), how it draws them (nothing is drawn
-    under --promptmode none)."""
+    """The settings a resumed run must repeat: BASE_RESUME_KEYS, the parameters of the strategies it uses (the
+    names of ``SelectionPlan.selectors``) and, when it trains on prompts (``prompted``), how it draws them (nothing
+    is drawn under --promptmode none)."""
     return BASE_RESUME_KEYS + tuple(dict.fromkeys(p.name for n in strategies for p in STRATEGIES.parameters_of(n))) \
         + (("prompt_draw",) if prompted else ())
 
@@ -289,7 +283,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.img_size < 32 or args.img_size % 32:
         raise UsageError(f"--img_size must be a positive multiple of 32 (got {args.img_size}); e.g. 256, 512 or 1024")
     if args.num_classes != 1:
-        raise UsageError(f"--num_classes {args.num_classes}: {BINARY_MASKS}")
+        raise UsageError(f"--num_classes {args.num_classes}: {val.BINARY_MASKS}")
     for flag in ("max_epochs", "rank", "val_every", "save_from_epoch", "max_image_pixels"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")

@@ -39,6 +39,13 @@ from safe_io import atomic_path, probe_writable, replaced_input
 from sam_lora_image_encoder_prompt import SIZE_MULTIPLE, ModelInputError, build_model
 from utils import DeviceError, select_device
 
+# Why --num_classes is 1: the masks are read as lesion / background (datasets_skin.read_mask, as the reference's
+# labels > 127), so a second class could never be labeled, and its Dice of 1.0 (empty in prediction and truth
+# alike) would be averaged into the validation Dice that chooses the best checkpoint.
+BINARY_MASKS = ("the masks are read as binary (lesion / background, as the reference code: labels > 127), so they "
+                "carry one class, lesion: use --num_classes 1 (another class could never be labeled, and its "
+                "vacuous Dice of 1.0 would be averaged into the validation Dice)")
+
 METRIC_NAMES = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy", "hd95")
 JACCARD_THRESHOLD = 0.65
 
@@ -653,9 +660,7 @@ def flag_problem(args: argparse.Namespace) -> Optional[str]:
     if args.num_workers < 0:
         problem = f"--num_workers must be 0 (load in this process) or more, got {args.num_workers}"
     if args.num_classes > 1:
-        problem = (f"--num_classes {args.num_classes}: the masks are read as binary (lesion / background), so they "
-                   "carry one class, lesion: use --num_classes 1 (another class's vacuous Dice of 1.0 would be "
-                   "averaged in)")
+        problem = f"--num_classes {args.num_classes}: {BINARY_MASKS}"
     if args.spacing is not None and not 0 < args.spacing < float("inf"):
         problem = f"--spacing must be a positive, finite pixel size (e.g. 0.1 for mm), got {args.spacing}"
     return problem
