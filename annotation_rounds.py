@@ -19,7 +19,6 @@ annotate, for a simulated annotator (the tests, the picture in docs/rounds.md).
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from scipy.ndimage import maximum_filter, minimum_filter
 
 from datasets_skin import (GREY_MASK_MODES, MASK_SUFFIX, DatasetError, PathLike, SampleFiles, decode_image,
                            read_image_size, read_mask, turned_mask_hint)
-from run_folder import ResumeState, RunFolder
+from run_folder import LEAD_TIME, ResumeState, RunFolder, cost_value
 from safe_io import WriteError, atomic_path, atomic_write_text, csv_text
 
 ROUND_CSV = "to_annotate.csv"
@@ -321,10 +320,10 @@ def round_lead_times(round_folder: Path, from_round: Mapping[str, str]) -> Dict[
     for row in rows:
         name = Path(row.get("image") or "").stem
         try:
-            seconds = float(row.get("lead_time_s") or "nan")
+            seconds = cost_value(LEAD_TIME, row.get(LEAD_TIME) or "")  # None when empty
         except ValueError:
             continue
-        if name in from_round and math.isfinite(seconds) and seconds >= 0:
+        if name in from_round and seconds is not None:
             found[name] = seconds
     return found
 

@@ -179,11 +179,10 @@ def mask_rle(mask: np.ndarray) -> List[int]:
     # a run longer than 256 values: 65536 at a time, then the rest, each in the 16-bit field (as the SDK)
     chunks = np.where(lengths > 256, -(-lengths // 2 ** 16), 1)
     last = np.cumsum(chunks) - 1
-    lengths, values = np.repeat(lengths, chunks), np.repeat(values, chunks)
+    lengths, values, parts = np.repeat(lengths, chunks), np.repeat(values, chunks), np.repeat(chunks, chunks)
     within = np.arange(len(lengths)) - np.repeat(last - chunks + 1, chunks)
-    lengths = np.where(lengths > 256, np.where(within < np.repeat(chunks, chunks) - 1, 2 ** 16,
-                                               lengths - within * 2 ** 16), lengths)
-    index = np.where(np.repeat(chunks, chunks) > 1, 3, np.searchsorted(2 ** np.array(RLE_FIELD_BITS), lengths))
+    lengths = np.where(lengths > 256, np.where(within < parts - 1, 2 ** 16, lengths - within * 2 ** 16), lengths)
+    index = np.where(parts > 1, 3, np.searchsorted(2 ** np.array(RLE_FIELD_BITS), lengths))
     field = np.array(RLE_FIELD_BITS)[index]
     # each run: 1, the field's index (2 bits), the length - 1 (field bits), the value (8 bits), as one number
     codes = ((((4 + index) << field) + (lengths - 1)) << 8) + values
@@ -199,10 +198,9 @@ def mask_rle(mask: np.ndarray) -> List[int]:
 def brush_result(mask: np.ndarray) -> dict:
     """One brush region of Label Studio holding the H x W bool ``mask`` (its RLE, all four channels 255)."""
     height, width = mask.shape
-    rle = mask_rle(mask)
     return dict(id="proposal", type="brushlabels", from_name=BRUSH_TAG, to_name=IMAGE_TAG, origin="prediction",
                 original_width=width, original_height=height, image_rotation=0,
-                value=dict(format="rle", rle=[int(v) for v in rle], brushlabels=[LESION_LABEL]))
+                value=dict(format="rle", rle=mask_rle(mask), brushlabels=[LESION_LABEL]))
 
 
 def prediction_scores(items: Sequence[RoundItem]) -> List[float]:

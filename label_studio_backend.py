@@ -33,6 +33,7 @@ imports this module.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -52,6 +53,7 @@ import torch
 
 import label_studio
 import val
+from label_studio_api import TOKEN_VARIABLE
 from datasets_skin import DatasetError, decode_image, normalize_image, read_image_size
 from run_folder import LAST_MODEL, STATE, RunFolder, RunFolderError
 from sam2.build_sam import state_mismatch
@@ -60,7 +62,6 @@ from sam_lora_image_encoder_prompt import prompt_mode_of
 
 log = logging.getLogger("label_studio_backend")
 
-TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"
 FLASK_HINT = "pip install -r requirements-labelstudio.txt"
 ROUND_FOLDER = re.compile(r"round_\d{3,}")
 DEFAULT_CACHE_ENTRIES = 8
@@ -250,16 +251,23 @@ def read_token(token_file: Optional[Path]) -> Optional[str]:
     return token
 
 
+@functools.lru_cache(maxsize=2)
+def sdk_client(label_studio_url: str, token: str):
+    """Label Studio's SDK client of the server and token, made once: its first request exchanges a personal access
+    token for an access token, which it keeps (and refreshes when it expires)."""
+    from label_studio_sdk import LabelStudio  # pylint: disable=import-outside-toplevel
+
+    return LabelStudio(base_url=label_studio_url, api_key=token)
+
+
 def fetch_from_label_studio(label_studio_url: str, token: Optional[str], path: str) -> bytes:
     """The bytes Label Studio serves at ``path`` (path and query), asked with the token through Label Studio's SDK
     client (it exchanges a personal access token for an access token, and a legacy token it sends as is)."""
     if not token:
         raise ImageRefused(f"the task's image {path} is not in the run's round folders, and no token to fetch it from "
                            f"Label Studio: set {TOKEN_VARIABLE} or --label_studio_token_file")
-    from label_studio_sdk import LabelStudio  # pylint: disable=import-outside-toplevel
-
     parts = urlsplit(path)
-    client = LabelStudio(base_url=label_studio_url.rstrip("/"), api_key=token)
+    client = sdk_client(label_studio_url.rstrip("/"), token)
     try:
         # the SDK has no call for a task's file; its HTTP client adds the token's header (and refreshes it)
         response = client._client_wrapper.httpx_client.request(  # pylint: disable=protected-access
@@ -378,12 +386,13 @@ class Backend:
         with self.lock:
             if regions:
                 return {"results": [self.prediction(self.answer_prompts(tasks[0], regions), version)]}
-            if all(self.holds_proposal(task, version) for task in tasks):
+            held = [self.holds_proposal(task, version) for task in tasks]
+            if all(held):
                 return {"results": []}
             # Label Studio 1.23 sends no task holding a prediction of the version /setup gave, so a batch mixing
             # both is not one of its requests; its tasks that hold the proposal would get an empty prediction
-            return {"results": [self.prediction(None if self.holds_proposal(task, version) else
-                                                self.answer_prompts(task, []), version) for task in tasks]}
+            return {"results": [self.prediction(None if holds else self.answer_prompts(task, []), version)
+                                for task, holds in zip(tasks, held)]}
 
     # ---- answers
 
@@ -562,9 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         backend = Backend(args.run, args.label_studio_url, token, root, device, args.cache_entries)
         backend.run.model()
-    except RunFolderError as err:
-        parser.exit(2, f"label_studio_backend.py: --run: {err}\n")
-    except ModelUnusable as err:
+    except (RunFolderError, ModelUnusable) as err:
         parser.exit(2, f"label_studio_backend.py: --run: {err}\n")
     server = serve(backend, args.host, args.port)
     print(f"MD-SAM-AL backend of {args.run} ({backend.run.settings['model_cfg']}, {backend.run.img_size} px, decoder "
