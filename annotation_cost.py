@@ -174,5 +174,9 @@ def run_totals(rows: Sequence[Mapping[str, object]], photo_pixels: Sequence[int]
     if None in clicks_90:
         return dict(changed_pixels=changed, clicks_90=None, not_reached_90=None)
     missed = sum(1 for n in clicks_90 if n == NOT_REACHED)
-    return dict(changed_pixels=changed, clicks_90=sum(MAX_CLICKS if n == NOT_REACHED else int(n) for n in clicks_90),
-                not_reached_90=missed)
+    return dict(changed_pixels=changed, clicks_90=sum(clicks_spent(n) for n in clicks_90), not_reached_90=missed)
+
+
+def clicks_spent(count: ClickCount) -> int:
+    """The clicks an image's session spent: its NoC, or MAX_CLICKS where it did not reach the IoU (NOT_REACHED)."""
+    return MAX_CLICKS if count == NOT_REACHED else int(count)

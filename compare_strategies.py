@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from comparison_report import (BUDGET_FRACTIONS, TEST_CSV, VAL_COSTS_CSV, ZERO_SHOT, CompareError, Job, Plan,
+from comparison_report import (TEST_CSV, VAL_COSTS_CSV, ZERO_SHOT, CompareError, Job, Plan, default_budgets,
                                run_state, write_report)
 from folder_lock import FolderLocked
 
@@ -298,7 +298,7 @@ def label_budgets(args: argparse.Namespace, targs: argparse.Namespace, n_train: 
                            f"({n_train} images in --data_root {targs.data_root})")
     final = min(n_train, targs.max_epochs * targs.batch_size, targs.label_budget or n_train)
     if args.budgets is None:
-        return sorted({max(1, round(f * final)) for f in BUDGET_FRACTIONS}), final
+        return default_budgets(final), final
     too_big = [b for b in args.budgets if b > final]
     if too_big:
         where = (f"larger than the training set ({n_train} images)" if max(too_big) > n_train else

@@ -15,7 +15,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,12 +103,14 @@ def run_curve(run: Job) -> List[dict]:
                  **{c: row.get(c) for c in TOTAL_COLUMNS}, **{m: row.get(m) for m in names}) for row in rows]
 
 
-def metric_rows(path: Path, names: Sequence[str]) -> List[Dict[str, float]]:
-    """The per-image rows of a metrics CSV (val.write_csv's), the columns ``names`` as numbers; a CompareError
-    naming the file when it cannot be read as one (no rows, a column or a number missing)."""
+def metric_rows(path: Path, names: Sequence[str], value: Callable[[str, str], object] = lambda _, text: float(text)
+                ) -> List[Dict[str, float]]:
+    """The per-image rows of a metrics CSV (val.write_csv's), the columns ``names`` as ``value(column, text)``
+    gives them (numbers; ``run_folder.cost_value`` for cost cells); a CompareError naming the file when it cannot be
+    read as one (no rows, a column or a value missing)."""
     try:
         with open(path, newline="") as f:
-            rows = [{m: float(r[m]) for m in names} for r in csv.DictReader(f)]
+            rows = [{m: value(m, r[m]) for m in names} for r in csv.DictReader(f)]
     except KeyError as err:
         raise CompareError(f"{path} is damaged: it has no column {err}") from None
     except (OSError, csv.Error, TypeError, ValueError) as err:
@@ -127,22 +129,13 @@ def zero_shot_clicks(path: Path) -> Optional[Dict[str, float]]:
     """The untrained model's clicks to IoU 0.90 per validation image (val_costs.csv, zero_shot's): dict(mean, with
     "not reached" counted as MAX_CLICKS as in the runs' totals; not_reached, how many; images), or None when the
     clicks were not simulated (--annotation_cost other than clicks). A CompareError names a damaged file."""
-    from annotation_cost import MAX_CLICKS, NOT_REACHED
+    from annotation_cost import NOT_REACHED, clicks_spent
     from run_folder import cost_value
 
-    try:
-        with open(path, newline="") as f:
-            cells = [row[CLICKS] for row in csv.DictReader(f)]
-        clicks = [cost_value(CLICKS, cell) for cell in cells]
-    except KeyError as err:
-        raise CompareError(f"{path} is damaged: it has no column {err}") from None
-    except (OSError, csv.Error, ValueError) as err:
-        raise CompareError(f"{path} is damaged: {err}") from None
-    if not clicks:
-        raise CompareError(f"{path} is damaged: it holds no image's row")
+    clicks = [row[CLICKS] for row in metric_rows(path, [CLICKS], cost_value)]
     if None in clicks:
         return None
-    spent = [MAX_CLICKS if n == NOT_REACHED else n for n in clicks]
+    spent = [clicks_spent(n) for n in clicks]
     return dict(mean=float(np.mean(spent)), not_reached=float(clicks.count(NOT_REACHED)), images=float(len(clicks)))
 
 
@@ -309,12 +302,17 @@ def budget_table(plan: Plan, res: Results) -> List[str]:
     return lines
 
 
+def default_budgets(final: float) -> List[int]:
+    """BUDGET_FRACTIONS of ``final`` (the labeled count the runs reach, or the click range every arm reaches)."""
+    return sorted({max(1, round(f * final)) for f in BUDGET_FRACTIONS})
+
+
 def click_budgets(plan: Plan, res: Results) -> List[int]:
     """--click_budgets, else 25/50/100 % of the click range every arm reaches ([] when it is empty or unknown)."""
     if plan.click_budgets is not None:
         return sorted(set(plan.click_budgets))
     reach = cost_range(res)
-    return sorted({max(1, round(f * reach)) for f in BUDGET_FRACTIONS}) if reach else []
+    return default_budgets(reach) if reach else []
 
 
 def start_dice(res: Results) -> Optional[float]:

@@ -237,6 +237,8 @@ def cost_cell(value: object) -> str:
 def cost_value(column: str, text: str) -> object:
     """The value of a cost cell (``cost_cell``'s text): None when empty; a NoC cell a count 0..MAX_CLICKS or
     NOT_REACHED; the others a finite number >= 0 (at most 1 for dice and changed_fraction). ValueError otherwise."""
+    if not isinstance(text, str):  # e.g. a CSV row with fewer cells than columns
+        raise ValueError(f"{column} has no cell")
     if text == "":
         return None
     if column in NOC_COLUMNS:

@@ -489,3 +489,21 @@ def test_runs_another_process_owns_are_skipped_and_named_and_aborted_runs_are_se
         assert not (held / "test_metrics.csv").exists() and not any((out / name).exists() for name in REPORT)
     finally:
         holder.communicate("", timeout=60)
+
+
+def test_the_zero_shot_clicks_count_not_reached_as_20_and_a_damaged_file_is_one_error(tmp_path):
+    """val_costs.csv's clicks to IoU 0.90: the mean counts an image that did not reach it as MAX_CLICKS = 20 clicks;
+    a row with too few cells, a missing column, no row or a count out of 0..20 is a CompareError naming the file."""
+    path = tmp_path / "val_costs.csv"
+    path.write_text("name,dice,changed_fraction,clicks_85,clicks_90\na,0.5,0.1,3,not reached\nb,0.5,0.1,2,4\n")
+    assert report.zero_shot_clicks(path) == dict(mean=(20 + 4) / 2, not_reached=1.0, images=2.0)
+    path.write_text("name,clicks_90\na,\n")
+    assert report.zero_shot_clicks(path) is None  # clicks not simulated (--annotation_cost pixels)
+    for text, said in (("name,dice,changed_fraction,clicks_85,clicks_90\na,0.5,0.1,3\n", "clicks_90 has no cell"),
+                       ("name,dice\na,0.5\n", "it has no column 'clicks_90'"),
+                       ("name,clicks_90\n", "it holds no image's row"),
+                       ("name,clicks_90\na,21\n", "is neither 0..20 clicks")):
+        path.write_text(text)
+        with pytest.raises(report.CompareError) as refused:
+            report.zero_shot_clicks(path)
+        assert str(refused.value).startswith(f"{path} is damaged: ") and said in str(refused.value), text
