@@ -23,7 +23,6 @@ arm: on a busy machine the absolute times mean little, the ratios measured side 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from datasets_skin import MASK_SUFFIX  # noqa: E402
+from run_folder import RunFolder  # noqa: E402
 from sam2.build_sam import build_sam2  # noqa: E402
 from synthetic_isic import make_synthetic_isic  # noqa: E402
 
@@ -62,7 +63,7 @@ def write_data(sample: Path, root: Path) -> Path:
     for folder in folders.values():
         folder.mkdir(parents=True)
     for image in sorted((sample / "images").glob("*.jpg")):
-        mask = sample / "masks" / f"{image.stem}_segmentation.png"
+        mask = sample / "masks" / f"{image.stem}{MASK_SUFFIX}"
         for split in ("Training", "Validation"):
             os.symlink(image, folders[f"{split}_Data"] / image.name)
             os.symlink(mask, folders[f"{split}_GroundTruth"] / mask.name)
@@ -70,7 +71,7 @@ def write_data(sample: Path, root: Path) -> Path:
             for suffix, turn in (("m", ImageOps.mirror), ("f", ImageOps.flip),
                                  ("r", lambda im: im.transpose(Image.Transpose.ROTATE_180))):
                 turn(photo).save(folders["Training_Data"] / f"{image.stem}{suffix}.jpg", quality=95)
-                turn(outline).save(folders["Training_GroundTruth"] / f"{image.stem}{suffix}_segmentation.png")
+                turn(outline).save(folders["Training_GroundTruth"] / f"{image.stem}{suffix}{MASK_SUFFIX}")
     return root
 
 
@@ -96,11 +97,9 @@ def run_arm(label: str, nproc: int, threads: int, flags: list, out: Path) -> dic
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"{label}: trainer.py failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    run_dir = next(out.glob("Skin_*"))
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    with open(run_dir / "al_selection.csv", newline="") as f:
-        selection = [(r["epoch"], r["image"], r["rank_in_pool"]) for r in csv.DictReader(f)]
+    folder = RunFolder(next(out.glob("Skin_*")))
+    rows = folder.read_metrics()
+    selection = [(row[0], row[1], row[3]) for row in folder.read_selection()]  # epoch, image, rank_in_pool
     later = rows[1:] or rows
     return dict(label=label, wall=wall, load=f"{before} -> {load()}", selection=selection,
                 first_scoring=float(rows[0]["scoring_s"]), first_val=float(rows[0]["val_s"]),
